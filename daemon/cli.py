@@ -1,0 +1,154 @@
+"""The `lstmd` command line: run, replay, demo, make-demo-model.
+
+Start-up errors (configuration, model) print one clear message and exit 2
+before any connection is made; anything else unexpected exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from daemon import __version__
+from daemon.exceptions import StartupError
+from daemon.metrics import Metrics
+from daemon.processor import Processor
+from daemon.state import StateStore
+
+# TensorFlow prints C++ banners on import; operators want our JSON lines only.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_STARTUP = 2
+
+
+def build_processor(model_path: Path, engine_name: str, metrics: Metrics, threads: int = 0) -> Processor:
+    """Load the model and its engine: shared by `run` and `replay` so both behave alike."""
+    from daemon.engines import KerasEngine  # TensorFlow loads here, not at import
+    from daemon.model import load_model
+
+    if threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    model = load_model(model_path)
+    engine = KerasEngine(model)
+    metrics.model_info.labels(
+        name=model.identity.name, sha256=model.identity.sha256,
+        features=str(model.n_features), outputs=str(model.output_width),
+    ).set(1)
+    metrics.describe(engine=engine.name, delivery="at-least-once")
+    return Processor(
+        engine, model_id=str(model.identity), n_features=model.n_features,
+        store=StateStore(), metrics=metrics,
+    )
+
+
+def cmd_run(_args: argparse.Namespace) -> int:
+    from daemon import logs
+    from daemon.config import load_settings, unknown_variables
+    from daemon.http import Health, HttpServer
+    from daemon.runloop import RunLoop
+
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format)
+    log = logs.get_logger("daemon")
+    for name in unknown_variables():
+        log.warning("unknown_variable", variable=name, hint="not an lstmd setting; a typo?")
+    log.info("starting", version=__version__, settings=settings.loggable())
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    metrics = Metrics()
+    # Liveness allows a full max.poll.interval: beyond it the group has given up on us anyway.
+    health = Health(liveness_timeout_s=settings.kafka_max_poll_interval_ms / 1000)
+    server = HttpServer(settings.http_port, metrics, health)
+    server.start()
+    log.info("http_listening", port=server.port)
+    try:
+        processor = build_processor(
+            settings.model_path, settings.engine, metrics, settings.tf_intra_op_threads)
+        health.model_loaded = True
+        log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
+        RunLoop(settings, processor, metrics, health, stop).run()
+    finally:
+        server.stop()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.replay import replay
+
+    processor = build_processor(Path(args.model), "keras", Metrics())
+    out = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: SIM115
+    dead = open(args.dlq, "wb") if args.dlq else sys.stderr.buffer  # noqa: SIM115
+    try:
+        with open(args.input, "rb") as source:
+            predicted, rejected = replay(processor, source, out, dead)
+    finally:
+        out.flush()
+        dead.flush()
+    print(f"lstmd replay: {predicted} predictions, {rejected} rejected", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_make_demo_model(args: argparse.Namespace) -> int:
+    from daemon.demo_model import make_demo_model
+
+    path = make_demo_model(Path(args.path))
+    print(f"demo model written to {path}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(events=args.events, sequences=args.sequences)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lstmd", description=__doc__.splitlines()[0] if __doc__ else "")
+    p.add_argument("--version", action="version", version=f"lstmd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="the daemon, configured by LSTMD_* variables").set_defaults(
+        func=cmd_run)
+    r = sub.add_parser("replay", help="the same pipeline over a JSON-lines file, no broker")
+    r.add_argument("--model", required=True, help="a .keras model file")
+    r.add_argument("--input", required=True, help='JSON lines of {"key": ..., "value": {...}}')
+    r.add_argument("--output", help="prediction lines (default: stdout)")
+    r.add_argument("--dlq", help="rejected-record lines (default: stderr)")
+    r.set_defaults(func=cmd_replay)
+    m = sub.add_parser("make-demo-model", help="train and save the demo model")
+    m.add_argument("path")
+    m.set_defaults(func=cmd_make_demo_model)
+    d = sub.add_parser("demo", help="local broker, demo model, producer, daemon, predictions")
+    d.add_argument("--events", type=int, default=2000)
+    d.add_argument("--sequences", type=int, default=8)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except StartupError as exc:
+        print(f"lstmd: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return EXIT_OK

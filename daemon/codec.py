@@ -1,0 +1,144 @@
+"""The wire format: input records to events, predictions to output records.
+
+Pure bytes-and-Python: nothing here knows TensorFlow or Kafka clients, so the
+decoder can be fuzzed on its own. A record that cannot be applied raises
+`RecordRejected` with a stable `reason` label; nothing else escapes `decode`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from daemon.exceptions import RecordRejected
+
+# Reasons are metric label values and DLQ header values: keep them stable.
+MISSING_KEY = "missing_key"
+BAD_KEY = "bad_key"
+TOO_LARGE = "too_large"
+BAD_JSON = "bad_json"
+NOT_OBJECT = "not_object"
+MISSING_X = "missing_x"
+BAD_X = "bad_x"
+WRONG_WIDTH = "wrong_width"
+NONFINITE = "nonfinite"
+BAD_FIELD = "bad_field"
+NONFINITE_OUTPUT = "nonfinite_output"
+
+REASONS = (
+    MISSING_KEY, BAD_KEY, TOO_LARGE, BAD_JSON, NOT_OBJECT, MISSING_X, BAD_X,
+    WRONG_WIDTH, NONFINITE, BAD_FIELD, NONFINITE_OUTPUT,
+)
+
+# Python's json.dumps writes these non-standard literals for non-finite floats;
+# orjson refuses them as syntax, but the operator needs to hear "non-finite".
+_NONFINITE_LITERALS = (b"NaN", b"Infinity")
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """One decoded input record. `x` is None for a pure end (reset) marker."""
+
+    key: str
+    x: tuple[float, ...] | None
+    end: bool
+    start: bool
+    step: int | None
+    ts: float | None
+
+
+def decode(key: bytes | None, value: bytes | None, n_features: int, max_bytes: int) -> Event:
+    """Validate one record against the wire format, or raise RecordRejected."""
+    if key is None:
+        raise RecordRejected(MISSING_KEY, "record has no key (the sequence id)")
+    try:
+        seq = key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecordRejected(BAD_KEY, "key is not valid UTF-8") from None
+    if not seq:
+        raise RecordRejected(MISSING_KEY, "key is empty")
+    if value is None:
+        raise RecordRejected(NOT_OBJECT, "record has no value (tombstone)")
+    if len(key) + len(value) > max_bytes:
+        raise RecordRejected(TOO_LARGE, f"record is {len(key) + len(value)} bytes, limit {max_bytes}")
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        if any(lit in value for lit in _NONFINITE_LITERALS):
+            raise RecordRejected(NONFINITE, f"value holds a non-finite number: {exc}") from None
+        raise RecordRejected(BAD_JSON, f"value is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RecordRejected(NOT_OBJECT, f"value is a JSON {type(obj).__name__}, not an object")
+    end = _flag(obj, "end")
+    start = _flag(obj, "start")
+    step = obj.get("step")
+    if step is not None and (type(step) is not int or step < 0):
+        raise RecordRejected(BAD_FIELD, f"step must be a non-negative integer, got {step!r}")
+    ts = obj.get("ts")
+    if ts is not None and (type(ts) not in (int, float) or not math.isfinite(ts)):
+        raise RecordRejected(BAD_FIELD, f"ts must be a number of seconds, got {ts!r}")
+    raw_x = obj.get("x")
+    if raw_x is None:
+        if not end:
+            raise RecordRejected(MISSING_X, "no x: only an end marker may omit it")
+        return Event(seq, None, end, start, step, ts)
+    return Event(seq, _features(raw_x, n_features), end, start, step, ts)
+
+
+def _flag(obj: dict[str, Any], name: str) -> bool:
+    value = obj.get(name, False)
+    if type(value) is not bool:
+        raise RecordRejected(BAD_FIELD, f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _features(raw: Any, n_features: int) -> tuple[float, ...]:
+    if not isinstance(raw, list):
+        raise RecordRejected(BAD_X, f"x must be a list of numbers, got {type(raw).__name__}")
+    if len(raw) != n_features:
+        raise RecordRejected(WRONG_WIDTH, f"x has {len(raw)} values, the model takes {n_features}")
+    for v in raw:
+        if type(v) not in (int, float):  # bool is an int subclass: refused here on purpose
+            raise RecordRejected(BAD_X, f"x holds a non-number: {v!r}")
+    values = tuple(float(v) for v in raw)
+    if not all(math.isfinite(v) for v in values):
+        raise RecordRejected(NONFINITE, "x holds a non-finite number")
+    return values
+
+
+def encode_prediction(
+    *,
+    seq: str,
+    y: list[float],
+    n: int,
+    end: bool,
+    partition: int,
+    offset: int,
+    model: str,
+    ts: float,
+    step: int | None = None,
+) -> bytes:
+    """An output record value; see the README's wire format section."""
+    out: dict[str, Any] = {
+        "seq": seq, "y": y, "n": n, "end": end, "partition": partition,
+        "offset": offset, "model": model, "ts": ts,
+    }
+    if step is not None:
+        out["step"] = step
+    return orjson.dumps(out)
+
+
+def dlq_headers(
+    error: RecordRejected, topic: str, partition: int, offset: int
+) -> list[tuple[str, bytes]]:
+    """Headers that let an operator find and replay a dead-lettered record."""
+    return [
+        ("lstmd.error.class", error.reason.encode()),
+        ("lstmd.error.reason", error.detail.encode()),
+        ("lstmd.source.topic", topic.encode()),
+        ("lstmd.source.partition", str(partition).encode()),
+        ("lstmd.source.offset", str(offset).encode()),
+    ]

@@ -1,0 +1,191 @@
+"""Configuration from `LSTMD_*` environment variables, validated once at start-up.
+
+Every problem is collected before anything connects, so an operator fixes a
+broken deployment in one round instead of one variable per crash loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemon.exceptions import ConfigError
+
+ENV_PREFIX = "LSTMD_"
+
+# Variables read by the project's tooling (local broker, tests), not by the daemon:
+# they must not be reported as typos.
+TOOLING_VARIABLES = frozenset({"LSTMD_KAFKA_CACHE", "LSTMD_KAFKA_VERSION"})
+
+# Fields whose values never appear in messages or logs.
+SECRET_FIELDS = frozenset({"kafka_sasl_password"})
+
+# Values are added here as they are implemented, so a setting never silently degrades.
+Engine = Literal["keras"]
+Delivery = Literal["at-least-once"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Settings(BaseSettings):
+    """The daemon's whole configuration; field `foo` is variable `LSTMD_FOO`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    kafka_bootstrap_servers: str = Field(description="comma-separated host:port list")
+    input_topic: str = Field(min_length=1)
+    output_topic: str = Field(min_length=1)
+    group_id: str = Field(min_length=1)
+    model_path: Path
+
+    dlq_topic: str = Field(default="", description="default <input topic>.dlq")
+    engine: Engine = "keras"
+    delivery: Delivery = "at-least-once"
+    http_port: int = Field(default=9102, ge=0, le=65535)
+    log_level: LogLevel = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    create_topics: bool = False
+    tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
+
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+
+    group_instance_id: str | None = None
+    kafka_session_timeout_ms: int = Field(default=45000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(default=3000, ge=100)
+    kafka_max_poll_interval_ms: int = Field(default=300000, ge=1000)
+    kafka_max_poll_records: int = Field(default=500, ge=1, le=100000)
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("must list at least one host:port")
+        bad = [s for s in servers if not _is_host_port(s)]
+        if bad:
+            raise ValueError(f"not host:port: {', '.join(bad)}")
+        return ",".join(servers)
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_file(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        if value.suffix != ".keras":
+            raise ValueError(f"expected a .keras file, got {value.name}")
+        return value
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
+                     "kafka_sasl_password_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        problems: list[str] = []
+        if self.kafka_security_protocol.startswith("SASL_"):
+            if self.kafka_sasl_mechanism is None:
+                problems.append("LSTMD_KAFKA_SASL_MECHANISM: required with SASL")
+            if not self.kafka_sasl_username:
+                problems.append("LSTMD_KAFKA_SASL_USERNAME: required with SASL")
+            if self.kafka_sasl_password is None and self.kafka_sasl_password_file is None:
+                problems.append(
+                    "LSTMD_KAFKA_SASL_PASSWORD: required with SASL "
+                    "(or LSTMD_KAFKA_SASL_PASSWORD_FILE)"
+                )
+        if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
+            problems.append(
+                "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS: must be at most a third of "
+                "LSTMD_KAFKA_SESSION_TIMEOUT_MS"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return self.kafka_bootstrap_servers.split(",")
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.input_topic}.dlq"
+
+    def sasl_password(self) -> str | None:
+        """The SASL password, read from its file if given that way (Kubernetes secrets)."""
+        if self.kafka_sasl_password_file is not None:
+            return self.kafka_sasl_password_file.read_text().strip()
+        return self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+
+    def loggable(self) -> dict[str, Any]:
+        """The settings as a log event: secrets are masked, paths are strings."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if name in SECRET_FIELDS:
+                value = "***" if value is not None else None
+            out[name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _is_host_port(server: str) -> bool:
+    host, sep, port = server.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def known_variables() -> frozenset[str]:
+    return frozenset(env_name(name) for name in Settings.model_fields) | TOOLING_VARIABLES
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`LSTMD_*` variables the daemon does not read: most likely typos."""
+    environ = os.environ if environ is None else environ
+    known = known_variables()
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_settings() -> Settings:
+    """Read and validate the environment; raise ConfigError naming every bad variable."""
+    try:
+        return Settings()  # type: ignore[call-arg]  # required fields come from the environment
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines: list[str] = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if not field:  # a model-level check: its message already names the variables
+            lines.extend(str(error["msg"]).removeprefix("Value error, ").split("; "))
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "missing":
+            message = "required but not set"
+        elif field not in SECRET_FIELDS and error["type"] != "value_error":
+            message = f"{message} (got {error.get('input')!r})"
+        lines.append(f"{env_name(field)}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

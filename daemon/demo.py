@@ -1,0 +1,179 @@
+"""`lstmd demo`: the whole path on this machine, start to clean stop.
+
+A local Apache Kafka broker, the demo model (a room-temperature forecaster,
+see daemon/demo_model.py), a producer of interleaved sensor readings, `lstmd
+run` as a real subprocess, its predictions printed as they arrive, a metrics
+excerpt, then SIGTERM and a clean exit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import orjson
+from kafka import KafkaConsumer, KafkaProducer
+
+from daemon.localkafka import LocalKafka, cache_dir, create_topics, ensure_jars
+
+ROOMS_PER_SITE = 4
+# Readings go out at this rate, so the output reads like a live stream.
+EVENTS_PER_SECOND = 400
+METRICS_SHOWN = (
+    "lstmd_events_consumed_total", "lstmd_predictions_produced_total",
+    "lstmd_sequence_resets_total", "lstmd_active_sequences", "lstmd_consumer_lag",
+    "lstmd_inference_duration_seconds_count", "lstmd_inference_duration_seconds_sum",
+    "lstmd_end_to_end_latency_seconds_count", "lstmd_end_to_end_latency_seconds_sum",
+    "lstmd_model_info",
+)
+
+
+def demo_model_path() -> Path:
+    """Trained once per machine; the cache survives fresh clones."""
+    from daemon.demo_model import make_demo_model
+
+    path = cache_dir().parent / "demo-model-v2.keras"
+    if not path.exists():
+        print(f"training the demo model (once, cached at {path}) ...", flush=True)
+        tmp = path.with_suffix(".tmp.keras")
+        make_demo_model(tmp)
+        tmp.replace(path)
+    return path
+
+
+def _stream(sequences: int, events: int) -> list[tuple[str, dict[str, object], float]]:
+    """Interleaved readings: every room reports each tick; a room's series ends
+    (end marker on its last reading) and a new one starts under the same id."""
+    from daemon.demo_model import demo_series, to_features
+
+    per_room = max(2, events // sequences)
+    out: list[tuple[str, dict[str, object], float]] = []
+    rooms = [f"site-{i // ROOMS_PER_SITE}/room-{i % ROOMS_PER_SITE}" for i in range(sequences)]
+    # Each room's first series is cut short, so the demo shows a reset and a reuse.
+    cut = {room: per_room // 2 + 7 * i for i, room in enumerate(rooms)}
+    series = {room: demo_series(room, per_room + 1) for room in rooms}
+    for t in range(per_room):
+        for room in rooms:
+            value: dict[str, object] = {"x": to_features(series[room][t])[0].tolist()}
+            if t == cut[room] - 1:
+                value["end"] = True
+            out.append((room, value, float(series[room][t + 1])))
+    return out[:events]
+
+
+def run_demo(events: int = 2000, sequences: int = 8) -> int:
+    print("lstmd demo: local Kafka + demo model + producer + lstmd run\n", flush=True)
+    ensure_jars()
+    model = demo_model_path()
+    stream = _stream(sequences, events)
+    with LocalKafka() as broker:
+        broker.start()
+        topics = {"in": "readings", "out": "predictions", "dlq": "readings.dlq"}
+        create_topics(broker.bootstrap, {topics["in"]: 2, topics["out"]: 2, topics["dlq"]: 1})
+        print(f"broker: {broker.bootstrap}  topics: {', '.join(topics.values())}")
+        port = _free_port()
+        log_path = Path(tempfile.gettempdir()) / "lstmd-demo.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")} | {
+            "LSTMD_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "LSTMD_INPUT_TOPIC": topics["in"], "LSTMD_OUTPUT_TOPIC": topics["out"],
+            "LSTMD_DLQ_TOPIC": topics["dlq"], "LSTMD_GROUP_ID": "lstmd-demo",
+            "LSTMD_MODEL_PATH": str(model), "LSTMD_HTTP_PORT": str(port),
+            "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "6000", "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "2000",
+        }
+        with open(log_path, "wb") as log_file:
+            daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env,
+                                      stdout=log_file, stderr=subprocess.STDOUT)
+            print(f"daemon: pid {daemon.pid}, metrics on http://127.0.0.1:{port}/metrics, "
+                  f"log {log_path}\n")
+            try:
+                _wait_ready(port, daemon)
+                code = _drive(broker.bootstrap, topics, stream, port)
+            finally:
+                if daemon.poll() is None:
+                    daemon.terminate()
+                exit_code = daemon.wait(timeout=60)
+            print(f"\ndaemon stopped by SIGTERM: exit code {exit_code}")
+    print("broker stopped. Done.")
+    return code or exit_code
+
+
+def _drive(bootstrap: str, topics: dict[str, str],
+           stream: list[tuple[str, dict[str, object], float]], port: int) -> int:
+    """Produce the stream, print predictions as they come, then the metrics."""
+    from daemon.demo_model import from_output
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    consumer = KafkaConsumer(topics["out"], bootstrap_servers=bootstrap,
+                             auto_offset_reset="earliest", group_id="demo-viewer")
+    actual_next: dict[tuple[int, int], tuple[float, float]] = {}
+    futures = []
+    start = time.monotonic()
+    for i, (room, value, nxt) in enumerate(stream):
+        futures.append((producer.send(topics["in"], key=room.encode(), value=orjson.dumps(value)),
+                        float(np.asarray(value["x"])[0]), nxt))
+        if i % 50 == 49:
+            time.sleep(max(0.0, start + (i + 1) / EVENTS_PER_SECOND - time.monotonic()))
+    producer.flush()
+    for fut, x, nxt in futures:
+        meta = fut.get(timeout=30)  # type: ignore[no-untyped-call]
+        actual_next[(meta.partition, meta.offset)] = (x, nxt)
+    producer.close()
+    print(f"produced {len(stream)} readings from {len({s[0] for s in stream})} rooms "
+          f"in {time.monotonic() - start:.1f}s\n")
+    print(f"{'room':<16}{'n':>4}{'reading °C':>12}{'predicted next':>16}{'actual next':>13}")
+    errors: list[float] = []
+    naive: list[float] = []
+    deadline = time.monotonic() + 120
+    while len(errors) < len(stream) and time.monotonic() < deadline:
+        for recs in consumer.poll(timeout_ms=500).values():
+            for rec in recs:
+                pred = orjson.loads(rec.value)
+                x, nxt = actual_next[(pred["partition"], pred["offset"])]
+                reading = float(from_output(x))
+                predicted = float(from_output(pred["y"][0]))
+                errors.append(abs(predicted - nxt))
+                naive.append(abs(reading - nxt))
+                if len(errors) % max(1, len(stream) // 20) == 1 or pred["end"]:
+                    tag = "  (end of series: state reset)" if pred["end"] else ""
+                    print(f"{pred['seq']:<16}{pred['n']:>4}{reading:>12.2f}{predicted:>16.2f}"
+                          f"{nxt:>13.2f}{tag}")
+    consumer.close()
+    print(f"\n{len(errors)} predictions for {len(stream)} readings. Mean absolute error of the "
+          f"next-reading forecast: {np.mean(errors):.3f} °C (naive 'same as now': "
+          f"{np.mean(naive):.3f} °C)")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    print("\nmetrics excerpt (GET /metrics):")
+    for line in text.splitlines():
+        if line.startswith(METRICS_SHOWN):
+            print("  " + line)
+    return 0 if len(errors) == len(stream) else 1
+
+
+def _wait_ready(port: int, daemon: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    """Stream only once /readyz says the model is loaded and partitions are assigned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and daemon.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    print("daemon ready (GET /readyz: 200)\n", flush=True)
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the daemon did not become ready (exit code {daemon.poll()})")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

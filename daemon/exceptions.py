@@ -1,0 +1,40 @@
+"""Every error lstmd raises on purpose, so callers catch ours and nothing else.
+
+Start-up errors (configuration, model) end the process with exit code 2; record
+errors become dead-letter records and never stop the daemon.
+"""
+
+
+class LstmdError(Exception):
+    """Base of every error lstmd raises on purpose."""
+
+
+class StartupError(LstmdError):
+    """The daemon cannot start as configured: exit code 2, no connection made."""
+
+    exit_code = 2
+
+
+class ConfigError(StartupError):
+    """One or more LSTMD_* variables are missing or invalid; the message names each."""
+
+
+class UnservableModelError(StartupError):
+    """The model file cannot be served statefully one step at a time."""
+
+
+class RecordRejected(LstmdError):
+    """An input record that cannot be applied; it goes to the dead-letter topic.
+
+    `reason` is a short stable label (a metric label value and the DLQ header
+    `lstmd.error.class`); the message is the human-readable detail.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class KafkaSetupError(StartupError):
+    """Kafka is reachable but unusable as configured (missing topic, authorization)."""

@@ -1,0 +1,178 @@
+"""kafka-python clients built from Settings, and the rebalance listener.
+
+Delivery guarantee of this connector (at-least-once): the run loop sends a
+batch's outputs, waits until Kafka acknowledged every one (acks=all,
+idempotent producer), and only then commits the batch's input offsets. A crash
+between the two repeats outputs with identical values; it never loses one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import (
+    AuthorizationError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailedError,
+)
+
+from daemon import __version__
+from daemon.config import Settings
+from daemon.exceptions import KafkaSetupError
+from daemon.logs import get_logger
+
+log = get_logger(__name__)
+
+# Waiting for acknowledgements a little lets kafka-python fill larger batches
+# without adding noticeable latency next to a model step.
+PRODUCER_LINGER_MS = 5
+# kafka-python backs off reconnects up to 30 s by default: after a broker restart
+# the daemon would sit idle that long. One second keeps recovery prompt.
+RECONNECT_BACKOFF_MAX_MS = 1000
+# Each connection attempt at start-up gives up after this, then backs off and retries.
+BOOTSTRAP_TIMEOUT_MS = 5000
+
+
+def security_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection settings shared by every client; the password never leaves here."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": f"lstmd-{__version__}",
+        "security_protocol": settings.kafka_security_protocol,
+        "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
+    }
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.sasl_password()
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        for name in ("cafile", "certfile", "keyfile"):
+            path = getattr(settings, f"kafka_ssl_{name}")
+            if path is not None:
+                kwargs[f"ssl_{name}"] = str(path)
+    return kwargs
+
+
+def make_consumer(settings: Settings) -> KafkaConsumer:
+    return KafkaConsumer(
+        **security_kwargs(settings),
+        group_id=settings.group_id,
+        group_instance_id=settings.group_instance_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # Upstream producers may be transactional: never feed an aborted event to a state.
+        isolation_level="read_committed",
+        allow_auto_create_topics=False,
+        max_poll_records=settings.kafka_max_poll_records,
+        max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        # kafka-python 3 takes assignor instances; its stubs still say classes.
+        partition_assignment_strategy=[CooperativeStickyAssignor()],  # type: ignore[list-item]
+    )
+
+
+def make_producer(settings: Settings) -> KafkaProducer:
+    return KafkaProducer(
+        **security_kwargs(settings),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=PRODUCER_LINGER_MS,
+    )
+
+
+def wait_for_cluster(settings: Settings, stop: threading.Event) -> KafkaAdminClient | None:
+    """Connect an admin client, retrying with backoff until the cluster answers.
+
+    Returns None if asked to stop first. The daemon is not ready meanwhile, and
+    says why in the log once per attempt, so a pod waiting for its brokers is
+    visible without being restarted.
+    """
+    delay = 1.0
+    attempt = 0
+    while not stop.is_set():
+        attempt += 1
+        try:
+            return KafkaAdminClient(**security_kwargs(settings),
+                                    bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
+        except (SaslAuthenticationFailedError, AuthorizationError) as exc:
+            raise KafkaSetupError(f"Kafka refused our credentials: {exc}") from None
+        except (KafkaTimeoutError, KafkaConnectionError) as exc:
+            log.warning("kafka_unreachable", servers=settings.bootstrap_servers,
+                        attempt=attempt, retry_in_s=delay, error=str(exc))
+        stop.wait(delay)
+        delay = min(delay * 2, 30.0)
+    return None
+
+
+def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
+    """Check the topics exist (or create them if allowed); return input partitions."""
+    wanted = [settings.input_topic, settings.output_topic, settings.dead_letter_topic]
+    existing = set(admin.list_topics())
+    missing = [t for t in wanted if t not in existing]
+    if missing and settings.create_topics:
+        partitions = _partitions(admin, settings.input_topic) if settings.input_topic in existing else 1
+        admin.create_topics({t: {"num_partitions": partitions} for t in missing},
+                            wait_for_metadata=True)
+        log.info("topics_created", topics=missing, partitions=partitions)
+        missing = []
+    if missing:
+        names = ", ".join(missing)
+        raise KafkaSetupError(
+            f"missing Kafka topics: {names} (create them, or set LSTMD_CREATE_TOPICS=true)")
+    return _partitions(admin, settings.input_topic)
+
+
+def _partitions(admin: KafkaAdminClient, topic: str) -> int:
+    described = admin.describe_topics([topic])
+    return len(described[0]["partitions"])
+
+
+@dataclass
+class RebalanceEvents(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Collects assignment changes for the run loop to apply after poll returns.
+
+    kafka-python 3 calls listeners on its IO thread; handing the changes over
+    keeps every touch of the state store on the run loop's thread.
+    """
+
+    assigned: set[TopicPartition] = field(default_factory=set)
+    revoked: set[TopicPartition] = field(default_factory=set)
+    lost: set[TopicPartition] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        with self.lock:
+            self.assigned.update(assigned)
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        with self.lock:
+            self.revoked.update(revoked)
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        with self.lock:
+            self.lost.update(lost)
+
+    def take(self) -> tuple[set[TopicPartition], set[TopicPartition], set[TopicPartition]]:
+        with self.lock:
+            out = (self.assigned, self.revoked, self.lost)
+            self.assigned, self.revoked, self.lost = set(), set(), set()
+        return out
+
+
+__all__ = [
+    "KafkaError",
+    "RebalanceEvents",
+    "ensure_topics",
+    "make_consumer",
+    "make_producer",
+    "security_kwargs",
+    "wait_for_cluster",
+]

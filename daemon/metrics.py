@@ -1,0 +1,81 @@
+"""Prometheus metrics: names, units and labels are part of the user-facing contract.
+
+Each Metrics instance owns its registry, so tests and `lstmd replay` can build
+as many as they like without clashing in prometheus-client's global one.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from daemon import __version__
+
+# Inference runs from ~2 us (fast engine, per event) to ~2 ms (predict_on_batch).
+INFERENCE_BUCKETS = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0,
+)
+# End to end includes the poll wait, the batch and the produce acknowledgement.
+LATENCY_BUCKETS = (
+    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_consumed = Counter(
+            "lstmd_events_consumed", "Input records taken from Kafka (or a replay file).",
+            registry=r)
+        self.predictions = Counter(
+            "lstmd_predictions_produced", "Prediction records published.", registry=r)
+        self.rejected = Counter(
+            "lstmd_records_rejected", "Records sent to the dead-letter topic, by reason.",
+            ["reason"], registry=r)
+        self.duplicates = Counter(
+            "lstmd_duplicates_skipped",
+            "Inputs not applied because their state already includes them, by cause.",
+            ["cause"], registry=r)
+        self.step_gaps = Counter(
+            "lstmd_step_gaps", "Inputs whose `step` skipped ahead of the previous one.",
+            registry=r)
+        self.resets = Counter(
+            "lstmd_sequence_resets", "Sequence states reset, by cause.", ["cause"], registry=r)
+        self.active_sequences = Gauge(
+            "lstmd_active_sequences", "Open sequence states held in memory.", registry=r)
+        self.inference = Histogram(
+            "lstmd_inference_duration_seconds",
+            "Model time per input event (one step; a batched step is shared by its events).",
+            ["engine"], buckets=INFERENCE_BUCKETS, registry=r)
+        self.end_to_end = Histogram(
+            "lstmd_end_to_end_latency_seconds",
+            "From the input record's timestamp to its prediction acknowledged by Kafka.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.lag = Gauge(
+            "lstmd_consumer_lag", "Records behind the end of each assigned input partition.",
+            ["partition"], registry=r)
+        self.assigned = Gauge(
+            "lstmd_assigned_partitions", "Input partitions assigned to this process.",
+            registry=r)
+        self.rebalances = Counter(
+            "lstmd_rebalances", "Partition assignment changes seen, by kind.", ["kind"],
+            registry=r)
+        self.commits = Counter(
+            "lstmd_offset_commits", "Offset commits after acknowledged output.", registry=r)
+        self.produce_errors = Counter(
+            "lstmd_produce_errors", "Failed attempts to publish a batch of output records.",
+            registry=r)
+        self.last_poll = Gauge(
+            "lstmd_last_poll_timestamp_seconds", "When the poll loop last returned.", registry=r)
+        self.build_info = Gauge(
+            "lstmd_build_info", "Always 1; labels say what runs.",
+            ["version", "engine", "delivery"], registry=r)
+        self.model_info = Gauge(
+            "lstmd_model_info", "Always 1; labels identify the served model.",
+            ["name", "sha256", "features", "outputs"], registry=r)
+
+    def describe(self, *, engine: str, delivery: str) -> None:
+        self.build_info.labels(version=__version__, engine=engine, delivery=delivery).set(1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,427 @@
+"""Loading a Keras model file and turning it into something servable one event at a time.
+
+A model is trained stateless, on whole sequences of any batch size. lstmd serves it
+statefully: each input record is one time step of one sequence, and the recurrent
+state of every sequence is carried between records. `load_model` therefore builds,
+next to the loaded (stateless) model, a batch-1 stateful copy of the same
+architecture and weights whose input is exactly one step of one sequence, and it
+checks at start-up that feeding a sequence step by step through the copy gives the
+same outputs as the stateless model applied to every prefix. Models for which that
+cannot hold are refused with `UnservableModelError` (exit code 2).
+
+The output of one step ("y") is the concatenation, over the model's outputs in
+`keras.tree.flatten` order, of each output at the last time step, flattened.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+
+from daemon.exceptions import UnservableModelError
+
+#: Tolerances of the start-up self-check (step-by-step vs whole prefix).
+SELF_CHECK_ATOL = 1e-5
+SELF_CHECK_RTOL = 1e-5
+#: Length of the random sequence of the start-up self-check.
+SELF_CHECK_STEPS = 5
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model file is served: its stem and the SHA-256 of its bytes."""
+
+    name: str
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.sha256[:12]}"
+
+
+@dataclass(eq=False)
+class ServableModel:
+    """A loaded model ready to be stepped one event at a time.
+
+    `stateless` is the model as trained (batch and time dimensions free);
+    `stateful` is its batch-1 stateful copy with input batch_shape (1, 1, n_features),
+    sharing the same weights values. `stateful_layers` are the recurrent layers of
+    the copy in model order; `state_shapes` lists, layer after layer, the shape of
+    each of their state variables without the batch dimension (LSTM(8) gives
+    (8,), (8,); GRU(4) gives (4,)). `state_variables` are those variables, in the
+    same order (an RNN of stacked cells has its states nested: they are flattened
+    here, in `keras.tree.flatten` order). `output_has_time` says, for each model output
+    in `keras.tree.flatten` order, whether it has a time axis (axis 1) of which
+    the last step is taken.
+    """
+
+    identity: ModelIdentity
+    n_features: int
+    output_width: int
+    stateless: keras.Model
+    stateful: keras.Model
+    stateful_layers: list[keras.layers.Layer]
+    state_shapes: list[tuple[int, ...]]
+    layer_kinds: list[str]
+    output_has_time: tuple[bool, ...] = field(default=())
+    state_variables: list[Any] = field(default_factory=list)
+
+    def reset_states(self) -> None:
+        """Zero the state variables of every recurrent layer of the stateful copy."""
+        # Not layer.reset_state(): it does not handle the nested states of stacked cells.
+        for var in self.state_variables:
+            var.assign(np.zeros(tuple(var.shape), dtype=var.dtype))
+
+    def flatten_step_outputs(self, outputs: Any) -> np.ndarray:
+        """The (output_width,) float32 y of one step of the batch-1 stateful copy.
+
+        `outputs` is what `stateful.predict_on_batch` (or a call) returned for an
+        input of shape (1, 1, n_features).
+        """
+        return _flatten_last_step(outputs, self.output_has_time)
+
+
+def last_step_output(model: ServableModel, prefix: np.ndarray) -> np.ndarray:
+    """The stateless model's y at the last time step of a (T, F) prefix.
+
+    One call of the stateless model on the whole prefix (batch of one, inference
+    mode); outputs with a time axis contribute their last step; every output is
+    flattened and the outputs are concatenated in `keras.tree.flatten` order.
+    Returns a float32 array of shape (output_width,).
+    """
+    x = np.asarray(prefix, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != model.n_features:
+        raise ValueError(f"prefix must have shape (T>=1, {model.n_features}), got {x.shape}")
+    outputs = model.stateless(x[None], training=False)
+    return _flatten_last_step(outputs, model.output_has_time)
+
+
+def load_model(path: str | Path) -> ServableModel:
+    """Load a `.keras` file and make it servable, or raise UnservableModelError.
+
+    Refused: a file that is missing, unreadable or not a Keras model; no recurrent
+    layer (LSTM, GRU, SimpleRNN or another keras.layers.RNN); a Bidirectional layer;
+    a recurrent layer with go_backwards=True or wrapped in another layer; more than
+    one input; an input not of shape (batch, time, features) with a known feature
+    count; anything that prevents building the batch-1 stateful copy; and a model
+    whose step-by-step outputs differ from its whole-prefix outputs (start-up
+    self-check, see `verify`).
+    """
+    path = Path(path)
+    where = f"model file {str(path)!r}"
+    if not path.is_file():
+        raise UnservableModelError(f"{where}: no such file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UnservableModelError(f"{where}: cannot be read: {exc}") from exc
+    identity = ModelIdentity(name=path.stem, sha256=hashlib.sha256(data).hexdigest())
+    # Load the very bytes that were hashed (the file may be replaced meanwhile),
+    # from a private copy that keeps the file name and so the format suffix.
+    with tempfile.TemporaryDirectory(prefix="lstmd-model-") as tmp:
+        copy_path = Path(tmp) / path.name
+        try:
+            copy_path.write_bytes(data)
+            loaded = keras.saving.load_model(copy_path, compile=False)
+        except Exception as exc:
+            detail = str(exc).replace(str(copy_path), str(path))
+            raise UnservableModelError(
+                f"{where}: not a loadable Keras model: {type(exc).__name__}: {detail}"
+            ) from exc
+    if not isinstance(loaded, keras.Model):
+        raise UnservableModelError(f"{where}: holds a {type(loaded).__name__}, not a model")
+
+    n_features = _check_input(loaded, where)
+    layers = list(_walk_layers(loaded))
+    rnns = _check_layers(layers, where)
+
+    if _needs_stateless_rebuild(loaded, rnns):
+        # Trained with a fixed batch or time size, or saved stateful: rebuild a copy
+        # that takes any batch of any length and carries no state between calls.
+        stateless = _rebuild(loaded, where, stateful=False, batch_shape=(None, None, n_features))
+    else:
+        stateless = loaded
+
+    output_has_time, output_width = _output_layout(stateless, where)
+
+    stateful = _rebuild(loaded, where, stateful=True, batch_shape=(1, 1, n_features))
+    stateful_layers = [layer for layer in _walk_layers(stateful) if isinstance(layer, keras.layers.RNN)]
+    state_shapes: list[tuple[int, ...]] = []
+    state_variables: list[Any] = []
+    for layer in stateful_layers:
+        states = keras.tree.flatten(layer.states) if layer.states is not None else []
+        if not states:
+            raise UnservableModelError(
+                f"{where}: recurrent layer {layer.name!r} has no state variables in its stateful copy"
+            )
+        for var in states:
+            shape = tuple(var.shape)
+            if len(shape) < 2 or shape[0] != 1 or any(d is None for d in shape):
+                raise UnservableModelError(
+                    f"{where}: recurrent layer {layer.name!r} has a state of shape "
+                    f"{shape} in its stateful copy, expected (1, ...)"
+                )
+            state_shapes.append(tuple(int(d) for d in shape[1:]))
+            state_variables.append(var)
+
+    model = ServableModel(
+        identity=identity,
+        n_features=n_features,
+        output_width=output_width,
+        stateless=stateless,
+        stateful=stateful,
+        stateful_layers=stateful_layers,
+        state_shapes=state_shapes,
+        layer_kinds=[
+            type(layer).__name__
+            for layer in _walk_layers(stateful)
+            if not isinstance(layer, keras.layers.InputLayer)
+        ],
+        output_has_time=output_has_time,
+        state_variables=state_variables,
+    )
+    verify(model, where=where)
+    return model
+
+
+def verify(
+    model: ServableModel,
+    *,
+    steps: int = SELF_CHECK_STEPS,
+    seed: int = 0,
+    where: str | None = None,
+) -> None:
+    """Start-up self-check: stepping the stateful copy equals the stateless model.
+
+    Feeds a seeded random (steps, F) sequence one step at a time through the
+    stateful copy, from a zero state, and compares each step's y with
+    `last_step_output` of the prefix so far. A difference above the tolerance
+    means the model is not causal step by step (a layer mixes time steps outside
+    the recurrent state, e.g. a Conv1D or a pooling over time): UnservableModelError.
+    The states are zero again afterwards. This also traces the stateful copy's
+    predict function once, so the first real event does not pay for it.
+    """
+    where = where or f"model {model.identity}"
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((steps, model.n_features)).astype(np.float32)
+    model.reset_states()
+    try:
+        for t in range(steps):
+            try:
+                raw = model.stateful.predict_on_batch(xs[t].reshape(1, 1, model.n_features))
+                got = model.flatten_step_outputs(raw)
+                want = last_step_output(model, xs[: t + 1])
+            except UnservableModelError:
+                raise
+            except Exception as exc:
+                raise UnservableModelError(
+                    f"{where}: cannot run the model one step at a time: {type(exc).__name__}: {exc}"
+                ) from exc
+            if got.shape != (model.output_width,) or want.shape != (model.output_width,):
+                raise UnservableModelError(
+                    f"{where}: the outputs of one step have {got.size} values and those "
+                    f"of the whole prefix {want.size}, expected {model.output_width}"
+                )
+            if not np.allclose(got, want, rtol=SELF_CHECK_RTOL, atol=SELF_CHECK_ATOL):
+                err = float(np.max(np.abs(got.astype(np.float64) - want)))
+                raise UnservableModelError(
+                    f"{where}: the model is not causal step by step: fed one time step "
+                    f"at a time with its recurrent state carried, its output at step {t} "
+                    f"differs from the output of the whole {t + 1}-step prefix by {err:.3g} "
+                    f"(tolerance {SELF_CHECK_ATOL:g}); some layer mixes time steps outside "
+                    "the recurrent state (e.g. a Conv1D, a pooling or an attention over time)"
+                )
+    finally:
+        model.reset_states()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _flatten_last_step(outputs: Any, has_time: tuple[bool, ...]) -> np.ndarray:
+    flat = keras.tree.flatten(outputs)
+    if len(flat) != len(has_time):
+        raise ValueError(f"expected {len(has_time)} outputs, got {len(flat)}")
+    parts = []
+    for out, timed in zip(flat, has_time, strict=True):
+        arr = np.asarray(out)
+        parts.append((arr[0, -1] if timed else arr[0]).reshape(-1))
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def _walk_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    """Every layer of the model in order, descending into nested models."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _walk_layers(layer)
+
+
+def _check_input(model: keras.Model, where: str) -> int:
+    try:
+        inputs = model.inputs
+    except Exception as exc:
+        raise UnservableModelError(
+            f"{where}: the model has no defined input (build it, e.g. with keras.Input, before saving): {exc}"
+        ) from exc
+    if not inputs:
+        raise UnservableModelError(f"{where}: the model has no defined input")
+    if len(inputs) != 1:
+        raise UnservableModelError(
+            f"{where}: the model has {len(inputs)} inputs; lstmd serves models with "
+            "exactly one input of shape (batch, time, features)"
+        )
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 3:
+        raise UnservableModelError(
+            f"{where}: the input has shape {shape} (rank {len(shape)}); lstmd needs "
+            "rank 3: (batch, time, features)"
+        )
+    if shape[2] is None or int(shape[2]) < 1:
+        raise UnservableModelError(
+            f"{where}: the input has shape {shape}; the feature count (last axis) must be known"
+        )
+    return int(shape[2])
+
+
+def _check_layers(layers: list[keras.layers.Layer], where: str) -> list[keras.layers.RNN]:
+    rnns: list[keras.layers.RNN] = []
+    for layer in layers:
+        if isinstance(layer, keras.layers.Bidirectional):
+            raise UnservableModelError(
+                f"{where}: layer {layer.name!r} is Bidirectional; its backward pass "
+                "needs the future of the sequence and cannot run one event at a time"
+            )
+        inner = getattr(layer, "layer", None)
+        if isinstance(inner, keras.layers.RNN) and not isinstance(layer, keras.layers.RNN):
+            raise UnservableModelError(
+                f"{where}: recurrent layer {inner.name!r} is wrapped in "
+                f"{type(layer).__name__} {layer.name!r}; lstmd only serves unwrapped "
+                "recurrent layers"
+            )
+        if isinstance(layer, keras.layers.RNN):
+            if layer.go_backwards:
+                raise UnservableModelError(
+                    f"{where}: recurrent layer {layer.name!r} has go_backwards=True; "
+                    "it reads the sequence from its end and cannot run one event at a time"
+                )
+            rnns.append(layer)
+    if not rnns:
+        kinds = ", ".join(sorted({type(layer).__name__ for layer in layers})) or "none"
+        raise UnservableModelError(
+            f"{where}: the model has no recurrent layer (LSTM, GRU, SimpleRNN); "
+            f"its layers are: {kinds}; there is no state to carry between events"
+        )
+    return rnns
+
+
+def _needs_stateless_rebuild(model: keras.Model, rnns: list[keras.layers.RNN]) -> bool:
+    shape = tuple(model.inputs[0].shape)
+    return shape[0] is not None or shape[1] is not None or any(r.stateful for r in rnns)
+
+
+def _output_layout(model: keras.Model, where: str) -> tuple[tuple[bool, ...], int]:
+    """For each output (tree.flatten order): has a time axis?; and the total width."""
+    try:
+        outs = list(model.outputs)  # keras.tree.flatten order of the output structure
+    except Exception as exc:
+        raise UnservableModelError(f"{where}: the model has no defined output: {exc}") from exc
+    if not outs:
+        raise UnservableModelError(f"{where}: the model has no output")
+    has_time: list[bool] = []
+    width = 0
+    for out in outs:
+        shape = tuple(out.shape)
+        timed = len(shape) >= 3 and shape[1] is None
+        per_step = shape[2:] if timed else shape[1:]
+        if any(d is None for d in per_step):
+            raise UnservableModelError(
+                f"{where}: an output has shape {shape}; the size of one step of each output must be known"
+            )
+        has_time.append(timed)
+        width += math.prod(int(d) for d in per_step)
+    if width < 1:
+        raise UnservableModelError(f"{where}: the model's outputs are empty")
+    return tuple(has_time), width
+
+
+def _rebuild(
+    model: keras.Model,
+    where: str,
+    *,
+    stateful: bool,
+    batch_shape: tuple[int | None, int | None, int],
+) -> keras.Model:
+    """A copy of the model's architecture and weights, with every recurrent layer's
+    `stateful` set as given and the input's batch_shape replaced."""
+    kind = "batch-1 stateful" if stateful else "stateless"
+    try:
+        config = copy.deepcopy(model.get_config())
+        _rewrite_config(config, top=True, stateful=stateful, batch_shape=batch_shape)
+        clone = type(model).from_config(config)
+    except Exception as exc:
+        raise UnservableModelError(
+            f"{where}: cannot build a {kind} copy of the model from its config: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(clone, keras.Model):
+        raise UnservableModelError(f"{where}: the {kind} copy is not a model")
+    try:
+        clone.set_weights(model.get_weights())
+    except Exception as exc:
+        raise UnservableModelError(
+            f"{where}: cannot copy the weights into the {kind} copy: {type(exc).__name__}: {exc}"
+        ) from exc
+    return clone
+
+
+def _rewrite_config(
+    config: dict[str, Any],
+    *,
+    top: bool,
+    stateful: bool,
+    batch_shape: tuple[int | None, int | None, int],
+) -> None:
+    """Edit a model config in place: `stateful` on every recurrent layer, the batch
+    dimension of every input (the whole batch_shape for the top model's input)."""
+    batch = batch_shape[0]
+    if "build_input_shape" in config and top:
+        config["build_input_shape"] = list(batch_shape)
+    for entry in config.get("layers", []):
+        if not isinstance(entry, dict):
+            continue
+        # Layers are rebuilt when called on the new inputs; a stale build shape
+        # (with the old batch size) would make a stateful layer build wrongly.
+        entry.pop("build_config", None)
+        layer_cfg = entry.get("config")
+        if not isinstance(layer_cfg, dict):
+            continue
+        if entry.get("class_name") == "InputLayer":
+            old = layer_cfg.get("batch_shape") or layer_cfg.get("batch_input_shape")
+            if top:
+                new = list(batch_shape)
+            elif isinstance(old, list | tuple) and old:
+                new = [batch, *old[1:]]
+            else:
+                continue
+            layer_cfg.pop("batch_input_shape", None)
+            layer_cfg.pop("shape", None)
+            layer_cfg["batch_shape"] = new
+        elif "layers" in layer_cfg:  # a nested model
+            _rewrite_config(layer_cfg, top=False, stateful=stateful, batch_shape=batch_shape)
+            if "build_input_shape" in layer_cfg and isinstance(layer_cfg["build_input_shape"], list):
+                old = layer_cfg["build_input_shape"]
+                if old:
+                    layer_cfg["build_input_shape"] = [batch, *old[1:]]
+        elif "stateful" in layer_cfg and "go_backwards" in layer_cfg:
+            layer_cfg["stateful"] = stateful

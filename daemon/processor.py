@@ -1,0 +1,205 @@
+"""Input records in, output records out: decoding, state and the engine, no I/O.
+
+Shared by `lstmd run` (Kafka) and `lstmd replay` (a file), so both apply
+exactly the same semantics. Per-sequence order is the input order; the steps of
+different sequences in one batch are grouped into waves (the k-th pending step
+of every sequence), which lets a batching engine step them together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from daemon import codec
+from daemon.exceptions import RecordRejected
+from daemon.metrics import Metrics
+from daemon.state import SequenceState, StateStore
+
+if TYPE_CHECKING:  # the engines import TensorFlow; the processor itself does not need it
+    from daemon.engines import Engine
+
+
+class InputRecord(Protocol):
+    """What the processor reads of a record: kafka-python's ConsumerRecord fits."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+@dataclass(slots=True)
+class OutputRecord:
+    """A prediction (dead_letter False) or a rejected input (dead_letter True)."""
+
+    key: bytes | None
+    value: bytes | None
+    dead_letter: bool
+    source_timestamp_ms: int
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Wave:
+    """The k-th pending input of every sequence in a batch: at most one per state."""
+
+    starts: list[SequenceState] = field(default_factory=list)
+    steps: list[_Step] = field(default_factory=list)
+    markers: list[SequenceState] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Step:
+    index: int  # position of the output in the batch
+    partition: int
+    offset: int
+    event: codec.Event
+    state: SequenceState
+    x: tuple[float, ...]
+
+
+class Processor:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        model_id: str,
+        n_features: int,
+        store: StateStore,
+        metrics: Metrics,
+        max_record_bytes: int = 1 << 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self.n_features = n_features
+        self.store = store
+        self.metrics = metrics
+        self.max_record_bytes = max_record_bytes
+        self.clock = clock
+        self._inference = metrics.inference.labels(engine=engine.name)
+        self._resets = {c: metrics.resets.labels(cause=c) for c in ("end", "start", "marker")}
+
+    def process(self, records: Sequence[InputRecord]) -> list[OutputRecord]:
+        """Apply a batch; outputs come in input order, one per record at most.
+
+        A pure end marker and a skipped duplicate produce no output.
+        """
+        self.metrics.events_consumed.inc(len(records))
+        outputs: list[OutputRecord | None] = [None] * len(records)
+        waves: list[_Wave] = []
+        depth: dict[int, int] = {}  # id(state) -> its steps planned so far in this batch
+        touched: dict[int, tuple[int, str, SequenceState]] = {}
+        for i, rec in enumerate(records):
+            if rec.offset <= self.store.high_watermark(rec.partition):
+                self.metrics.duplicates.labels(cause="redelivered").inc()
+                continue
+            self.store.advance(rec.partition, rec.offset)
+            try:
+                event = codec.decode(rec.key, rec.value, self.n_features, self.max_record_bytes)
+            except RecordRejected as exc:
+                outputs[i] = self._dead_letter(rec, exc)
+                continue
+            state = self.store.get(rec.partition, event.key)
+            # `last_step` follows the batch's plan, not the engine: a reset planned
+            # earlier in this batch already counts for the steps after it.
+            if event.start:
+                state.last_step = None
+            if event.step is not None and state.last_step is not None:
+                if event.step <= state.last_step:
+                    self.metrics.duplicates.labels(cause="step").inc()
+                    continue
+                if event.step > state.last_step + 1:
+                    self.metrics.step_gaps.inc()
+            state.last_step = None if event.end else event.step
+            k = depth.get(id(state), 0)
+            depth[id(state)] = k + 1
+            touched[id(state)] = (rec.partition, event.key, state)
+            while len(waves) <= k:
+                waves.append(_Wave())
+            wave = waves[k]
+            if event.start:
+                wave.starts.append(state)
+            if event.x is None:  # a pure end marker: reset only, no prediction
+                wave.markers.append(state)
+            else:
+                wave.steps.append(_Step(i, rec.partition, rec.offset, event, state, event.x))
+        for wave in waves:
+            for state in wave.starts:
+                state.reset()
+                self._resets["start"].inc()
+            if wave.steps:
+                self._step(wave.steps, records, outputs)
+            for state in wave.markers:
+                state.reset()
+                self._resets["marker"].inc()
+        for partition, key, state in touched.values():
+            if state.n == 0:  # ended or reset: a fresh state is zeros, keep nothing
+                self.store.discard(partition, key)
+        self.metrics.active_sequences.set(len(self.store))
+        return [o for o in outputs if o is not None]
+
+    def _step(
+        self,
+        steps: list[_Step],
+        records: Sequence[InputRecord],
+        outputs: list[OutputRecord | None],
+    ) -> None:
+        xs = np.asarray([s.x for s in steps], dtype=np.float32)
+        before = [s.state.tensors for s in steps]
+        started = time.perf_counter()
+        ys = self.engine.step([s.state for s in steps], xs)
+        per_event = (time.perf_counter() - started) / len(steps)
+        now = self.clock()
+        for s, y, previous in zip(steps, ys, before, strict=True):
+            self._inference.observe(per_event)
+            rec = records[s.index]
+            state = s.state
+            state.watermark = s.offset
+            if not np.isfinite(y).all():
+                # The input is refused and the state stays as it was, so one bad
+                # step cannot poison every later prediction of the sequence.
+                state.tensors = previous
+                error = RecordRejected(
+                    codec.NONFINITE_OUTPUT, "the model produced a non-finite output")
+                outputs[s.index] = self._dead_letter(rec, error)
+                continue
+            if state.n == 0:
+                state.first_offset = s.offset
+            state.n += 1
+            outputs[s.index] = OutputRecord(
+                key=rec.key,
+                value=codec.encode_prediction(
+                    seq=s.event.key, y=y.tolist(), n=state.n, end=s.event.end,
+                    partition=s.partition, offset=s.offset, model=self.model_id,
+                    ts=now, step=s.event.step,
+                ),
+                dead_letter=False,
+                source_timestamp_ms=rec.timestamp,
+            )
+            if s.event.end:
+                state.reset()
+                self._resets["end"].inc()
+
+    def _dead_letter(self, rec: InputRecord, error: RecordRejected) -> OutputRecord:
+        self.metrics.rejected.labels(reason=error.reason).inc()
+        return OutputRecord(
+            key=rec.key,
+            value=rec.value,
+            dead_letter=True,
+            source_timestamp_ms=rec.timestamp,
+            headers=codec.dlq_headers(error, rec.topic, rec.partition, rec.offset),
+        )

@@ -1,0 +1,59 @@
+"""Shared fixtures: one real Kafka broker per test session, unique topics per test."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from daemon.localkafka import LocalKafka, create_topics
+
+TopicFactory = Callable[..., dict[str, str]]
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[LocalKafka]:
+    """The session's broker: started once (~2-3 s), shared by every Kafka test."""
+    broker = LocalKafka()
+    try:
+        yield broker.start()
+    finally:
+        broker.stop()
+        broker.cleanup()
+
+
+@pytest.fixture
+def topics(kafka: LocalKafka, request: pytest.FixtureRequest) -> TopicFactory:
+    """Create this test's topics on the session broker under unique names.
+
+    ``topics({"in": 3, "out": 1}, config=None) -> {"in": "in-<test>-<hex>", ...}``:
+    tests share one broker, so names carry the test name (for reading broker
+    logs) and a random suffix (for reruns and parallel sessions).
+    """
+    test = re.sub(r"[^A-Za-z0-9._-]+", "_", request.node.name)[:80]
+
+    def make(spec: Mapping[str, int], config: Mapping[str, str] | None = None) -> dict[str, str]:
+        names = {key: f"{key}-{test}-{uuid.uuid4().hex[:8]}" for key in spec}
+        create_topics(kafka.bootstrap, {names[k]: n for k, n in spec.items()}, config)
+        return names
+
+    return make
+
+
+@pytest.fixture
+def kafka_broker_factory() -> Iterator[Callable[..., LocalKafka]]:
+    """Start private brokers (for tests that stop, kill or restart one); all are
+    removed at teardown. Keyword arguments go to LocalKafka."""
+    brokers: list[LocalKafka] = []
+
+    def make(**kwargs: Any) -> LocalKafka:
+        broker = LocalKafka(**kwargs)
+        brokers.append(broker)
+        return broker.start()
+
+    yield make
+    for broker in brokers:
+        broker.cleanup()

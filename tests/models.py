@@ -1,0 +1,264 @@
+"""Small Keras models for the tests, built with a fixed seed and saved as `.keras`.
+
+Each builder saves a stateless model (batch and time dimensions None unless said
+otherwise) to `path` and returns the path. Weights are the seeded initialisation
+plus a seeded perturbation, so biases are non-zero and every weight matters.
+The models are tiny on purpose: the machine running the tests has 2 cores.
+
+`built(kind)` builds each kind once per test process into a temporary directory
+and returns the cached path: use it from module- or session-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+from keras import layers
+
+SEED = 1234
+
+
+def _finish(model: keras.Model, path: Path | str, seed: int = SEED) -> Path:
+    """Perturb the weights deterministically, save, return the path."""
+    rng = np.random.default_rng(seed)
+    model.set_weights([w + rng.normal(0.0, 0.2, size=w.shape).astype(w.dtype) for w in model.get_weights()])
+    path = Path(path)
+    with warnings.catch_warnings():
+        # Keras's own saving code trips NumPy 2's __array__(copy=...) deprecation.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message="__array__")
+        model.save(path)
+    return path
+
+
+def _seed(seed: int = SEED) -> None:
+    keras.utils.set_random_seed(seed)
+
+
+# ------------------------------------------------------------------ servable models
+
+
+def lstm_dense(path: Path | str, features: int = 1) -> Path:
+    """The classic: Input -> LSTM(8) -> Dense(1, sigmoid)."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.LSTM(8),
+            layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    return _finish(model, path)
+
+
+def stacked_lstm_gru(path: Path | str, features: int = 3, outputs: int = 2) -> Path:
+    """LSTM(8, return_sequences=True) -> GRU(6) -> Dense(outputs)."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.LSTM(8, return_sequences=True),
+            layers.GRU(6),
+            layers.Dense(outputs),
+        ]
+    )
+    return _finish(model, path)
+
+
+def three_kinds(path: Path | str, features: int = 2) -> Path:
+    """LSTM, GRU (reset_after=False, relu) and SimpleRNN (relu) stacked, all
+    return_sequences=True, then Dropout, a per-step Dense(3) and an Activation:
+    the output has a time axis."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.LSTM(6, return_sequences=True, recurrent_activation="hard_sigmoid"),
+            layers.GRU(5, return_sequences=True, activation="relu", reset_after=False),
+            layers.SimpleRNN(4, return_sequences=True, activation="relu"),
+            layers.Dropout(0.3),
+            layers.Dense(3),
+            layers.Activation("tanh"),
+        ]
+    )
+    return _finish(model, path)
+
+
+def multi_output(path: Path | str, features: int = 2) -> Path:
+    """Functional, two heads: a per-step Dense(2) on a GRU's sequence (time axis)
+    and LSTM(4) -> Dense(1, sigmoid) on the same sequence (last step only)."""
+    _seed()
+    inp = keras.Input(shape=(None, features), name="x")
+    seq = layers.GRU(5, return_sequences=True)(inp)
+    per_step = layers.Dense(2, name="per_step")(seq)
+    last = layers.LSTM(4)(seq)
+    prob = layers.Dense(1, activation="sigmoid", name="prob")(last)
+    model = keras.Model(inp, [per_step, prob])
+    return _finish(model, path)
+
+
+def fixed_shape(path: Path | str, features: int = 2) -> Path:
+    """Built by calling it on a (4, 10, features) batch: the saved input has a
+    fixed batch size and a fixed time length; still servable."""
+    _seed()
+    model = keras.Sequential([layers.GRU(4), layers.Dense(2)])
+    model(np.zeros((4, 10, features), dtype=np.float32))
+    return _finish(model, path)
+
+
+def saved_stateful(path: Path | str, features: int = 2) -> Path:
+    """Saved already stateful with batch size 1: still servable."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(batch_shape=(1, None, features)),
+            layers.LSTM(4, stateful=True),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def exotic(path: Path | str, features: int = 2) -> Path:
+    """Functional with dict outputs, a nested Sequential holding an LSTM, and a
+    generic RNN over stacked cells (GRUCell, LSTMCell: nested states)."""
+    _seed()
+    inp = keras.Input(shape=(None, features))
+    h = layers.Dense(4, activation="relu")(inp)
+    inner = keras.Sequential(
+        [keras.Input(shape=(None, 4)), layers.LSTM(3, return_sequences=True)], name="inner"
+    )
+    seq = inner(h)
+    last = layers.RNN([layers.GRUCell(3), layers.LSTMCell(2)])(seq)
+    model = keras.Model(inp, {"z_seq": layers.Dense(2)(seq), "a_last": layers.Dense(1)(last)})
+    return _finish(model, path)
+
+
+# ---------------------------------------------------------------- unservable models
+
+
+def dense_only(path: Path | str, features: int = 3) -> Path:
+    """No recurrent layer."""
+    _seed()
+    model = keras.Sequential([keras.Input(shape=(None, features)), layers.Dense(4), layers.Dense(1)])
+    return _finish(model, path)
+
+
+def bidirectional(path: Path | str, features: int = 2) -> Path:
+    """A Bidirectional(LSTM)."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.Bidirectional(layers.LSTM(3)),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def go_backwards(path: Path | str, features: int = 2) -> Path:
+    """An LSTM with go_backwards=True."""
+    _seed()
+    model = keras.Sequential(
+        [keras.Input(shape=(None, features)), layers.LSTM(3, go_backwards=True), layers.Dense(1)]
+    )
+    return _finish(model, path)
+
+
+def conv_before_lstm(path: Path | str, features: int = 2) -> Path:
+    """A causal Conv1D (kernel 3) before the LSTM: it builds for one step but
+    its output depends on previous inputs outside the recurrent state."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.Conv1D(4, 3, padding="causal"),
+            layers.LSTM(3),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def pooling_over_time(path: Path | str, features: int = 2) -> Path:
+    """An average over all time steps of an LSTM's sequence."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.LSTM(3, return_sequences=True),
+            layers.GlobalAveragePooling1D(),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def two_inputs(path: Path | str, features: int = 2) -> Path:
+    """Two sequence inputs concatenated before an LSTM."""
+    _seed()
+    a = keras.Input(shape=(None, features), name="a")
+    b = keras.Input(shape=(None, features), name="b")
+    h = layers.LSTM(3)(layers.Concatenate()([a, b]))
+    model = keras.Model([a, b], layers.Dense(1)(h))
+    return _finish(model, path)
+
+
+def flat_input(path: Path | str) -> Path:
+    """A rank-2 input (batch, 6) reshaped to (batch, 3, 2) before an LSTM."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(6,)),
+            layers.Reshape((3, 2)),
+            layers.LSTM(3),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+SERVABLE: dict[str, Callable[[Path], Path]] = {
+    "lstm_dense": lstm_dense,
+    "stacked_lstm_gru": stacked_lstm_gru,
+    "three_kinds": three_kinds,
+    "multi_output": multi_output,
+    "fixed_shape": fixed_shape,
+    "saved_stateful": saved_stateful,
+    "exotic": exotic,
+}
+
+UNSERVABLE: dict[str, Callable[[Path], Path]] = {
+    "dense_only": dense_only,
+    "bidirectional": bidirectional,
+    "go_backwards": go_backwards,
+    "conv_before_lstm": conv_before_lstm,
+    "pooling_over_time": pooling_over_time,
+    "two_inputs": two_inputs,
+    "flat_input": flat_input,
+}
+
+
+@cache
+def _cache_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="lstmd-test-models-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@cache
+def built(kind: str) -> Path:
+    """The path of the `kind` model, built once per test process."""
+    builder = SERVABLE.get(kind) or UNSERVABLE[kind]
+    return builder(_cache_dir() / f"{kind}.keras")

@@ -1,0 +1,98 @@
+"""THE correctness oracle of the test suite.
+
+Every engine, every state-handling path and every end-to-end test checks its
+outputs against `expected_outputs`, and against nothing else.
+
+Definition. For a model file and a sequence x of shape (T, F), the expected output
+at step t is what the model as trained, stateless, computes for the prefix
+x[: t + 1] on its own:
+
+* the model is loaded from the file with `keras.saving.load_model` (never through
+  daemon.model), and called once per prefix: `model(prefix[None], training=False)`;
+* recurrent layers saved stateful are reset before every call, so nothing is
+  carried from one call to the next;
+* each output that is 3-D (batch, time, units) contributes its last time step,
+  any other output its only row; each is flattened;
+* the outputs are concatenated in `keras.tree.flatten` order (list order; dict
+  outputs by sorted key).
+
+This is deliberately the slow, obviously-correct way (T calls for T steps, no
+padding, no masking): the test models are tiny. Its only assumption beyond Keras
+is that a 3-D output has its time axis at 1, which holds for every model in
+tests/models.py.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+
+
+@cache
+def _load(path: str, mtime_ns: int, size: int) -> keras.Model:
+    return keras.saving.load_model(path, compile=False)
+
+
+def load_reference(model_path: str | Path) -> keras.Model:
+    """The stateless model as saved, loaded with Keras alone (cached per file version)."""
+    path = Path(model_path).resolve()
+    st = path.stat()
+    return _load(str(path), st.st_mtime_ns, st.st_size)
+
+
+def _recurrent_layers(model: keras.Model) -> list[keras.layers.RNN]:
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.RNN):
+            found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(_recurrent_layers(layer))
+    return found
+
+
+def expected_outputs(model_path_or_keras_model: str | Path | keras.Model, sequence: np.ndarray) -> np.ndarray:
+    """(T, output_width) float64: row t is the model's output for x[: t + 1] alone."""
+    if isinstance(model_path_or_keras_model, keras.Model):
+        model = model_path_or_keras_model
+    else:
+        model = load_reference(model_path_or_keras_model)
+    x = np.asarray(sequence, dtype=np.float32)
+    assert x.ndim == 2, f"a sequence is (T, F), got shape {x.shape}"
+    stateful = [layer for layer in _recurrent_layers(model) if layer.stateful]
+    rows = []
+    for t in range(x.shape[0]):
+        for layer in stateful:
+            layer.reset_state()
+        outputs = model(x[None, : t + 1], training=False)
+        parts = []
+        for out in keras.tree.flatten(outputs):
+            arr = np.asarray(out, dtype=np.float64)
+            assert arr.shape[0] == 1
+            row = arr[0, -1] if arr.ndim == 3 else arr[0]
+            parts.append(row.reshape(-1))
+        rows.append(np.concatenate(parts))
+    for layer in stateful:
+        layer.reset_state()
+    return np.stack(rows) if rows else np.zeros((0, 0))
+
+
+def assert_matches(actual: np.ndarray, expected: np.ndarray, atol: float = 1e-5) -> None:
+    """Element-wise |actual - expected| <= atol, same shapes; a readable failure."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
+    err = np.abs(actual - expected)
+    bad = ~(err <= atol)  # NaN counts as bad
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{int(bad.sum())} of {bad.size} values differ by more than {atol:g}; "
+            f"max error {np.nanmax(err):.3g}; first at {idx}: "
+            f"actual {actual[idx]!r} expected {expected[idx]!r}"
+        )

@@ -1,0 +1,218 @@
+"""Test streams and the checks every end-to-end test makes against the oracle.
+
+A stream is a list of input events (key, value) produced in order. Its expected
+predictions are derived here from the stream's own structure (which events
+belong to which sequence) and the stateless oracle in tests/oracle.py; nothing
+here consults the daemon's code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from tests.oracle import assert_matches, expected_outputs
+
+Event = tuple[str, dict[str, Any]]
+
+
+@dataclass
+class Stream:
+    events: list[Event]
+    # For each event with an x: (key, segment number, index within the segment)
+    segment_of: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+    segments: dict[tuple[str, int], list[list[float]]] = field(default_factory=dict)
+
+    @property
+    def predicted_events(self) -> list[int]:
+        return sorted(self.segment_of)
+
+
+def interleaved_stream(
+    n_keys: int, n_events: int, features: int, seed: int = 0, *, key_prefix: str = "seq"
+) -> Stream:
+    """Many interleaved sequences of different lengths, keys reused after an end,
+    pure end markers, explicit starts and `step` fields."""
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    stream = Stream(events=[])
+    segment = dict.fromkeys((f"{key_prefix}-{i}" for i in range(n_keys)), 0)
+    length = {k: rng.randint(2, 30) for k in segment}
+    pos = dict.fromkeys(segment, 0)
+    keys = list(segment)
+    for i in range(n_events):
+        key = rng.choice(keys)
+        seg = (key, segment[key])
+        r = rng.random()
+        if r < 0.03 and pos[key] > 0:  # a pure end marker closes the segment
+            stream.events.append((key, {"end": True}))
+            segment[key] += 1
+            pos[key] = 0
+            continue
+        start = r < 0.06 and pos[key] > 0
+        if start:  # an explicit start opens a new segment
+            segment[key] += 1
+            pos[key] = 0
+            seg = (key, segment[key])
+        x = nprng.normal(size=features).round(4).tolist()
+        end = pos[key] + 1 >= length[key]
+        value: dict[str, Any] = {"x": x, "step": pos[key]}
+        if start:
+            value["start"] = True
+        if end:
+            value["end"] = True
+        stream.events.append((key, value))
+        stream.segment_of[i] = (key, seg[1], pos[key])
+        stream.segments.setdefault(seg, []).append(x)
+        pos[key] += 1
+        if end:
+            segment[key] += 1
+            pos[key] = 0
+            length[key] = rng.randint(2, 30)
+    return stream
+
+
+def produce(bootstrap: str, topic: str, events: Iterable[Event],
+            pace: float = 0.0) -> list[tuple[int, int]]:
+    """Produce in order; return each event's (partition, offset)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    futures = []
+    for key, value in events:
+        futures.append(producer.send(topic, key=key.encode(), value=orjson.dumps(value)))
+        if pace:
+            time.sleep(pace)
+    producer.flush()
+    placed = [(f.get(timeout=30).partition, f.get(timeout=30).offset) for f in futures]
+    producer.close()
+    return placed
+
+
+def consume(bootstrap: str, topic: str, *, at_least: int, timeout: float = 90.0,
+            settle: float = 0.0) -> list[Any]:
+    """Every record of a topic as a read_committed consumer sees it (no group).
+
+    Returns once `at_least` records are in and no new one came for `settle` seconds,
+    or when `timeout` passes.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                             enable_auto_commit=False, auto_offset_reset="earliest")
+    parts = consumer.partitions_for_topic(topic) or set()
+    consumer.assign([TopicPartition(topic, p) for p in parts])
+    consumer.seek_to_beginning()
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    while time.monotonic() < deadline:
+        batch = consumer.poll(timeout_ms=200)
+        for recs in batch.values():
+            got.extend(recs)
+            last_new = time.monotonic()
+        if len(got) >= at_least and time.monotonic() - last_new >= settle:
+            break
+    consumer.close()
+    return got
+
+
+def check_predictions(model_path: Path, stream: Stream, placed: list[tuple[int, int]],
+                      outputs: list[Any], *, exactly_once: bool = True,
+                      unchecked: frozenset[tuple[str, int]] = frozenset()) -> None:
+    """Every event with an x has a prediction equal to the oracle (1e-5) carrying its
+    partition and offset; with exactly_once, one and only one. Segments in
+    `unchecked` (key, segment) still need their predictions, but not their values."""
+    by_source: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for rec in outputs:
+        value = orjson.loads(rec.value)
+        assert rec.key == value["seq"].encode()
+        by_source[(value["partition"], value["offset"])].append(value)
+    wanted = {placed[i]: i for i in stream.predicted_events}
+    missing = sorted(set(wanted) - set(by_source))
+    assert not missing, f"{len(missing)} events without a prediction, e.g. {missing[:5]}"
+    extra = sorted(set(by_source) - set(wanted))
+    assert not extra, f"predictions for events that should have none: {extra[:5]}"
+    expected = {seg: expected_outputs(model_path, np.asarray(xs, dtype=np.float32))
+                for seg, xs in stream.segments.items() if seg not in unchecked}
+    for source, i in wanted.items():
+        preds = by_source[source]
+        if exactly_once:
+            assert len(preds) == 1, f"event {source} predicted {len(preds)} times"
+        key, seg, t = stream.segment_of[i]
+        for pred in preds:
+            assert pred["seq"] == key, (pred, key)
+            if (key, seg) not in unchecked:
+                assert pred["n"] == t + 1, (pred, key, t)
+                assert_matches(np.asarray(pred["y"]), expected[(key, seg)][t])
+
+
+def daemon_env(bootstrap: str, names: dict[str, str], model: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")}
+    env |= {
+        "LSTMD_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "LSTMD_INPUT_TOPIC": names["in"],
+        "LSTMD_OUTPUT_TOPIC": names["out"],
+        "LSTMD_DLQ_TOPIC": names["dlq"],
+        "LSTMD_GROUP_ID": f"group-{names['in']}",
+        "LSTMD_MODEL_PATH": str(model),
+        "LSTMD_HTTP_PORT": "0",
+        "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "2000",
+        "LSTMD_LOG_LEVEL": "INFO",
+    }
+    return env | extra
+
+
+class DaemonProcess:
+    """`lstmd run` as a real subprocess; its JSON log lines are kept for assertions."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        for line in list(self.lines):
+            try:
+                yield orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+
+    def wait_for(self, event: str, timeout: float = 90.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events():
+                if ev.get("event") == event:
+                    return ev
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no {event!r} log line; log tail:\n" + "\n".join(self.lines[-30:]))
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)

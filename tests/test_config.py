@@ -1,0 +1,119 @@
+"""Configuration: every bad variable named at once, exit code 2, no secrets echoed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import load_settings, unknown_variables
+from daemon.exceptions import ConfigError
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"not really a model; config only checks the file exists")
+    return path
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith("LSTMD_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def required(model_file: Path) -> dict[str, str]:
+    return {
+        "LSTMD_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092, 127.0.0.1:9093",
+        "LSTMD_INPUT_TOPIC": "events",
+        "LSTMD_OUTPUT_TOPIC": "predictions",
+        "LSTMD_GROUP_ID": "lstmd",
+        "LSTMD_MODEL_PATH": str(model_file),
+    }
+
+
+def test_defaults(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
+    for k, v in required(model_file).items():
+        clean_env.setenv(k, v)
+    s = load_settings()
+    assert s.bootstrap_servers == ["127.0.0.1:9092", "127.0.0.1:9093"]
+    assert s.dead_letter_topic == "events.dlq"
+    assert (s.engine, s.delivery, s.http_port, s.log_format) == (
+        "keras", "at-least-once", 9102, "json")
+
+
+def test_every_bad_variable_is_named(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
+    env = required(model_file)
+    del env["LSTMD_INPUT_TOPIC"]
+    env |= {
+        "LSTMD_ENGINE": "fsat",
+        "LSTMD_HTTP_PORT": "99999",
+        "LSTMD_KAFKA_BOOTSTRAP_SERVERS": "nohostport",
+    }
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    for name in ("LSTMD_INPUT_TOPIC", "LSTMD_ENGINE", "LSTMD_HTTP_PORT",
+                 "LSTMD_KAFKA_BOOTSTRAP_SERVERS"):
+        assert name in message
+    assert "fsat" in message
+
+
+def test_sasl_needs_credentials_and_hides_password(
+    clean_env: pytest.MonkeyPatch, model_file: Path
+) -> None:
+    for k, v in required(model_file).items():
+        clean_env.setenv(k, v)
+    clean_env.setenv("LSTMD_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    clean_env.setenv("LSTMD_KAFKA_SASL_PASSWORD", "hunter2-secret")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "LSTMD_KAFKA_SASL_MECHANISM" in message
+    assert "LSTMD_KAFKA_SASL_USERNAME" in message
+    assert "hunter2-secret" not in message
+
+
+def test_password_from_file_and_masked_in_logs(
+    clean_env: pytest.MonkeyPatch, model_file: Path, tmp_path: Path
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cr3t-from-file\n")
+    for k, v in required(model_file).items():
+        clean_env.setenv(k, v)
+    clean_env.setenv("LSTMD_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    clean_env.setenv("LSTMD_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    clean_env.setenv("LSTMD_KAFKA_SASL_USERNAME", "lstmd")
+    clean_env.setenv("LSTMD_KAFKA_SASL_PASSWORD", "inline-secret")
+    clean_env.setenv("LSTMD_KAFKA_SASL_PASSWORD_FILE", str(secret))
+    s = load_settings()
+    assert s.sasl_password() == "s3cr3t-from-file"
+    logged = repr(s.loggable())
+    assert "inline-secret" not in logged and "s3cr3t-from-file" not in logged
+
+
+def test_unknown_variables_are_reported() -> None:
+    env = {"LSTMD_INPUT_TOPIC": "x", "LSTMD_INPTU_TOPIC": "typo", "PATH": "/bin",
+           "LSTMD_KAFKA_CACHE": "/tmp"}
+    assert unknown_variables(env) == ["LSTMD_INPTU_TOPIC"]
+
+
+def test_run_exits_2_naming_every_variable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")}
+    env |= {"LSTMD_INPUT_TOPIC": "events", "LSTMD_MODEL_PATH": str(tmp_path / "missing.keras"),
+            "LSTMD_DELIVERY": "most-once"}
+    proc = subprocess.run([sys.executable, "-m", "daemon", "run"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    for name in ("LSTMD_KAFKA_BOOTSTRAP_SERVERS", "LSTMD_OUTPUT_TOPIC", "LSTMD_GROUP_ID",
+                 "LSTMD_MODEL_PATH", "LSTMD_DELIVERY"):
+        assert name in proc.stderr
+    assert "LSTMD_INPUT_TOPIC" not in proc.stderr

@@ -1,0 +1,157 @@
+"""Processor semantics with a fake engine (the real models are tested against the oracle
+in the engine and Kafka tests): waves, markers, key reuse, duplicates, dead letters.
+
+The fake engine's state is the running sum of x since the last reset and its output
+is that sum, so the expected output of every event is a prefix sum computed here
+independently of the processor.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from daemon.metrics import Metrics
+from daemon.processor import Processor
+from daemon.state import StateStore
+
+
+class SumEngine:
+    name = "sum"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def step(self, slots: Sequence[object], xs: np.ndarray) -> np.ndarray:
+        self.calls.append(len(slots))
+        ys = []
+        for slot, x in zip(slots, xs, strict=True):
+            prev = slot.tensors[0] if slot.tensors is not None else np.zeros_like(x)  # type: ignore[attr-defined]
+            new = prev + x
+            slot.tensors = [new]  # type: ignore[attr-defined]
+            ys.append(new)
+        return np.asarray(ys, dtype=np.float32)
+
+
+@dataclass
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+
+
+def make(engine: SumEngine | None = None) -> tuple[Processor, Metrics]:
+    metrics = Metrics()
+    proc = Processor(engine or SumEngine(), model_id="m@0", n_features=1, store=StateStore(),
+                     metrics=metrics)
+    return proc, metrics
+
+
+def recs(events: list[tuple[str, dict[str, object]]], partition: int = 0,
+         start: int = 0) -> list[Rec]:
+    return [Rec("in", partition, start + i, 0, k.encode(), orjson.dumps(v))
+            for i, (k, v) in enumerate(events)]
+
+
+def outputs(proc: Processor, records: list[Rec]) -> list[dict[str, object]]:
+    return [orjson.loads(o.value or b"") for o in proc.process(records) if not o.dead_letter]
+
+
+def test_interleaved_sequences_with_markers_match_prefix_sums() -> None:
+    rng = random.Random(3)
+    events: list[tuple[str, dict[str, object]]] = []
+    expected: list[tuple[str, float, int]] = []
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for _ in range(400):
+        key = f"s{rng.randrange(6)}"
+        r = rng.random()
+        if r < 0.05:  # pure end marker
+            events.append((key, {"end": True}))
+            sums[key], counts[key] = 0.0, 0
+            continue
+        x = float(rng.randint(-5, 5))
+        start = r < 0.1
+        end = 0.1 <= r < 0.2
+        if start:
+            sums[key], counts[key] = 0.0, 0
+        sums[key] = sums.get(key, 0.0) + x
+        counts[key] = counts.get(key, 0) + 1
+        events.append((key, {"x": [x], "start": start, "end": end}))
+        expected.append((key, sums[key], counts[key]))
+        if end:
+            sums[key], counts[key] = 0.0, 0
+    proc, _ = make()
+    records = recs(events)
+    got = []
+    for i in range(0, len(records), 37):  # batch boundaries must not matter
+        got += outputs(proc, records[i:i + 37])
+    assert [(o["seq"], o["y"][0], o["n"]) for o in got] == expected  # type: ignore[index]
+
+
+def test_a_batch_steps_each_sequence_once_per_wave() -> None:
+    engine = SumEngine()
+    proc, _ = make(engine)
+    outputs(proc, recs([("a", {"x": [1]}), ("b", {"x": [1]}), ("a", {"x": [1]}),
+                        ("c", {"x": [1]}), ("a", {"x": [1]})]))
+    assert engine.calls == [3, 1, 1]
+
+
+def test_redelivered_offsets_are_not_applied_twice() -> None:
+    proc, metrics = make()
+    batch = recs([("a", {"x": [1]}), ("a", {"x": [2]})])
+    assert [o["y"] for o in outputs(proc, batch)] == [[1.0], [3.0]]
+    assert outputs(proc, batch) == []
+    assert [o["y"] for o in outputs(proc, recs([("a", {"x": [4]})], start=2))] == [[7.0]]
+    assert metrics.duplicates.labels(cause="redelivered")._value.get() == 2
+
+
+def test_repeated_step_is_dropped_and_gap_counted() -> None:
+    proc, metrics = make()
+    got = outputs(proc, recs([("a", {"x": [1], "step": 0}), ("a", {"x": [1], "step": 0}),
+                              ("a", {"x": [1], "step": 2})]))
+    assert [o["y"] for o in got] == [[1.0], [2.0]]
+    assert metrics.duplicates.labels(cause="step")._value.get() == 1
+    assert metrics.step_gaps._value.get() == 1
+
+
+def test_rejected_records_keep_bytes_and_leave_state_alone() -> None:
+    proc, metrics = make()
+    records = recs([("a", {"x": [1]}), ("a", {"x": [1, 2]}), ("a", {"x": [1]})])
+    records.append(Rec("in", 0, 3, 0, None, b"{}"))
+    out = proc.process(records)
+    dead = [o for o in out if o.dead_letter]
+    good = [orjson.loads(o.value or b"") for o in out if not o.dead_letter]
+    assert [g["y"] for g in good] == [[1.0], [2.0]]
+    assert [(d.key, d.value) for d in dead] == [(b"a", records[1].value), (None, b"{}")]
+    headers = dict(dead[0].headers)
+    assert headers["lstmd.error.class"] == b"wrong_width"
+    assert headers["lstmd.source.offset"] == b"1"
+    assert metrics.rejected.labels(reason="wrong_width")._value.get() == 1
+
+
+def test_ended_sequences_free_their_state() -> None:
+    proc, metrics = make()
+    outputs(proc, recs([("a", {"x": [1]}), ("b", {"x": [1]}), ("a", {"x": [1], "end": True}),
+                        ("b", {"end": True}), ("a", {"x": [5]})]))
+    assert len(proc.store) == 1
+    assert metrics.active_sequences._value.get() == 1
+    assert [o["y"] for o in outputs(proc, recs([("a", {"x": [1]})], start=5))] == [[6.0]]
+
+
+def test_steps_restart_after_a_reset_within_one_batch() -> None:
+    proc, metrics = make()
+    got = outputs(proc, recs([
+        ("a", {"x": [1], "step": 0}), ("a", {"x": [1], "step": 1, "end": True}),
+        ("a", {"x": [2], "step": 0}), ("a", {"x": [2], "step": 1}), ("a", {"end": True}),
+        ("a", {"x": [3], "step": 0}), ("a", {"x": [4], "step": 0, "start": True}),
+    ]))
+    assert [o["y"] for o in got] == [[1.0], [2.0], [2.0], [4.0], [3.0], [4.0]]
+    assert metrics.duplicates.labels(cause="step")._value.get() == 0
