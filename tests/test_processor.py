@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
 from daemon.metrics import Metrics
 from daemon.processor import Processor
+from daemon.replay import FileRecord as Rec
 from daemon.state import StateStore
 
 
@@ -35,16 +35,6 @@ class SumEngine:
             slot.tensors = [new]  # type: ignore[attr-defined]
             ys.append(new)
         return np.asarray(ys, dtype=np.float32)
-
-
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-    value: bytes | None
 
 
 def make(engine: SumEngine | None = None) -> tuple[Processor, Metrics]:
