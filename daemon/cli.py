@@ -28,9 +28,18 @@ EXIT_ERROR = 1
 EXIT_STARTUP = 2
 
 
-def build_processor(model_path: Path, engine_name: str, metrics: Metrics, threads: int = 0) -> Processor:
+def build_processor(
+    model_path: Path,
+    engine_name: str,
+    metrics: Metrics,
+    threads: int = 0,
+    *,
+    delivery: str = "at-least-once",
+    max_sequences: int = 0,
+    max_record_bytes: int = 1 << 20,
+) -> Processor:
     """Load the model and its engine: shared by `run` and `replay` so both behave alike."""
-    from daemon.engines import KerasEngine  # TensorFlow loads here, not at import
+    from daemon.engines import make_engine  # TensorFlow loads here, not at import
     from daemon.model import load_model
 
     if threads:
@@ -38,15 +47,22 @@ def build_processor(model_path: Path, engine_name: str, metrics: Metrics, thread
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     model = load_model(model_path)
-    engine = KerasEngine(model)
+    engine, refused = make_engine(engine_name, model)
+    if refused is not None:
+        from daemon import logs
+
+        logs.get_logger("daemon").warning(
+            "fast_engine_refused", reason=refused, engine=engine.name,
+            message=f"fast engine refused: {refused}; using {engine.name}",
+        )
     metrics.model_info.labels(
         name=model.identity.name, sha256=model.identity.sha256,
         features=str(model.n_features), outputs=str(model.output_width),
     ).set(1)
-    metrics.describe(engine=engine.name, delivery="at-least-once")
+    metrics.describe(engine=engine.name, delivery=delivery)
     return Processor(
         engine, model_id=str(model.identity), n_features=model.n_features,
-        store=StateStore(), metrics=metrics,
+        store=StateStore(max_sequences), metrics=metrics, max_record_bytes=max_record_bytes,
     )
 
 
@@ -80,10 +96,17 @@ def cmd_run(_args: argparse.Namespace) -> int:
     log.info("http_listening", port=server.port)
     try:
         processor = build_processor(
-            settings.model_path, settings.engine, metrics, settings.tf_intra_op_threads)
+            settings.model_path, settings.engine, metrics, settings.tf_intra_op_threads,
+            delivery=settings.delivery, max_sequences=settings.max_sequences,
+            max_record_bytes=settings.max_record_bytes)
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
         RunLoop(settings, processor, metrics, health, stop).run()
+    except StartupError:
+        raise
+    except Exception:
+        log.exception("fatal")
+        return EXIT_ERROR
     finally:
         server.stop()
     log.info("stopped")
@@ -91,9 +114,11 @@ def cmd_run(_args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon import logs
     from daemon.replay import replay
 
-    processor = build_processor(Path(args.model), "keras", Metrics())
+    logs.configure("WARNING", "console")  # on stderr: stdout may carry the predictions
+    processor = build_processor(Path(args.model), args.engine, Metrics())
     out = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: SIM115
     dead = open(args.dlq, "wb") if args.dlq else sys.stderr.buffer  # noqa: SIM115
     try:
@@ -103,6 +128,30 @@ def cmd_replay(args: argparse.Namespace) -> int:
         out.flush()
         dead.flush()
     print(f"lstmd replay: {predicted} predictions, {rejected} rejected", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from daemon import bench
+
+    try:
+        config = bench.BenchConfig(
+            sections=bench.parse_list(args.sections),
+            models=bench.parse_list(args.models),
+            engines=bench.parse_list(args.engines),
+            sequences=bench.parse_ints(args.sequences),
+            rounds=max(1, args.rounds),
+            events=max(1, args.events),
+            keras_events=max(1, args.keras_events),
+        )
+        bench.check(config)
+    except ValueError as exc:
+        print(f"lstmd bench: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    report = bench.run(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else bench.format_table(report))
     return EXIT_OK
 
 
@@ -131,7 +180,23 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help='JSON lines of {"key": ..., "value": {...}}')
     r.add_argument("--output", help="prediction lines (default: stdout)")
     r.add_argument("--dlq", help="rejected-record lines (default: stderr)")
+    r.add_argument("--engine", choices=("keras", "fast"), default="keras",
+                   help="inference engine (default: keras); fast falls back to keras, with a warning, "
+                        "for a model it cannot serve")
     r.set_defaults(func=cmd_replay)
+    b = sub.add_parser("bench", help="engine throughput and latency: keras vs fast")
+    b.add_argument("--sections", default="engine", help="comma-separated (default: engine)")
+    b.add_argument("--models", default="demo,lstm64x16", help="comma-separated (default: demo,lstm64x16)")
+    b.add_argument("--engines", default="keras,fast", help="comma-separated (default: keras,fast)")
+    b.add_argument("--sequences", default="1,64,1000",
+                   help="interleaved sequence counts, comma-separated (default: 1,64,1000)")
+    b.add_argument("--rounds", type=int, default=5, help="rounds per configuration (default: 5)")
+    b.add_argument("--events", type=int, default=10_000,
+                   help="events per round and configuration, fast engine (default: 10000)")
+    b.add_argument("--keras-events", type=int, default=600,
+                   help="events per round and configuration, keras engine (default: 600)")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.set_defaults(func=cmd_bench)
     m = sub.add_parser("make-demo-model", help="train and save the demo model")
     m.add_argument("path")
     m.set_defaults(func=cmd_make_demo_model)

@@ -131,6 +131,17 @@ def encode_prediction(
     return orjson.dumps(out)
 
 
+def encode_eviction(
+    *, seq: str, cause: str, n: int, partition: int, offset: int, model: str, ts: float
+) -> bytes:
+    """An output record announcing that a sequence's state was dropped before its end:
+    its next input starts from a zero state. Tells consumers apart by `evicted`."""
+    return orjson.dumps({
+        "seq": seq, "evicted": True, "cause": cause, "n": n, "partition": partition,
+        "offset": offset, "model": model, "ts": ts,
+    })
+
+
 def dlq_headers(
     error: RecordRejected, topic: str, partition: int, offset: int
 ) -> list[tuple[str, bytes]]:

@@ -26,8 +26,8 @@ TOOLING_VARIABLES = frozenset({"LSTMD_KAFKA_CACHE", "LSTMD_KAFKA_VERSION"})
 SECRET_FIELDS = frozenset({"kafka_sasl_password"})
 
 # Values are added here as they are implemented, so a setting never silently degrades.
-Engine = Literal["keras"]
-Delivery = Literal["at-least-once"]
+Engine = Literal["keras", "fast"]
+Delivery = Literal["at-least-once", "exactly-once"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -50,12 +50,16 @@ class Settings(BaseSettings):
     model_path: Path
 
     dlq_topic: str = Field(default="", description="default <input topic>.dlq")
+    state_topic: str = Field(default="", description="default <group id>.state")
     engine: Engine = "keras"
     delivery: Delivery = "at-least-once"
     http_port: int = Field(default=9102, ge=0, le=65535)
     log_level: LogLevel = "INFO"
     log_format: Literal["json", "console"] = "json"
     create_topics: bool = False
+    sequence_idle_timeout_s: float = Field(default=86400.0, ge=0, description="0: never")
+    max_sequences: int = Field(default=100_000, ge=0, description="per process; 0: unbounded")
+    max_record_bytes: int = Field(default=1 << 20, ge=64)
     tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
 
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
@@ -130,6 +134,10 @@ class Settings(BaseSettings):
     @property
     def dead_letter_topic(self) -> str:
         return self.dlq_topic or f"{self.input_topic}.dlq"
+
+    @property
+    def state_topic_name(self) -> str:
+        return self.state_topic or f"{self.group_id}.state"
 
     def sasl_password(self) -> str | None:
         """The SASL password, read from its file if given that way (Kubernetes secrets)."""

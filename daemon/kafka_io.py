@@ -36,6 +36,9 @@ PRODUCER_LINGER_MS = 5
 # kafka-python backs off reconnects up to 30 s by default: after a broker restart
 # the daemon would sit idle that long. One second keeps recovery prompt.
 RECONNECT_BACKOFF_MAX_MS = 1000
+# Compacted: only the latest state of each sequence matters. Tombstones are kept a
+# day so a restore that starts just before compaction still sees deletions.
+STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "delete.retention.ms": "86400000"}
 # Each connection attempt at start-up gives up after this, then backs off and retries.
 BOOTSTRAP_TIMEOUT_MS = 5000
 
@@ -79,12 +82,25 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
     )
 
 
-def make_producer(settings: Settings) -> KafkaProducer:
+def make_producer(settings: Settings, transactional_id: str | None = None) -> KafkaProducer:
     return KafkaProducer(
         **security_kwargs(settings),
         acks="all",
         enable_idempotence=True,
         linger_ms=PRODUCER_LINGER_MS,
+        transactional_id=transactional_id,
+    )
+
+
+def make_restore_consumer(settings: Settings) -> KafkaConsumer:
+    """Reads the state topic by assignment (no group), committed transactions only."""
+    return KafkaConsumer(
+        **security_kwargs(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=8 << 20,
     )
 
 
@@ -113,21 +129,37 @@ def wait_for_cluster(settings: Settings, stop: threading.Event) -> KafkaAdminCli
 
 
 def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
-    """Check the topics exist (or create them if allowed); return input partitions."""
-    wanted = [settings.input_topic, settings.output_topic, settings.dead_letter_topic]
+    """Check the topics exist (or create them if allowed); return input partitions.
+
+    The state topic must have as many partitions as the input (state of input
+    partition p lives in state partition p) and is created compacted.
+    """
     existing = set(admin.list_topics())
-    missing = [t for t in wanted if t not in existing]
-    if missing and settings.create_topics:
-        partitions = _partitions(admin, settings.input_topic) if settings.input_topic in existing else 1
-        admin.create_topics({t: {"num_partitions": partitions} for t in missing},
-                            wait_for_metadata=True)
-        log.info("topics_created", topics=missing, partitions=partitions)
-        missing = []
-    if missing:
-        names = ", ".join(missing)
+    if settings.input_topic not in existing and not settings.create_topics:
         raise KafkaSetupError(
-            f"missing Kafka topics: {names} (create them, or set LSTMD_CREATE_TOPICS=true)")
-    return _partitions(admin, settings.input_topic)
+            f"missing Kafka topic: {settings.input_topic} (LSTMD_INPUT_TOPIC); create it, "
+            "or set LSTMD_CREATE_TOPICS=true")
+    partitions = _partitions(admin, settings.input_topic) if settings.input_topic in existing else 1
+    wanted: dict[str, dict[str, Any]] = {
+        settings.input_topic: {"num_partitions": partitions},
+        settings.output_topic: {"num_partitions": partitions},
+        settings.dead_letter_topic: {"num_partitions": partitions},
+        settings.state_topic_name: {"num_partitions": partitions, "configs": STATE_TOPIC_CONFIG},
+    }
+    missing = {t: spec for t, spec in wanted.items() if t not in existing}
+    if missing and settings.create_topics:
+        admin.create_topics(missing, wait_for_metadata=True)
+        log.info("topics_created", topics=sorted(missing), partitions=partitions)
+    elif missing:
+        raise KafkaSetupError(
+            f"missing Kafka topics: {', '.join(sorted(missing))} (create them, or set "
+            "LSTMD_CREATE_TOPICS=true)")
+    state_partitions = _partitions(admin, settings.state_topic_name)
+    if state_partitions != partitions:
+        raise KafkaSetupError(
+            f"state topic {settings.state_topic_name} has {state_partitions} partitions, the input "
+            f"topic {settings.input_topic} has {partitions}: they must be equal")
+    return partitions
 
 
 def _partitions(admin: KafkaAdminClient, topic: str) -> int:

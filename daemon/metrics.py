@@ -65,6 +65,28 @@ class Metrics:
         self.produce_errors = Counter(
             "lstmd_produce_errors", "Failed attempts to publish a batch of output records.",
             registry=r)
+        self.evictions = Counter(
+            "lstmd_evictions", "Sequence states dropped before their end (announced), by cause.",
+            ["cause"], registry=r)
+        self.checkpoint = Histogram(
+            "lstmd_checkpoint_duration_seconds",
+            "Publishing a batch's outputs and state records and committing its offsets.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.restore = Histogram(
+            "lstmd_restore_duration_seconds",
+            "Restoring one partition's states from the state topic.", buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.states_restored = Counter(
+            "lstmd_states_restored", "Sequence states read back from the state topic.",
+            registry=r)
+        self.transaction_aborts = Counter(
+            "lstmd_transaction_aborts", "Kafka transactions aborted (exactly-once), by cause.",
+            ["cause"], registry=r)
+        self.state_bytes = Gauge(
+            "lstmd_state_bytes", "Bytes of recurrent state tensors held in memory.", registry=r)
+        self.state_records = Counter(
+            "lstmd_state_records_written", "Records written to the state topic, by kind.",
+            ["kind"], registry=r)
         self.last_poll = Gauge(
             "lstmd_last_poll_timestamp_seconds", "When the poll loop last returned.", registry=r)
         self.build_info = Gauge(

@@ -18,7 +18,7 @@ import numpy as np
 from daemon import codec
 from daemon.exceptions import RecordRejected
 from daemon.metrics import Metrics
-from daemon.state import SequenceState, StateStore
+from daemon.state import Eviction, SequenceState, StateStore
 
 if TYPE_CHECKING:  # the engines import TensorFlow; the processor itself does not need it
     from daemon.engines import Engine
@@ -50,15 +50,16 @@ class OutputRecord:
     dead_letter: bool
     source_timestamp_ms: int
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    announcement: bool = False  # an eviction notice, not a prediction
 
 
 @dataclass(slots=True)
 class _Wave:
     """The k-th pending input of every sequence in a batch: at most one per state."""
 
-    starts: list[SequenceState] = field(default_factory=list)
+    starts: list[tuple[SequenceState, int]] = field(default_factory=list)
     steps: list[_Step] = field(default_factory=list)
-    markers: list[SequenceState] = field(default_factory=list)
+    markers: list[tuple[SequenceState, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -113,6 +114,10 @@ class Processor:
             except RecordRejected as exc:
                 outputs[i] = self._dead_letter(rec, exc)
                 continue
+            if rec.offset <= self.store.watermark(rec.partition, event.key):
+                # Restored from a checkpoint that already includes this input.
+                self.metrics.duplicates.labels(cause="redelivered").inc()
+                continue
             state = self.store.get(rec.partition, event.key)
             # `last_step` follows the batch's plan, not the engine: a reset planned
             # earlier in this batch already counts for the steps after it.
@@ -132,25 +137,57 @@ class Processor:
                 waves.append(_Wave())
             wave = waves[k]
             if event.start:
-                wave.starts.append(state)
+                wave.starts.append((state, rec.offset))
             if event.x is None:  # a pure end marker: reset only, no prediction
-                wave.markers.append(state)
+                wave.markers.append((state, rec.offset))
             else:
                 wave.steps.append(_Step(i, rec.partition, rec.offset, event, state, event.x))
         for wave in waves:
-            for state in wave.starts:
+            for state, offset in wave.starts:
                 state.reset()
+                state.watermark = offset
                 self._resets["start"].inc()
             if wave.steps:
                 self._step(wave.steps, records, outputs)
-            for state in wave.markers:
+            for state, offset in wave.markers:
                 state.reset()
+                state.watermark = offset
                 self._resets["marker"].inc()
         for partition, key, state in touched.values():
-            if state.n == 0:  # ended or reset: a fresh state is zeros, keep nothing
-                self.store.discard(partition, key)
+            if state.n == 0:  # ended or reset: a fresh state is zeros, keep only its watermark
+                self.store.end(partition, key)
+            else:
+                self.store.touched(partition, key)
+        result = [o for o in outputs if o is not None]
+        result += self._announce(self.store.evict_over_capacity())
         self.metrics.active_sequences.set(len(self.store))
-        return [o for o in outputs if o is not None]
+        return result
+
+    def evict_idle(self, idle_s: float) -> list[OutputRecord]:
+        """Drop states idle for longer than `idle_s`; returns their announcements."""
+        out = self._announce(self.store.evict_idle(idle_s))
+        self.metrics.active_sequences.set(len(self.store))
+        return out
+
+    def announce(self, evictions: Sequence[Eviction]) -> list[OutputRecord]:
+        """Announcement records for states dropped elsewhere (e.g. at restore)."""
+        return self._announce(evictions)
+
+    def _announce(self, evictions: Sequence[Eviction]) -> list[OutputRecord]:
+        now = self.clock()
+        out = []
+        for ev in evictions:
+            self.metrics.evictions.labels(cause=ev.cause).inc()
+            out.append(OutputRecord(
+                key=ev.key.encode(),
+                value=codec.encode_eviction(
+                    seq=ev.key, cause=ev.cause, n=ev.n, partition=ev.partition,
+                    offset=ev.watermark, model=self.model_id, ts=now),
+                dead_letter=False,
+                source_timestamp_ms=int(now * 1000),
+                announcement=True,
+            ))
+        return out
 
     def _step(
         self,

@@ -1,23 +1,25 @@
 """The run loop: the only place where Kafka I/O, state and the engine meet.
 
-poll -> process (decode, state, engine) -> publish and wait for every
-acknowledgement -> commit the batch's offsets -> poll again. Nothing is
-committed before its outputs are durable in Kafka, so a crash anywhere
-repeats work and never skips it (at-least-once).
+poll -> (restore newly assigned partitions first) -> process (decode, state,
+engine) -> checkpoint (outputs, state records, offsets; see checkpointing.py)
+-> poll again. Nothing is committed before its outputs and states are durable in
+Kafka, so a crash anywhere repeats work and never skips it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
-from collections.abc import Sequence
+import uuid
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
+from daemon.checkpointing import Checkpoint, Checkpointer, Restorer, StateRecord, TransactionFailed
 from daemon.config import Settings
 from daemon.http import Health
 from daemon.kafka_io import (
@@ -25,27 +27,21 @@ from daemon.kafka_io import (
     ensure_topics,
     make_consumer,
     make_producer,
+    make_restore_consumer,
     wait_for_cluster,
 )
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.processor import OutputRecord, Processor
+from daemon.state import Eviction, SequenceState
 
 log = get_logger(__name__)
 
 # Short enough that SIGTERM and rebalances are noticed promptly, long enough
 # that an idle daemon does not spin.
 POLL_TIMEOUT_MS = 200
-# Consumer lag is refreshed at most this often: it needs no network round trip
-# (high watermarks come with fetch responses) but there is no need to do it per batch.
-LAG_INTERVAL_S = 1.0
-# A batch of outputs must be acknowledged within this; otherwise it is retried.
-FLUSH_TIMEOUT_S = 30.0
-MAX_RETRY_DELAY_S = 30.0
-
-
-class DeliveryFailed(Exception):
-    """Outputs could not be published before the daemon was asked to stop."""
+# Lag and idle eviction are housekeeping: at most once a second.
+HOUSEKEEPING_INTERVAL_S = 1.0
 
 
 class RunLoop:
@@ -59,14 +55,17 @@ class RunLoop:
     ) -> None:
         self.settings = settings
         self.processor = processor
+        self.store = processor.store
         self.metrics = metrics
         self.health = health
         self.stop = stop
         self._next_offset: dict[int, int] = {}
-        self._lag_checked = 0.0
+        self._housekeeping_at = 0.0
+        self._pending: list[OutputRecord] = []  # announcements waiting for the next checkpoint
+        self._tombstones: list[StateRecord] = []
 
     def run(self) -> None:
-        """Serve until `stop` is set; returns after a clean flush, commit and close."""
+        """Serve until `stop` is set; returns after a clean checkpoint and close."""
         admin = wait_for_cluster(self.settings, self.stop)
         if admin is None:
             return
@@ -74,9 +73,13 @@ class RunLoop:
             partitions = ensure_topics(admin, self.settings)
         finally:
             admin.close()
-        log.info("kafka_ready", input_topic=self.settings.input_topic, partitions=partitions)
+        log.info("kafka_ready", input_topic=self.settings.input_topic, partitions=partitions,
+                 state_topic=self.settings.state_topic_name, delivery=self.settings.delivery)
         consumer = make_consumer(self.settings)
-        producer = make_producer(self.settings)
+        producer = make_producer(self.settings, self._transactional_id())
+        restorer = Restorer(make_restore_consumer(self.settings), self.settings.state_topic_name,
+                            self.metrics)
+        checkpointer = Checkpointer(self.settings, producer, self.metrics, self.stop)
         listener = RebalanceEvents()
         consumer.subscribe([self.settings.input_topic], listener=listener)
         self.health.reason = "waiting for the group to assign partitions"
@@ -85,100 +88,150 @@ class RunLoop:
                 polled = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
                 self.health.beat()
                 self.metrics.last_poll.set_to_current_time()
-                self._apply_rebalance(consumer, listener)
-                if polled:
-                    self._handle(consumer, producer, polled)
-                self._update_lag(consumer)
+                self._apply_rebalance(consumer, listener, restorer)
+                if restorer.active:
+                    self._restore(consumer, restorer)
+                batch = self._accept(consumer, polled)
+                if batch or self._pending or self._tombstones:
+                    self._checkpoint(consumer, checkpointer, restorer, batch)
+                self._housekeeping(consumer)
             log.info("stopping", reason="signal")
         finally:
             consumer.close(autocommit=False)
-            producer.close(timeout=FLUSH_TIMEOUT_S)
+            restorer.consumer.close()
+            producer.close(timeout=30)
             log.info("kafka_closed")
 
-    def _handle(
-        self,
-        consumer: KafkaConsumer,
-        producer: KafkaProducer,
-        polled: dict[TopicPartition, list[Any]],
-    ) -> None:
-        batch = [rec for tp in sorted(polled, key=lambda t: t.partition) for rec in polled[tp]]
-        outputs = self.processor.process(batch)
-        self._deliver(producer, outputs)
-        next_offsets = {tp: recs[-1].offset + 1 for tp, recs in polled.items() if recs}
-        self._next_offset.update({tp.partition: o for tp, o in next_offsets.items()})
-        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in next_offsets.items()}
-        try:
-            consumer.commit(offsets)
-            self.metrics.commits.inc()
-        except CommitFailedError as exc:
-            # The group moved on (a rebalance): the new owner starts from the
-            # previous commit and repeats these outputs with identical values.
-            log.warning("commit_failed", error=str(exc), partitions=sorted(
-                tp.partition for tp in offsets))
+    def _transactional_id(self) -> str | None:
+        """Stable for a static member (its restart fences its own zombie), unique otherwise;
+        KIP-447 fences zombies through the group generation either way."""
+        if self.settings.delivery != "exactly-once":
+            return None
+        member = self.settings.group_instance_id or f"{socket.gethostname()}-{os.getpid()}-" \
+            f"{uuid.uuid4().hex[:8]}"
+        return f"lstmd-{self.settings.group_id}-{member}"
 
-    def _deliver(self, producer: KafkaProducer, outputs: Sequence[OutputRecord]) -> None:
-        """Publish outputs and wait for all acknowledgements, retrying with backoff."""
-        pending = list(outputs)
-        delay = 0.5
-        while pending:
-            sent = [(out, producer.send(
-                self.settings.dead_letter_topic if out.dead_letter else self.settings.output_topic,
-                key=out.key, value=out.value, headers=out.headers or None,
-            )) for out in pending]
-            try:
-                producer.flush(timeout=FLUSH_TIMEOUT_S)
-            except KafkaError as exc:
-                log.error("flush_timeout", error=str(exc))
-            now = time.time()
-            pending = []
-            delivered = 0
-            for out, future in sent:
-                if future.succeeded():
-                    if not out.dead_letter:
-                        delivered += 1
-                        self.metrics.end_to_end.observe(now - out.source_timestamp_ms / 1000.0)
-                else:
-                    pending.append(out)
-            self.metrics.predictions.inc(delivered)
-            if not pending:
-                return
-            first_error = next((f.exception for _, f in sent if f.failed()), "not acknowledged")
-            self.metrics.produce_errors.inc()
-            log.error("produce_failed", undelivered=len(pending), error=str(first_error),
-                      retry_in_s=delay)
-            if self.stop.wait(delay):
-                raise DeliveryFailed(f"{len(pending)} outputs undelivered at shutdown")
-            delay = min(delay * 2, MAX_RETRY_DELAY_S)
-
-    def _apply_rebalance(self, consumer: KafkaConsumer, listener: RebalanceEvents) -> None:
+    # -- rebalances and restore --------------------------------------------------
+    def _apply_rebalance(self, consumer: KafkaConsumer, listener: RebalanceEvents,
+                         restorer: Restorer) -> None:
         assigned, revoked, lost = listener.take()
         if not (assigned or revoked or lost):
             return
         for kind, tps in (("revoked", revoked), ("lost", lost)):
             for tp in tps:
-                # Everything polled so far is committed: dropping the state is all
-                # that is left to do. The next owner rebuilds its own.
-                dropped = self.processor.store.drop_partition(tp.partition)
-                self._next_offset.pop(tp.partition, None)
-                with contextlib.suppress(KeyError):  # no lag reported for it yet
-                    self.metrics.lag.remove(str(tp.partition))
-                log.info("partition_released", kind=kind, partition=tp.partition,
-                         states_dropped=dropped)
+                self._release(tp, restorer, kind)
             if tps:
                 self.metrics.rebalances.labels(kind=kind).inc()
         if assigned:
             self.metrics.rebalances.labels(kind="assigned").inc()
             log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+            self._start_restore(restorer, assigned)
         now_assigned = consumer.assignment()
         self.metrics.assigned.set(len(now_assigned))
         self.health.assigned = bool(now_assigned)
-        self.metrics.active_sequences.set(len(self.processor.store))
 
-    def _update_lag(self, consumer: KafkaConsumer) -> None:
-        now = time.monotonic()
-        if now - self._lag_checked < LAG_INTERVAL_S:
+    def _release(self, tp: TopicPartition, restorer: Restorer, kind: str) -> None:
+        # Everything polled so far is checkpointed: dropping the state is all that
+        # is left. On loss nothing more may be committed anyway.
+        restorer.cancel([tp.partition])
+        self.health.restoring.discard(tp.partition)
+        dropped = self.store.drop_partition(tp.partition)
+        self._next_offset.pop(tp.partition, None)
+        with contextlib.suppress(KeyError):  # no lag reported for it yet
+            self.metrics.lag.remove(str(tp.partition))
+        log.info("partition_released", kind=kind, partition=tp.partition, states_dropped=dropped)
+
+    def _start_restore(self, restorer: Restorer, tps: set[TopicPartition]) -> None:
+        """Records polled from a partition while it restores are handed back (see
+        `_accept`). Not `pause()`: kafka-python 3.0.12 parks data fetched for a
+        paused partition and, with other partitions busy, was seen never to
+        deliver that partition again after `resume()`."""
+        for tp in tps:
+            self.store.drop_partition(tp.partition)
+            self.health.restoring.add(tp.partition)
+        restorer.begin(tp.partition for tp in tps)
+
+    def _restore(self, consumer: KafkaConsumer, restorer: Restorer) -> None:
+        for partition, states in restorer.step().items():
+            evicted = self._install(partition, states)
+            self._pending += self.processor.announce(evicted)
+            self.health.restoring.discard(partition)
+            log.info("partition_restored", partition=partition, states=len(states),
+                     discarded=len(evicted))
+        self.metrics.active_sequences.set(len(self.store))
+
+    def _install(self, partition: int, states: dict[str, tuple[SequenceState, str]]) -> list[Eviction]:
+        """A state saved under another model is never applied to this one: it is
+        dropped (its watermark kept) and announced, and the sequence starts over."""
+        evicted = []
+        for key, (state, model_id) in states.items():
+            if model_id != self.processor.model_id and state.n:
+                evicted.append(Eviction(partition, key, "model_changed", state.n, state.watermark))
+                state = SequenceState(watermark=state.watermark)
+                self.store.touched(partition, key)
+            self.store.install(partition, key, state)
+        return evicted
+
+    def _accept(self, consumer: KafkaConsumer, polled: dict[TopicPartition, list[Any]]) -> list[Any]:
+        """The polled records ready to process, partitions in order. Records of a
+        partition still restoring are given back: the consumer is rewound to the
+        first of them."""
+        batch: list[Any] = []
+        for tp in sorted(polled, key=lambda t: t.partition):
+            records = polled[tp]
+            if not records:
+                continue
+            if tp.partition in self.health.restoring:
+                consumer.seek(tp, records[0].offset)
+                continue
+            batch.extend(records)
+        return batch
+
+    # -- checkpoints --------------------------------------------------------------
+    def _checkpoint(self, consumer: KafkaConsumer, checkpointer: Checkpointer, restorer: Restorer,
+                    batch: list[Any]) -> None:
+        cp = Checkpoint(outputs=self._pending, states=self._tombstones)
+        self._pending, self._tombstones = [], []
+        cp.outputs += self.processor.process(batch)
+        cp.states += [StateRecord(p, k, v) for p, k, v in self.store.take_changes(
+            self.processor.model_id)]
+        for rec in batch:
+            cp.offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+        try:
+            committed = checkpointer.commit(consumer, cp)
+        except TransactionFailed:
+            self._recover(consumer, restorer)
             return
-        self._lag_checked = now
+        self._next_offset.update({tp.partition: o for tp, o in cp.offsets.items()})
+        if committed:
+            for tp, offset in cp.offsets.items():
+                # Resets now committed no longer need their watermark: delete them.
+                self._tombstones += [StateRecord(tp.partition, key, None)
+                                     for key in self.store.committed(tp.partition, offset)]
+
+    def _recover(self, consumer: KafkaConsumer, restorer: Restorer) -> None:
+        """After an aborted transaction the states in memory include work that was
+        never committed: forget them, rewind to the committed offsets, restore."""
+        assigned = set(consumer.assignment())
+        for tp in assigned:
+            committed = consumer.committed(tp)
+            if committed is not None:
+                consumer.seek(tp, committed)
+            else:
+                consumer.seek_to_beginning(tp)
+        restorer.cancel(list(restorer.active))
+        self._start_restore(restorer, assigned)
+        log.warning("recovering_from_abort", partitions=sorted(tp.partition for tp in assigned))
+
+    # -- housekeeping -------------------------------------------------------------
+    def _housekeeping(self, consumer: KafkaConsumer) -> None:
+        now = time.monotonic()
+        if now - self._housekeeping_at < HOUSEKEEPING_INTERVAL_S:
+            return
+        self._housekeeping_at = now
+        if self.settings.sequence_idle_timeout_s:
+            self._pending += self.processor.evict_idle(self.settings.sequence_idle_timeout_s)
+        self.metrics.state_bytes.set(self.store.state_bytes())
         for tp in consumer.assignment():
             high = consumer.highwater(tp)
             position = self._next_offset.get(tp.partition)

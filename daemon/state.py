@@ -1,20 +1,38 @@
 """Per-sequence recurrent state, one per (input partition, sequence id).
 
 Knows nothing of Kafka or TensorFlow: a state is NumPy arrays plus the
-bookkeeping that makes redelivery harmless (the watermark).
+bookkeeping that makes redelivery harmless (the watermark), and a snapshot
+format (`snapshot` / `restore`) that checkpointing writes to the state topic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 StateTensors = list[np.ndarray]
 
 # Offsets start at 0; -1 means "nothing applied yet".
 NO_OFFSET = -1
+
+# Snapshot layout: magic, u32 header length, JSON header, float32 tensors (little
+# endian) back to back. The magic carries a version so a future layout can be read
+# next to this one.
+SNAPSHOT_MAGIC = b"LSTMD1"
+_HEADER_LEN = struct.Struct("<I")
+
+
+_NO_STATES: Mapping[str, SequenceState] = {}
+
+
+class SnapshotError(ValueError):
+    """A state record that is not an lstmd snapshot (or of an unknown version)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -34,35 +52,104 @@ class SequenceState:
     watermark: int = NO_OFFSET
     first_offset: int = NO_OFFSET
     last_step: int | None = None
+    last_seen: float = field(default_factory=time.monotonic)
 
     def reset(self) -> None:
         self.tensors = None
         self.n = 0
         self.first_offset = NO_OFFSET
 
+    def snapshot(self, model_id: str) -> bytes:
+        """The state as a state-topic record value. A reset state is a reset record:
+        no tensors, but the watermark, so a redelivered input is still recognised."""
+        tensors = self.tensors if self.n else None
+        header = orjson.dumps({
+            "model": model_id, "wm": self.watermark, "first": self.first_offset, "n": self.n,
+            "step": self.last_step, "reset": tensors is None,
+            "shapes": [list(t.shape) for t in tensors] if tensors is not None else [],
+        })
+        body = b"".join(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in tensors or ())
+        return SNAPSHOT_MAGIC + _HEADER_LEN.pack(len(header)) + header + body
+
+    @classmethod
+    def restore(cls, raw: bytes) -> tuple[SequenceState, str]:
+        """Inverse of `snapshot`: the state and the identity of the model it belongs to."""
+        if not raw.startswith(SNAPSHOT_MAGIC):
+            raise SnapshotError("not an lstmd state snapshot (bad magic)")
+        at = len(SNAPSHOT_MAGIC)
+        try:
+            (size,) = _HEADER_LEN.unpack_from(raw, at)
+            header = orjson.loads(raw[at + _HEADER_LEN.size: at + _HEADER_LEN.size + size])
+            body = memoryview(raw)[at + _HEADER_LEN.size + size:]
+            tensors: StateTensors = []
+            pos = 0
+            for shape in header["shapes"]:
+                count = int(np.prod(shape))
+                arr = np.frombuffer(body[pos: pos + 4 * count], dtype="<f4").reshape(shape)
+                tensors.append(arr.astype(np.float32))
+                pos += 4 * count
+            if pos != len(body):
+                raise SnapshotError("state snapshot has trailing bytes")
+            state = cls(
+                tensors=None if header["reset"] else tensors, n=int(header["n"]),
+                watermark=int(header["wm"]), first_offset=int(header["first"]),
+                last_step=header["step"],
+            )
+            return state, str(header["model"])
+        except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"corrupt state snapshot: {exc}") from None
+
+
+@dataclass(slots=True)
+class Eviction:
+    """A state dropped from memory before its sequence ended; always announced."""
+
+    partition: int
+    key: str
+    cause: str  # "idle", "capacity", "model_changed"
+    n: int
+    watermark: int
+
 
 class StateStore:
     """All sequence states of the partitions this process owns.
 
-    A partition's high watermark (the last offset processed in it) is kept even
-    for sequences that ended and were dropped, so a record redelivered after a
-    seek or retry cannot start a sequence over.
+    It remembers which states changed since the last checkpoint (`take_changes`),
+    keeps the watermark of sequences that ended until that reset is committed,
+    and evicts idle or least recently used states. A partition's high watermark
+    (the last offset processed in it) guards against a seek or retry within
+    this process.
     """
 
-    def __init__(self) -> None:
-        self._states: dict[int, dict[str, SequenceState]] = {}
+    def __init__(self, max_sequences: int = 0) -> None:
+        self.max_sequences = max_sequences  # 0: unbounded
+        self._states: dict[int, OrderedDict[str, SequenceState]] = {}
+        self._ended: dict[int, dict[str, int]] = {}  # key -> watermark of its reset
         self._high: dict[int, int] = {}
+        self._dirty: dict[int, set[str]] = {}
+        self._count = 0
 
+    # -- lookup -----------------------------------------------------------------
     def get(self, partition: int, key: str) -> SequenceState:
-        states = self._states.setdefault(partition, {})
+        states = self._states.setdefault(partition, OrderedDict())
         state = states.get(key)
         if state is None:
             state = states[key] = SequenceState()
+            ended = self._ended.get(partition, {}).pop(key, None)
+            if ended is not None:
+                state.watermark = ended
+            self._count += 1
+        else:
+            states.move_to_end(key)
+        state.last_seen = time.monotonic()
         return state
 
-    def discard(self, partition: int, key: str) -> None:
-        """Forget a sequence that ended: a fresh state is all zeros anyway."""
-        self._states.get(partition, {}).pop(key, None)
+    def watermark(self, partition: int, key: str) -> int:
+        """The last offset applied to this key's state (live or ended), or NO_OFFSET."""
+        state = self._live(partition).get(key)
+        if state is not None:
+            return state.watermark
+        return self._ended.get(partition, {}).get(key, NO_OFFSET)
 
     def high_watermark(self, partition: int) -> int:
         return self._high.get(partition, NO_OFFSET)
@@ -71,16 +158,107 @@ class StateStore:
         if offset > self._high.get(partition, NO_OFFSET):
             self._high[partition] = offset
 
+    def _live(self, partition: int) -> Mapping[str, SequenceState]:
+        return self._states.get(partition) or _NO_STATES
+
+    # -- changes ----------------------------------------------------------------
+    def touched(self, partition: int, key: str) -> None:
+        """A state changed: its next checkpoint must carry it."""
+        self._dirty.setdefault(partition, set()).add(key)
+
+    def end(self, partition: int, key: str) -> None:
+        """The sequence reset and holds nothing: free its memory, keep its watermark."""
+        state = self._states[partition].pop(key, None) if partition in self._states else None
+        if state is not None:
+            self._count -= 1
+            self._ended.setdefault(partition, {})[key] = state.watermark
+            self.touched(partition, key)
+
+    def take_changes(self, model_id: str) -> list[tuple[int, str, bytes | None]]:
+        """(partition, key, snapshot) of every state changed since the last call;
+        ended sequences give reset records."""
+        out: list[tuple[int, str, bytes | None]] = []
+        for partition, keys in self._dirty.items():
+            states = self._live(partition)
+            ended = self._ended.get(partition, {})
+            for key in keys:
+                state = states.get(key)
+                if state is None:
+                    state = SequenceState(watermark=ended.get(key, NO_OFFSET))
+                out.append((partition, key, state.snapshot(model_id)))
+        self._dirty.clear()
+        return out
+
+    def committed(self, partition: int, offset: int) -> list[str]:
+        """Offsets below `offset` are committed: ended sequences at or below it no
+        longer need their watermark. Returns the keys whose records may now be
+        tombstoned."""
+        ended = self._ended.get(partition)
+        if not ended:
+            return []
+        done = [k for k, wm in ended.items() if wm < offset]
+        for key in done:
+            del ended[key]
+        return done
+
+    # -- eviction ---------------------------------------------------------------
+    def evict_idle(self, idle_s: float, now: float | None = None) -> list[Eviction]:
+        now = time.monotonic() if now is None else now
+        out: list[Eviction] = []
+        for partition, states in self._states.items():
+            for key in [k for k, s in states.items() if now - s.last_seen > idle_s]:
+                out.append(self._evict(partition, key, "idle"))
+        return out
+
+    def evict_over_capacity(self) -> list[Eviction]:
+        """Least recently used first, across partitions, until within max_sequences."""
+        out: list[Eviction] = []
+        while self.max_sequences and self._count > self.max_sequences:
+            partition, key = min(
+                ((p, next(iter(s))) for p, s in self._states.items() if s),
+                key=lambda pk: self._states[pk[0]][pk[1]].last_seen,
+            )
+            out.append(self._evict(partition, key, "capacity"))
+        return out
+
+    def _evict(self, partition: int, key: str, cause: str) -> Eviction:
+        state = self._states[partition][key]
+        eviction = Eviction(partition, key, cause, state.n, state.watermark)
+        self.end(partition, key)
+        return eviction
+
+    # -- partitions -------------------------------------------------------------
+    def install(self, partition: int, key: str, state: SequenceState) -> None:
+        """Put a restored state in place (restore happens before the partition resumes)."""
+        states = self._states.setdefault(partition, OrderedDict())
+        if state.tensors is None and state.n == 0:
+            if states.pop(key, None) is not None:
+                self._count -= 1
+            self._ended.setdefault(partition, {})[key] = state.watermark
+            return
+        self._ended.get(partition, {}).pop(key, None)
+        if key not in states:
+            self._count += 1
+        states[key] = state
+        state.last_seen = time.monotonic()
+
     def drop_partition(self, partition: int) -> int:
         """Forget a partition this process no longer owns; returns how many states went."""
         self._high.pop(partition, None)
-        return len(self._states.pop(partition, {}))
+        self._ended.pop(partition, None)
+        self._dirty.pop(partition, None)
+        dropped = len(self._states.pop(partition, {}))
+        self._count -= dropped
+        return dropped
 
     def partitions(self) -> list[int]:
         return sorted(set(self._states) | set(self._high))
 
+    def state_bytes(self) -> int:
+        return sum(t.nbytes for _, _, s in self for t in s.tensors or ())
+
     def __len__(self) -> int:
-        return sum(len(s) for s in self._states.values())
+        return self._count
 
     def __iter__(self) -> Iterator[tuple[int, str, SequenceState]]:
         for partition, states in self._states.items():

@@ -101,7 +101,7 @@ def produce(bootstrap: str, topic: str, events: Iterable[Event],
 
 
 def consume(bootstrap: str, topic: str, *, at_least: int, timeout: float = 90.0,
-            settle: float = 0.0) -> list[Any]:
+            settle: float = 0.0, while_running: DaemonProcess | None = None) -> list[Any]:
     """Every record of a topic as a read_committed consumer sees it (no group).
 
     Returns once `at_least` records are in and no new one came for `settle` seconds,
@@ -122,6 +122,10 @@ def consume(bootstrap: str, topic: str, *, at_least: int, timeout: float = 90.0,
             last_new = time.monotonic()
         if len(got) >= at_least and time.monotonic() - last_new >= settle:
             break
+        if while_running is not None and while_running.proc.poll() is not None:
+            raise AssertionError(
+                f"the daemon exited ({while_running.proc.returncode}) with {len(got)} of "
+                f"{at_least} records in; log tail:\n" + "\n".join(while_running.lines[-30:]))
     consumer.close()
     return got
 
@@ -163,6 +167,8 @@ def daemon_env(bootstrap: str, names: dict[str, str], model: Path, **extra: str)
         "LSTMD_INPUT_TOPIC": names["in"],
         "LSTMD_OUTPUT_TOPIC": names["out"],
         "LSTMD_DLQ_TOPIC": names["dlq"],
+        "LSTMD_STATE_TOPIC": names.get("state", f"state-{names['in']}"),
+        "LSTMD_CREATE_TOPICS": "true",
         "LSTMD_GROUP_ID": f"group-{names['in']}",
         "LSTMD_MODEL_PATH": str(model),
         "LSTMD_HTTP_PORT": "0",

@@ -1,0 +1,244 @@
+"""Checkpoints: a batch's outputs, its state changes and its offsets, made durable together.
+
+Delivery guarantees of this connector:
+
+* at-least-once: outputs (predictions, dead letters, announcements) are
+  published and acknowledged, then the state records, then the input offsets are
+  committed. A crash before the commit repeats the batch's outputs with
+  identical values (the restored state is either the old one, so the batch is
+  recomputed from the same state, or the new one, whose watermark makes the
+  repeated inputs skip); nothing is lost and no input advances a state twice.
+* exactly-once: outputs, state records and offsets go in one Kafka transaction
+  (KIP-447: offsets sent with the consumer's group metadata, so a process that
+  lost its partitions cannot commit). Any failure aborts the transaction; the run
+  loop then drops its states and restores them from the state topic.
+
+One checkpoint per poll batch: kafka-python 3 calls rebalance listeners on its
+IO thread, so nothing may be in hand, uncommitted, when a partition is revoked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from daemon.config import Settings
+from daemon.logs import get_logger
+from daemon.metrics import Metrics
+from daemon.processor import OutputRecord
+from daemon.state import SequenceState, SnapshotError
+
+log = get_logger(__name__)
+
+# A batch of records must be acknowledged within this; otherwise it is retried.
+FLUSH_TIMEOUT_S = 30.0
+MAX_RETRY_DELAY_S = 30.0
+# One restore poll never holds the loop longer than this, so heartbeats aside the
+# poll loop keeps its max.poll.interval promise and its liveness beat.
+RESTORE_SLICE_S = 0.5
+
+
+class DeliveryFailed(Exception):
+    """Outputs could not be published before the daemon was asked to stop."""
+
+
+class TransactionFailed(Exception):
+    """The checkpoint's transaction was aborted: the states in memory are suspect."""
+
+
+@dataclass(slots=True)
+class StateRecord:
+    partition: int
+    key: str
+    value: bytes | None  # None: a tombstone
+
+
+@dataclass
+class Checkpoint:
+    outputs: list[OutputRecord] = field(default_factory=list)
+    states: list[StateRecord] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to read
+
+
+class Checkpointer:
+    def __init__(self, settings: Settings, producer: KafkaProducer, metrics: Metrics,
+                 stop: threading.Event) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.metrics = metrics
+        self.stop = stop
+        self.transactional = settings.delivery == "exactly-once"
+        if self.transactional:
+            producer.init_transactions()
+
+    def commit(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool:
+        """Make the checkpoint durable. Returns False if the offsets could not be
+        committed because the group moved on (at-least-once: harmless repeats)."""
+        started = time.perf_counter()
+        try:
+            if self.transactional:
+                self._transaction(consumer, cp)
+                return True
+            self._publish(cp.outputs, [])
+            self._publish([], cp.states)
+            try:
+                consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()})
+            except CommitFailedError as exc:
+                log.warning("commit_failed", error=str(exc))
+                return False
+            self.metrics.commits.inc()
+            return True
+        finally:
+            self.metrics.checkpoint.observe(time.perf_counter() - started)
+
+    def _transaction(self, consumer: KafkaConsumer, cp: Checkpoint) -> None:
+        try:
+            self.producer.begin_transaction()
+            sent = self._send(cp.outputs, cp.states)
+            if cp.offsets:
+                self.producer.send_offsets_to_transaction(
+                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()},
+                    consumer.group_metadata())  # type: ignore[no-untyped-call]
+            self.producer.commit_transaction()
+        except KafkaError as exc:
+            cause = type(exc).__name__
+            self.metrics.transaction_aborts.labels(cause=cause).inc()
+            log.warning("transaction_aborted", error=str(exc), cause=cause)
+            try:
+                self.producer.abort_transaction()
+            except KafkaError as abort_exc:
+                log.error("abort_failed", error=str(abort_exc))
+                raise
+            raise TransactionFailed(str(exc)) from exc
+        self._account(sent)
+        self.metrics.commits.inc()
+
+    def _send(self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord]) -> list[
+            tuple[OutputRecord | StateRecord, object]]:
+        s = self.settings
+        sent: list[tuple[OutputRecord | StateRecord, object]] = []
+        for out in outputs:
+            topic = s.dead_letter_topic if out.dead_letter else s.output_topic
+            sent.append((out, self.producer.send(topic, key=out.key, value=out.value,
+                                                 headers=out.headers or None)))
+        for st in states:
+            sent.append((st, self.producer.send(s.state_topic_name, key=st.key.encode(),
+                                                value=st.value, partition=st.partition)))
+        return sent
+
+    def _account(self, sent: Iterable[tuple[OutputRecord | StateRecord, object]]) -> None:
+        now = time.time()
+        predictions = 0
+        for item, _ in sent:
+            if isinstance(item, StateRecord):
+                kind = "tombstone" if item.value is None else "state"
+                self.metrics.state_records.labels(kind=kind).inc()
+            elif not item.dead_letter and not item.announcement:
+                predictions += 1
+                self.metrics.end_to_end.observe(now - item.source_timestamp_ms / 1000.0)
+        self.metrics.predictions.inc(predictions)
+
+    def _publish(self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord]) -> None:
+        """Send and wait for every acknowledgement, retrying what failed with backoff."""
+        pending_out, pending_states = list(outputs), list(states)
+        delay = 0.5
+        while pending_out or pending_states:
+            sent = self._send(pending_out, pending_states)
+            try:
+                self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+            except KafkaError as exc:
+                log.error("flush_timeout", error=str(exc))
+            ok = [(item, f) for item, f in sent if f.succeeded()]  # type: ignore[attr-defined]
+            self._account(ok)
+            failed = [(item, f) for item, f in sent if not f.succeeded()]  # type: ignore[attr-defined]
+            if not failed:
+                return
+            pending_out = [i for i, _ in failed if isinstance(i, OutputRecord)]
+            pending_states = [i for i, _ in failed if isinstance(i, StateRecord)]
+            error = next((f.exception for _, f in failed if f.failed()),  # type: ignore[attr-defined]
+                         "not acknowledged")
+            self.metrics.produce_errors.inc()
+            log.error("produce_failed", undelivered=len(failed), error=str(error), retry_in_s=delay)
+            if self.stop.wait(delay):
+                raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
+            delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+
+@dataclass
+class _Restoring:
+    end: int
+    started: float
+    states: dict[str, tuple[SequenceState, str]] = field(default_factory=dict)
+
+
+class Restorer:
+    """Reads a partition's states back from the compacted state topic, in slices
+    between polls, up to the end the topic had when the restore began."""
+
+    def __init__(self, consumer: KafkaConsumer, topic: str, metrics: Metrics) -> None:
+        self.consumer = consumer  # no group, read_committed
+        self.topic = topic
+        self.metrics = metrics
+        self.active: dict[int, _Restoring] = {}
+
+    def begin(self, partitions: Iterable[int]) -> None:
+        new = [p for p in partitions if p not in self.active]
+        if not new:
+            return
+        tps = [TopicPartition(self.topic, p) for p in new]
+        ends = self.consumer.end_offsets(tps)
+        now = time.perf_counter()
+        for tp in tps:
+            self.active[tp.partition] = _Restoring(end=ends[tp], started=now)
+        self._assign()
+        self.consumer.seek_to_beginning(*tps)
+
+    def cancel(self, partitions: Iterable[int]) -> None:
+        if any(self.active.pop(p, None) is not None for p in list(partitions)):
+            self._assign()
+
+    def _assign(self) -> None:
+        self.consumer.assign([TopicPartition(self.topic, p) for p in self.active])
+
+    def step(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
+        """Read for at most one slice; return the partitions now complete."""
+        deadline = time.monotonic() + RESTORE_SLICE_S
+        while self.active and time.monotonic() < deadline:
+            done = self._finished()
+            if done:
+                return done
+            batch = self.consumer.poll(timeout_ms=100, max_records=5000)
+            for tp, records in batch.items():
+                target = self.active.get(tp.partition)
+                if target is None:
+                    continue
+                for rec in records:
+                    key = rec.key.decode("utf-8", "replace") if rec.key is not None else ""
+                    if rec.value is None:
+                        target.states.pop(key, None)
+                        continue
+                    try:
+                        target.states[key] = SequenceState.restore(rec.value)
+                    except SnapshotError as exc:
+                        log.error("state_record_unreadable", partition=tp.partition, key=key,
+                                  offset=rec.offset, error=str(exc))
+        return self._finished()
+
+    def _finished(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
+        done: dict[int, dict[str, tuple[SequenceState, str]]] = {}
+        for p, r in list(self.active.items()):
+            position = self.consumer.position(TopicPartition(self.topic, p))
+            if position is not None and position >= r.end:
+                done[p] = r.states
+                self.metrics.restore.observe(time.perf_counter() - r.started)
+                self.metrics.states_restored.inc(len(r.states))
+                del self.active[p]
+        if done:
+            self._assign()
+        return done
