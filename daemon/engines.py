@@ -12,12 +12,16 @@ may keep a reference to an old list as a checkpoint. The arrays engines produce
 are read-only to enforce this.
 
 `KerasEngine` is the reference engine: it runs the model's batch-1 stateful Keras
-copy one event at a time.
+copy one event at a time. `FastEngine` (daemon/fast.py) steps a whole wave of
+sequences at once with NumPy. `make_engine` chooses between them by name and
+falls back to KerasEngine, with a reason, when the fast engine cannot serve a
+model exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -162,3 +166,106 @@ class KerasEngine:
             arr.flags.writeable = False
             new.append(arr)
         return new
+
+
+# --------------------------------------------------------------------------- choosing an engine
+
+#: The engine names `make_engine` knows (the values of LSTMD_ENGINE).
+ENGINES = ("keras", "fast")
+#: Tolerances of the fast engine's start-up parity guard (those of the model's self-check).
+PARITY_ATOL = 1e-5
+PARITY_RTOL = 1e-5
+
+
+@dataclass(eq=False)
+class _GuardSlot:
+    tensors: StateTensors | None = None
+
+
+def parity_guard(
+    candidate: Engine,
+    reference: Engine,
+    model: ServableModel,
+    *,
+    seed: int = 0,
+    sequences: int = 4,
+    calls: int = 10,
+) -> str | None:
+    """Run both engines over the same seeded random events; None if they agree.
+
+    `sequences` interleaved sequences are stepped in `calls` calls of 1 to 6
+    events each (a sequence may appear several times in one call), with random
+    resets and one sequence restarted from a copy of another's state: ~35
+    events. Every output and, at the end, every state must agree to
+    PARITY_ATOL + PARITY_RTOL * |reference|. Otherwise returns what differed.
+    """
+    rng = np.random.default_rng(seed)
+    ours = [_GuardSlot() for _ in range(sequences)]
+    theirs = [_GuardSlot() for _ in range(sequences)]
+    events = 0
+    for call in range(calls):
+        picks = [int(k) for k in rng.integers(0, sequences, size=int(rng.integers(1, 7)))]
+        for k in set(picks):
+            if rng.random() < 0.1:
+                ours[k].tensors = theirs[k].tensors = None
+        if call == calls // 2 and theirs[0].tensors is not None:
+            # A state that did not come from the candidate engine itself.
+            ours[1].tensors = [np.array(a) for a in theirs[0].tensors]
+            theirs[1].tensors = [np.array(a) for a in theirs[0].tensors]
+        xs = rng.standard_normal((len(picks), model.n_features)).astype(np.float32)
+        try:
+            got = candidate.step([ours[k] for k in picks], xs)
+        except Exception as exc:
+            return f"the {candidate.name} engine failed on the parity check: {type(exc).__name__}: {exc}"
+        want = reference.step([theirs[k] for k in picks], xs)
+        problem = _compare(got, want, f"output of event {events + 1}-{events + len(picks)}")
+        if problem:
+            return f"the {candidate.name} engine differs from the {reference.name} engine: {problem}"
+        events += len(picks)
+    for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        if (a.tensors is None) != (b.tensors is None):
+            return f"the {candidate.name} engine left sequence {k} with a different state"
+        if a.tensors is not None and b.tensors is not None:
+            for j, (x, y) in enumerate(zip(a.tensors, b.tensors, strict=True)):
+                problem = _compare(np.asarray(x), np.asarray(y), f"state tensor {j} of sequence {k}")
+                if problem:
+                    return f"the {candidate.name} engine differs from the {reference.name} engine: {problem}"
+    return None
+
+
+def _compare(got: np.ndarray, want: np.ndarray, what: str) -> str | None:
+    if got.shape != want.shape:
+        return f"{what} has shape {got.shape}, expected {want.shape}"
+    if np.allclose(got, want, rtol=PARITY_RTOL, atol=PARITY_ATOL, equal_nan=True):
+        return None
+    with np.errstate(invalid="ignore"):
+        err = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    if np.isnan(err).any():
+        return f"{what} is not finite where the other is"
+    return (
+        f"{what} differs by up to {float(np.nanmax(err)):.3g} "
+        f"(tolerance {PARITY_ATOL:g} + {PARITY_RTOL:g} x |value|)"
+    )
+
+
+def make_engine(name: str, model: ServableModel) -> tuple[Engine, str | None]:
+    """The engine called `name` for `model`, and why another was chosen (or None).
+
+    "keras": KerasEngine. "fast": FastEngine (daemon/fast.py) when it supports
+    every layer of the model and passes `parity_guard` against KerasEngine;
+    otherwise KerasEngine and a readable reason (the caller logs it).
+    """
+    if name == "keras":
+        return KerasEngine(model), None
+    if name != "fast":
+        raise ValueError(f"unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
+    from daemon.fast import FastEngine, UnsupportedModel  # imports this module
+
+    try:
+        fast = FastEngine(model)
+    except UnsupportedModel as exc:
+        return KerasEngine(model), str(exc)
+    mismatch = parity_guard(fast, KerasEngine(model), model)
+    if mismatch is not None:
+        return KerasEngine(model), f"start-up parity check failed: {mismatch}"
+    return fast, None

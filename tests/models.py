@@ -262,3 +262,60 @@ def built(kind: str) -> Path:
     """The path of the `kind` model, built once per test process."""
     builder = SERVABLE.get(kind) or UNSERVABLE[kind]
     return builder(_cache_dir() / f"{kind}.keras")
+
+
+# ------------------------------------------------- models for the fast engine's tests
+
+
+def fast_mix(path: Path | str, features: int = 3) -> Path:
+    """What the fast engine supports beyond the models above: a Dense(gelu) before
+    the recurrent layers, a GRU without bias (reset_after=False), stacked
+    SimpleRNNs (softsign without bias, selu), an LSTM without bias (relu,
+    sigmoid), GaussianNoise, SpatialDropout1D, Activation(swish) and a
+    Dense(softmax) head."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.Dense(4, activation="gelu"),
+            layers.GRU(5, return_sequences=True, reset_after=False, use_bias=False),
+            layers.SimpleRNN(4, return_sequences=True, activation="softsign", use_bias=False),
+            layers.GaussianNoise(0.1),
+            layers.SpatialDropout1D(0.2),
+            layers.LSTM(3, return_sequences=True, activation="relu", use_bias=False),
+            layers.SimpleRNN(4, activation="selu"),
+            layers.Activation("swish"),
+            layers.Dense(3, activation="softmax"),
+        ]
+    )
+    return _finish(model, path)
+
+
+def layer_norm(path: Path | str, features: int = 2) -> Path:
+    """LSTM -> LayerNormalization -> Dense: servable, not by the fast engine."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.LSTM(4, return_sequences=True),
+            layers.LayerNormalization(),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def time_distributed(path: Path | str, features: int = 2) -> Path:
+    """GRU -> TimeDistributed(Dense): servable, not by the fast engine."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.GRU(3, return_sequences=True),
+            layers.TimeDistributed(layers.Dense(2)),
+        ]
+    )
+    return _finish(model, path)
+
+
+SERVABLE.update({"fast_mix": fast_mix, "layer_norm": layer_norm, "time_distributed": time_distributed})

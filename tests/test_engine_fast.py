@@ -1,0 +1,424 @@
+"""FastEngine against the oracle (tests/oracle.py) and against KerasEngine, at 1e-5;
+its activations against Keras's; make_engine's choice and fallback."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import orjson
+import pytest
+import structlog
+
+from daemon import engines as engines_module
+from daemon.engines import Engine, KerasEngine, StateSlot, StateTensors, make_engine, parity_guard
+from daemon.fast import ACTIVATIONS, FastEngine, UnsupportedModel, numpy_activation
+from daemon.metrics import Metrics
+from daemon.model import ServableModel, load_model
+from daemon.processor import Processor
+from daemon.replay import FileRecord
+from daemon.state import StateStore
+from tests.models import built
+from tests.oracle import assert_matches, expected_outputs
+
+KINDS = ["lstm_dense", "stacked_lstm_gru", "three_kinds", "multi_output", "exotic", "fast_mix"]
+FALLBACK = {"layer_norm": ("layer_normalization", "LayerNormalization"),
+            "time_distributed": ("time_distributed", "TimeDistributed")}
+
+
+@dataclass(eq=False)
+class Slot:
+    """A stand-in for daemon.state.SequenceState: only what engines use."""
+
+    tensors: StateTensors | None = None
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, ServableModel]:
+    return {kind: load_model(built(kind)) for kind in [*KINDS, *FALLBACK]}
+
+
+@dataclass
+class Track:
+    slot: Slot = field(default_factory=Slot)
+    segments: list[list[np.ndarray]] = field(default_factory=lambda: [[]])
+
+
+def _random_calls(
+    rnd: random.Random, n_tracks: int, lengths: tuple[int, int], max_call: int
+) -> list[tuple[list[int], set[int]]]:
+    """Calls of random sizes over tracks of random lengths, a track possibly
+    several times in a call; with each call, the tracks reset before it."""
+    remaining = [rnd.randint(*lengths) for _ in range(n_tracks)]
+    calls = []
+    while any(remaining):
+        call: list[int] = []
+        for _ in range(rnd.randint(1, max_call)):
+            live = [k for k, r in enumerate(remaining) if r > 0]
+            if not live:
+                break
+            k = rnd.choice(live)
+            if call and rnd.random() < 0.3 and remaining[call[-1]] > 0:
+                k = call[-1]  # the same sequence again within the call
+            remaining[k] -= 1
+            call.append(k)
+        resets = {k for k in set(call) if rnd.random() < 0.1}
+        calls.append((call, resets))
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_interleaved_sequences_match_the_oracle(
+    loaded: dict[str, ServableModel], kind: str, seed: int
+) -> None:
+    """Several sequences interleaved in calls of random sizes, repeated slots in
+    one call, random resets: every output equals the oracle's."""
+    model = loaded[kind]
+    engine = FastEngine(model)
+    rng = np.random.default_rng(seed)
+    tracks = [Track() for _ in range(4)]
+    events: list[tuple[int, int, int, np.ndarray]] = []
+    repeated = False
+    for call, resets in _random_calls(random.Random(seed), 4, (2, 9), 6):
+        for k in resets:
+            if tracks[k].segments[-1]:
+                tracks[k].slot.tensors = None
+                tracks[k].segments.append([])
+        repeated |= len(set(call)) < len(call)
+        xs = rng.standard_normal((len(call), model.n_features)).astype(np.float32)
+        where = []
+        for k, x in zip(call, xs, strict=True):
+            seg = tracks[k].segments[-1]
+            where.append((k, len(tracks[k].segments) - 1, len(seg)))
+            seg.append(x)
+        ys = engine.step([tracks[k].slot for k in call], xs)
+        assert ys.shape == (len(call), model.output_width) and ys.dtype == np.float32
+        events.extend((k, s, t, y) for (k, s, t), y in zip(where, ys, strict=True))
+    assert repeated
+    assert engine.steps == len(events)
+    expected = {
+        (k, s): expected_outputs(built(kind), np.stack(seg))
+        for k, track in enumerate(tracks)
+        for s, seg in enumerate(track.segments)
+        if seg
+    }
+    got = np.stack([y for _, _, _, y in events])
+    want = np.stack([expected[(k, s)][t] for k, s, t, _ in events])
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_sequences_match_keras(loaded: dict[str, ServableModel], kind: str) -> None:
+    """40 sequences, ~250 events in calls of up to 40 with repeats and resets:
+    outputs and states equal KerasEngine's."""
+    model = loaded[kind]
+    fast, ref = FastEngine(model), KerasEngine(model)
+    rng = np.random.default_rng(5)
+    ours = [Slot() for _ in range(40)]
+    theirs = [Slot() for _ in range(40)]
+    for call, resets in _random_calls(random.Random(5), 40, (2, 10), 40):
+        for k in resets:
+            ours[k].tensors = theirs[k].tensors = None
+        xs = rng.standard_normal((len(call), model.n_features)).astype(np.float32)
+        got = fast.step([ours[k] for k in call], xs)
+        want = ref.step([theirs[k] for k in call], xs)
+        assert_matches(got, want)
+    assert fast.waves < fast.steps  # sequences were stepped together
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a.tensors is None) == (b.tensors is None)
+        if a.tensors is not None and b.tensors is not None:
+            assert [t.shape for t in a.tensors] == [t.shape for t in b.tensors]
+            for x, y in zip(a.tensors, b.tensors, strict=True):
+                assert_matches(x, y)
+
+
+def test_repeated_slots_are_sub_waves(loaded: dict[str, ServableModel]) -> None:
+    model = loaded["stacked_lstm_gru"]
+    engine = FastEngine(model)
+    xs = np.random.default_rng(7).standard_normal((7, model.n_features)).astype(np.float32)
+    a, b, c = Slot(), Slot(), Slot()
+    # a: events 0, 2, 3, 6; b: 1, 5; c: 4 -> sub-waves {0, 1, 4}, {2, 5}, {3}, {6}
+    ys = engine.step([a, b, a, a, c, b, a], xs)
+    assert engine.waves == 4
+    oracle = built("stacked_lstm_gru")
+    assert_matches(ys[[0, 2, 3, 6]], expected_outputs(oracle, xs[[0, 2, 3, 6]]))
+    assert_matches(ys[[1, 5]], expected_outputs(oracle, xs[[1, 5]]))
+    assert_matches(ys[[4]], expected_outputs(oracle, xs[[4]]))
+
+
+def test_states_are_interchangeable_with_keras(loaded: dict[str, ServableModel]) -> None:
+    """A state left by one engine continues in the other: same layout, same values."""
+    model = loaded["multi_output"]
+    fast, ref = FastEngine(model), KerasEngine(model)
+    x = np.random.default_rng(10).standard_normal((9, model.n_features)).astype(np.float32)
+    slot = Slot()
+    ys = [fast.step([slot] * 3, x[:3]), ref.step([slot] * 3, x[3:6]), fast.step([slot] * 3, x[6:])]
+    assert_matches(np.concatenate(ys), expected_outputs(built("multi_output"), x))
+
+
+def test_old_state_lists_are_checkpoints(loaded: dict[str, ServableModel]) -> None:
+    model = loaded["three_kinds"]
+    engine = FastEngine(model)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((8, model.n_features)).astype(np.float32)
+    slot, other = Slot(), Slot()
+    for i in range(4):
+        engine.step([slot, other], np.stack([x[i], -x[i]]))
+    checkpoint = slot.tensors
+    assert checkpoint is not None and other.tensors is not None
+    frozen = [a.copy() for a in checkpoint]
+    for a in checkpoint:
+        assert not a.flags.writeable
+        assert a.dtype == np.float32
+        with pytest.raises(ValueError):
+            a[0] = 1.0
+    assert [a.shape for a in checkpoint] == model.state_shapes
+    # Each slot owns its memory: no sequence keeps another's (or a wave's) alive.
+    for a in checkpoint:
+        for b in other.tensors:
+            assert not np.shares_memory(a, b)
+    for i in range(4, 8):
+        engine.step([other, slot], np.stack([-x[i], x[i]]))
+    for a, b in zip(checkpoint, frozen, strict=True):
+        np.testing.assert_array_equal(a, b)
+    branch = rng.standard_normal((3, model.n_features)).astype(np.float32)
+    slot.tensors = checkpoint
+    ys = engine.step([slot] * 3, branch)
+    expected = expected_outputs(built("three_kinds"), np.concatenate([x[:4], branch]))
+    assert_matches(ys, expected[4:])
+
+
+def test_foreign_states_resume_identically(loaded: dict[str, ServableModel]) -> None:
+    """Writeable float64 copies (e.g. restored from a checkpoint store) work, and
+    are not touched."""
+    model = loaded["stacked_lstm_gru"]
+    engine = FastEngine(model)
+    x = np.random.default_rng(10).standard_normal((6, model.n_features)).astype(np.float32)
+    original = Slot()
+    engine.step([original] * 3, x[:3])
+    assert original.tensors is not None
+    twin = Slot([np.array(a, dtype=np.float64) for a in original.tensors])
+    before = [a.copy() for a in twin.tensors or []]
+    saved = twin.tensors
+    y_twin = engine.step([twin] * 3, x[3:])
+    y_orig = engine.step([original] * 3, x[3:])
+    np.testing.assert_array_equal(y_twin, y_orig)
+    assert_matches(y_orig, expected_outputs(built("stacked_lstm_gru"), x)[3:])
+    for a, b in zip(saved or [], before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_each_step_leaves_a_fresh_list(loaded: dict[str, ServableModel]) -> None:
+    model = loaded["lstm_dense"]
+    engine = FastEngine(model)
+    slot = Slot()
+    engine.step([slot], np.zeros((1, 1), np.float32))
+    first = slot.tensors
+    engine.step([slot], np.ones((1, 1), np.float32))
+    assert slot.tensors is not first
+    assert first is not None and slot.tensors is not None
+    assert all(a is not b for a, b in zip(first, slot.tensors, strict=True))
+
+
+def test_zero_state_equals_a_fresh_slot(loaded: dict[str, ServableModel]) -> None:
+    model = loaded["stacked_lstm_gru"]
+    engine = FastEngine(model)
+    zero = engine.zero_state()
+    assert [a.shape for a in zero] == model.state_shapes
+    assert all(a.dtype == np.float32 and not a.any() for a in zero)
+    x = np.random.default_rng(11).standard_normal((2, model.n_features)).astype(np.float32)
+    fresh, zeroed = Slot(), Slot(zero)
+    out = engine.step([fresh, zeroed], x[[0, 0]])
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_empty_call(loaded: dict[str, ServableModel]) -> None:
+    model = loaded["lstm_dense"]
+    out = FastEngine(model).step([], np.zeros((0, 1), np.float32))
+    assert out.shape == (0, model.output_width)
+
+
+def test_bad_inputs_are_refused(loaded: dict[str, ServableModel]) -> None:
+    model = loaded["stacked_lstm_gru"]
+    engine = FastEngine(model)
+    with pytest.raises(ValueError, match="shape"):
+        engine.step([Slot()], np.zeros((1, 2), np.float32))
+    with pytest.raises(ValueError, match="slots"):
+        engine.step([Slot(), Slot()], np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="state tensor"):
+        engine.step([Slot([np.zeros(8), np.zeros(8), np.zeros(5)])], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="state tensor"):  # all with the same wrong shape
+        engine.step([Slot([np.zeros(8), np.zeros(8), np.zeros(5)])] * 2, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="tensors"):
+        engine.step([Slot([np.zeros(8)])], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="tensors"):
+        engine.step([Slot(), Slot([np.zeros(8)] * 2 + [np.zeros(6)] * 2)], np.zeros((2, 3)))
+
+
+def test_fast_engine_is_an_engine(loaded: dict[str, ServableModel]) -> None:
+    engine: Engine = FastEngine(loaded["lstm_dense"])
+    assert engine.name == "fast"
+
+
+# ------------------------------------------------------------------ activations
+
+_GRID = np.concatenate([
+    np.linspace(-12, 12, 96),
+    [-30.0, -1.0, -0.5, -1e-3, 1e-3, 0.5, 1.0, 30.0, 0.0, 3.0, -3.0, 6.0, 1e-6, -1e-6],
+]).astype(np.float32).reshape(-1, 5)  # (n, 5) rows: softmax works over the last axis
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_matches_keras(name: str) -> None:
+    fn = keras.activations.get(name)
+    x = _GRID if name not in ("exponential",) else np.clip(_GRID, -12, 12)
+    want = np.asarray(fn(keras.ops.convert_to_tensor(x)), dtype=np.float64)
+    got = numpy_activation(fn, "test")(x.copy())  # implementations may overwrite their input
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_activations_are_refused() -> None:
+    with pytest.raises(UnsupportedModel, match="my_act"):
+        numpy_activation(lambda x: x, "layer 'my_act' (Dense)")
+    with pytest.raises(UnsupportedModel, match="activation 'glu'"):
+        numpy_activation(keras.activations.get("glu"), "a layer")
+
+
+@keras.saving.register_keras_serializable(package="lstmd_tests")
+def wobble(x: object) -> object:
+    """A custom activation: Keras serves it, the fast engine does not know it."""
+    return keras.ops.tanh(x) * 0.5
+
+
+def test_custom_activation_falls_back(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(3)
+    net = keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(3, activation=wobble, name="odd"),
+                            keras.layers.Dense(1)])
+    net.save(tmp_path / "custom.keras")
+    model = load_model(tmp_path / "custom.keras")
+    with pytest.raises(UnsupportedModel, match=r"layer 'odd' \(GRU\) has the activation 'wobble'"):
+        FastEngine(model)
+    engine, reason = make_engine("fast", model)
+    assert isinstance(engine, KerasEngine) and reason is not None and "wobble" in reason
+
+
+# ------------------------------------------------------------------ make_engine
+
+
+def test_make_engine_by_name(loaded: dict[str, ServableModel]) -> None:
+    model = loaded["multi_output"]
+    engine, reason = make_engine("keras", model)
+    assert isinstance(engine, KerasEngine) and reason is None
+    engine, reason = make_engine("fast", model)
+    assert isinstance(engine, FastEngine) and reason is None
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_engine("turbo", model)
+
+
+@pytest.mark.parametrize("kind", sorted(FALLBACK))
+def test_unsupported_layer_falls_back_to_keras(loaded: dict[str, ServableModel], kind: str) -> None:
+    model = loaded[kind]
+    engine, reason = make_engine("fast", model)
+    assert isinstance(engine, KerasEngine)
+    name, cls = FALLBACK[kind]
+    assert reason is not None and f"'{name}'" in reason and f"({cls})" in reason
+    # The Keras engine it got serves the model exactly.
+    x = np.random.default_rng(2).standard_normal((4, model.n_features)).astype(np.float32)
+    slot = Slot()
+    assert_matches(engine.step([slot] * 4, x), expected_outputs(built(kind), x))
+
+
+class _Off(FastEngine):
+    """A fast engine with a small error in its outputs."""
+
+    def step(self, slots: Sequence[StateSlot], xs: np.ndarray) -> np.ndarray:
+        return super().step(slots, xs) + np.float32(1e-3)
+
+
+def test_parity_guard_catches_a_difference(
+    loaded: dict[str, ServableModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = loaded["lstm_dense"]
+    assert parity_guard(FastEngine(model), KerasEngine(model), model) is None
+    reason = parity_guard(_Off(model), KerasEngine(model), model)
+    assert reason is not None and "differs" in reason and "0.001" in reason
+    monkeypatch.setattr("daemon.fast.FastEngine", _Off)
+    engine, reason = make_engine("fast", model)
+    assert isinstance(engine, KerasEngine)
+    assert reason is not None and reason.startswith("start-up parity check failed")
+
+
+def test_parity_guard_reports_a_failing_engine(loaded: dict[str, ServableModel]) -> None:
+    model = loaded["lstm_dense"]
+
+    class Broken(FastEngine):
+        def step(self, slots: Sequence[StateSlot], xs: np.ndarray) -> np.ndarray:
+            raise RuntimeError("boom")
+
+    reason = parity_guard(Broken(model), KerasEngine(model), model)
+    assert reason is not None and "RuntimeError: boom" in reason
+
+
+def test_guard_tolerances_are_the_self_checks() -> None:
+    from daemon.model import SELF_CHECK_ATOL
+
+    assert engines_module.PARITY_ATOL == SELF_CHECK_ATOL == 1e-5
+
+
+# ------------------------------------------------------------------ wiring
+
+
+def test_build_processor_logs_the_fallback() -> None:
+    from daemon.cli import build_processor
+
+    with structlog.testing.capture_logs() as logs:
+        processor = build_processor(built("layer_norm"), "fast", Metrics())
+    assert processor.engine.name == "keras"
+    refused = [e for e in logs if e["event"] == "fast_engine_refused"]
+    assert len(refused) == 1 and refused[0]["log_level"] == "warning"
+    assert "LayerNormalization" in refused[0]["reason"]
+    with structlog.testing.capture_logs() as logs:
+        processor = build_processor(built("lstm_dense"), "fast", Metrics())
+    assert processor.engine.name == "fast"
+    assert not [e for e in logs if e["event"] == "fast_engine_refused"]
+
+
+def test_replay_and_config_accept_fast() -> None:
+    from daemon.cli import parser
+    from daemon.config import Settings
+
+    args = parser().parse_args(["replay", "--model", "m.keras", "--input", "i", "--engine", "fast"])
+    assert args.engine == "fast"
+    assert parser().parse_args(["replay", "--model", "m.keras", "--input", "i"]).engine == "keras"
+    assert "fast" in Settings.model_fields["engine"].annotation.__args__
+
+
+def test_processor_with_the_fast_engine_matches_the_oracle(loaded: dict[str, ServableModel]) -> None:
+    """The processor's waves through the fast engine: every prediction is the oracle's."""
+    kind = "stacked_lstm_gru"
+    model = loaded[kind]
+    proc = Processor(FastEngine(model), model_id="m@0", n_features=model.n_features,
+                     store=StateStore(), metrics=Metrics())
+    rnd = random.Random(4)
+    rng = np.random.default_rng(4)
+    seqs: dict[str, list[np.ndarray]] = {f"s{i}": [] for i in range(6)}
+    records, keys = [], []
+    for offset in range(60):
+        key = rnd.choice(sorted(seqs))
+        x = rng.standard_normal(model.n_features).astype(np.float32)
+        seqs[key].append(x)
+        keys.append((key, len(seqs[key]) - 1))
+        value = orjson.dumps({"x": [float(v) for v in x]})
+        records.append(FileRecord("in", 0, offset, 0, key.encode(), value))
+    outputs = [o for batch in (records[:25], records[25:]) for o in proc.process(batch)]
+    assert len(outputs) == 60 and not any(o.dead_letter for o in outputs)
+    expected = {k: expected_outputs(built(kind), np.stack(v)) for k, v in seqs.items() if v}
+    got = np.array([orjson.loads(o.value or b"")["y"] for o in outputs])
+    want = np.stack([expected[k][t] for k, t in keys])
+    assert_matches(got, want)
