@@ -18,6 +18,7 @@ import base64
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ import uuid
 import weakref
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -250,6 +252,7 @@ class LocalKafka:
         listeners: Mapping[str, str] | None = None,
         properties: Mapping[str, str] | None = None,
         heap: str = HEAP,
+        scram_users: Mapping[str, str] | None = None,
     ) -> None:
         self._owns_dir = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="lstmd-kafka-")) if data_dir is None else Path(data_dir)
@@ -275,6 +278,8 @@ class LocalKafka:
             **(properties or {}),
         }
         self.heap = heap
+        # {user: password}: SCRAM credentials written into the metadata log at format time.
+        self.scram_users: dict[str, str] = dict(scram_users or {})
         self.log_path = self.data_dir / "broker.log"
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -326,6 +331,7 @@ class LocalKafka:
             random_cluster_id(),
             "-c",
             str(config),
+            *scram_format_args(self.scram_users),
         )
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -481,6 +487,128 @@ class LocalKafka:
     ) -> None:
         self.stop()
         self.cleanup()
+
+
+# --- Secure listeners (SASL_SSL with SCRAM, mutual TLS) for tests and manual checks ---
+
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+
+
+def scram_format_args(users: Mapping[str, str]) -> list[str]:
+    """`kafka-storage format` arguments that create SCRAM users ({name: password}) for
+    every SCRAM mechanism: KRaft keeps credentials in the metadata log, so a broker's
+    first users are written when its log dir is formatted (KIP-900).
+
+    Names and passwords are passed quoted; they must not contain a double quote.
+    """
+    args: list[str] = []
+    for name, password in users.items():
+        if '"' in name + password:
+            raise LocalKafkaError("SCRAM user names and passwords must not contain '\"'")
+        for mechanism in SCRAM_MECHANISMS:
+            args += ["--add-scram", f'{mechanism}=[name="{name}",password="{password}"]']
+    return args
+
+
+@dataclass(frozen=True)
+class LocalPki:
+    """A throw-away CA, a server certificate for HOST (SAN IP) in a PKCS12 keystore,
+    and a client certificate and key (PEM) for mutual TLS, all signed by the CA."""
+
+    directory: Path
+    ca_cert: Path
+    server_keystore: Path
+    keystore_password: str = field(repr=False)
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    cmd = [_require("openssl", "to make test certificates"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LocalKafkaError(f"openssl {args[0]} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+
+
+def make_test_pki(directory: Path | str, host: str = HOST, days: int = 2) -> LocalPki:
+    """Make a CA, a server certificate valid for `host` and a client certificate with
+    openssl in `directory` (EC P-256 keys: fast to make, accepted by Java and Python)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_hex(16)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    _openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", str(days),
+             "-subj", "/CN=lstmd test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    san = f"IP:{host}" if _is_ip(host) else f"DNS:{host}"
+    leaves = {
+        "server": (f"/CN={host}", f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
+        "client": ("/CN=lstmd-client", "extendedKeyUsage=clientAuth\n"),
+    }
+    for name, (subject, extensions) in leaves.items():
+        (d / f"{name}.ext").write_text(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n" + extensions)
+        _openssl("req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", subject, cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", str(days),
+                 "-extfile", f"{name}.ext", cwd=d)
+    _openssl("pkcs12", "-export", "-in", "server.crt", "-inkey", "server.key", "-certfile", "ca.crt",
+             "-name", "kafka", "-out", "server.p12", "-passout", f"pass:{password}", cwd=d)
+    return LocalPki(directory=d, ca_cert=d / "ca.crt", server_keystore=d / "server.p12",
+                    keystore_password=password, client_cert=d / "client.crt",
+                    client_key=d / "client.key")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
+
+
+def secure_listeners(
+    pki: LocalPki, *, sasl_ssl: str = "SASL_SSL", mtls: str | None = "MTLS"
+) -> tuple[dict[str, str], dict[str, str]]:
+    """`listeners` and `properties` for LocalKafka that add a SASL_SSL listener
+    (SCRAM-SHA-256/512, server certificate from `pki`) and, unless `mtls` is None,
+    an SSL listener that requires a client certificate signed by the CA.
+
+    Users come from LocalKafka(scram_users=...). Example::
+
+        pki = make_test_pki(tmp_path)
+        listeners, props = secure_listeners(pki)
+        broker = LocalKafka(listeners=listeners, properties=props,
+                            scram_users={"lstmd": "pw"}).start()
+        broker.address("SASL_SSL")  # host:port for security_protocol=SASL_SSL
+    """
+    listeners = {sasl_ssl: "SASL_SSL"}
+    if mtls:
+        listeners[mtls] = "SSL"
+    props: dict[str, str] = {}
+    for name in listeners:
+        prefix = f"listener.name.{name.lower()}."
+        props |= {
+            prefix + "ssl.keystore.type": "PKCS12",
+            prefix + "ssl.keystore.location": str(pki.server_keystore),
+            prefix + "ssl.keystore.password": pki.keystore_password,
+            prefix + "ssl.key.password": pki.keystore_password,
+        }
+    sasl = f"listener.name.{sasl_ssl.lower()}."
+    props[sasl + "sasl.enabled.mechanisms"] = ",".join(SCRAM_MECHANISMS)
+    for mechanism in SCRAM_MECHANISMS:
+        props[sasl + f"{mechanism.lower()}.sasl.jaas.config"] = SCRAM_LOGIN
+    if mtls:
+        m = f"listener.name.{mtls.lower()}."
+        props |= {
+            m + "ssl.client.auth": "required",
+            m + "ssl.truststore.type": "PEM",
+            m + "ssl.truststore.location": str(pki.ca_cert),
+        }
+    return listeners, props
 
 
 def create_topics(
