@@ -8,7 +8,7 @@ model and sequence count, prints a table or JSON. Today there is one section:
   `MODELS`, each engine (keras, fast) and each sequence count N, N interleaved
   sequences are stepped together, one `engine.step` call per wave of N events
   (the processor's waves: the k-th pending event of every sequence), for
-  several rounds. Per round: events/s (events over the time spent in `step`),
+  several rounds (see `BenchConfig`). Per round: events/s (events over the time spent in `step`),
   and the median and 99th percentile of the latency per event, an event's
   latency being the duration of the step that computed it (in a batched step
   every event waits for the whole wave). The report gives, per figure, the
@@ -42,7 +42,7 @@ import numpy as np
 Row = dict[str, Any]
 """One measured configuration. Keys: section, model, engine (what was measured),
 requested (the engine asked for; differs when the fast engine was refused),
-sequences, events (per round), rounds, events_per_s, latency_p50_ms,
+sequences, events (per round, median), rounds, events_per_s, latency_p50_ms,
 latency_p99_ms (medians over the rounds), note (why the engine was refused, or
 empty); the report adds vs_keras (events_per_s over the keras row's)."""
 
@@ -68,10 +68,11 @@ MODELS: dict[str, ModelSpec] = {
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to run. `events` is the target number of events per round and
-    configuration for the fast engine, `keras_events` for the keras engine
-    (whole waves: at least one wave of N events); throughput, not the count, is
-    the figure."""
+    """What to run. A round of one configuration steps whole waves of N events
+    until it has stepped at least `events` events (fast engine; `keras_events`
+    for the keras engine) and spent at least `min_round_s` seconds in `step`
+    (so that a preemption on a shared machine does not make a round): the
+    figure is the throughput, not the count."""
 
     sections: tuple[str, ...] = ("engine",)
     models: tuple[str, ...] = ("demo", "lstm64x16")
@@ -80,6 +81,7 @@ class BenchConfig:
     rounds: int = 5
     events: int = 10_000
     keras_events: int = 600
+    min_round_s: float = 0.25
     seed: int = 0
 
 
@@ -113,28 +115,36 @@ def model_file(spec: ModelSpec) -> Path:
     return path
 
 
-def measure(engine: Any, n_features: int, sequences: int, events: int, rounds: int, seed: int) -> Row:
-    """Step `sequences` interleaved sequences in waves of `sequences` events,
-    `ceil(events / sequences)` waves per round; the medians over the rounds."""
-    waves = max(1, math.ceil(events / sequences))
+def measure(
+    engine: Any, n_features: int, sequences: int, events: int, rounds: int, seed: int, min_seconds: float,
+) -> Row:
+    """Step `sequences` interleaved sequences in waves of `sequences` events, in
+    `rounds` rounds of at least `events` events and `min_seconds` of stepping;
+    the medians over the rounds."""
+    min_waves = max(1, math.ceil(events / sequences))
     rng = np.random.default_rng(seed)
     slots = [_Slot() for _ in range(sequences)]
-    xs = rng.random((waves, sequences, n_features), dtype=np.float32)
+    xs = rng.random((min(min_waves, 64), sequences, n_features), dtype=np.float32)  # reused cyclically
     engine.step(slots[: min(sequences, 8)], xs[0, : min(sequences, 8)])  # warm-up
-    throughput, p50, p99 = [], [], []
+    counts, throughput, p50, p99 = [], [], [], []
     for _ in range(rounds):
-        durations = np.empty(waves)
-        for w in range(waves):
+        durations: list[float] = []
+        spent = 0.0
+        while len(durations) < min_waves or spent < min_seconds:
+            x = xs[len(durations) % len(xs)]
             started = time.perf_counter()
-            engine.step(slots, xs[w])
-            durations[w] = time.perf_counter() - started
-        throughput.append(waves * sequences / float(durations.sum()))
+            engine.step(slots, x)
+            took = time.perf_counter() - started
+            durations.append(took)
+            spent += took
+        counts.append(len(durations) * sequences)
+        throughput.append(len(durations) * sequences / spent)
         # Every event of a wave has that wave's latency, and waves have equal sizes.
         p50.append(float(np.percentile(durations, 50)))
         p99.append(float(np.percentile(durations, 99)))
     return {
         "sequences": sequences,
-        "events": waves * sequences,
+        "events": int(statistics.median(counts)),
         "rounds": rounds,
         "events_per_s": statistics.median(throughput),
         "latency_p50_ms": statistics.median(p50) * 1e3,
@@ -160,7 +170,8 @@ class EngineSection:
                 budget = config.keras_events if engine.name == "keras" else config.events
                 for n in config.sequences:
                     log(f"bench: {self.name} {spec.name} {engine.name} x{n} ...")
-                    row = measure(engine, spec.features, n, budget, config.rounds, config.seed)
+                    row = measure(engine, spec.features, n, budget, config.rounds, config.seed,
+                                  config.min_round_s)
                     rows.append({
                         "section": self.name,
                         "model": spec.name,

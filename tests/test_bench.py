@@ -9,7 +9,8 @@ import pytest
 from daemon import bench
 from daemon.cli import main
 
-TINY = bench.BenchConfig(models=("demo",), sequences=(1, 3), rounds=2, events=6, keras_events=2)
+TINY = bench.BenchConfig(models=("demo",), sequences=(1, 3), rounds=2, events=6, keras_events=2,
+                         min_round_s=0.0)
 
 
 def test_report_structure() -> None:
@@ -39,7 +40,7 @@ def test_report_structure() -> None:
 
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["bench", "--json", "--models", "demo", "--engines", "fast", "--sequences", "2",
-                 "--rounds", "1", "--events", "4"])
+                 "--rounds", "1", "--events", "4", "--min-round-seconds", "0"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     (row,) = report["rows"]
