@@ -145,6 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rounds=max(1, args.rounds),
             events=max(1, args.events),
             keras_events=max(1, args.keras_events),
+            min_round_s=max(0.0, args.min_round_seconds),
         )
         bench.check(config)
     except ValueError as exc:
@@ -195,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
                    help="events per round and configuration, fast engine (default: 10000)")
     b.add_argument("--keras-events", type=int, default=600,
                    help="events per round and configuration, keras engine (default: 600)")
+    b.add_argument("--min-round-seconds", type=float, default=0.25,
+                   help="least time stepped per round and configuration (default: 0.25)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=cmd_bench)
     m = sub.add_parser("make-demo-model", help="train and save the demo model")
