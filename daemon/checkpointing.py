@@ -87,15 +87,30 @@ class Checkpointer:
                 return True
             self._publish(cp.outputs, [])
             self._publish([], cp.states)
-            try:
-                consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()})
-            except CommitFailedError as exc:
-                log.warning("commit_failed", error=str(exc))
-                return False
-            self.metrics.commits.inc()
-            return True
+            return self._commit_offsets(consumer, cp.offsets)
         finally:
             self.metrics.checkpoint.observe(time.perf_counter() - started)
+
+    def _commit_offsets(self, consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit, riding out a coordinator that is moving or a broker that is down."""
+        if not offsets:
+            return True
+        delay = 0.5
+        while True:
+            try:
+                consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+                self.metrics.commits.inc()
+                return True
+            except CommitFailedError as exc:
+                # The group moved on (a rebalance): the partitions' next owner starts
+                # from the previous commit and repeats these outputs identically.
+                log.warning("commit_failed", error=str(exc))
+                return False
+            except KafkaError as exc:
+                log.warning("commit_retry", error=str(exc), retry_in_s=delay)
+                if self.stop.wait(delay):
+                    raise DeliveryFailed(f"offsets not committed at shutdown: {exc}") from exc
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     def _transaction(self, consumer: KafkaConsumer, cp: Checkpoint) -> None:
         try:

@@ -39,6 +39,10 @@ RECONNECT_BACKOFF_MAX_MS = 1000
 # Compacted: only the latest state of each sequence matters. Tombstones are kept a
 # day so a restore that starts just before compaction still sees deletions.
 STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "delete.retention.ms": "86400000"}
+# A process killed inside a transaction leaves it open, and read_committed readers
+# (downstream, and our own state restore) wait behind it until the broker aborts
+# it. A restarted static member fences it at once; otherwise this bounds the wait.
+TRANSACTION_TIMEOUT_MS = 10_000
 # Each connection attempt at start-up gives up after this, then backs off and retries.
 BOOTSTRAP_TIMEOUT_MS = 5000
 
@@ -89,6 +93,7 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         enable_idempotence=True,
         linger_ms=PRODUCER_LINGER_MS,
         transactional_id=transactional_id,
+        transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
     )
 
 
