@@ -24,7 +24,8 @@ that is not one of Keras's built-ins listed in `ACTIVATIONS`) raises
 
 Why NumPy and not a compiled TensorFlow function. Measured on the 2-core
 machine this was written on (medians of 3 runs of 300-2000 calls; an LSTM step
-plus a Dense(1, sigmoid) head on (N, units) state matrices, numbers per call):
+plus a Dense(1, sigmoid) head on (N, units) state matrices, the arithmetic
+alone, NumPy with one BLAS thread; numbers per call):
 
     model                  N     NumPy    tf.function
     LSTM(32), 1 feature    1     13 us    290 us
@@ -39,7 +40,11 @@ which is the cost the fast engine exists to remove; NumPy's is ~10 us. TensorFlo
 only catches up at 1000 sequences of the larger model, where it uses both cores
 (which the daemon shares with the Kafka client). NumPy keeps the processor
 single-threaded and simple (no tracing, no retracing on a new wave size).
-Parity with Keras's TensorFlow kernels is ~1e-7 per step.
+Parity with Keras's TensorFlow kernels is ~1e-7 per step. The whole `step`
+(stacking the slots' states, the layers, fresh per-slot states) then costs
+~21 us for one sequence, ~1.4-1.7 us per sequence for 64 and ~1.0-1.3 us per
+sequence for 1000, against ~0.4-0.7 ms per event for `predict_on_batch`
+(`lstmd bench` measures both).
 
 BLAS threads. NumPy's OpenBLAS splits a product of a few hundred rows over
 threads; on a 2-core machine whose other core is busy (another process, the
@@ -49,9 +54,10 @@ the same (1000 x 80) @ (80 x 256) product measured a 170 us median but an 8 ms
 therefore sets OpenBLAS to one thread (`limit_blas_threads`, process-wide, best
 effort) unless `OPENBLAS_NUM_THREADS` is set, which then wins.
 
-Numerics. Everything stays float32, like Keras's. Gate order is Keras's (LSTM
-i, f, c, o; GRU z, r, h) and the formulas are term for term those of
-keras/src/layers/rnn/{lstm,gru,simple_rnn}.py at inference (no dropout); the
+Numerics. Everything stays float32, like Keras's. The weights are Keras's
+(LSTM gates i, f, c, o, whose columns are only regrouped as i, f, o, c; GRU z,
+r, h with both reset_after semantics) and the formulas are term for term those
+of keras/src/layers/rnn/{lstm,gru,simple_rnn}.py at inference (no dropout); the
 sigmoid is computed as 0.5 * tanh(x / 2) + 0.5 (within 1e-7 of TensorFlow's,
 and no overflow for large |x|).
 """
