@@ -25,9 +25,11 @@ one run, not absolute figures from different runs.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -98,7 +100,8 @@ class _Slot:
 
 @cache
 def model_file(spec: ModelSpec) -> Path:
-    """The spec's model, seeded and saved once per process in a temporary directory."""
+    """The spec's model, seeded and saved once per process in a temporary
+    directory removed at exit."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -110,8 +113,15 @@ def model_file(spec: ModelSpec) -> Path:
     ])
     rng = np.random.default_rng(1234)
     model.set_weights([w + rng.normal(0.0, 0.1, size=w.shape).astype(w.dtype) for w in model.get_weights()])
-    path = Path(tempfile.mkdtemp(prefix="lstmd-bench-")) / f"{spec.name}.keras"
+    path = _work_dir() / f"{spec.name}.keras"
     model.save(path)
+    return path
+
+
+@cache
+def _work_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="lstmd-bench-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
