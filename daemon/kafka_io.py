@@ -8,7 +8,9 @@ between the two repeats outputs with identical values; it never loses one.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +111,8 @@ def make_restore_consumer(settings: Settings) -> KafkaConsumer:
     )
 
 
-def wait_for_cluster(settings: Settings, stop: threading.Event) -> KafkaAdminClient | None:
+def wait_for_cluster(settings: Settings, stop: threading.Event,
+                     beat: Callable[[], None] = lambda: None) -> KafkaAdminClient | None:
     """Connect an admin client, retrying with backoff until the cluster answers.
 
     Returns None if asked to stop first. The daemon is not ready meanwhile, and
@@ -120,17 +123,60 @@ def wait_for_cluster(settings: Settings, stop: threading.Event) -> KafkaAdminCli
     attempt = 0
     while not stop.is_set():
         attempt += 1
+        beat()  # waiting for brokers is not being stuck: stay live, not ready
+        watch = _AuthFailureWatch()
         try:
-            return KafkaAdminClient(**security_kwargs(settings),
-                                    bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
+            with watch:
+                return KafkaAdminClient(**security_kwargs(settings),
+                                        bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
         except (SaslAuthenticationFailedError, AuthorizationError) as exc:
-            raise KafkaSetupError(f"Kafka refused our credentials: {exc}") from None
+            raise KafkaSetupError(_refused(settings, exc)) from None
         except (KafkaTimeoutError, KafkaConnectionError) as exc:
+            if watch.failure is not None:
+                raise KafkaSetupError(_refused(settings, watch.failure)) from None
             log.warning("kafka_unreachable", servers=settings.bootstrap_servers,
                         attempt=attempt, retry_in_s=delay, error=str(exc))
         stop.wait(delay)
         delay = min(delay * 2, 30.0)
     return None
+
+
+def _refused(settings: Settings, error: Exception) -> str:
+    user = settings.kafka_sasl_username
+    who = f"user {user!r} with {settings.kafka_sasl_mechanism}" if user else "this client"
+    return f"Kafka refused the credentials of {who}: {error}"
+
+
+class _AuthFailureWatch(logging.Filter):
+    """Catches an authentication failure that kafka-python 3.0.12 only logs.
+
+    During bootstrap a rejected SASL password reaches the caller as a plain
+    "Unable to bootstrap" timeout; the real cause is the exception its
+    connection manager logs. Retrying would never help, so the daemon must
+    exit with that cause instead of waiting for brokers forever.
+    """
+
+    LOGGERS = ("kafka.net.manager", "kafka.net.connection")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: Exception | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in args:
+            if isinstance(arg, (SaslAuthenticationFailedError, AuthorizationError)):
+                self.failure = arg
+        return True
+
+    def __enter__(self) -> _AuthFailureWatch:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:

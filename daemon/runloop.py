@@ -66,7 +66,7 @@ class RunLoop:
 
     def run(self) -> None:
         """Serve until `stop` is set; returns after a clean checkpoint and close."""
-        admin = wait_for_cluster(self.settings, self.stop)
+        admin = wait_for_cluster(self.settings, self.stop, self.health.beat)
         if admin is None:
             return
         try:

@@ -178,13 +178,6 @@ def test_wrong_password_is_reported_and_never_logged(wrong_password_run: WrongPa
     assert '"ready"' not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kafka-python 3.0.12 reports a rejected SASL password during bootstrap only as "
-           "a WARNING log line and then KafkaTimeoutError('Unable to bootstrap from ...'), "
-           "so kafka_io.wait_for_cluster logs kafka_unreachable and retries forever; "
-           "it must recognise the authentication failure and raise KafkaSetupError (exit 2)",
-)
 def test_wrong_password_ends_the_daemon_with_a_clear_error(
     wrong_password_run: WrongPasswordRun,
 ) -> None:
