@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
+from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
 from daemon.config import Settings
@@ -36,8 +37,9 @@ from daemon.state import SequenceState, SnapshotError
 
 log = get_logger(__name__)
 
-# A batch of records must be acknowledged within this; otherwise it is retried.
-FLUSH_TIMEOUT_S = 30.0
+# How long one wait for acknowledgements lasts before the daemon says it is still
+# waiting (the producer itself retries until its delivery timeout, 2 minutes).
+FLUSH_TIMEOUT_S = 10.0
 MAX_RETRY_DELAY_S = 30.0
 # One restore poll never holds the loop longer than this, so heartbeats aside the
 # poll loop keeps its max.poll.interval promise and its liveness beat.
@@ -116,6 +118,10 @@ class Checkpointer:
         try:
             self.producer.begin_transaction()
             sent = self._send(cp.outputs, cp.states)
+            self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+            failed = next((f for _, f in sent if not f.succeeded()), None)
+            if failed is not None:
+                raise failed.exception or KafkaError("a record was not acknowledged")
             if cp.offsets:
                 self.producer.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()},
@@ -135,19 +141,33 @@ class Checkpointer:
         self.metrics.commits.inc()
 
     def _send(self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord]) -> list[
-            tuple[OutputRecord | StateRecord, object]]:
+            tuple[OutputRecord | StateRecord, Future]]:
         s = self.settings
-        sent: list[tuple[OutputRecord | StateRecord, object]] = []
-        for out in outputs:
-            topic = s.dead_letter_topic if out.dead_letter else s.output_topic
-            sent.append((out, self.producer.send(topic, key=out.key, value=out.value,
-                                                 headers=out.headers or None)))
-        for st in states:
-            sent.append((st, self.producer.send(s.state_topic_name, key=st.key.encode(),
-                                                value=st.value, partition=st.partition)))
+        sent: list[tuple[OutputRecord | StateRecord, Future]] = []
+        refused: KafkaError | None = None
+        items: list[OutputRecord | StateRecord] = [*outputs, *states]
+        for item in items:
+            if refused is not None:  # one refusal (e.g. a deleted topic) fails the rest at once
+                sent.append((item, Future().failure(refused)))
+                continue
+            try:
+                if isinstance(item, OutputRecord):
+                    topic = s.dead_letter_topic if item.dead_letter else s.output_topic
+                    future = self.producer.send(topic, key=item.key, value=item.value,
+                                                headers=item.headers or None)
+                else:
+                    future = self.producer.send(s.state_topic_name, key=item.key.encode(),
+                                                value=item.value, partition=item.partition)
+                sent.append((item, future))
+            except KafkaError as exc:
+                # send() refused within max_block_ms: no metadata for the topic.
+                if self.transactional:
+                    raise  # the transaction aborts and the batch is recomputed
+                refused = exc
+                sent.append((item, Future().failure(exc)))
         return sent
 
-    def _account(self, sent: Iterable[tuple[OutputRecord | StateRecord, object]]) -> None:
+    def _account(self, sent: Iterable[tuple[OutputRecord | StateRecord, Future]]) -> None:
         now = time.time()
         predictions = 0
         for item, _ in sent:
@@ -165,18 +185,22 @@ class Checkpointer:
         delay = 0.5
         while pending_out or pending_states:
             sent = self._send(pending_out, pending_states)
-            try:
-                self.producer.flush(timeout=FLUSH_TIMEOUT_S)
-            except KafkaError as exc:
-                log.error("flush_timeout", error=str(exc))
-            ok = [(item, f) for item, f in sent if f.succeeded()]  # type: ignore[attr-defined]
-            self._account(ok)
-            failed = [(item, f) for item, f in sent if not f.succeeded()]  # type: ignore[attr-defined]
+            # Records still in the producer are waited for, never sent twice: the
+            # producer retries them itself until its delivery timeout.
+            while not all(f.is_done for _, f in sent):
+                try:
+                    self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+                except KafkaError as exc:
+                    log.error("flush_slow", error=str(exc))
+                    if self.stop.is_set():
+                        raise DeliveryFailed("records unacknowledged at shutdown") from exc
+            self._account([(item, f) for item, f in sent if f.succeeded()])
+            failed = [(item, f) for item, f in sent if not f.succeeded()]
             if not failed:
                 return
             pending_out = [i for i, _ in failed if isinstance(i, OutputRecord)]
             pending_states = [i for i, _ in failed if isinstance(i, StateRecord)]
-            error = next((f.exception for _, f in failed if f.failed()),  # type: ignore[attr-defined]
+            error = next((f.exception for _, f in failed if f.failed()),
                          "not acknowledged")
             self.metrics.produce_errors.inc()
             log.error("produce_failed", undelivered=len(failed), error=str(error), retry_in_s=delay)

@@ -37,6 +37,7 @@ def build_processor(
     delivery: str = "at-least-once",
     max_sequences: int = 0,
     max_record_bytes: int = 1 << 20,
+    reset_on_gap: bool = False,
 ) -> Processor:
     """Load the model and its engine: shared by `run` and `replay` so both behave alike."""
     from daemon.engines import make_engine  # TensorFlow loads here, not at import
@@ -63,6 +64,7 @@ def build_processor(
     return Processor(
         engine, model_id=str(model.identity), n_features=model.n_features,
         store=StateStore(max_sequences), metrics=metrics, max_record_bytes=max_record_bytes,
+        reset_on_gap=reset_on_gap,
     )
 
 
@@ -98,7 +100,8 @@ def cmd_run(_args: argparse.Namespace) -> int:
         processor = build_processor(
             settings.model_path, settings.engine, metrics, settings.tf_intra_op_threads,
             delivery=settings.delivery, max_sequences=settings.max_sequences,
-            max_record_bytes=settings.max_record_bytes)
+            max_record_bytes=settings.max_record_bytes,
+            reset_on_gap=settings.step_gap == "reset")
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
         RunLoop(settings, processor, metrics, health, stop).run()

@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     sequence_idle_timeout_s: float = Field(default=86400.0, ge=0, description="0: never")
     max_sequences: int = Field(default=100_000, ge=0, description="per process; 0: unbounded")
     max_record_bytes: int = Field(default=1 << 20, ge=64)
+    step_gap: Literal["continue", "reset"] = "continue"
     tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
 
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"

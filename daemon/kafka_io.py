@@ -45,6 +45,9 @@ STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "delete.retention.ms": "86400
 # (downstream, and our own state restore) wait behind it until the broker aborts
 # it. A restarted static member fences it at once; otherwise this bounds the wait.
 TRANSACTION_TIMEOUT_MS = 10_000
+# send() waits this long for metadata (e.g. of a topic deleted under us) before the
+# batch is retried; the default minute would stall the loop and its liveness beat.
+MAX_BLOCK_MS = 10_000
 # Each connection attempt at start-up gives up after this, then backs off and retries.
 BOOTSTRAP_TIMEOUT_MS = 5000
 
@@ -96,6 +99,7 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         linger_ms=PRODUCER_LINGER_MS,
         transactional_id=transactional_id,
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+        max_block_ms=MAX_BLOCK_MS,
     )
 
 

@@ -17,11 +17,15 @@ import numpy as np
 
 from daemon import codec
 from daemon.exceptions import RecordRejected
+from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.state import Eviction, SequenceState, StateStore
 
 if TYPE_CHECKING:  # the engines import TensorFlow; the processor itself does not need it
     from daemon.engines import Engine
+
+
+log = get_logger(__name__)
 
 
 class InputRecord(Protocol):
@@ -82,6 +86,7 @@ class Processor:
         store: StateStore,
         metrics: Metrics,
         max_record_bytes: int = 1 << 20,
+        reset_on_gap: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
@@ -90,6 +95,7 @@ class Processor:
         self.store = store
         self.metrics = metrics
         self.max_record_bytes = max_record_bytes
+        self.reset_on_gap = reset_on_gap
         self.clock = clock
         self._inference = metrics.inference.labels(engine=engine.name)
         self._resets = {c: metrics.resets.labels(cause=c) for c in ("end", "start", "marker")}
@@ -121,7 +127,8 @@ class Processor:
             state = self.store.get(rec.partition, event.key)
             # `last_step` follows the batch's plan, not the engine: a reset planned
             # earlier in this batch already counts for the steps after it.
-            if event.start:
+            start = event.start
+            if start:
                 state.last_step = None
             if event.step is not None and state.last_step is not None:
                 if event.step <= state.last_step:
@@ -129,6 +136,10 @@ class Processor:
                     continue
                 if event.step > state.last_step + 1:
                     self.metrics.step_gaps.inc()
+                    log.info("step_gap", seq=event.key, partition=rec.partition, offset=rec.offset,
+                             expected=state.last_step + 1, got=event.step,
+                             action="reset" if self.reset_on_gap else "continue")
+                    start = start or self.reset_on_gap
             state.last_step = None if event.end else event.step
             k = depth.get(id(state), 0)
             depth[id(state)] = k + 1
@@ -136,7 +147,7 @@ class Processor:
             while len(waves) <= k:
                 waves.append(_Wave())
             wave = waves[k]
-            if event.start:
+            if start:
                 wave.starts.append((state, rec.offset))
             if event.x is None:  # a pure end marker: reset only, no prediction
                 wave.markers.append((state, rec.offset))

@@ -85,13 +85,16 @@ def interleaved_stream(
     return stream
 
 
-def produce(bootstrap: str, topic: str, events: Iterable[Event],
+def produce(bootstrap: str, topic: str, events: Iterable[tuple[Any, Any]],
             pace: float = 0.0) -> list[tuple[int, int]]:
-    """Produce in order; return each event's (partition, offset)."""
+    """Produce in order; return each event's (partition, offset). A str key is
+    encoded, a dict value JSON-encoded; bytes and None go as they are."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     futures = []
     for key, value in events:
-        futures.append(producer.send(topic, key=key.encode(), value=orjson.dumps(value)))
+        raw_key = key.encode() if isinstance(key, str) else key
+        raw_value = orjson.dumps(value) if isinstance(value, dict) else value
+        futures.append(producer.send(topic, key=raw_key, value=raw_value))
         if pace:
             time.sleep(pace)
     producer.flush()

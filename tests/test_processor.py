@@ -145,3 +145,13 @@ def test_steps_restart_after_a_reset_within_one_batch() -> None:
     ]))
     assert [o["y"] for o in got] == [[1.0], [2.0], [2.0], [4.0], [3.0], [4.0]]
     assert metrics.duplicates.labels(cause="step")._value.get() == 0
+
+
+def test_a_step_gap_resets_the_sequence_when_asked() -> None:
+    metrics = Metrics()
+    proc = Processor(SumEngine(), model_id="m@0", n_features=1, store=StateStore(),
+                     metrics=metrics, reset_on_gap=True)
+    got = outputs(proc, recs([("a", {"x": [1], "step": 0}), ("a", {"x": [2], "step": 1}),
+                              ("a", {"x": [5], "step": 4}), ("a", {"x": [1], "step": 5})]))
+    assert [(o["y"], o["n"]) for o in got] == [([1.0], 1), ([3.0], 2), ([5.0], 1), ([6.0], 2)]
+    assert metrics.step_gaps._value.get() == 1
