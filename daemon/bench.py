@@ -137,6 +137,7 @@ class BenchConfig:
     e2e_partitions: int = 4
     e2e_rounds: int = 3
     e2e_timeout_s: float = 180.0  # per contender and round
+    e2e_max_poll_records: int = 500  # LSTMD_KAFKA_MAX_POLL_RECORDS (the daemon's default)
     bootstrap: str | None = None  # a running broker; None: a LocalKafka for the run
     peer_python: str | None = None  # an interpreter with quixstreams; None: found or made
     profile_interval_s: float = 0.001
@@ -343,8 +344,8 @@ def produce_stream(bootstrap: str, topic: str, events: int, sequences: int, seed
     from kafka import KafkaProducer
 
     offset = seed * 7919
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20,
-                             batch_size=512 << 10)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, enable_idempotence=False,
+                             linger_ms=20, batch_size=512 << 10)
     try:
         for i in range(events):
             seq = (i + offset) % sequences
@@ -354,7 +355,8 @@ def produce_stream(bootstrap: str, topic: str, events: int, sequences: int, seed
         producer.close(timeout=30)
 
 
-def _settings(bootstrap: str, input_topic: str, output_topic: str, engine: str) -> Any:
+def _settings(bootstrap: str, input_topic: str, output_topic: str, engine: str,
+              max_poll_records: int) -> Any:
     from daemon.config import Settings
 
     group = _unique(f"bench-{engine}")
@@ -362,6 +364,7 @@ def _settings(bootstrap: str, input_topic: str, output_topic: str, engine: str) 
         kafka_bootstrap_servers=bootstrap, input_topic=input_topic, output_topic=output_topic,
         group_id=group, model_path=model_file(MODELS[E2E_MODEL]), engine=cast(Any, engine),
         create_topics=True, dlq_topic=f"{output_topic}.dlq", log_level="WARNING",
+        kafka_max_poll_records=max_poll_records,
     )
 
 
@@ -485,6 +488,14 @@ def run_lstmd(settings: Any, target: int, timeout_s: float,
     return _drive(lambda: loop.run(), stop, marks, timeout_s, on_thread), engine
 
 
+# kafka-python 3.0.12 sometimes joins a fresh group before it has the input topic's
+# metadata ("No partition metadata for topic"), gets no partitions, and does not
+# rejoin for minutes. Such a round is started again (at most `RETRIES` times).
+FIRST_OUTPUT_TIMEOUT_S = 30.0
+STALLED = f"stalled: no output within {FIRST_OUTPUT_TIMEOUT_S:.0f} s (group join without partitions)"
+RETRIES = 2
+
+
 def _drive(body: Callable[[], None], stop: threading.Event, marks: list[tuple[float, int]],
            timeout_s: float, on_thread: Callable[[int], None] | None = None) -> _Round:
     """Run `body` in a thread until it returns (it sets `stop` when done) or the timeout."""
@@ -502,12 +513,23 @@ def _drive(body: Callable[[], None], stop: threading.Event, marks: list[tuple[fl
     thread.start()
     if on_thread is not None and thread.ident is not None:
         on_thread(thread.ident)
-    timed_out = not stop.wait(timeout_s)
+    started = time.monotonic()
+    stalled = timed_out = False
+    while not stop.wait(0.5):
+        waited = time.monotonic() - started
+        if not marks and waited > FIRST_OUTPUT_TIMEOUT_S:
+            stalled = True
+            break
+        if waited > timeout_s:
+            timed_out = True
+            break
     stop.set()
     thread.join(60)
     round_ = _Round(marks)
     if failure:
         round_.error = f"{type(failure[0]).__name__}: {failure[0]}"
+    elif stalled:
+        round_.error = STALLED
     elif timed_out:
         round_.error = f"timed out after {timeout_s:.0f} s"
     return round_
@@ -573,10 +595,19 @@ class E2ESection:
     @staticmethod
     def one(bootstrap: str, input_topic: str, contender: str, target: int, config: BenchConfig,
             on_thread: Callable[[int], None] | None = None) -> _Round:
+        for _ in range(RETRIES):
+            round_ = E2ESection._one(bootstrap, input_topic, contender, target, config, on_thread)
+            if round_.error != STALLED:
+                return round_
+        return E2ESection._one(bootstrap, input_topic, contender, target, config, on_thread)
+
+    @staticmethod
+    def _one(bootstrap: str, input_topic: str, contender: str, target: int, config: BenchConfig,
+             on_thread: Callable[[int], None] | None) -> _Round:
         output = _unique(f"bench-out-{contender}")
         create_topics_for_bench(bootstrap, {output: config.e2e_partitions}, OUTPUT_TOPIC_CONFIG)
         engine = "fast" if contender == "passthrough" else contender
-        settings = _settings(bootstrap, input_topic, output, engine)
+        settings = _settings(bootstrap, input_topic, output, engine, config.e2e_max_poll_records)
         if contender == "passthrough":
             marks: list[tuple[float, int]] = []
             stop = threading.Event()
@@ -722,7 +753,8 @@ class _EndOffsets:
     def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                      enable_auto_commit=False)
         self.tps = [TopicPartition(topic, p) for p in range(partitions)]
 
     def __call__(self) -> int:
@@ -872,8 +904,10 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
     def start(self, target: int) -> None:
+        """Sample thread `target` (again called for a retried round: switch to it)."""
         self.target = target
-        self._thread.start()
+        if not self._thread.is_alive():
+            self._thread.start()
 
     def stop(self) -> None:
         self._halt.set()
@@ -1046,7 +1080,8 @@ def _cpu_model() -> str:
 def _meta(config: BenchConfig, seconds: float) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "config": asdict(config),
-        "models": {name: MODELS[name].description for name in config.models},
+        "models": {name: MODELS[name].description for name in config.models}
+        if "engine" in config.sections else {},
         "seconds": round(seconds, 1),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -1059,7 +1094,7 @@ def _meta(config: BenchConfig, seconds: float) -> dict[str, Any]:
         meta["models"].setdefault(E2E_MODEL, MODELS[E2E_MODEL].description)
         meta["e2e"] = (
             f"{config.e2e_events:,} events of {config.e2e_sequences} interleaved sequences, input "
-            f"topic of {config.e2e_partitions} partitions, max.poll.records 500 (daemon default), "
+            f"topic of {config.e2e_partitions} partitions, max.poll.records {config.e2e_max_poll_records}, "
             f"keras stops after {config.e2e_keras_events:,}; medians of {config.e2e_rounds} rounds")
     try:
         import keras
@@ -1214,6 +1249,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="end to end: interleaved sequences (default: 1000)")
     p.add_argument("--e2e-rounds", type=int, default=3,
                    help="end to end: rounds per contender (default: 3)")
+    p.add_argument("--e2e-max-poll-records", type=int, default=500,
+                   help="end to end: LSTMD_KAFKA_MAX_POLL_RECORDS of lstmd and the pass-through "
+                        "(default: 500, the daemon's)")
     p.add_argument("--bootstrap", help="end to end: a running broker (default: a local one)")
     p.add_argument("--peer-python", help="peer: an interpreter that has quixstreams")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -1237,6 +1275,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         e2e_keras_events=max(1, args.e2e_keras_events),
         e2e_sequences=max(1, args.e2e_sequences),
         e2e_rounds=max(1, args.e2e_rounds),
+        e2e_max_poll_records=max(1, args.e2e_max_poll_records),
         bootstrap=args.bootstrap or None,
         peer_python=args.peer_python or None,
     )

@@ -1,16 +1,19 @@
-"""`lstmd bench`: a tiny smoke run; the structure of the report, never its speeds."""
+"""`lstmd bench`: tiny smoke runs; the structure of the report, never its speeds."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 
 import pytest
 
 from daemon import bench
 from daemon.cli import main
+from daemon.localkafka import LocalKafka
 
-TINY = bench.BenchConfig(models=("demo",), sequences=(1, 3), rounds=2, events=6, keras_events=2,
-                         min_round_s=0.0)
+TINY = bench.BenchConfig(sections=("engine",), models=("demo",), sequences=(1, 3), rounds=2, events=6,
+                         keras_events=2, min_round_s=0.0)
 
 
 def test_report_structure() -> None:
@@ -66,3 +69,83 @@ def test_ratios_pair_rows_by_section_model_and_sequences() -> None:
     ]
     bench.add_ratios(rows)
     assert [r["vs_keras"] for r in rows] == [1.0, 10.0, None]
+
+
+@pytest.mark.kafka
+def test_e2e_and_profile_structure(kafka: LocalKafka) -> None:
+    """A few events through the session broker: pass-through, keras, fast, then the
+    profile's round; batches of 10 so every contender has a timing window."""
+    config = bench.BenchConfig(
+        sections=("e2e", "profile"), e2e_events=60, e2e_keras_events=20, e2e_sequences=5,
+        e2e_partitions=2, e2e_rounds=1, e2e_max_poll_records=10, bootstrap=kafka.bootstrap)
+    messages: list[str] = []
+    report = bench.run(config, log=messages.append)
+    rows = [r for r in report["rows"] if r["section"] == "e2e"]
+    assert [r["requested"] for r in rows] == ["passthrough", "keras", "fast"]
+    assert [r["engine"] for r in rows] == ["passthrough", "keras", "fast"]
+    for r in rows:
+        assert r["note"] == "", r["note"]
+        assert r["model"] == "demo" and r["sequences"] == 5 and r["rounds"] == 1
+        budget = 20 if r["engine"] == "keras" else 60
+        # the inputs of batches 2..K: at least what is left of the budget after one batch
+        assert budget - 10 <= r["events"] <= 60
+        assert r["events_per_s"] > 0 and r["broker_events_per_s"] is not None
+        assert 0 < r["latency_p50_ms"] <= r["latency_p99_ms"]
+        assert r["vs_keras"] is not None and r["vs_passthrough"] is not None
+    assert rows[0]["vs_passthrough"] == 1.0 and rows[1]["vs_keras"] == 1.0
+    summary = report["summary"]
+    assert summary["fast_vs_passthrough"] is not None and summary["fast_vs_keras"] is not None
+    assert summary["fast_vs_peer"] is None  # no peer in this run
+    profile = [r for r in report["rows"] if r["section"] == "profile"]
+    total = profile[-1]
+    assert total["phase"] == "(total)" and total["events"] > 0 and total["us_per_event"] > 0
+    phases = profile[:-1]
+    assert phases and all(r["us_per_event"] >= 0 and 0 <= r["share"] <= 1 for r in phases)
+    assert abs(sum(r["share"] for r in phases) - 1.0) < 1e-9
+    assert "e2e" in report["meta"] and report["meta"]["config"]["bootstrap"] == kafka.bootstrap
+    table = bench.format_table(report)
+    assert "passthrough" in table and "broker ev/s" in table and "fast/passthrough" in table
+    assert "us/event" in table
+    json.dumps(report)  # --json can print it
+    assert any("e2e round 1/1 fast" in m for m in messages)
+
+
+def test_peer_is_skipped_with_the_reason_when_quixstreams_is_unavailable() -> None:
+    config = bench.BenchConfig(sections=("peer",), peer_python=sys.executable, e2e_sequences=7)
+    if bench._has_quix(sys.executable):
+        pytest.skip("this interpreter has quixstreams")
+    (row,) = bench.PeerSection().run(config, log=lambda _msg: None)
+    assert row["section"] == "peer" and row["engine"] == "quix" and row["sequences"] == 7
+    assert row["note"].startswith("skipped: ") and "quixstreams" in row["note"]
+    assert row["events_per_s"] == 0.0 and row["broker_events_per_s"] is None
+
+
+def test_bench_options() -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    default = bench.config_from_args(parser.parse_args([]))
+    assert default.sections == ("engine", "e2e")
+    config = bench.config_from_args(parser.parse_args(
+        ["--sections", "e2e", "--peer", "--profile", "--e2e-events", "50", "--e2e-rounds", "2",
+         "--e2e-max-poll-records", "7", "--bootstrap", "127.0.0.1:9092"]))
+    assert config.sections == ("e2e", "peer", "profile")
+    assert (config.e2e_events, config.e2e_rounds, config.e2e_max_poll_records) == (50, 2, 7)
+    assert config.bootstrap == "127.0.0.1:9092"
+    with pytest.raises(ValueError, match="kafka"):
+        bench.config_from_args(parser.parse_args(["--sections", "kafka"]))
+    assert bench.main(["--sections", "nope"]) == 2
+
+
+def test_summary_ratios() -> None:
+    def row(section: str, requested: str, eps: float, broker: float | None) -> bench.Row:
+        return {"section": section, "model": "demo", "sequences": 10, "engine": requested,
+                "requested": requested, "events_per_s": eps, "broker_events_per_s": broker}
+
+    rows = [row("e2e", "passthrough", 100.0, 90.0), row("e2e", "keras", 10.0, 9.0),
+            row("e2e", "fast", 80.0, 60.0), row("peer", "quix", 120.0, 120.0)]
+    bench.add_ratios(rows)
+    assert rows[3]["vs_passthrough"] == 1.2 and rows[2]["vs_keras"] == 8.0
+    s = bench.summary(rows)
+    assert s["fast_vs_passthrough"] == 0.8 and s["fast_vs_keras"] == 8.0
+    assert s["fast_vs_peer"] == 80.0 / 120.0 and s["fast_vs_peer_broker_timed"] == 0.5
+    assert s["passthrough_vs_peer_broker_timed"] == 0.75
