@@ -82,6 +82,39 @@ def expected_outputs(model_path_or_keras_model: str | Path | keras.Model, sequen
     return np.stack(rows) if rows else np.zeros((0, 0))
 
 
+def expected_outputs_many(
+    model_path_or_keras_model: str | Path | keras.Model, sequences: list[np.ndarray]
+) -> list[np.ndarray]:
+    """`expected_outputs` of several sequences, computed in fewer model calls.
+
+    The same definition, evaluated faster: all prefixes of one length t, taken
+    from every sequence at least t long, are stacked into one batch. They have
+    equal length, so nothing is padded or masked; each row of a stateless model's
+    batch depends on its own input only. Models saved stateful (a fixed batch
+    size) go through `expected_outputs` one sequence at a time.
+    """
+    if isinstance(model_path_or_keras_model, keras.Model):
+        model = model_path_or_keras_model
+    else:
+        model = load_reference(model_path_or_keras_model)
+    xs = [np.asarray(s, dtype=np.float32) for s in sequences]
+    if any(layer.stateful for layer in _recurrent_layers(model)):
+        return [expected_outputs(model, x) for x in xs]
+    rows: list[list[np.ndarray]] = [[] for _ in xs]
+    for t in range(1, max((len(x) for x in xs), default=0) + 1):
+        members = [i for i, x in enumerate(xs) if len(x) >= t]
+        outputs = model(np.stack([xs[i][:t] for i in members]), training=False)
+        parts = []
+        for out in keras.tree.flatten(outputs):
+            arr = np.asarray(out, dtype=np.float64)
+            last = arr[:, -1] if arr.ndim == 3 else arr
+            parts.append(last.reshape(len(members), -1))
+        batch = np.concatenate(parts, axis=1)
+        for row, i in enumerate(members):
+            rows[i].append(batch[row])
+    return [np.stack(r) if r else np.zeros((0, 0)) for r in rows]
+
+
 def assert_matches(actual: np.ndarray, expected: np.ndarray, atol: float = 1e-5) -> None:
     """Element-wise |actual - expected| <= atol, same shapes; a readable failure."""
     actual = np.asarray(actual, dtype=np.float64)

@@ -49,7 +49,9 @@ def test_kill_9_five_times_mid_stream(
     names = topics({"in": 2, "out": 2, "dlq": 1})
     stream = interleaved_stream(n_keys=16, n_events=2500, features=3, seed=21)
     placed = produce(kafka.bootstrap, names["in"], stream.events)
-    extra = {"LSTMD_DELIVERY": delivery, "LSTMD_KAFKA_MAX_POLL_RECORDS": "40"}
+    # A killed member holds its partitions until its session expires: keep it short.
+    extra = {"LSTMD_DELIVERY": delivery, "LSTMD_KAFKA_MAX_POLL_RECORDS": "40",
+             "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "3000", "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
     if delivery == "exactly-once":
         # A static member's transactional id survives the restart, which fences the
         # killed process's open transaction at once.

@@ -143,3 +143,16 @@ def test_not_a_keras_model_is_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(UnservableModelError, match="not a loadable Keras model") as info:
         load_model(path)
     assert name in str(info.value)
+
+
+def test_the_batched_oracle_is_the_oracle() -> None:
+    """expected_outputs_many only groups equal-length prefixes: same values."""
+    from tests.oracle import expected_outputs, expected_outputs_many
+
+    rng = np.random.default_rng(5)
+    for kind in ("stacked_lstm_gru", "multi_output", "saved_stateful"):
+        path = built(kind)
+        features = load_model(path).n_features
+        seqs = [rng.normal(size=(n, features)).astype(np.float32) for n in (1, 4, 7, 4)]
+        for many, one in zip(expected_outputs_many(path, seqs), seqs, strict=True):
+            assert_matches(many, expected_outputs(path, one), atol=1e-6)
