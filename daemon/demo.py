@@ -83,6 +83,7 @@ def run_demo(events: int = 2000, sequences: int = 8) -> int:
             "LSTMD_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
             "LSTMD_INPUT_TOPIC": topics["in"], "LSTMD_OUTPUT_TOPIC": topics["out"],
             "LSTMD_DLQ_TOPIC": topics["dlq"], "LSTMD_GROUP_ID": "lstmd-demo",
+            "LSTMD_CREATE_TOPICS": "true",  # the state topic, compacted
             "LSTMD_MODEL_PATH": str(model), "LSTMD_HTTP_PORT": str(port),
             "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "6000", "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "2000",
         }
