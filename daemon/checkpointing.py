@@ -25,11 +25,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import AuthorizationError, CommitFailedError, KafkaError
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
 from daemon.config import Settings
+from daemon.exceptions import KafkaSetupError
+from daemon.kafka_io import authorization_failure
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.processor import OutputRecord
@@ -108,6 +110,9 @@ class Checkpointer:
                 # from the previous commit and repeats these outputs identically.
                 log.warning("commit_failed", error=str(exc))
                 return False
+            except AuthorizationError as exc:
+                # An ACL missing on the group (or the input topic): permanent, stop.
+                raise self._not_authorized(exc) from None
             except KafkaError as exc:
                 log.warning("commit_retry", error=str(exc), retry_in_s=delay)
                 if self.stop.wait(delay):
@@ -115,13 +120,15 @@ class Checkpointer:
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     def _transaction(self, consumer: KafkaConsumer, cp: Checkpoint) -> None:
+        topic: str | None = None  # of the refused record, if one was
         try:
             self.producer.begin_transaction()
             sent = self._send(cp.outputs, cp.states)
             self.producer.flush(timeout=FLUSH_TIMEOUT_S)
-            failed = next((f for _, f in sent if not f.succeeded()), None)
+            failed = next(((item, f) for item, f in sent if not f.succeeded()), None)
             if failed is not None:
-                raise failed.exception or KafkaError("a record was not acknowledged")
+                topic = self._topic(failed[0])
+                raise failed[1].exception or KafkaError("a record was not acknowledged")
             if cp.offsets:
                 self.producer.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()},
@@ -135,7 +142,11 @@ class Checkpointer:
                 self.producer.abort_transaction()
             except KafkaError as abort_exc:
                 log.error("abort_failed", error=str(abort_exc))
-                raise
+                if not isinstance(exc, AuthorizationError):
+                    raise
+            if isinstance(exc, AuthorizationError):
+                # Redoing the transaction would be refused again, forever: stop.
+                raise self._not_authorized(exc, topic) from None
             raise TransactionFailed(str(exc)) from exc
         self._account(sent)
         self.metrics.commits.inc()
@@ -167,6 +178,19 @@ class Checkpointer:
                 sent.append((item, Future().failure(exc)))
         return sent
 
+    def _topic(self, item: OutputRecord | StateRecord) -> str:
+        s = self.settings
+        if isinstance(item, StateRecord):
+            return s.state_topic_name
+        return s.dead_letter_topic if item.dead_letter else s.output_topic
+
+    def _not_authorized(self, exc: Exception, topic: str | None = None) -> KafkaSetupError:
+        """Kafka refused an ACL: a permanent error, never retried. Nothing past the
+        refused records is committed; the daemon ends with exit code 2."""
+        error = authorization_failure(self.settings, exc, topic)
+        log.error("not_authorized", error=str(error), cause=type(exc).__name__)
+        return error
+
     def _account(self, sent: Iterable[tuple[OutputRecord | StateRecord, Future]]) -> None:
         now = time.time()
         predictions = 0
@@ -190,6 +214,8 @@ class Checkpointer:
             while not all(f.is_done for _, f in sent):
                 try:
                     self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+                except AuthorizationError as exc:
+                    raise self._not_authorized(exc) from None
                 except KafkaError as exc:
                     log.error("flush_slow", error=str(exc))
                     if self.stop.is_set():
@@ -198,6 +224,12 @@ class Checkpointer:
             failed = [(item, f) for item, f in sent if not f.succeeded()]
             if not failed:
                 return
+            refused = next(((item, f.exception) for item, f in failed
+                            if isinstance(f.exception, AuthorizationError)), None)
+            if refused is not None:
+                # Permanent (kafka-python's idempotent producer refuses every later
+                # send too): retrying would wait forever. Stop before any commit.
+                raise self._not_authorized(refused[1], self._topic(refused[0]))
             pending_out = [i for i, _ in failed if isinstance(i, OutputRecord)]
             pending_states = [i for i, _ in failed if isinstance(i, StateRecord)]
             error = next((f.exception for _, f in failed if f.failed()),

@@ -19,10 +19,14 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import (
     AuthorizationError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     SaslAuthenticationFailedError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
 )
 
 from daemon import __version__
@@ -50,6 +54,10 @@ TRANSACTION_TIMEOUT_MS = 10_000
 MAX_BLOCK_MS = 10_000
 # Each connection attempt at start-up gives up after this, then backs off and retries.
 BOOTSTRAP_TIMEOUT_MS = 5000
+# Kafka protocol error codes in a Metadata answer. A principal without Describe on a
+# topic gets TOPIC_AUTHORIZATION_FAILED whether or not the topic exists.
+UNKNOWN_TOPIC_OR_PARTITION = 3
+TOPIC_AUTHORIZATION_FAILED = 29
 
 
 def security_kwargs(settings: Settings) -> dict[str, Any]:
@@ -134,10 +142,10 @@ def wait_for_cluster(settings: Settings, stop: threading.Event,
                 return KafkaAdminClient(**security_kwargs(settings),
                                         bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
         except (SaslAuthenticationFailedError, AuthorizationError) as exc:
-            raise KafkaSetupError(_refused(settings, exc)) from None
+            raise _refusal(settings, exc) from None
         except (KafkaTimeoutError, KafkaConnectionError) as exc:
             if watch.failure is not None:
-                raise KafkaSetupError(_refused(settings, watch.failure)) from None
+                raise _refusal(settings, watch.failure) from None
             log.warning("kafka_unreachable", servers=settings.bootstrap_servers,
                         attempt=attempt, retry_in_s=delay, error=str(exc))
         stop.wait(delay)
@@ -149,6 +157,95 @@ def _refused(settings: Settings, error: Exception) -> str:
     user = settings.kafka_sasl_username
     who = f"user {user!r} with {settings.kafka_sasl_mechanism}" if user else "this client"
     return f"Kafka refused the credentials of {who}: {error}"
+
+
+def _refusal(settings: Settings, error: Exception) -> KafkaSetupError:
+    """Wrong credentials (authentication) or a missing ACL (authorization)."""
+    if isinstance(error, AuthorizationError):
+        return authorization_failure(settings, error)
+    return KafkaSetupError(_refused(settings, error))
+
+
+def _principal(settings: Settings) -> str:
+    """Who Kafka's authorizer sees, for error messages (never a secret)."""
+    if settings.kafka_sasl_username:
+        return f"user {settings.kafka_sasl_username!r}"
+    if settings.kafka_ssl_certfile is not None:
+        return "the principal of the client certificate"
+    return "User:ANONYMOUS"
+
+
+def _topic_roles(settings: Settings) -> dict[str, tuple[list[str], set[str]]]:
+    """{topic: (its LSTMD_* variables, the ACL operations the daemon needs on it)}.
+    Describe is implied by each of them."""
+    roles: dict[str, tuple[list[str], set[str]]] = {}
+    for topic, variable, needs in (
+        (settings.input_topic, "LSTMD_INPUT_TOPIC", {"READ"}),
+        (settings.output_topic, "LSTMD_OUTPUT_TOPIC", {"WRITE"}),
+        (settings.dead_letter_topic, "LSTMD_DLQ_TOPIC", {"WRITE"}),
+        (settings.state_topic_name, "LSTMD_STATE_TOPIC", {"READ", "WRITE"}),
+    ):
+        variables, ops = roles.setdefault(topic, ([], set()))
+        variables.append(variable)
+        ops |= needs
+    return roles
+
+
+def _ops(ops: set[str]) -> str:
+    return " and ".join(op.capitalize() for op in sorted(ops))
+
+
+def _topic_refusal(settings: Settings, topic: str, lacking: set[str] | None = None,
+                   *, hidden: bool = False) -> str:
+    roles = _topic_roles(settings)
+    variables, needs = roles.get(topic, ([], set()))
+    where = f" ({', '.join(variables)})" if variables else ""
+    lacking = lacking or needs
+    need = f": it needs {_ops(lacking)} on it" if lacking else ""
+    if hidden:
+        need += " (Kafka answers the same for a topic that does not exist)"
+    return f"not authorized to use topic {topic}{where} as {_principal(settings)}{need}"
+
+
+def _topics_named(error: Exception) -> list[str]:
+    """kafka-python puts the refused topic, or a set of them, in the exception's args."""
+    arg = error.args[0] if error.args else None
+    if isinstance(arg, str):
+        return [arg]
+    if isinstance(arg, (set, frozenset, list, tuple)):
+        return sorted(str(t) for t in arg)
+    return []
+
+
+def authorization_failure(settings: Settings, error: Exception,
+                          topic: str | None = None) -> KafkaSetupError:
+    """A clear, permanent error for an ACL Kafka says the daemon lacks.
+
+    Retrying cannot help (kafka-python's idempotent producer even refuses every
+    later send once one was refused), so the daemon must stop and say which
+    topic or group, which setting, and which principal. `topic` names the
+    topic of the refused request when the exception does not.
+    """
+    who = _principal(settings)
+    if isinstance(error, GroupAuthorizationFailedError):
+        return KafkaSetupError(
+            f"not authorized to use consumer group {settings.group_id} (LSTMD_GROUP_ID) as {who}: "
+            "it needs Read on it")
+    if isinstance(error, TopicAuthorizationFailedError):
+        named = [t for t in _topics_named(error) if t in _topic_roles(settings)]
+        topics = named or ([topic] if topic else [])
+        if topics:
+            return KafkaSetupError("; ".join(_topic_refusal(settings, t) for t in topics))
+    if isinstance(error, TransactionalIdAuthorizationFailedError):
+        return KafkaSetupError(
+            f"not authorized to use transactional ids lstmd-{settings.group_id}-* as {who}: "
+            "LSTMD_DELIVERY=exactly-once needs Write on them")
+    if isinstance(error, ClusterAuthorizationFailedError):
+        return KafkaSetupError(
+            f"not authorized for idempotent writes as {who}: it needs Write on the output topics "
+            "(or IdempotentWrite on the cluster)")
+    what = f" (topic {topic})" if topic else ""
+    return KafkaSetupError(f"Kafka refused a request{what} as {who}: {type(error).__name__}: {error}")
 
 
 class _AuthFailureWatch(logging.Filter):
@@ -184,12 +281,23 @@ class _AuthFailureWatch(logging.Filter):
 
 
 def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
-    """Check the topics exist (or create them if allowed); return input partitions.
+    """Check the topics exist and the daemon may use them (or create them if allowed);
+    return input partitions.
+
+    The topics are described by name: listing them would silently leave out
+    those the principal may not see, and a missing ACL would read as a missing
+    topic. The consumer group is checked too, so a missing ACL ends the daemon
+    at start-up with its name instead of failing deep in the consumer.
 
     The state topic must have as many partitions as the input (state of input
     partition p lives in state partition p) and is created compacted.
     """
-    existing = set(admin.list_topics())
+    roles = _topic_roles(settings)
+    described = {t["name"]: t for t in admin.describe_topics(list(roles))}
+    _check_topic_acls(settings, described)
+    _check_group_acl(admin, settings)
+    existing = {name for name, t in described.items()
+                if t["error_code"] != UNKNOWN_TOPIC_OR_PARTITION}
     if settings.input_topic not in existing and not settings.create_topics:
         raise KafkaSetupError(
             f"missing Kafka topic: {settings.input_topic} (LSTMD_INPUT_TOPIC); create it, "
@@ -203,7 +311,13 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     }
     missing = {t: spec for t, spec in wanted.items() if t not in existing}
     if missing and settings.create_topics:
-        admin.create_topics(missing, wait_for_metadata=True)
+        try:
+            admin.create_topics(missing, wait_for_metadata=True)
+        except AuthorizationError:
+            raise KafkaSetupError(
+                f"not authorized to create topics {', '.join(sorted(missing))} as "
+                f"{_principal(settings)} (LSTMD_CREATE_TOPICS=true): create them, or grant "
+                "Create on them") from None
         log.info("topics_created", topics=sorted(missing), partitions=partitions)
     elif missing:
         raise KafkaSetupError(
@@ -215,6 +329,46 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
             f"state topic {settings.state_topic_name} has {state_partitions} partitions, the input "
             f"topic {settings.input_topic} has {partitions}: they must be equal")
     return partitions
+
+
+def _check_topic_acls(settings: Settings, described: dict[str, dict[str, Any]]) -> None:
+    """Every topic the principal may not use, named in one error.
+
+    TOPIC_AUTHORIZATION_FAILED: no Describe (Kafka does not say whether the topic
+    exists). A topic it may describe but lacks Read or Write on shows in the
+    operations the broker says the principal is authorized for (KIP-430).
+    """
+    problems = []
+    for topic, (_variables, needs) in _topic_roles(settings).items():
+        info = described.get(topic)
+        if info is None:
+            continue
+        if info["error_code"] == TOPIC_AUTHORIZATION_FAILED:
+            problems.append(_topic_refusal(settings, topic, hidden=True))
+            continue
+        allowed = info.get("authorized_operations")
+        if info["error_code"] == 0 and isinstance(allowed, list) and allowed:
+            lacking = needs - set(allowed)
+            if lacking:
+                problems.append(_topic_refusal(settings, topic, lacking))
+    if problems:
+        raise KafkaSetupError("; ".join(problems))
+
+
+def _check_group_acl(admin: KafkaAdminClient, settings: Settings) -> None:
+    """Finding the group's coordinator needs Describe on the group: without it the
+    consumer would fail on its first poll. Anything else (a coordinator still
+    loading, an older broker) is left to the consumer."""
+    try:
+        groups = admin.describe_groups([settings.group_id])
+    except AuthorizationError as exc:
+        raise authorization_failure(settings, exc) from None
+    except KafkaError as exc:
+        log.debug("group_acl_unchecked", group=settings.group_id, error=str(exc))
+        return
+    allowed = groups.get(settings.group_id, {}).get("authorized_operations")
+    if isinstance(allowed, list) and allowed and "READ" not in allowed:
+        raise authorization_failure(settings, GroupAuthorizationFailedError(settings.group_id))
 
 
 def _partitions(admin: KafkaAdminClient, topic: str) -> int:
@@ -257,6 +411,7 @@ class RebalanceEvents(ConsumerRebalanceListener):  # type: ignore[misc]
 __all__ = [
     "KafkaError",
     "RebalanceEvents",
+    "authorization_failure",
     "ensure_topics",
     "make_consumer",
     "make_producer",

@@ -611,6 +611,43 @@ def secure_listeners(
     return listeners, props
 
 
+# --- Authorization (ACLs) for tests: KRaft's StandardAuthorizer, SCRAM users on SASL ---
+
+STANDARD_AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+
+
+def sasl_plaintext_listener(name: str = "SASL") -> tuple[dict[str, str], dict[str, str]]:
+    """`listeners` and `properties` for LocalKafka that add a SASL_PLAINTEXT listener
+    (SCRAM-SHA-256/512, no TLS); users come from LocalKafka(scram_users=...)."""
+    prefix = f"listener.name.{name.lower()}."
+    props = {prefix + "sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS)}
+    for mechanism in SCRAM_MECHANISMS:
+        props[prefix + f"{mechanism.lower()}.sasl.jaas.config"] = SCRAM_LOGIN
+    return {name: "SASL_PLAINTEXT"}, props
+
+
+def authorizer_properties(*super_users: str) -> dict[str, str]:
+    """server.properties that turn on ACLs (KRaft's StandardAuthorizer, deny by
+    default) with these user names as super users.
+
+    User:ANONYMOUS is always a super user too: the broker reaches its own
+    CONTROLLER and PLAINTEXT listeners as ANONYMOUS, and Kafka 4.1 refuses its
+    controller registration without it (the broker never comes up). So the
+    PLAINTEXT listener stays unrestricted and ACLs bind the users of the other
+    listeners. Example::
+
+        listeners, props = sasl_plaintext_listener()
+        broker = LocalKafka(listeners=listeners,
+                            properties=props | authorizer_properties("admin"),
+                            scram_users={"admin": "pw1", "lstmd": "pw2"}).start()
+    """
+    users = ["ANONYMOUS", *(u for u in super_users if u != "ANONYMOUS")]
+    return {
+        "authorizer.class.name": STANDARD_AUTHORIZER,
+        "super.users": ";".join(f"User:{u}" for u in users),
+    }
+
+
 def create_topics(
     bootstrap: str,
     topics: Mapping[str, int],
