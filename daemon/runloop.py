@@ -17,13 +17,14 @@ import uuid
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import AuthorizationError, KafkaError
 
 from daemon.checkpointing import Checkpoint, Checkpointer, Restorer, StateRecord, TransactionFailed
 from daemon.config import Settings
 from daemon.http import Health
 from daemon.kafka_io import (
     RebalanceEvents,
+    authorization_failure,
     ensure_topics,
     make_consumer,
     make_producer,
@@ -85,7 +86,10 @@ class RunLoop:
         self.health.reason = "waiting for the group to assign partitions"
         try:
             while not self.stop.is_set():
-                polled = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
+                try:
+                    polled = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
+                except AuthorizationError as exc:  # a group or topic ACL: retrying cannot help
+                    raise authorization_failure(self.settings, exc) from None
                 self.health.beat()
                 self.metrics.last_poll.set_to_current_time()
                 self._apply_rebalance(consumer, listener, restorer)

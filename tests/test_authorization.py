@@ -227,10 +227,6 @@ def test_describe_without_read_on_the_group_ends_the_daemon(startup: dict[str, E
     assert any("GroupAuthorizationFailedError" in ln for ln in run.lines), run.text()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GroupAuthorizationFailedError surfaces from consumer.poll() in RunLoop.run "
-    "(runloop.py), which does not map it to KafkaSetupError yet; the start-up check "
-    "cannot see Describe-only (a new group reports no authorized operations)"))
 def test_describe_without_read_on_the_group_exits_2_naming_it(startup: dict[str, Ended]) -> None:
     run = startup["group-describe"]
     line = refusal(run)
