@@ -266,6 +266,7 @@ class _Round:
     error: str = ""
     broker_events_per_s: float | None = None
     outputs: int = 0
+    topic: str = ""  # where the outputs went
 
     def window(self) -> tuple[int, float] | None:
         """Inputs of batches 2..K and the time from the end of batch 1 to the end of batch K."""
@@ -285,6 +286,7 @@ class _Broker:
     def __init__(self) -> None:
         self.local: Any = None
         self.inputs: dict[tuple[str, int, int, int, int], str] = {}
+        self.fast_outputs: str | None = None  # a complete fast e2e round's output topic
 
     def bootstrap(self, config: BenchConfig, log: Log) -> str:
         if config.bootstrap:
@@ -301,6 +303,7 @@ class _Broker:
         if self.local is not None:
             local, self.local = self.local, None
             self.inputs = {k: v for k, v in self.inputs.items() if k[0] != local.bootstrap}
+            self.fast_outputs = None
             local.stop()
             local.cleanup()
 
@@ -615,9 +618,12 @@ class E2ESection:
                             config.e2e_timeout_s, on_thread)
         else:
             round_, _ = run_lstmd(settings, target, config.e2e_timeout_s, on_thread)
+        round_.topic = output
         if not round_.error:
             round_.outputs, round_.broker_events_per_s = broker_rate(
                 bootstrap, output, config.e2e_partitions)
+            if contender == "fast" and target >= config.e2e_events:
+                BROKER.fast_outputs = output
         return round_
 
 
@@ -764,6 +770,44 @@ class _EndOffsets:
         self.consumer.close()
 
 
+def read_predictions(bootstrap: str, topic: str, partitions: int, limit: int,
+                     timeout_s: float = 60.0) -> dict[tuple[int, int], list[float]]:
+    """Up to `limit` predictions of an output topic: (input partition, offset) -> y."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        ends = consumer.end_offsets(tps)
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        wanted = min(limit, sum(ends.values()))
+        out: dict[tuple[int, int], list[float]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(out) < wanted and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                for rec in records:
+                    value = orjson.loads(rec.value)
+                    if "y" in value:
+                        out[(value["partition"], value["offset"])] = value["y"]
+        return out
+    finally:
+        consumer.close()
+
+
+def compare_predictions(bootstrap: str, ours: str, theirs: str, partitions: int,
+                        limit: int = 5000) -> tuple[int, float | None]:
+    """(how many, max |y difference|) over the predictions of the same inputs in
+    both topics (at most `limit` read from each): the peer does the same job."""
+    a = read_predictions(bootstrap, ours, partitions, limit)
+    b = read_predictions(bootstrap, theirs, partitions, limit)
+    common = a.keys() & b.keys()
+    if not common:
+        return 0, None
+    return len(common), max(
+        float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in common)
+
+
 @contextlib.contextmanager
 def outputs_closed(counter: _EndOffsets) -> Iterator[_EndOffsets]:
     try:
@@ -792,7 +836,13 @@ class PeerSection:
         for i in range(config.e2e_rounds):
             log(f"bench: peer round {i + 1}/{config.e2e_rounds} quix ({config.e2e_events:,} events) ...")
             rounds.append(self.one(python, script, weights, model_id, bootstrap, input_topic, config))
-        return [self._row(config, rounds, "")]
+        row = self._row(config, rounds, "")
+        done = next((r for r in rounds if not r.error), None)
+        if done is not None and BROKER.fast_outputs:
+            log("bench: peer: comparing its predictions with lstmd fast's ...")
+            row["parity_compared"], row["parity_max_abs_dy"] = compare_predictions(
+                bootstrap, BROKER.fast_outputs, done.topic, config.e2e_partitions)
+        return [row]
 
     def _row(self, config: BenchConfig, rounds: list[_Round], note: str) -> Row:
         row = _e2e_row(self.name, "quix", "quix", config.e2e_sequences, rounds, note)
@@ -834,6 +884,7 @@ class PeerSection:
                         proc.kill()
                         proc.wait()
         shutil.rmtree(state_dir, ignore_errors=True)
+        round_.topic = output
         if not round_.error:
             round_.outputs, round_.broker_events_per_s = broker_rate(
                 bootstrap, output, config.e2e_partitions)
@@ -941,10 +992,16 @@ class ProfileSection:
         sampler = Sampler(config.profile_interval_s)
         log(f"bench: profile: one fast e2e round ({config.e2e_events:,} events), "
             f"sampling every {config.profile_interval_s * 1e3:g} ms ...")
+        # A thread holding the GIL gives it up only every switch interval (5 ms): the
+        # sampler would mostly see the run loop when it blocks. A short one lets the
+        # sampler in while the run loop computes.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, config.profile_interval_s / 5))
         try:
             round_ = E2ESection.one(bootstrap, input_topic, "fast", config.e2e_events, config,
                                     on_thread=sampler.start)
         finally:
+            sys.setswitchinterval(interval)
             sampler.stop()
         return profile_rows(round_, sampler)
 
@@ -1194,6 +1251,10 @@ def format_table(report: dict[str, Any]) -> str:
         if total is not None and total.get("threads_busy"):
             out.append("other threads busy: " + ", ".join(
                 f"{name} {share * 100:.0f}%" for name, share in sorted(total["threads_busy"].items())))
+    for r in report["rows"]:
+        if r.get("parity_compared"):
+            out.append(f"peer parity: {r['parity_compared']:,} of its predictions compared with lstmd "
+                       f"fast's for the same inputs: max |y difference| {r['parity_max_abs_dy']:.1e}")
     notes = {r["note"] for r in report["rows"] if r.get("note")}
     out.extend(f"note: {note}" for note in sorted(notes))
     out.append(f"{meta['cpus']} CPUs ({meta.get('cpu', '?')}), load average {meta['load_average']}, "

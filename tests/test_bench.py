@@ -42,7 +42,8 @@ def test_report_structure() -> None:
 
 
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["bench", "--json", "--models", "demo", "--engines", "fast", "--sequences", "2",
+    code = main(["bench", "--json", "--sections", "engine", "--models", "demo", "--engines", "fast",
+                 "--sequences", "2",
                  "--rounds", "1", "--events", "4", "--min-round-seconds", "0"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
