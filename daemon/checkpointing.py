@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import AuthorizationError, CommitFailedError, KafkaError
+from kafka.errors import AuthorizationError, CommitFailedError, KafkaError, KafkaTimeoutError
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
@@ -71,15 +71,19 @@ class Checkpoint:
 
 
 class Checkpointer:
-    def __init__(self, settings: Settings, producer: KafkaProducer, metrics: Metrics,
-                 stop: threading.Event) -> None:
+    def __init__(self, settings: Settings, make_producer: Callable[[], KafkaProducer],
+                 metrics: Metrics, stop: threading.Event) -> None:
         self.settings = settings
-        self.producer = producer
+        self.make_producer = make_producer
+        self.producer = make_producer()
         self.metrics = metrics
         self.stop = stop
         self.transactional = settings.delivery == "exactly-once"
         if self.transactional:
-            producer.init_transactions()
+            self.producer.init_transactions()
+
+    def close(self, timeout: float) -> None:
+        close_producer(self.producer, timeout)
 
     def commit(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool:
         """Make the checkpoint durable. Returns False if the offsets could not be
@@ -209,17 +213,17 @@ class Checkpointer:
         delay = 0.5
         while pending_out or pending_states:
             sent = self._send(pending_out, pending_states)
-            # Records still in the producer are waited for, never sent twice: the
-            # producer retries them itself until its delivery timeout.
-            while not all(f.is_done for _, f in sent):
-                try:
-                    self.producer.flush(timeout=FLUSH_TIMEOUT_S)
-                except AuthorizationError as exc:
-                    raise self._not_authorized(exc) from None
-                except KafkaError as exc:
-                    log.error("flush_slow", error=str(exc))
-                    if self.stop.is_set():
-                        raise DeliveryFailed("records unacknowledged at shutdown") from exc
+            try:
+                self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+            except AuthorizationError as exc:
+                raise self._not_authorized(exc) from None
+            except KafkaError as exc:
+                # kafka-python 3.0.12's sender spins on a core while a partition has
+                # no leader (a deleted topic, a broker gone): drop that producer, its
+                # unacknowledged records failing, and resend them after a backoff.
+                log.error("flush_slow", error=str(exc), action="new producer")
+                close_producer(self.producer, 0)
+                self.producer = self.make_producer()
             self._account([(item, f) for item, f in sent if f.succeeded()])
             failed = [(item, f) for item, f in sent if not f.succeeded()]
             if not failed:
@@ -239,6 +243,22 @@ class Checkpointer:
             if self.stop.wait(delay):
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+
+def close_producer(producer: KafkaProducer, timeout: float) -> None:
+    """Close, abandoning what is still unacknowledged after `timeout` (its futures fail).
+
+    kafka-python 3.0.12's close() flushes first and raises if that flush times
+    out, so it never reaches its own force-close: do that step here.
+    """
+    try:
+        producer.close(timeout=timeout)
+    except KafkaTimeoutError:
+        sender = getattr(producer, "_sender", None)  # private: no public force-close
+        if sender is not None and sender.is_alive():
+            sender.force_close()
+            sender.join(5.0)
+        producer._closed = True  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -135,28 +135,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from daemon import bench
 
-    try:
-        config = bench.BenchConfig(
-            sections=bench.parse_list(args.sections),
-            models=bench.parse_list(args.models),
-            engines=bench.parse_list(args.engines),
-            sequences=bench.parse_ints(args.sequences),
-            rounds=max(1, args.rounds),
-            events=max(1, args.events),
-            keras_events=max(1, args.keras_events),
-            min_round_s=max(0.0, args.min_round_seconds),
-        )
-        bench.check(config)
-    except ValueError as exc:
-        print(f"lstmd bench: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
-    report = bench.run(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(json.dumps(report, indent=2) if args.json else bench.format_table(report))
-    return EXIT_OK
+    return bench.cli(args)
 
 
 def cmd_make_demo_model(args: argparse.Namespace) -> int:
@@ -188,20 +169,11 @@ def parser() -> argparse.ArgumentParser:
                    help="inference engine (default: keras); fast falls back to keras, with a warning, "
                         "for a model it cannot serve")
     r.set_defaults(func=cmd_replay)
-    b = sub.add_parser("bench", help="engine throughput and latency: keras vs fast")
-    b.add_argument("--sections", default="engine", help="comma-separated (default: engine)")
-    b.add_argument("--models", default="demo,lstm64x16", help="comma-separated (default: demo,lstm64x16)")
-    b.add_argument("--engines", default="keras,fast", help="comma-separated (default: keras,fast)")
-    b.add_argument("--sequences", default="1,64,1000",
-                   help="interleaved sequence counts, comma-separated (default: 1,64,1000)")
-    b.add_argument("--rounds", type=int, default=5, help="rounds per configuration (default: 5)")
-    b.add_argument("--events", type=int, default=10_000,
-                   help="events per round and configuration, fast engine (default: 10000)")
-    b.add_argument("--keras-events", type=int, default=600,
-                   help="events per round and configuration, keras engine (default: 600)")
-    b.add_argument("--min-round-seconds", type=float, default=0.25,
-                   help="least time stepped per round and configuration (default: 0.25)")
-    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    from daemon import bench
+
+    b = sub.add_parser("bench", help="throughput: the engines alone, end to end through Kafka "
+                                     "(pass-through, keras, fast), a Quix Streams peer, a profile")
+    bench.add_arguments(b)
     b.set_defaults(func=cmd_bench)
     m = sub.add_parser("make-demo-model", help="train and save the demo model")
     m.add_argument("path")

@@ -77,10 +77,12 @@ class RunLoop:
         log.info("kafka_ready", input_topic=self.settings.input_topic, partitions=partitions,
                  state_topic=self.settings.state_topic_name, delivery=self.settings.delivery)
         consumer = make_consumer(self.settings)
-        producer = make_producer(self.settings, self._transactional_id())
+        transactional_id = self._transactional_id()
         restorer = Restorer(make_restore_consumer(self.settings), self.settings.state_topic_name,
                             self.metrics)
-        checkpointer = Checkpointer(self.settings, producer, self.metrics, self.stop)
+        checkpointer = Checkpointer(
+            self.settings, lambda: make_producer(self.settings, transactional_id), self.metrics,
+            self.stop)
         listener = RebalanceEvents()
         consumer.subscribe([self.settings.input_topic], listener=listener)
         self.health.reason = "waiting for the group to assign partitions"
@@ -103,7 +105,7 @@ class RunLoop:
         finally:
             consumer.close(autocommit=False)
             restorer.consumer.close()
-            producer.close(timeout=30)
+            checkpointer.close(timeout=30)
             log.info("kafka_closed")
 
     def _transactional_id(self) -> str | None:
