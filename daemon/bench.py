@@ -480,8 +480,9 @@ def run_lstmd(settings: Any, target: int, timeout_s: float,
     stop = threading.Event()
 
     class TimedRunLoop(RunLoop):
-        def _checkpoint(self, consumer: Any, checkpointer: Any, restorer: Any, batch: list[Any]) -> None:
-            super()._checkpoint(consumer, checkpointer, restorer, batch)
+        def _checkpoint(self, consumer: Any, checkpointer: Any, restorer: Any, batch: list[Any],
+                        *, force: bool = False) -> None:
+            super()._checkpoint(consumer, checkpointer, restorer, batch, force=force)
             if batch:
                 marks.append((time.perf_counter(), len(batch)))
                 if sum(n for _, n in marks) >= target:

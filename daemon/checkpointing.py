@@ -218,12 +218,7 @@ class Checkpointer:
             except AuthorizationError as exc:
                 raise self._not_authorized(exc) from None
             except KafkaError as exc:
-                # kafka-python 3.0.12's sender spins on a core while a partition has
-                # no leader (a deleted topic, a broker gone): drop that producer, its
-                # unacknowledged records failing, and resend them after a backoff.
-                log.error("flush_slow", error=str(exc), action="new producer")
-                close_producer(self.producer, 0)
-                self.producer = self.make_producer()
+                log.error("flush_slow", error=str(exc), action="resend after a backoff")
             self._account([(item, f) for item, f in sent if f.succeeded()])
             failed = [(item, f) for item, f in sent if not f.succeeded()]
             if not failed:
@@ -240,6 +235,11 @@ class Checkpointer:
                          "not acknowledged")
             self.metrics.produce_errors.inc()
             log.error("produce_failed", undelivered=len(failed), error=str(error), retry_in_s=delay)
+            # kafka-python 3.0.12's sender spins on a core while it holds records for
+            # a partition without a leader (a deleted topic, a broker gone): drop that
+            # producer (what it still holds fails) and resend with a new one.
+            close_producer(self.producer, 0)
+            self.producer = self.make_producer()
             if self.stop.wait(delay):
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
             delay = min(delay * 2, MAX_RETRY_DELAY_S)

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     max_sequences: int = Field(default=100_000, ge=0, description="per process; 0: unbounded")
     max_record_bytes: int = Field(default=1 << 20, ge=64)
     step_gap: Literal["continue", "reset"] = "continue"
+    checkpoint_interval_ms: int = Field(
+        default=1000, ge=0, description="at-least-once; exactly-once checkpoints every poll batch")
     tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
 
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"

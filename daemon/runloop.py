@@ -64,6 +64,8 @@ class RunLoop:
         self._housekeeping_at = 0.0
         self._pending: list[OutputRecord] = []  # announcements waiting for the next checkpoint
         self._tombstones: list[StateRecord] = []
+        self._uncommitted: dict[TopicPartition, int] = {}  # processed, not yet checkpointed
+        self._checkpointed_at = time.monotonic()
 
     def run(self) -> None:
         """Serve until `stop` is set; returns after a clean checkpoint and close."""
@@ -98,10 +100,10 @@ class RunLoop:
                 if restorer.active:
                     self._restore(consumer, restorer)
                 batch = self._accept(consumer, polled)
-                if batch or self._pending or self._tombstones:
-                    self._checkpoint(consumer, checkpointer, restorer, batch)
+                self._checkpoint(consumer, checkpointer, restorer, batch)
                 self._housekeeping(consumer)
             log.info("stopping", reason="signal")
+            self._checkpoint(consumer, checkpointer, restorer, [], force=True)
         finally:
             consumer.close(autocommit=False)
             restorer.consumer.close()
@@ -143,6 +145,8 @@ class RunLoop:
         self.health.restoring.discard(tp.partition)
         dropped = self.store.drop_partition(tp.partition)
         self._next_offset.pop(tp.partition, None)
+        self._uncommitted.pop(tp, None)
+        self._tombstones = [t for t in self._tombstones if t.partition != tp.partition]
         with contextlib.suppress(KeyError):  # no lag reported for it yet
             self.metrics.lag.remove(str(tp.partition))
         log.info("partition_released", kind=kind, partition=tp.partition, states_dropped=dropped)
@@ -195,20 +199,39 @@ class RunLoop:
 
     # -- checkpoints --------------------------------------------------------------
     def _checkpoint(self, consumer: KafkaConsumer, checkpointer: Checkpointer, restorer: Restorer,
-                    batch: list[Any]) -> None:
-        cp = Checkpoint(outputs=self._pending, states=self._tombstones)
-        self._pending, self._tombstones = [], []
-        cp.outputs += self.processor.process(batch)
+                    batch: list[Any], *, force: bool = False) -> None:
+        """Publish the batch's outputs; every checkpoint interval (at-least-once) or
+        every batch (exactly-once), also the changed states and the offsets.
+
+        Between two checkpoints the published outputs are ahead of the committed
+        offsets and states: a crash repeats them, identically, from the last
+        checkpoint. A revoked partition's uncheckpointed work is simply dropped
+        (see `_release`): its next owner recomputes it from the same checkpoint.
+        """
+        outputs = self._pending + self.processor.process(batch)
+        self._pending = []
+        for rec in batch:
+            self._uncommitted[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+            self._next_offset[rec.partition] = rec.offset + 1
+        now = time.monotonic()
+        due = force or checkpointer.transactional or (
+            now - self._checkpointed_at >= self.settings.checkpoint_interval_ms / 1000)
+        if not due:
+            if outputs:
+                checkpointer.commit(consumer, Checkpoint(outputs=outputs))
+            return
+        if not (outputs or self._uncommitted or self._tombstones or self.store.has_changes()):
+            return
+        cp = Checkpoint(outputs=outputs, states=self._tombstones, offsets=self._uncommitted)
         cp.states += [StateRecord(p, k, v) for p, k, v in self.store.take_changes(
             self.processor.model_id)]
-        for rec in batch:
-            cp.offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+        self._tombstones, self._uncommitted = [], {}
+        self._checkpointed_at = now
         try:
             committed = checkpointer.commit(consumer, cp)
         except TransactionFailed:
             self._recover(consumer, restorer)
             return
-        self._next_offset.update({tp.partition: o for tp, o in cp.offsets.items()})
         if committed:
             for tp, offset in cp.offsets.items():
                 # Resets now committed no longer need their watermark: delete them.
@@ -226,6 +249,7 @@ class RunLoop:
             else:
                 consumer.seek_to_beginning(tp)
         restorer.cancel(list(restorer.active))
+        self._uncommitted, self._tombstones = {}, []
         self._start_restore(restorer, assigned)
         log.warning("recovering_from_abort", partitions=sorted(tp.partition for tp in assigned))
 

@@ -174,6 +174,9 @@ class StateStore:
             self._ended.setdefault(partition, {})[key] = state.watermark
             self.touched(partition, key)
 
+    def has_changes(self) -> bool:
+        return any(self._dirty.values())
+
     def take_changes(self, model_id: str) -> list[tuple[int, str, bytes | None]]:
         """(partition, key, snapshot) of every state changed since the last call;
         ended sequences give reset records."""

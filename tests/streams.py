@@ -208,11 +208,13 @@ class DaemonProcess:
             except orjson.JSONDecodeError:
                 continue
 
-    def wait_for(self, event: str, timeout: float = 90.0) -> dict[str, Any]:
+    def wait_for(self, event: str | tuple[str, ...], timeout: float = 90.0) -> dict[str, Any]:
+        """The first log event named `event` (or any of several names)."""
+        names = (event,) if isinstance(event, str) else event
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for ev in self.events():
-                if ev.get("event") == event:
+                if ev.get("event") in names:
                     return ev
             if self.proc.poll() is not None:
                 break

@@ -203,7 +203,9 @@ def test_produce_failing_blocks_commits_without_spinning(
         admin.delete_topics([names["out"]])
         time.sleep(2.0)
         produce(kafka.bootstrap, names["in"], later)
-        daemon.wait_for("flush_slow", timeout=60)  # the producer retries: we wait, not commit
+        # Either the producer keeps retrying (flush_slow) or it refuses the send for
+        # want of metadata (produce_failed): both wait and retry, never commit.
+        daemon.wait_for(("flush_slow", "produce_failed"), timeout=60)
         cpu_before, t0 = _cpu_seconds(daemon.proc.pid), time.monotonic()
         time.sleep(8.0)
         cpu_share = (_cpu_seconds(daemon.proc.pid) - cpu_before) / (time.monotonic() - t0)
