@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -165,6 +167,21 @@ def check_predictions(model_path: Path, stream: Stream, placed: list[tuple[int, 
             if (key, seg) not in unchecked:
                 assert pred["n"] == t + 1, (pred, key, t)
                 assert_matches(np.asarray(pred["y"]), expected[(key, seg)][t])
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    """GET one of the daemon's HTTP endpoints: (status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a metric's samples in an exposition (`name` may include labels)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + " ", name + "{")))
 
 
 def daemon_env(bootstrap: str, names: dict[str, str], model: Path, **extra: str) -> dict[str, str]:

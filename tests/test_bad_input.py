@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import socket
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ from tests.streams import (
     consume,
     daemon_env,
     interleaved_stream,
+    metric,
     produce,
+    scrape,
 )
 
 pytestmark = pytest.mark.kafka
@@ -46,19 +47,6 @@ BAD_RECORDS: list[tuple[bytes | None, bytes | None, str]] = [
     (b"seq-9", b'{"x": [0.1, 0.2, 0.3], "pad": "' + b"a" * MAX_BYTES + b'"}', "too_large"),
     (b"seq-0", None, "not_object"),
 ]
-
-
-def scrape(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")))
 
 
 def mixed_stream(seed: int) -> tuple[list[tuple[Any, Any]], Stream, dict[int, str], int]:

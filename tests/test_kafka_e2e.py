@@ -6,7 +6,6 @@ input event with an x has exactly one output carrying its partition and offset.
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 import orjson
@@ -22,7 +21,9 @@ from tests.streams import (
     consume,
     daemon_env,
     interleaved_stream,
+    metric,
     produce,
+    scrape,
 )
 
 pytestmark = pytest.mark.kafka
@@ -32,19 +33,6 @@ pytestmark = pytest.mark.kafka
 def stacked_model() -> Path:
     """LSTM -> GRU -> Dense(2): stacked kinds, three features, two outputs."""
     return models.built("stacked_lstm_gru")
-
-
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def test_interleaved_sequences_through_the_broker(
