@@ -155,3 +155,27 @@ def test_a_step_gap_resets_the_sequence_when_asked() -> None:
                               ("a", {"x": [5], "step": 4}), ("a", {"x": [1], "step": 5})]))
     assert [(o["y"], o["n"]) for o in got] == [([1.0], 1), ([3.0], 2), ([5.0], 1), ([6.0], 2)]
     assert metrics.step_gaps._value.get() == 1
+
+
+class NanOnNegativeEngine(SumEngine):
+    """The sum engine, but a negative input makes the output (and state) NaN."""
+
+    def step(self, slots: Sequence[object], xs: np.ndarray) -> np.ndarray:
+        ys = super().step(slots, xs)
+        for i, (slot, x) in enumerate(zip(slots, xs, strict=True)):
+            if x[0] < 0:
+                slot.tensors = [np.full_like(x, np.nan)]  # type: ignore[attr-defined]
+                ys[i] = np.nan
+        return ys
+
+
+def test_a_non_finite_output_is_dead_lettered_and_the_state_kept() -> None:
+    proc, metrics = make(NanOnNegativeEngine())
+    records = recs([("a", {"x": [1]}), ("a", {"x": [-1]}), ("a", {"x": [2]})])
+    out = proc.process(records)
+    good = [orjson.loads(o.value or b"") for o in out if not o.dead_letter]
+    dead = [o for o in out if o.dead_letter]
+    assert [(g["y"], g["n"]) for g in good] == [([1.0], 1), ([3.0], 2)]
+    assert [(d.value, dict(d.headers)["lstmd.error.class"]) for d in dead] == [
+        (records[1].value, b"nonfinite_output")]
+    assert metrics.rejected.labels(reason="nonfinite_output")._value.get() == 1
