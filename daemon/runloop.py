@@ -86,6 +86,7 @@ class RunLoop:
             self.settings, lambda: make_producer(self.settings, transactional_id), self.metrics,
             self.stop)
         listener = RebalanceEvents()
+        self._await_metadata(consumer)
         consumer.subscribe([self.settings.input_topic], listener=listener)
         self.health.reason = "waiting for the group to assign partitions"
         try:
@@ -109,6 +110,20 @@ class RunLoop:
             restorer.consumer.close()
             checkpointer.close(timeout=30)
             log.info("kafka_closed")
+
+    def _await_metadata(self, consumer: KafkaConsumer, timeout_s: float = 30.0) -> None:
+        """Have the input topic's partitions in the consumer's metadata before joining.
+
+        kafka-python 3.0.12 can join a new group before it knows the topic's
+        partitions ("No partition metadata for topic"): the leader then assigns
+        nothing and was seen not to rejoin for minutes.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not consumer.partitions_for_topic(self.settings.input_topic):
+            if time.monotonic() > deadline or self.stop.wait(0.2):
+                log.warning("input_metadata_missing", topic=self.settings.input_topic)
+                return
+            self.health.beat()
 
     def _transactional_id(self) -> str | None:
         """Stable for a static member (its restart fences its own zombie), unique otherwise;
