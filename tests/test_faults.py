@@ -76,13 +76,15 @@ def test_kill_9_five_times_mid_stream(
     check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")
 
 
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_daemons_join_and_leave_mid_stream(
-    kafka: LocalKafka, topics: TopicFactory, model: Path
+    kafka: LocalKafka, topics: TopicFactory, model: Path, delivery: str
 ) -> None:
     names = topics({"in": 3, "out": 3, "dlq": 1})
     stream = interleaved_stream(n_keys=24, n_events=3000, features=3, seed=33)
     placed = produce(kafka.bootstrap, names["in"], stream.events)
-    env = daemon_env(kafka.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40")
+    env = daemon_env(kafka.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40",
+                     LSTMD_DELIVERY=delivery)
     a = DaemonProcess(env)
     b = c = None
     try:
@@ -98,13 +100,14 @@ def test_daemons_join_and_leave_mid_stream(
     finally:
         codes = [d.stop() for d in (b, c) if d is not None]
     assert codes == [0, 0]
-    check_predictions(model, stream, placed, out, exactly_once=False)
+    check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")
     moved = [ev for d in (a, b, c) if d for ev in d.events() if ev.get("event") == "partition_released"]
     assert moved, "no partition changed hands: the test proved nothing"
 
 
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_broker_down_for_seconds_mid_stream(
-    kafka_broker_factory: Any, model: Path
+    kafka_broker_factory: Any, model: Path, delivery: str
 ) -> None:
     broker: LocalKafka = kafka_broker_factory()
     names = {"in": "events", "out": "predictions", "dlq": "events.dlq"}
@@ -112,7 +115,8 @@ def test_broker_down_for_seconds_mid_stream(
     create_topics(broker.bootstrap, {"events": 2, "predictions": 1, "events.dlq": 1})
     stream = interleaved_stream(n_keys=12, n_events=2500, features=3, seed=44)
     placed = produce(broker.bootstrap, "events", stream.events)
-    env = daemon_env(broker.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40")
+    env = daemon_env(broker.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40",
+                     LSTMD_DELIVERY=delivery)
     daemon = DaemonProcess(env)
     try:
         daemon.wait_for("partition_restored")
@@ -124,7 +128,7 @@ def test_broker_down_for_seconds_mid_stream(
                       settle=2.0, timeout=150, while_running=daemon)
     finally:
         assert daemon.stop() == 0
-    check_predictions(model, stream, placed, out, exactly_once=False)
+    check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")
 
 
 def test_idle_sequence_is_evicted_announced_and_starts_over(
