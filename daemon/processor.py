@@ -170,21 +170,18 @@ class Processor:
             else:
                 self.store.touched(partition, key)
         result = [o for o in outputs if o is not None]
-        result += self._announce(self.store.evict_over_capacity())
+        result += self.announce(self.store.evict_over_capacity())
         self.metrics.active_sequences.set(len(self.store))
         return result
 
     def evict_idle(self, idle_s: float) -> list[OutputRecord]:
         """Drop states idle for longer than `idle_s`; returns their announcements."""
-        out = self._announce(self.store.evict_idle(idle_s))
+        out = self.announce(self.store.evict_idle(idle_s))
         self.metrics.active_sequences.set(len(self.store))
         return out
 
     def announce(self, evictions: Sequence[Eviction]) -> list[OutputRecord]:
-        """Announcement records for states dropped elsewhere (e.g. at restore)."""
-        return self._announce(evictions)
-
-    def _announce(self, evictions: Sequence[Eviction]) -> list[OutputRecord]:
+        """Notices (output records) for states dropped before their end; counted by cause."""
         now = self.clock()
         out = []
         for ev in evictions:

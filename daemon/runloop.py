@@ -99,7 +99,7 @@ class RunLoop:
                 self.metrics.last_poll.set_to_current_time()
                 self._apply_rebalance(consumer, listener, restorer)
                 if restorer.active:
-                    self._restore(consumer, restorer)
+                    self._restore(restorer)
                 batch = self._accept(consumer, polled)
                 self._checkpoint(consumer, checkpointer, restorer, batch)
                 self._housekeeping(consumer)
@@ -176,7 +176,7 @@ class RunLoop:
             self.health.restoring.add(tp.partition)
         restorer.begin(tp.partition for tp in tps)
 
-    def _restore(self, consumer: KafkaConsumer, restorer: Restorer) -> None:
+    def _restore(self, restorer: Restorer) -> None:
         for partition, states in restorer.step().items():
             evicted = self._install(partition, states)
             self._pending += self.processor.announce(evicted)

@@ -254,9 +254,6 @@ class StateStore:
         self._count -= dropped
         return dropped
 
-    def partitions(self) -> list[int]:
-        return sorted(set(self._states) | set(self._high))
-
     def state_bytes(self) -> int:
         return sum(t.nbytes for _, _, s in self for t in s.tensors or ())
 
