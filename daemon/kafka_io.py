@@ -27,6 +27,7 @@ from kafka.errors import (
     SaslAuthenticationFailedError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailedError,
+    for_code,
 )
 
 from daemon import __version__
@@ -58,6 +59,8 @@ BOOTSTRAP_TIMEOUT_MS = 5000
 # topic gets TOPIC_AUTHORIZATION_FAILED whether or not the topic exists.
 UNKNOWN_TOPIC_OR_PARTITION = 3
 TOPIC_AUTHORIZATION_FAILED = 29
+# In a CreateTopics answer: someone else (another pod, an operator) created it first.
+TOPIC_ALREADY_EXISTS = 36
 
 
 def security_kwargs(settings: Settings) -> dict[str, Any]:
@@ -310,25 +313,45 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
         settings.state_topic_name: {"num_partitions": partitions, "configs": STATE_TOPIC_CONFIG},
     }
     missing = {t: spec for t, spec in wanted.items() if t not in existing}
-    if missing and settings.create_topics:
-        try:
-            admin.create_topics(missing, wait_for_metadata=True)
-        except AuthorizationError:
-            raise KafkaSetupError(
-                f"not authorized to create topics {', '.join(sorted(missing))} as "
-                f"{_principal(settings)} (LSTMD_CREATE_TOPICS=true): create them, or grant "
-                "Create on them") from None
-        log.info("topics_created", topics=sorted(missing), partitions=partitions)
-    elif missing:
+    if missing and not settings.create_topics:
         raise KafkaSetupError(
             f"missing Kafka topics: {', '.join(sorted(missing))} (create them, or set "
             "LSTMD_CREATE_TOPICS=true)")
+    if missing:
+        _create_topics(admin, settings, missing)
+        log.info("topics_created", topics=sorted(missing), partitions=partitions)
+        # Whoever won a creation race chose the partition count: read it back.
+        partitions = _partitions(admin, settings.input_topic)
     state_partitions = _partitions(admin, settings.state_topic_name)
     if state_partitions != partitions:
         raise KafkaSetupError(
             f"state topic {settings.state_topic_name} has {state_partitions} partitions, the input "
             f"topic {settings.input_topic} has {partitions}: they must be equal")
     return partitions
+
+
+def _create_topics(admin: KafkaAdminClient, settings: Settings,
+                   missing: dict[str, dict[str, Any]]) -> None:
+    """Create the missing topics; one created meanwhile by someone else is fine.
+
+    Pods of one StatefulSet start together, so with LSTMD_CREATE_TOPICS=true
+    they race to create the same topics: losing that race is not an error.
+    """
+    answer = admin.create_topics(missing, raise_errors=False)
+    for topic in answer["topics"]:
+        code = topic["error_code"]
+        if code in (0, TOPIC_ALREADY_EXISTS):
+            continue
+        error: type[KafkaError] = for_code(code)  # type: ignore[no-untyped-call]
+        if issubclass(error, AuthorizationError):
+            raise KafkaSetupError(
+                f"not authorized to create topics {', '.join(sorted(missing))} as "
+                f"{_principal(settings)} (LSTMD_CREATE_TOPICS=true): create them, or grant "
+                "Create on them")
+        raise KafkaSetupError(
+            f"could not create topic {topic['name']}: {error.__name__}: "
+            f"{topic.get('error_message') or 'no message from the broker'}")
+    admin.wait_for_topics(list(missing))
 
 
 def _check_topic_acls(settings: Settings, described: dict[str, dict[str, Any]]) -> None:

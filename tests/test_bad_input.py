@@ -13,6 +13,8 @@ import orjson
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
+from daemon.config import Settings
+from daemon.kafka_io import ensure_topics
 from daemon.localkafka import LocalKafka, create_topics
 from tests import models
 from tests.conftest import TopicFactory
@@ -160,6 +162,43 @@ def test_missing_topic_exits_2_naming_it(kafka: LocalKafka, topics: TopicFactory
     assert daemon.proc.wait(timeout=120) == 2
     assert any("no-such-input-topic" in line and "LSTMD_CREATE_TOPICS" in line
                for line in daemon.lines), "\n".join(daemon.lines[-5:])
+
+
+class _LateDescribe:
+    """A real admin client that describes the topics as they were a moment ago:
+    the window in which another pod creates them before this one does."""
+
+    def __init__(self, admin: KafkaAdminClient, stale: set[str]) -> None:
+        self._admin = admin
+        self._stale = stale
+
+    def describe_topics(self, names: list[str]) -> list[dict[str, Any]]:
+        return [t | {"error_code": 3} if t["name"] in self._stale else t
+                for t in self._admin.describe_topics(names)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._admin, name)
+
+
+def test_topics_created_meanwhile_by_another_pod_are_used(
+    kafka: LocalKafka, topics: TopicFactory
+) -> None:
+    names = topics({"in": 3, "out": 3})
+    state = f"state-{names['in']}"
+    create_topics(kafka.bootstrap, {state: 3})
+    settings = Settings(kafka_bootstrap_servers=kafka.bootstrap, input_topic=names["in"],
+                        output_topic=names["out"], dlq_topic=f"dlq-{names['in']}",
+                        state_topic=state, model_path=str(models.built("lstm_dense")),
+                        group_id=f"group-{names['in']}", create_topics=True)
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    try:
+        racing = _LateDescribe(admin, stale={names["out"], state})
+        assert ensure_topics(racing, settings) == 3  # type: ignore[arg-type]
+        parts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(
+            [names["out"], state, settings.dead_letter_topic])}
+        assert parts == {names["out"]: 3, state: 3, settings.dead_letter_topic: 3}
+    finally:
+        admin.close()
 
 
 def _cpu_seconds(pid: int) -> float:
