@@ -55,10 +55,6 @@ class Engine(Protocol):
         """
         ...
 
-    def zero_state(self) -> StateTensors:
-        """A fresh state: zeros of every state variable."""
-        ...
-
 
 def zero_state_for(model: ServableModel) -> StateTensors:
     """Read-only float32 zeros of each of the model's state shapes."""
@@ -118,9 +114,6 @@ class KerasEngine:
         self.steps = 0
         self.swaps = 0
         self.invalidate()
-
-    def zero_state(self) -> StateTensors:
-        return zero_state_for(self.model)
 
     def invalidate(self) -> None:
         """Forget which slot is resident: the next event assigns its state."""

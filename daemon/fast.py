@@ -787,9 +787,6 @@ class FastEngine:
         self.steps = 0
         self.waves = 0
 
-    def zero_state(self) -> StateTensors:
-        return zero_state_for(self.model)
-
     def step(self, slots: Sequence[StateSlot], xs: np.ndarray) -> np.ndarray:
         arr = check_batch(self.model, slots, xs)
         n = len(slots)

@@ -1,11 +1,13 @@
-"""FastEngine against the oracle (tests/oracle.py) and against KerasEngine, at 1e-5;
-its activations against Keras's; make_engine's choice and fallback."""
+"""What only FastEngine does: against KerasEngine and the oracle (tests/oracle.py) at
+1e-5 over many sequences and in sub-waves; its activations against Keras's;
+make_engine's choice and fallback. The engine contract is checked on it in
+tests/test_engine_contract.py."""
 
 from __future__ import annotations
 
 import random
+import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -15,7 +17,7 @@ import pytest
 import structlog
 
 from daemon import engines as engines_module
-from daemon.engines import Engine, KerasEngine, StateSlot, StateTensors, make_engine, parity_guard
+from daemon.engines import KerasEngine, StateSlot, make_engine, parity_guard
 from daemon.fast import ACTIVATIONS, FastEngine, UnsupportedModel, numpy_activation
 from daemon.metrics import Metrics
 from daemon.model import ServableModel, load_model
@@ -24,92 +26,15 @@ from daemon.replay import FileRecord
 from daemon.state import StateStore
 from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
+from tests.test_engine_contract import KINDS, Slot, random_calls
 
-KINDS = ["lstm_dense", "stacked_lstm_gru", "three_kinds", "multi_output", "exotic", "fast_mix"]
 FALLBACK = {"layer_norm": ("layer_normalization", "LayerNormalization"),
             "time_distributed": ("time_distributed", "TimeDistributed")}
-
-
-@dataclass(eq=False)
-class Slot:
-    """A stand-in for daemon.state.SequenceState: only what engines use."""
-
-    tensors: StateTensors | None = None
 
 
 @pytest.fixture(scope="module")
 def loaded() -> dict[str, ServableModel]:
     return {kind: load_model(built(kind)) for kind in [*KINDS, *FALLBACK]}
-
-
-@dataclass
-class Track:
-    slot: Slot = field(default_factory=Slot)
-    segments: list[list[np.ndarray]] = field(default_factory=lambda: [[]])
-
-
-def _random_calls(
-    rnd: random.Random, n_tracks: int, lengths: tuple[int, int], max_call: int
-) -> list[tuple[list[int], set[int]]]:
-    """Calls of random sizes over tracks of random lengths, a track possibly
-    several times in a call; with each call, the tracks reset before it."""
-    remaining = [rnd.randint(*lengths) for _ in range(n_tracks)]
-    calls = []
-    while any(remaining):
-        call: list[int] = []
-        for _ in range(rnd.randint(1, max_call)):
-            live = [k for k, r in enumerate(remaining) if r > 0]
-            if not live:
-                break
-            k = rnd.choice(live)
-            if call and rnd.random() < 0.3 and remaining[call[-1]] > 0:
-                k = call[-1]  # the same sequence again within the call
-            remaining[k] -= 1
-            call.append(k)
-        resets = {k for k in set(call) if rnd.random() < 0.1}
-        calls.append((call, resets))
-    return calls
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_interleaved_sequences_match_the_oracle(
-    loaded: dict[str, ServableModel], kind: str, seed: int
-) -> None:
-    """Several sequences interleaved in calls of random sizes, repeated slots in
-    one call, random resets: every output equals the oracle's."""
-    model = loaded[kind]
-    engine = FastEngine(model)
-    rng = np.random.default_rng(seed)
-    tracks = [Track() for _ in range(4)]
-    events: list[tuple[int, int, int, np.ndarray]] = []
-    repeated = False
-    for call, resets in _random_calls(random.Random(seed), 4, (2, 9), 6):
-        for k in resets:
-            if tracks[k].segments[-1]:
-                tracks[k].slot.tensors = None
-                tracks[k].segments.append([])
-        repeated |= len(set(call)) < len(call)
-        xs = rng.standard_normal((len(call), model.n_features)).astype(np.float32)
-        where = []
-        for k, x in zip(call, xs, strict=True):
-            seg = tracks[k].segments[-1]
-            where.append((k, len(tracks[k].segments) - 1, len(seg)))
-            seg.append(x)
-        ys = engine.step([tracks[k].slot for k in call], xs)
-        assert ys.shape == (len(call), model.output_width) and ys.dtype == np.float32
-        events.extend((k, s, t, y) for (k, s, t), y in zip(where, ys, strict=True))
-    assert repeated
-    assert engine.steps == len(events)
-    expected = {
-        (k, s): expected_outputs(built(kind), np.stack(seg))
-        for k, track in enumerate(tracks)
-        for s, seg in enumerate(track.segments)
-        if seg
-    }
-    got = np.stack([y for _, _, _, y in events])
-    want = np.stack([expected[(k, s)][t] for k, s, t, _ in events])
-    assert_matches(got, want)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -121,7 +46,7 @@ def test_many_sequences_match_keras(loaded: dict[str, ServableModel], kind: str)
     rng = np.random.default_rng(5)
     ours = [Slot() for _ in range(40)]
     theirs = [Slot() for _ in range(40)]
-    for call, resets in _random_calls(random.Random(5), 40, (2, 10), 40):
+    for call, resets in random_calls(random.Random(5), 40, (2, 10), 40):
         for k in resets:
             ours[k].tensors = theirs[k].tensors = None
         xs = rng.standard_normal((len(call), model.n_features)).astype(np.float32)
@@ -161,110 +86,6 @@ def test_states_are_interchangeable_with_keras(loaded: dict[str, ServableModel])
     assert_matches(np.concatenate(ys), expected_outputs(built("multi_output"), x))
 
 
-def test_old_state_lists_are_checkpoints(loaded: dict[str, ServableModel]) -> None:
-    model = loaded["three_kinds"]
-    engine = FastEngine(model)
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((8, model.n_features)).astype(np.float32)
-    slot, other = Slot(), Slot()
-    for i in range(4):
-        engine.step([slot, other], np.stack([x[i], -x[i]]))
-    checkpoint = slot.tensors
-    assert checkpoint is not None and other.tensors is not None
-    frozen = [a.copy() for a in checkpoint]
-    for a in checkpoint:
-        assert not a.flags.writeable
-        assert a.dtype == np.float32
-        with pytest.raises(ValueError):
-            a[0] = 1.0
-    assert [a.shape for a in checkpoint] == model.state_shapes
-    # Each slot owns its memory: no sequence keeps another's (or a wave's) alive.
-    for a in checkpoint:
-        for b in other.tensors:
-            assert not np.shares_memory(a, b)
-    for i in range(4, 8):
-        engine.step([other, slot], np.stack([-x[i], x[i]]))
-    for a, b in zip(checkpoint, frozen, strict=True):
-        np.testing.assert_array_equal(a, b)
-    branch = rng.standard_normal((3, model.n_features)).astype(np.float32)
-    slot.tensors = checkpoint
-    ys = engine.step([slot] * 3, branch)
-    expected = expected_outputs(built("three_kinds"), np.concatenate([x[:4], branch]))
-    assert_matches(ys, expected[4:])
-
-
-def test_foreign_states_resume_identically(loaded: dict[str, ServableModel]) -> None:
-    """Writeable float64 copies (e.g. restored from a checkpoint store) work, and
-    are not touched."""
-    model = loaded["stacked_lstm_gru"]
-    engine = FastEngine(model)
-    x = np.random.default_rng(10).standard_normal((6, model.n_features)).astype(np.float32)
-    original = Slot()
-    engine.step([original] * 3, x[:3])
-    assert original.tensors is not None
-    twin = Slot([np.array(a, dtype=np.float64) for a in original.tensors])
-    before = [a.copy() for a in twin.tensors or []]
-    saved = twin.tensors
-    y_twin = engine.step([twin] * 3, x[3:])
-    y_orig = engine.step([original] * 3, x[3:])
-    np.testing.assert_array_equal(y_twin, y_orig)
-    assert_matches(y_orig, expected_outputs(built("stacked_lstm_gru"), x)[3:])
-    for a, b in zip(saved or [], before, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_each_step_leaves_a_fresh_list(loaded: dict[str, ServableModel]) -> None:
-    model = loaded["lstm_dense"]
-    engine = FastEngine(model)
-    slot = Slot()
-    engine.step([slot], np.zeros((1, 1), np.float32))
-    first = slot.tensors
-    engine.step([slot], np.ones((1, 1), np.float32))
-    assert slot.tensors is not first
-    assert first is not None and slot.tensors is not None
-    assert all(a is not b for a, b in zip(first, slot.tensors, strict=True))
-
-
-def test_zero_state_equals_a_fresh_slot(loaded: dict[str, ServableModel]) -> None:
-    model = loaded["stacked_lstm_gru"]
-    engine = FastEngine(model)
-    zero = engine.zero_state()
-    assert [a.shape for a in zero] == model.state_shapes
-    assert all(a.dtype == np.float32 and not a.any() for a in zero)
-    x = np.random.default_rng(11).standard_normal((2, model.n_features)).astype(np.float32)
-    fresh, zeroed = Slot(), Slot(zero)
-    out = engine.step([fresh, zeroed], x[[0, 0]])
-    np.testing.assert_array_equal(out[0], out[1])
-
-
-def test_empty_call(loaded: dict[str, ServableModel]) -> None:
-    model = loaded["lstm_dense"]
-    out = FastEngine(model).step([], np.zeros((0, 1), np.float32))
-    assert out.shape == (0, model.output_width)
-
-
-def test_bad_inputs_are_refused(loaded: dict[str, ServableModel]) -> None:
-    model = loaded["stacked_lstm_gru"]
-    engine = FastEngine(model)
-    with pytest.raises(ValueError, match="shape"):
-        engine.step([Slot()], np.zeros((1, 2), np.float32))
-    with pytest.raises(ValueError, match="slots"):
-        engine.step([Slot(), Slot()], np.zeros((1, 3), np.float32))
-    with pytest.raises(ValueError, match="state tensor"):
-        engine.step([Slot([np.zeros(8), np.zeros(8), np.zeros(5)])], np.zeros((1, 3)))
-    with pytest.raises(ValueError, match="state tensor"):  # all with the same wrong shape
-        engine.step([Slot([np.zeros(8), np.zeros(8), np.zeros(5)])] * 2, np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="tensors"):
-        engine.step([Slot([np.zeros(8)])], np.zeros((1, 3)))
-    with pytest.raises(ValueError, match="tensors"):
-        engine.step([Slot(), Slot([np.zeros(8)] * 2 + [np.zeros(6)] * 2)], np.zeros((2, 3)))
-
-
-def test_fast_engine_is_an_engine(loaded: dict[str, ServableModel]) -> None:
-    engine: Engine = FastEngine(loaded["lstm_dense"])
-    assert engine.name == "fast"
-
-
 # ------------------------------------------------------------------ activations
 
 _GRID = np.concatenate([
@@ -290,7 +111,8 @@ def test_unknown_activations_are_refused() -> None:
         numpy_activation(keras.activations.get("glu"), "a layer")
 
 
-@keras.saving.register_keras_serializable(package="lstmd_tests")
+# keras is untyped here (ignore_missing_imports), so is its decorator.
+@keras.saving.register_keras_serializable(package="lstmd_tests")  # type: ignore[untyped-decorator]
 def wobble(x: object) -> object:
     """A custom activation: Keras serves it, the fast engine does not know it."""
     return keras.ops.tanh(x) * 0.5
@@ -396,7 +218,7 @@ def test_replay_and_config_accept_fast() -> None:
     args = parser().parse_args(["replay", "--model", "m.keras", "--input", "i", "--engine", "fast"])
     assert args.engine == "fast"
     assert parser().parse_args(["replay", "--model", "m.keras", "--input", "i"]).engine == "keras"
-    assert "fast" in Settings.model_fields["engine"].annotation.__args__
+    assert "fast" in typing.get_args(Settings.model_fields["engine"].annotation)
 
 
 def test_processor_with_the_fast_engine_matches_the_oracle(loaded: dict[str, ServableModel]) -> None:

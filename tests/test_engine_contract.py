@@ -1,0 +1,295 @@
+"""The engine contract (daemon/engines.py, `Engine`), checked on every engine:
+outputs equal the oracle's (tests/oracle.py) at 1e-5, states are fresh read-only
+checkpoints, foreign states resume, bad inputs are refused.
+
+What only one engine does is tested in tests/test_engine_keras.py and
+tests/test_engine_fast.py, which use the helpers of this module.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pytest
+
+from daemon import engines as engines_module
+from daemon.engines import Engine, KerasEngine, StateTensors
+from daemon.fast import FastEngine
+from daemon.model import ServableModel, load_model
+from tests.models import built
+from tests.oracle import assert_matches, expected_outputs
+
+KINDS = ["lstm_dense", "stacked_lstm_gru", "three_kinds", "multi_output", "exotic", "fast_mix"]
+
+
+class CountingEngine(Engine, Protocol):
+    """An engine that counts the events it stepped (both do)."""
+
+    steps: int
+
+
+#: Every engine, by name. The annotation makes mypy check that each is an Engine.
+ENGINES: dict[str, Callable[[ServableModel], CountingEngine]] = {"keras": KerasEngine, "fast": FastEngine}
+
+
+@dataclass(eq=False)
+class Slot:
+    """A stand-in for daemon.state.SequenceState: only what engines use."""
+
+    tensors: StateTensors | None = None
+
+
+@dataclass
+class Track:
+    """One sequence as the test sees it: its slot, and the inputs of each segment
+    (a reset starts a new segment)."""
+
+    slot: Slot = field(default_factory=Slot)
+    segments: list[list[np.ndarray]] = field(default_factory=lambda: [[]])
+
+
+def random_calls(
+    rnd: random.Random, n_tracks: int, lengths: tuple[int, int], max_call: int
+) -> list[tuple[list[int], set[int]]]:
+    """Calls of random sizes over tracks of random lengths, a track possibly
+    several times in a call; with each call, the tracks reset before it."""
+    remaining = [rnd.randint(*lengths) for _ in range(n_tracks)]
+    calls = []
+    while any(remaining):
+        call: list[int] = []
+        for _ in range(rnd.randint(1, max_call)):
+            live = [k for k, r in enumerate(remaining) if r > 0]
+            if not live:
+                break
+            k = rnd.choice(live)
+            if call and rnd.random() < 0.3 and remaining[call[-1]] > 0:
+                k = call[-1]  # the same sequence again within the call
+            remaining[k] -= 1
+            call.append(k)
+        resets = {k for k in set(call) if rnd.random() < 0.1}
+        calls.append((call, resets))
+    return calls
+
+
+@dataclass
+class Run:
+    """What `interleave` did: each event as (track, segment, step within segment, y)."""
+
+    tracks: list[Track]
+    events: list[tuple[int, int, int, np.ndarray]]
+    repeated: bool
+    """Some call held a sequence more than once."""
+
+
+def interleave(engine: Engine, model: ServableModel, seed: int) -> Run:
+    """Step 4 sequences of 2-9 events, interleaved in calls of 1-6 events (a
+    sequence possibly several times in one call), with random resets. The calls
+    depend on `seed` alone, not on the model."""
+    rng = np.random.default_rng(seed)
+    run = Run([Track() for _ in range(4)], [], repeated=False)
+    for call, resets in random_calls(random.Random(seed), 4, (2, 9), 6):
+        for k in resets:
+            if run.tracks[k].segments[-1]:
+                run.tracks[k].slot.tensors = None  # a reset: a fresh segment
+                run.tracks[k].segments.append([])
+        run.repeated |= len(set(call)) < len(call)
+        xs = rng.standard_normal((len(call), model.n_features)).astype(np.float32)
+        where = []
+        for k, x in zip(call, xs, strict=True):
+            seg = run.tracks[k].segments[-1]
+            where.append((k, len(run.tracks[k].segments) - 1, len(seg)))
+            seg.append(x)
+        ys = engine.step([run.tracks[k].slot for k in call], xs)
+        assert ys.shape == (len(call), model.output_width) and ys.dtype == np.float32
+        run.events.extend((k, s, t, y) for (k, s, t), y in zip(where, ys, strict=True))
+    return run
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, ServableModel]:
+    return {kind: load_model(built(kind)) for kind in KINDS}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def engine_cls(request: pytest.FixtureRequest) -> Callable[[ServableModel], CountingEngine]:
+    """Each engine in turn (test ids "fast", "keras")."""
+    return ENGINES[request.param]
+
+
+def _x(seed: int, n: int, model: ServableModel) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, model.n_features)).astype(np.float32)
+
+
+def test_every_engine_is_covered() -> None:
+    assert sorted(ENGINES) == sorted(engines_module.ENGINES)
+
+
+def test_engine_names(
+    loaded: dict[str, ServableModel], engine_cls: Callable[[ServableModel], CountingEngine]
+) -> None:
+    engine: Engine = engine_cls(loaded["lstm_dense"])
+    assert ENGINES[engine.name] is engine_cls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_interleaved_sequences_match_the_oracle(
+    loaded: dict[str, ServableModel],
+    engine_cls: Callable[[ServableModel], CountingEngine],
+    kind: str,
+    seed: int,
+) -> None:
+    """Several sequences of random lengths interleaved in calls of random sizes,
+    repeated slots in one call, random resets: every output equals the oracle's."""
+    model = loaded[kind]
+    engine = engine_cls(model)
+    run = interleave(engine, model, seed)
+    assert run.repeated
+    assert engine.steps == len(run.events)
+    expected = {
+        (k, s): expected_outputs(built(kind), np.stack(seg))
+        for k, track in enumerate(run.tracks)
+        for s, seg in enumerate(track.segments)
+        if seg
+    }
+    got = np.stack([y for _, _, _, y in run.events])
+    want = np.stack([expected[(k, s)][t] for k, s, t, _ in run.events])
+    assert_matches(got, want)
+
+
+def test_old_state_lists_are_checkpoints(
+    loaded: dict[str, ServableModel], engine_cls: Callable[[ServableModel], CountingEngine]
+) -> None:
+    """The engine never mutates a state it handed out: restoring an old list
+    resumes from exactly there. Each slot owns its memory."""
+    model = loaded["three_kinds"]
+    engine = engine_cls(model)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((8, model.n_features)).astype(np.float32)
+    slot, other = Slot(), Slot()
+    for i in range(4):
+        engine.step([slot, other], np.stack([x[i], -x[i]]))
+    checkpoint = slot.tensors
+    assert checkpoint is not None and other.tensors is not None
+    frozen = [a.copy() for a in checkpoint]
+    for a in checkpoint:
+        assert not a.flags.writeable
+        assert a.dtype == np.float32
+        with pytest.raises(ValueError):
+            a[0] = 1.0
+    assert [a.shape for a in checkpoint] == model.state_shapes
+    # No sequence keeps another's (or a wave's) memory alive.
+    for a in checkpoint:
+        for b in other.tensors:
+            assert not np.shares_memory(a, b)
+    for i in range(4, 8):
+        engine.step([other, slot], np.stack([-x[i], x[i]]))
+    for a, b in zip(checkpoint, frozen, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Rewind to the checkpoint and take another branch.
+    branch = rng.standard_normal((3, model.n_features)).astype(np.float32)
+    slot.tensors = checkpoint
+    ys = engine.step([slot] * 3, branch)
+    expected = expected_outputs(built("three_kinds"), np.concatenate([x[:4], branch]))
+    assert_matches(ys, expected[4:])
+
+
+@pytest.mark.parametrize(("kind", "dtype"), [("multi_output", np.float32), ("stacked_lstm_gru", np.float64)])
+def test_foreign_states_resume_identically(
+    loaded: dict[str, ServableModel],
+    engine_cls: Callable[[ServableModel], CountingEngine],
+    kind: str,
+    dtype: type[np.floating[Any]],
+) -> None:
+    """A slot whose tensors are a new list of writeable copies, float32 or float64
+    (e.g. restored from a checkpoint store), carries on exactly like the original,
+    and its arrays are not touched."""
+    model = loaded[kind]
+    engine = engine_cls(model)
+    x = _x(10, 6, model)
+    original = Slot()
+    engine.step([original] * 3, x[:3])
+    assert original.tensors is not None
+    saved = [np.array(a, dtype=dtype) for a in original.tensors]
+    before = [a.copy() for a in saved]
+    twin = Slot(saved)
+    y_twin = engine.step([twin] * 3, x[3:])
+    y_orig = engine.step([original] * 3, x[3:])
+    np.testing.assert_array_equal(y_twin, y_orig)
+    assert_matches(y_orig, expected_outputs(built(kind), x)[3:])
+    for a, b in zip(saved, before, strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_each_step_leaves_a_fresh_list(
+    loaded: dict[str, ServableModel], engine_cls: Callable[[ServableModel], CountingEngine]
+) -> None:
+    model = loaded["lstm_dense"]
+    engine = engine_cls(model)
+    slot = Slot()
+    engine.step([slot], np.zeros((1, 1), np.float32))
+    first = slot.tensors
+    engine.step([slot], np.ones((1, 1), np.float32))
+    assert slot.tensors is not first
+    assert first is not None and slot.tensors is not None
+    assert all(a is not b for a, b in zip(first, slot.tensors, strict=True))
+
+
+def test_a_fresh_slot_is_a_state_of_zeros(
+    loaded: dict[str, ServableModel], engine_cls: Callable[[ServableModel], CountingEngine]
+) -> None:
+    """`tensors` None steps exactly like zeros of the model's state shapes, in
+    one call or in separate ones, both like the oracle."""
+    model = loaded["stacked_lstm_gru"]
+    engine = engine_cls(model)
+    assert Slot().tensors is None
+    x = _x(11, 1, model)
+
+    def zeros() -> Slot:
+        return Slot([np.zeros(shape, np.float32) for shape in model.state_shapes])
+
+    fresh, zeroed = Slot(), zeros()
+    together = engine.step([fresh, zeroed], x[[0, 0]])
+    np.testing.assert_array_equal(together[0], together[1])
+    assert fresh.tensors is not None and zeroed.tensors is not None
+    assert [a.shape for a in fresh.tensors] == model.state_shapes
+    for a, b in zip(fresh.tensors, zeroed.tensors, strict=True):
+        np.testing.assert_array_equal(a, b)
+    apart = np.concatenate([engine.step([Slot()], x), engine.step([zeros()], x)])
+    np.testing.assert_array_equal(apart[0], apart[1])
+    # Not bit for bit across calls: the fast engine's products differ by ~1e-8
+    # with the number of sequences in a wave.
+    want = expected_outputs(built("stacked_lstm_gru"), x)
+    assert_matches(together[:1], want)
+    assert_matches(apart[:1], want)
+
+
+def test_empty_call(
+    loaded: dict[str, ServableModel], engine_cls: Callable[[ServableModel], CountingEngine]
+) -> None:
+    model = loaded["lstm_dense"]
+    out = engine_cls(model).step([], np.zeros((0, 1), np.float32))
+    assert out.shape == (0, model.output_width)
+
+
+def test_bad_inputs_are_refused(
+    loaded: dict[str, ServableModel], engine_cls: Callable[[ServableModel], CountingEngine]
+) -> None:
+    engine = engine_cls(loaded["stacked_lstm_gru"])
+    with pytest.raises(ValueError, match="shape"):
+        engine.step([Slot()], np.zeros((1, 2), np.float32))
+    with pytest.raises(ValueError, match="slots"):
+        engine.step([Slot(), Slot()], np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="state tensor"):
+        engine.step([Slot([np.zeros(8), np.zeros(8), np.zeros(5)])], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="state tensor"):  # all with the same wrong shape
+        engine.step([Slot([np.zeros(8), np.zeros(8), np.zeros(5)])] * 2, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="tensors"):
+        engine.step([Slot([np.zeros(8)])], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="tensors"):
+        engine.step([Slot(), Slot([np.zeros(8)] * 2 + [np.zeros(6)] * 2)], np.zeros((2, 3)))
