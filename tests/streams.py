@@ -100,7 +100,7 @@ def produce(bootstrap: str, topic: str, events: Iterable[tuple[Any, Any]],
         if pace:
             time.sleep(pace)
     producer.flush()
-    placed = [(f.get(timeout=30).partition, f.get(timeout=30).offset) for f in futures]
+    placed = [(m.partition, m.offset) for m in (f.get(timeout=30) for f in futures)]  # type: ignore[no-untyped-call]
     producer.close()
     return placed
 

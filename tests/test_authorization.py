@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -63,7 +64,7 @@ FULL: dict[str, set[ACLOperation]] = {
 STARTUP_EXIT_WITHIN_S = 90.0
 
 
-def sasl_client(broker: LocalKafka, user: str, password: str) -> dict[str, str]:
+def sasl_client(broker: LocalKafka, user: str, password: str) -> dict[str, Any]:
     return {"bootstrap_servers": broker.address("SASL"), "security_protocol": "SASL_PLAINTEXT",
             "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": user,
             "sasl_plain_password": password}

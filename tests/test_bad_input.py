@@ -69,8 +69,8 @@ def mixed_stream(seed: int) -> tuple[list[tuple[Any, Any]], Stream, dict[int, st
         if i in base.segment_of:
             kept.segment_of[len(events)] = base.segment_of[i]
         events.append(event)
-        value = event[1]
-        if "step" in value and not value.get("end") and not value.get("start") and rng.random() < 0.05:
+        fields = event[1]
+        if "step" in fields and not fields.get("end") and not fields.get("start") and rng.random() < 0.05:
             events.append(event)  # a retried duplicate: same step again
             duplicates += 1
     kept.events = events
@@ -188,7 +188,7 @@ def test_topics_created_meanwhile_by_another_pod_are_used(
     create_topics(kafka.bootstrap, {state: 3})
     settings = Settings(kafka_bootstrap_servers=kafka.bootstrap, input_topic=names["in"],
                         output_topic=names["out"], dlq_topic=f"dlq-{names['in']}",
-                        state_topic=state, model_path=str(models.built("lstm_dense")),
+                        state_topic=state, model_path=models.built("lstm_dense"),
                         group_id=f"group-{names['in']}", create_topics=True)
     admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
     try:

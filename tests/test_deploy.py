@@ -174,7 +174,8 @@ def test_configmap_is_a_valid_daemon_configuration(overlay: str, tmp_path: Path)
     for variable, name in files.items():
         (tmp_path / name).write_text("x")
         values[variable] = str(tmp_path / name)
-    Settings(**{k.removeprefix("LSTMD_").lower(): v for k, v in values.items()})
+    fields: dict[str, Any] = {k.removeprefix("LSTMD_").lower(): v for k, v in values.items()}
+    Settings(**fields)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -395,7 +396,7 @@ def test_live_scrape_is_clean_and_has_every_referenced_metric(
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap)  # one dead letter: a labelled series
-    producer.send(names["in"], key=b"bad", value=b"not json").get(timeout=30)
+    producer.send(names["in"], key=b"bad", value=b"not json").get(timeout=30)  # type: ignore[no-untyped-call]
     producer.close()
     daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, model, LSTMD_CREATE_TOPICS="true"))
     try:
