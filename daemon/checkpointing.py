@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import AuthorizationError, CommitFailedError, KafkaError, KafkaTimeoutError
+from kafka.errors import (
+    AuthorizationError,
+    CommitFailedError,
+    FencedInstanceIdError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+)
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
@@ -75,12 +82,49 @@ class Checkpointer:
                  metrics: Metrics, stop: threading.Event) -> None:
         self.settings = settings
         self.make_producer = make_producer
-        self.producer = make_producer()
         self.metrics = metrics
         self.stop = stop
         self.transactional = settings.delivery == "exactly-once"
-        if self.transactional:
-            self.producer.init_transactions()
+        self.producer = self._new_producer()
+
+    def _new_producer(self) -> KafkaProducer:
+        """A producer ready to send, waiting out a cluster that does not answer yet.
+
+        Building one bootstraps (and, transactional, finds the transaction
+        coordinator and fences this id's previous producer): during a broker
+        outage both time out, which is a reason to wait, not to exit.
+        """
+        delay = 0.5
+        while True:
+            try:
+                producer = self.make_producer()
+            except AuthorizationError as exc:
+                raise self._not_authorized(exc) from None
+            except KafkaError as exc:
+                error: KafkaError = exc
+            else:
+                try:
+                    if self.transactional:
+                        producer.init_transactions()
+                    return producer
+                except AuthorizationError as exc:
+                    close_producer(producer, 0)
+                    raise self._not_authorized(exc) from None
+                except KafkaError as exc:
+                    close_producer(producer, 0)
+                    error = exc
+            log.warning("producer_unavailable", error=str(error), retry_in_s=delay)
+            if self.stop.wait(delay):
+                raise DeliveryFailed(f"no producer at shutdown: {error}")
+            delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+    def _renew_producer(self) -> None:
+        """Replace the producer. kafka-python 3.0.12's sender spins on a core while it
+        holds records for a partition without a leader (a deleted topic, a broker
+        gone), and a transactional producer whose transaction the coordinator timed
+        out is fenced for good: drop it (what it still holds fails) and start anew."""
+        close_producer(self.producer, 0)
+        self.producer = self._new_producer()
 
     def close(self, timeout: float) -> None:
         close_producer(self.producer, timeout)
@@ -109,11 +153,19 @@ class Checkpointer:
                 consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
                 self.metrics.commits.inc()
                 return True
-            except CommitFailedError as exc:
-                # The group moved on (a rebalance): the partitions' next owner starts
-                # from the previous commit and repeats these outputs identically.
-                log.warning("commit_failed", error=str(exc))
+            except (CommitFailedError, RebalanceInProgressError) as exc:
+                # The group is rebalancing or moved on. Retrying without polling would
+                # wait forever: only poll() completes a rebalance. The caller keeps the
+                # offsets for its next checkpoint if it still owns the partitions; a
+                # partition's next owner restarts from the previous commit and repeats
+                # these outputs identically.
+                log.warning("commit_deferred", error=str(exc), cause=type(exc).__name__)
                 return False
+            except FencedInstanceIdError:
+                raise KafkaSetupError(
+                    f"another consumer uses group instance id {self.settings.group_instance_id!r} "
+                    f"(LSTMD_GROUP_INSTANCE_ID) in group {self.settings.group_id!r}: each pod "
+                    "needs its own (the StatefulSet uses the pod name)") from None
             except AuthorizationError as exc:
                 # An ACL missing on the group (or the input topic): permanent, stop.
                 raise self._not_authorized(exc) from None
@@ -134,9 +186,14 @@ class Checkpointer:
                 topic = self._topic(failed[0])
                 raise failed[1].exception or KafkaError("a record was not acknowledged")
             if cp.offsets:
+                group = consumer.group_metadata()  # type: ignore[no-untyped-call]
+                if group.generation_id < 0:
+                    # Expelled from the group (kafka-python's heartbeat reset the
+                    # generation): the broker would accept offsets without one
+                    # unchecked, for partitions that another member may own now.
+                    raise CommitFailedError("not a member of the group any more")
                 self.producer.send_offsets_to_transaction(
-                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()},
-                    consumer.group_metadata())  # type: ignore[no-untyped-call]
+                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()}, group)
             self.producer.commit_transaction()
         except KafkaError as exc:
             cause = type(exc).__name__
@@ -145,9 +202,12 @@ class Checkpointer:
             try:
                 self.producer.abort_transaction()
             except KafkaError as abort_exc:
-                log.error("abort_failed", error=str(abort_exc))
+                # Fatal for this producer (e.g. its epoch was bumped because the
+                # transaction outlived its timeout): the broker aborts the
+                # transaction anyway; a new producer fences what is left of it.
+                log.error("abort_failed", error=str(abort_exc), action="new producer")
                 if not isinstance(exc, AuthorizationError):
-                    raise
+                    self._renew_producer()
             if isinstance(exc, AuthorizationError):
                 # Redoing the transaction would be refused again, forever: stop.
                 raise self._not_authorized(exc, topic) from None
@@ -235,11 +295,7 @@ class Checkpointer:
                          "not acknowledged")
             self.metrics.produce_errors.inc()
             log.error("produce_failed", undelivered=len(failed), error=str(error), retry_in_s=delay)
-            # kafka-python 3.0.12's sender spins on a core while it holds records for
-            # a partition without a leader (a deleted topic, a broker gone): drop that
-            # producer (what it still holds fails) and resend with a new one.
-            close_producer(self.producer, 0)
-            self.producer = self.make_producer()
+            self._renew_producer()
             if self.stop.wait(delay):
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
@@ -263,7 +319,7 @@ def close_producer(producer: KafkaProducer, timeout: float) -> None:
 
 @dataclass
 class _Restoring:
-    end: int
+    end: int | None  # None: the state partition's end is not known yet (no leader)
     started: float
     states: dict[str, tuple[SequenceState, str]] = field(default_factory=dict)
 
@@ -283,12 +339,28 @@ class Restorer:
         if not new:
             return
         tps = [TopicPartition(self.topic, p) for p in new]
-        ends = self.consumer.end_offsets(tps)
         now = time.perf_counter()
         for tp in tps:
-            self.active[tp.partition] = _Restoring(end=ends[tp], started=now)
+            self.active[tp.partition] = _Restoring(end=None, started=now)
         self._assign()
         self.consumer.seek_to_beginning(*tps)
+        self._find_ends()
+
+    def _find_ends(self) -> bool:
+        """Learn where each restore ends; False while the broker cannot say (the
+        partition has no leader during an outage): the next step asks again."""
+        unknown = [TopicPartition(self.topic, p) for p, r in self.active.items() if r.end is None]
+        if not unknown:
+            return True
+        try:
+            ends = self.consumer.end_offsets(unknown)
+        except KafkaError as exc:
+            log.warning("restore_waiting", partitions=sorted(tp.partition for tp in unknown),
+                        error=str(exc))
+            return False
+        for tp in unknown:
+            self.active[tp.partition].end = ends[tp]
+        return True
 
     def cancel(self, partitions: Iterable[int]) -> None:
         if any(self.active.pop(p, None) is not None for p in list(partitions)):
@@ -299,6 +371,8 @@ class Restorer:
 
     def step(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
         """Read for at most one slice; return the partitions now complete."""
+        if not self._find_ends():
+            return {}
         deadline = time.monotonic() + RESTORE_SLICE_S
         while self.active and time.monotonic() < deadline:
             done = self._finished()
@@ -324,6 +398,8 @@ class Restorer:
     def _finished(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
         done: dict[int, dict[str, tuple[SequenceState, str]]] = {}
         for p, r in list(self.active.items()):
+            if r.end is None:
+                continue
             position = self.consumer.position(TopicPartition(self.topic, p))
             if position is not None and position >= r.end:
                 done[p] = r.states

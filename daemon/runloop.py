@@ -103,6 +103,10 @@ class RunLoop:
                 batch = self._accept(consumer, polled)
                 self._checkpoint(consumer, checkpointer, restorer, batch)
                 self._housekeeping(consumer)
+                if self._pending:
+                    # Idle evictions: durable before any later input of those keys is
+                    # answered, so a restart cannot revive a state already announced gone.
+                    self._checkpoint(consumer, checkpointer, restorer, [], force=True)
             log.info("stopping", reason="signal")
             self._checkpoint(consumer, checkpointer, restorer, [], force=True)
         finally:
@@ -145,11 +149,12 @@ class RunLoop:
                 self._release(tp, restorer, kind)
             if tps:
                 self.metrics.rebalances.labels(kind=kind).inc()
+        now_assigned = consumer.assignment()
         if assigned:
             self.metrics.rebalances.labels(kind="assigned").inc()
             log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
-            self._start_restore(restorer, assigned)
-        now_assigned = consumer.assignment()
+            # Assigned and revoked again within the same poll: nothing to restore.
+            self._start_restore(restorer, assigned & now_assigned)
         self.metrics.assigned.set(len(now_assigned))
         self.health.assigned = bool(now_assigned)
 
@@ -189,7 +194,9 @@ class RunLoop:
         """A state saved under another model is never applied to this one: it is
         dropped (its watermark kept) and announced, and the sequence starts over."""
         evicted = []
-        for key, (state, model_id) in states.items():
+        # Oldest watermark first: the order the keys were last used in, so the
+        # least recently used state is evicted first after a restore too.
+        for key, (state, model_id) in sorted(states.items(), key=lambda kv: kv[1][0].watermark):
             if model_id != self.processor.model_id and state.n:
                 evicted.append(Eviction(partition, key, "model_changed", state.n, state.watermark))
                 state = SequenceState(watermark=state.watermark)
@@ -229,7 +236,9 @@ class RunLoop:
             self._uncommitted[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
             self._next_offset[rec.partition] = rec.offset + 1
         now = time.monotonic()
-        due = force or checkpointer.transactional or (
+        # An eviction (announced among the outputs) is checkpointed at once: a
+        # restart must not revive a state whose end was already published.
+        due = force or checkpointer.transactional or any(o.announcement for o in outputs) or (
             now - self._checkpointed_at >= self.settings.checkpoint_interval_ms / 1000)
         if not due:
             if outputs:
@@ -247,11 +256,14 @@ class RunLoop:
         except TransactionFailed:
             self._recover(consumer, restorer)
             return
-        if committed:
-            for tp, offset in cp.offsets.items():
-                # Resets now committed no longer need their watermark: delete them.
-                self._tombstones += [StateRecord(tp.partition, key, None)
-                                     for key in self.store.committed(tp.partition, offset)]
+        if not committed:
+            # Kept for the next checkpoint; `_release` drops those of partitions revoked.
+            self._uncommitted = cp.offsets | self._uncommitted
+            return
+        for tp, offset in cp.offsets.items():
+            # Resets now committed no longer need their watermark: delete them.
+            self._tombstones += [StateRecord(tp.partition, key, None)
+                                 for key in self.store.committed(tp.partition, offset)]
 
     def _recover(self, consumer: KafkaConsumer, restorer: Restorer) -> None:
         """After an aborted transaction the states in memory include work that was

@@ -105,9 +105,14 @@ def test_daemons_join_and_leave_mid_stream(
     assert moved, "no partition changed hands: the test proved nothing"
 
 
-@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+@pytest.mark.parametrize(("delivery", "down_for"), [
+    ("at-least-once", 5.0),
+    # Longer than the transaction timeout (10 s): the broker aborts the open
+    # transaction and fences its producer, which the daemon must replace.
+    ("exactly-once", 15.0),
+])
 def test_broker_down_for_seconds_mid_stream(
-    kafka_broker_factory: Any, model: Path, delivery: str
+    kafka_broker_factory: Any, model: Path, delivery: str, down_for: float
 ) -> None:
     broker: LocalKafka = kafka_broker_factory()
     names = {"in": "events", "out": "predictions", "dlq": "events.dlq"}
@@ -123,7 +128,7 @@ def test_broker_down_for_seconds_mid_stream(
         time.sleep(1.0)
         before = outputs_so_far(broker.bootstrap, "predictions")
         assert before < len(stream.predicted_events)
-        broker.restart(down_for=5.0)
+        broker.restart(down_for=down_for)
         out = consume(broker.bootstrap, "predictions", at_least=len(stream.predicted_events),
                       settle=2.0, timeout=150, while_running=daemon)
     finally:
