@@ -63,6 +63,12 @@ class TransactionFailed(Exception):
     """The checkpoint's transaction was aborted: the states in memory are suspect."""
 
 
+class CheckpointAbandoned(TransactionFailed):
+    """At-least-once: the group expelled this member before its state records were
+    written. Writing them later could overwrite newer ones of the partitions' next
+    owner, so they are dropped, and the run loop restores, like after an abort."""
+
+
 @dataclass(slots=True)
 class StateRecord:
     partition: int
@@ -138,7 +144,7 @@ class Checkpointer:
                 self._transaction(consumer, cp)
                 return True
             self._publish(cp.outputs, [])
-            self._publish([], cp.states)
+            self._publish([], cp.states, owner=lambda: _member(consumer))
             return self._commit_offsets(consumer, cp.offsets)
         finally:
             self.metrics.checkpoint.observe(time.perf_counter() - started)
@@ -267,11 +273,20 @@ class Checkpointer:
                 self.metrics.end_to_end.observe(now - item.source_timestamp_ms / 1000.0)
         self.metrics.predictions.inc(predictions)
 
-    def _publish(self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord]) -> None:
-        """Send and wait for every acknowledgement, retrying what failed with backoff."""
+    def _publish(self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord],
+                 owner: Callable[[], bool] = lambda: True) -> None:
+        """Send and wait for every acknowledgement, retrying what failed with backoff.
+
+        State records are (re)sent only while `owner()` says this process is still a
+        member of the group: without transactions that is the only fence there is.
+        """
         pending_out, pending_states = list(outputs), list(states)
         delay = 0.5
         while pending_out or pending_states:
+            if pending_states and not owner():
+                log.warning("checkpoint_abandoned", states=len(pending_states),
+                            reason="expelled from the group before its state records were written")
+                raise CheckpointAbandoned("expelled from the group")
             sent = self._send(pending_out, pending_states)
             try:
                 self.producer.flush(timeout=FLUSH_TIMEOUT_S)
@@ -299,6 +314,13 @@ class Checkpointer:
             if self.stop.wait(delay):
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+
+def _member(consumer: KafkaConsumer) -> bool:
+    """False once kafka-python reset the generation: the group expelled this member
+    (max.poll.interval exceeded, session expired), its partitions are another's."""
+    group = consumer.group_metadata()  # type: ignore[no-untyped-call]
+    return bool(group.generation_id >= 0)
 
 
 def close_producer(producer: KafkaProducer, timeout: float) -> None:
@@ -391,8 +413,11 @@ class Restorer:
                     try:
                         target.states[key] = SequenceState.restore(rec.value)
                     except SnapshotError as exc:
+                        # An older record of the key would be a wrong state, not a
+                        # fallback: the sequence starts over.
+                        target.states.pop(key, None)
                         log.error("state_record_unreadable", partition=tp.partition, key=key,
-                                  offset=rec.offset, error=str(exc))
+                                  offset=rec.offset, error=str(exc), action="sequence starts over")
         return self._finished()
 
     def _finished(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:

@@ -23,7 +23,13 @@ from kafka.errors import (
 from kafka.future import Future
 from kafka.structs import ConsumerGroupMetadata
 
-from daemon.checkpointing import Checkpoint, Checkpointer, TransactionFailed
+from daemon.checkpointing import (
+    Checkpoint,
+    Checkpointer,
+    Restorer,
+    StateRecord,
+    TransactionFailed,
+)
 from daemon.config import Settings
 from daemon.exceptions import KafkaSetupError
 from daemon.metrics import Metrics
@@ -194,3 +200,65 @@ def test_after_a_restore_the_oldest_watermark_is_evicted_first(tmp_path: Path) -
     out = rl.processor.process(recs([("new", {"x": [1]})], start=10))
     assert [o.key for o in out if o.announcement] == [b"early"]
 
+
+
+def test_an_expelled_member_writes_no_state_records(tmp_path: Path) -> None:
+    producer = FakeProducer()
+    cp = checkpointer(settings(tmp_path), lambda: producer)
+    state = StateRecord(0, "a", b"state")
+    with pytest.raises(TransactionFailed):  # the run loop restores, as after an abort
+        cp.commit(FakeConsumer(generation=-1),  # type: ignore[arg-type]
+                  Checkpoint(outputs=[output()], states=[state], offsets={TP: 5}))
+    # The outputs are out (a restart repeats them identically); no state record is.
+    assert [topic for topic, _ in producer.sent] == ["out"]
+
+
+class FakeStateConsumer:
+    """A state partition holding `records`, read in one poll."""
+
+    def __init__(self, records: list[tuple[bytes, bytes | None]], fail_ends: int = 0) -> None:
+        self.records = records
+        self.fail_ends = fail_ends
+        self.read = False
+
+    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if self.fail_ends:
+            self.fail_ends -= 1
+            raise KafkaTimeoutError("no leader")
+        return dict.fromkeys(tps, len(self.records))
+
+    def assign(self, tps: list[TopicPartition]) -> None: ...
+
+    def seek_to_beginning(self, *tps: TopicPartition) -> None: ...
+
+    def position(self, tp: TopicPartition) -> int:
+        return len(self.records) if self.read else 0
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict[TopicPartition, list[Any]]:
+        self.read = True
+        return {TopicPartition("state", 0): [
+            type("Rec", (), {"key": k, "value": v, "offset": i})()
+            for i, (k, v) in enumerate(self.records)]}
+
+
+def restore(consumer: FakeStateConsumer) -> dict[str, tuple[SequenceState, str]]:
+    restorer = Restorer(cast(Any, consumer), "state", Metrics())
+    restorer.begin([0])
+    for _ in range(5):
+        done = restorer.step()
+        if done:
+            return done[0]
+    raise AssertionError("the restore never finished")
+
+
+def test_an_unreadable_state_record_starts_the_sequence_over() -> None:
+    good = SequenceState(tensors=[np.array([1.0], np.float32)], n=1, watermark=4).snapshot("m@1")
+    states = restore(FakeStateConsumer([(b"a", good), (b"b", good), (b"a", b"not a state")]))
+    # "a" must not fall back to its older record: that state is behind its inputs.
+    assert sorted(states) == ["b"]
+
+
+def test_a_restore_waits_for_the_state_partition_end() -> None:
+    good = SequenceState(tensors=[np.array([1.0], np.float32)], n=1, watermark=4).snapshot("m@1")
+    states = restore(FakeStateConsumer([(b"a", good)], fail_ends=2))
+    assert states["a"][0].watermark == 4

@@ -36,7 +36,9 @@ USER = "lstmd"
 PASSWORD = f"pw-{secrets.token_hex(12)}"
 WRONG_PASSWORD = f"wrong-{secrets.token_hex(12)}"
 # After the model is loaded, how long a daemon with a wrong password may take to give up.
-GIVE_UP_WITHIN_S = 25.0
+# The broker often just closes a connection whose authentication failed, and the
+# client sees the cause only on some attempts: 11-18 s here, over 25 s once in CI.
+GIVE_UP_WITHIN_S = 60.0
 
 
 @dataclass
