@@ -31,7 +31,9 @@ from kafka.errors import (
     FencedInstanceIdError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     RebalanceInProgressError,
+    RecordListTooLargeError,
 )
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
@@ -233,9 +235,13 @@ class Checkpointer:
                 continue
             try:
                 if isinstance(item, OutputRecord):
-                    topic = s.dead_letter_topic if item.dead_letter else s.output_topic
-                    future = self.producer.send(topic, key=item.key, value=item.value,
-                                                headers=item.headers or None)
+                    try:
+                        future = self._send_output(item)
+                    except MessageSizeTooLargeError:
+                        if not item.dead_letter:
+                            raise
+                        item = _too_large(item, "producer")
+                        future = self._send_output(item)
                 else:
                     future = self.producer.send(s.state_topic_name, key=item.key.encode(),
                                                 value=item.value, partition=item.partition)
@@ -247,6 +253,11 @@ class Checkpointer:
                 refused = exc
                 sent.append((item, Future().failure(exc)))
         return sent
+
+    def _send_output(self, item: OutputRecord) -> Future:
+        topic = self.settings.dead_letter_topic if item.dead_letter else self.settings.output_topic
+        return self.producer.send(topic, key=item.key, value=item.value,
+                                  headers=item.headers or None)
 
     def _topic(self, item: OutputRecord | StateRecord) -> str:
         s = self.settings
@@ -304,7 +315,8 @@ class Checkpointer:
                 # Permanent (kafka-python's idempotent producer refuses every later
                 # send too): retrying would wait forever. Stop before any commit.
                 raise self._not_authorized(refused[1], self._topic(refused[0]))
-            pending_out = [i for i, _ in failed if isinstance(i, OutputRecord)]
+            pending_out = [_too_large(i, "broker") if _refused_as_too_large(i, f) else i
+                           for i, f in failed if isinstance(i, OutputRecord)]
             pending_states = [i for i, _ in failed if isinstance(i, StateRecord)]
             error = next((f.exception for _, f in failed if f.failed()),
                          "not acknowledged")
@@ -314,6 +326,21 @@ class Checkpointer:
             if self.stop.wait(delay):
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+
+def _refused_as_too_large(item: OutputRecord, future: Future) -> bool:
+    """A dead letter the dead-letter topic refused for its size (its max.message.bytes
+    is below what the daemon produces): retrying it unchanged would block forever."""
+    return item.dead_letter and item.value is not None and isinstance(
+        future.exception, (MessageSizeTooLargeError, RecordListTooLargeError))
+
+
+def _too_large(item: OutputRecord, refused_by: str) -> OutputRecord:
+    source = dict(item.headers)
+    log.warning("dead_letter_value_omitted", refused_by=refused_by, bytes=len(item.value or b""),
+                partition=source.get("lstmd.source.partition", b"").decode(),
+                offset=source.get("lstmd.source.offset", b"").decode())
+    return item.without_value()
 
 
 def _member(consumer: KafkaConsumer) -> bool:

@@ -16,6 +16,16 @@ import orjson
 from daemon.exceptions import RecordRejected
 
 # Reasons are metric label values and DLQ header values: keep them stable.
+# The largest finite float32: the model's input type.
+FLOAT32_MAX = 3.4028234663852886e38
+# A dead letter copies its record's value up to this size (or LSTMD_MAX_RECORD_BYTES
+# if larger): Kafka's default message size limit. Beyond it the value is left out,
+# its size in a header, so one oversized record cannot block the dead-letter topic.
+DEAD_LETTER_VALUE_BYTES = 1 << 20
+# A rejected value is quoted in the reason up to this many characters.
+SHOWN_CHARS = 80
+# The reason header is cut here: a dead letter must fit the topic next to its value.
+REASON_CHARS = 1000
 MISSING_KEY = "missing_key"
 BAD_KEY = "bad_key"
 TOO_LARGE = "too_large"
@@ -76,10 +86,10 @@ def decode(key: bytes | None, value: bytes | None, n_features: int, max_bytes: i
     start = _flag(obj, "start")
     step = obj.get("step")
     if step is not None and (type(step) is not int or step < 0):
-        raise RecordRejected(BAD_FIELD, f"step must be a non-negative integer, got {step!r}")
+        raise RecordRejected(BAD_FIELD, f"step must be a non-negative integer, got {_shown(step)}")
     ts = obj.get("ts")
     if ts is not None and (type(ts) not in (int, float) or not math.isfinite(ts)):
-        raise RecordRejected(BAD_FIELD, f"ts must be a number of seconds, got {ts!r}")
+        raise RecordRejected(BAD_FIELD, f"ts must be a number of seconds, got {_shown(ts)}")
     raw_x = obj.get("x")
     if raw_x is None:
         if not end:
@@ -91,7 +101,7 @@ def decode(key: bytes | None, value: bytes | None, n_features: int, max_bytes: i
 def _flag(obj: dict[str, Any], name: str) -> bool:
     value = obj.get(name, False)
     if type(value) is not bool:
-        raise RecordRejected(BAD_FIELD, f"{name} must be true or false, got {value!r}")
+        raise RecordRejected(BAD_FIELD, f"{name} must be true or false, got {_shown(value)}")
     return value
 
 
@@ -102,11 +112,21 @@ def _features(raw: Any, n_features: int) -> tuple[float, ...]:
         raise RecordRejected(WRONG_WIDTH, f"x has {len(raw)} values, the model takes {n_features}")
     for v in raw:
         if type(v) not in (int, float):  # bool is an int subclass: refused here on purpose
-            raise RecordRejected(BAD_X, f"x holds a non-number: {v!r}")
+            raise RecordRejected(BAD_X, f"x holds a non-number: {_shown(v)}")
     values = tuple(float(v) for v in raw)
     if not all(math.isfinite(v) for v in values):
         raise RecordRejected(NONFINITE, "x holds a non-finite number")
+    if any(abs(v) > FLOAT32_MAX for v in values):
+        # The model computes in float32: such a number would reach it as infinity.
+        raise RecordRejected(NONFINITE, "x holds a number beyond float32's range (3.4e38)")
     return values
+
+
+def _shown(value: Any) -> str:
+    """A bad value as the reason quotes it: bounded, since the reason travels in a
+    dead letter's header next to the whole original value."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 def encode_prediction(
@@ -148,8 +168,13 @@ def dlq_headers(
     """Headers that let an operator find and replay a dead-lettered record."""
     return [
         ("lstmd.error.class", error.reason.encode()),
-        ("lstmd.error.reason", error.detail.encode()),
+        ("lstmd.error.reason", error.detail[:REASON_CHARS].encode()),
         ("lstmd.source.topic", topic.encode()),
         ("lstmd.source.partition", str(partition).encode()),
         ("lstmd.source.offset", str(offset).encode()),
     ]
+
+
+def omitted_header(size: int) -> tuple[str, bytes]:
+    """Marks a dead letter sent without its value (too large to copy)."""
+    return ("lstmd.value.omitted", str(size).encode())

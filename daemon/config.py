@@ -104,9 +104,22 @@ class Settings(BaseSettings):
                      "kafka_sasl_password_file")
     @classmethod
     def _readable_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+        if value is None:
+            return value
+        if not value.is_file():
             raise ValueError(f"no such file: {value}")
+        try:
+            empty = not value.read_bytes().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+        if empty:
+            raise ValueError(f"empty file: {value}")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -121,6 +134,18 @@ class Settings(BaseSettings):
                     "LSTMD_KAFKA_SASL_PASSWORD: required with SASL "
                     "(or LSTMD_KAFKA_SASL_PASSWORD_FILE)"
                 )
+        topics = {"LSTMD_INPUT_TOPIC": self.input_topic, "LSTMD_OUTPUT_TOPIC": self.output_topic,
+                  "LSTMD_DLQ_TOPIC": self.dead_letter_topic,
+                  "LSTMD_STATE_TOPIC": self.state_topic_name}
+        by_name: dict[str, list[str]] = {}
+        for variable, topic in topics.items():
+            by_name.setdefault(topic, []).append(variable)
+        for topic, variables in by_name.items():
+            if len(variables) > 1:
+                # e.g. dead letters written to the input would be read back and
+                # dead-lettered again, forever.
+                problems.append(f"{' and '.join(variables)}: each needs its own topic, "
+                                f"both are {topic!r}")
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             problems.append(
                 "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS: must be at most a third of "

@@ -31,6 +31,7 @@ from kafka.errors import (
 )
 
 from daemon import __version__
+from daemon.codec import DEAD_LETTER_VALUE_BYTES
 from daemon.config import Settings
 from daemon.exceptions import KafkaSetupError
 from daemon.logs import get_logger
@@ -43,6 +44,9 @@ PRODUCER_LINGER_MS = 5
 # kafka-python backs off reconnects up to 30 s by default: after a broker restart
 # the daemon would sit idle that long. One second keeps recovery prompt.
 RECONNECT_BACKOFF_MAX_MS = 1000
+# Room for a dead letter's headers and Kafka's record overhead above the largest
+# value the daemon copies (see codec.DEAD_LETTER_VALUE_BYTES).
+RECORD_OVERHEAD_BYTES = 64 << 10
 # Compacted: only the latest state of each sequence matters. Tombstones are kept a
 # day so a restore that starts just before compaction still sees deletions.
 STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "delete.retention.ms": "86400000"}
@@ -111,7 +115,14 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         transactional_id=transactional_id,
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         max_block_ms=MAX_BLOCK_MS,
+        max_request_size=max_message_bytes(settings),
     )
+
+
+def max_message_bytes(settings: Settings) -> int:
+    """The largest record the daemon produces: a dead letter carrying a record of up to
+    LSTMD_MAX_RECORD_BYTES (at least 1 MiB), plus its headers."""
+    return max(DEAD_LETTER_VALUE_BYTES, settings.max_record_bytes) + RECORD_OVERHEAD_BYTES
 
 
 def make_restore_consumer(settings: Settings) -> KafkaConsumer:
@@ -309,7 +320,8 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     wanted: dict[str, dict[str, Any]] = {
         settings.input_topic: {"num_partitions": partitions},
         settings.output_topic: {"num_partitions": partitions},
-        settings.dead_letter_topic: {"num_partitions": partitions},
+        settings.dead_letter_topic: {"num_partitions": partitions, "configs": {
+            "max.message.bytes": str(max_message_bytes(settings))}},
         settings.state_topic_name: {"num_partitions": partitions, "configs": STATE_TOPIC_CONFIG},
     }
     missing = {t: spec for t, spec in wanted.items() if t not in existing}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -55,6 +55,11 @@ class OutputRecord:
     source_timestamp_ms: int
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     announcement: bool = False  # an eviction notice, not a prediction
+
+    def without_value(self) -> OutputRecord:
+        """This dead letter with its value left out: too large for the topic."""
+        return replace(self, value=None,
+                       headers=[*self.headers, codec.omitted_header(len(self.value or b""))])
 
 
 @dataclass(slots=True)
@@ -215,12 +220,17 @@ class Processor:
             state = s.state
             state.watermark = s.offset
             if not np.isfinite(y).all():
-                # The input is refused and the state stays as it was, so one bad
-                # step cannot poison every later prediction of the sequence.
+                # Its x is refused: the tensors stay as they were, so one bad step
+                # cannot poison every later prediction of the sequence. Its markers
+                # are not: `start` has reset already, `end` resets now and its step
+                # counts as seen, as the plan of this batch already assumed.
                 state.tensors = previous
                 error = RecordRejected(
                     codec.NONFINITE_OUTPUT, "the model produced a non-finite output")
                 outputs[s.index] = self._dead_letter(rec, error)
+                if s.event.end:
+                    state.reset()
+                    self._resets["end"].inc()
                 continue
             if state.n == 0:
                 state.first_offset = s.offset
@@ -241,10 +251,14 @@ class Processor:
 
     def _dead_letter(self, rec: InputRecord, error: RecordRejected) -> OutputRecord:
         self.metrics.rejected.labels(reason=error.reason).inc()
-        return OutputRecord(
+        letter = OutputRecord(
             key=rec.key,
             value=rec.value,
             dead_letter=True,
             source_timestamp_ms=rec.timestamp,
             headers=codec.dlq_headers(error, rec.topic, rec.partition, rec.offset),
         )
+        size = len(rec.key or b"") + len(rec.value or b"")
+        if size > max(codec.DEAD_LETTER_VALUE_BYTES, self.max_record_bytes):
+            return letter.without_value()
+        return letter

@@ -88,10 +88,11 @@ def interleaved_stream(
 
 
 def produce(bootstrap: str, topic: str, events: Iterable[tuple[Any, Any]],
-            pace: float = 0.0) -> list[tuple[int, int]]:
+            pace: float = 0.0, **config: Any) -> list[tuple[int, int]]:
     """Produce in order; return each event's (partition, offset). A str key is
-    encoded, a dict value JSON-encoded; bytes and None go as they are."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    encoded, a dict value JSON-encoded; bytes and None go as they are. `config`
+    goes to the KafkaProducer."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **config)
     futures = []
     for key, value in events:
         raw_key = key.encode() if isinstance(key, str) else key

@@ -164,6 +164,35 @@ def test_missing_topic_exits_2_naming_it(kafka: LocalKafka, topics: TopicFactory
                for line in daemon.lines), "\n".join(daemon.lines[-5:])
 
 
+def test_dead_letters_too_large_for_their_topic_never_block_the_partition(
+    kafka: LocalKafka, topics: TopicFactory
+) -> None:
+    """A record over 1 MiB is dead-lettered without its value (proactively); one the
+    dead-letter topic refuses for its size (max.message.bytes 2 KiB here) is resent
+    without it. The predictions behind them go on."""
+    names = topics({"in": 1}, {"max.message.bytes": str(8 << 20)}) | topics({"out": 1}) \
+        | topics({"dlq": 1}, {"max.message.bytes": "2048"})
+    model = models.built("lstm_dense")
+    huge = b'{"x": [0.1], "pad": "' + b"a" * (2 << 20) + b'"}'
+    bad = b'{"x": [0.1], "pad": "' + b"b" * 3000
+    events = [("a", {"x": [0.5]}), ("a", huge), ("a", bad), ("a", {"x": [0.25]})]
+    produce(kafka.bootstrap, names["in"], events, max_request_size=8 << 20)
+    daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, model))
+    try:
+        out = consume(kafka.bootstrap, names["out"], at_least=2, timeout=120, while_running=daemon)
+        dead = consume(kafka.bootstrap, names["dlq"], at_least=2, settle=1.0)
+        http = int(daemon.wait_for("http_listening")["port"])
+        assert scrape(http, "/readyz")[0] == 200
+    finally:
+        assert daemon.stop() == 0
+    assert [orjson.loads(r.value)["n"] for r in out] == [1, 2]
+    got = [(r.key, r.value, dict(r.headers)["lstmd.error.class"],
+            dict(r.headers)["lstmd.value.omitted"]) for r in dead]
+    assert got == [(b"a", None, b"too_large", str(len(huge)).encode()),
+                   (b"a", None, b"bad_json", str(len(bad)).encode())]
+    assert any(ev.get("event") == "dead_letter_value_omitted" for ev in daemon.events())
+
+
 class _LateDescribe:
     """A real admin client that describes the topics as they were a moment ago:
     the window in which another pod creates them before this one does."""

@@ -51,6 +51,9 @@ def test_pure_end_marker() -> None:
         ({"x": [1, True, 3]}, b"k", codec.BAD_X),
         ({"x": [1, 2]}, b"k", codec.WRONG_WIDTH),
         (b'{"x": [1, NaN, 3]}', b"k", codec.NONFINITE),
+        # Finite in JSON, infinite as the float32 the model computes in.
+        (b'{"x": [1, 1e39, 3]}', b"k", codec.NONFINITE),
+        (b'{"x": [1, -1000000000000000000000000000000000000000, 3]}', b"k", codec.NONFINITE),
         (b'{"x": [1, 1e400, 3]}', b"k", codec.BAD_JSON),
         ({"x": [1, 2, 3], "end": "yes"}, b"k", codec.BAD_FIELD),
         ({"x": [1, 2, 3], "step": -1}, b"k", codec.BAD_FIELD),
@@ -60,6 +63,17 @@ def test_pure_end_marker() -> None:
 )
 def test_rejections(value: object, key: bytes | None, expected: str) -> None:
     assert reason(value, key) == expected
+
+
+def test_float32_extremes_are_accepted() -> None:
+    assert decode({"x": [3.4028234e38, -3.4028234e38, 1e-45]}).x is not None
+
+
+def test_a_reason_quotes_a_bad_value_briefly() -> None:
+    """The reason travels in a header next to the whole value: it must not double it."""
+    with pytest.raises(RecordRejected) as caught:
+        codec.decode(b"k", orjson.dumps({"x": [1, 2, 3], "step": "a" * 500_000}), F, 1 << 20)
+    assert caught.value.reason == codec.BAD_FIELD and len(caught.value.detail) < 200
 
 
 def test_size_limit() -> None:

@@ -117,3 +117,35 @@ def test_run_exits_2_naming_every_variable(tmp_path: Path) -> None:
                  "LSTMD_MODEL_PATH", "LSTMD_DELIVERY"):
         assert name in proc.stderr
     assert "LSTMD_INPUT_TOPIC" not in proc.stderr
+
+
+def test_topics_must_be_distinct(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
+    env = required(model_file) | {"LSTMD_DLQ_TOPIC": "events", "LSTMD_STATE_TOPIC": "predictions"}
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    # Dead letters written to the input would come back forever.
+    assert "LSTMD_INPUT_TOPIC and LSTMD_DLQ_TOPIC" in message
+    assert "LSTMD_OUTPUT_TOPIC and LSTMD_STATE_TOPIC" in message
+
+
+def test_an_empty_password_file_is_refused(clean_env: pytest.MonkeyPatch, model_file: Path,
+                                           tmp_path: Path) -> None:
+    empty = tmp_path / "password"
+    empty.write_text("\n")
+    env = required(model_file) | {"LSTMD_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                                  "LSTMD_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                                  "LSTMD_KAFKA_SASL_USERNAME": "lstmd",
+                                  "LSTMD_KAFKA_SASL_PASSWORD_FILE": str(empty)}
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ConfigError, match=r"LSTMD_KAFKA_SASL_PASSWORD_FILE.*empty file"):
+        load_settings()
+
+
+def test_log_level_in_any_case(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
+    for k, v in (required(model_file) | {"LSTMD_LOG_LEVEL": "debug"}).items():
+        clean_env.setenv(k, v)
+    assert load_settings().log_level == "DEBUG"

@@ -179,3 +179,32 @@ def test_a_non_finite_output_is_dead_lettered_and_the_state_kept() -> None:
     assert [(d.value, dict(d.headers)["lstmd.error.class"]) for d in dead] == [
         (records[1].value, b"nonfinite_output")]
     assert metrics.rejected.labels(reason="nonfinite_output")._value.get() == 1
+
+
+def test_a_refused_output_keeps_the_markers_of_its_record() -> None:
+    """x refused, markers applied: `start` resets, `end` resets, the step is seen."""
+    proc, _ = make(NanOnNegativeEngine())
+    events: list[tuple[str, dict[str, object]]] = [
+        ("a", {"x": [1], "step": 0}), ("a", {"x": [2], "step": 1}),
+        ("a", {"x": [-1], "step": 2, "end": True}),  # refused, yet the sequence ends
+        ("a", {"x": [5], "step": 0}), ("a", {"x": [7], "step": 1}),
+        ("b", {"x": [1]}), ("b", {"x": [-1], "start": True}),  # refused, yet b starts over
+        ("b", {"x": [10]}),
+    ]
+    got = [(o["seq"], o["y"], o["n"]) for o in outputs(proc, recs(events))]
+    assert got == [("a", [1.0], 1), ("a", [3.0], 2), ("a", [5.0], 1), ("a", [12.0], 2),
+                   ("b", [1.0], 1), ("b", [10.0], 1)]
+
+
+def test_a_dead_letter_too_large_to_copy_keeps_its_key_and_reason() -> None:
+    proc, metrics = make()
+    huge = b'{"x": [1], "pad": "' + b"a" * (2 << 20) + b'"}'
+    small_bad = b'{"x": "not a list"}'
+    records = [Rec("in", 0, 0, 0, b"a", huge), Rec("in", 0, 1, 0, b"a", small_bad)]
+    big, small = proc.process(records)
+    headers = dict(big.headers)
+    assert (big.dead_letter, big.key, big.value) == (True, b"a", None)
+    assert headers["lstmd.error.class"] == b"too_large"
+    assert headers["lstmd.value.omitted"] == str(len(huge)).encode()
+    assert small.value == small_bad and "lstmd.value.omitted" not in dict(small.headers)
+    assert metrics.rejected.labels(reason="too_large")._value.get() == 1
