@@ -32,6 +32,7 @@ from kafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumberError,
     RebalanceInProgressError,
     RecordListTooLargeError,
 )
@@ -55,6 +56,13 @@ MAX_RETRY_DELAY_S = 30.0
 # One restore poll never holds the loop longer than this, so heartbeats aside the
 # poll loop keeps its max.poll.interval promise and its liveness beat.
 RESTORE_SLICE_S = 0.5
+
+
+# Broker refusals of a record itself: after one, a transactional producer is unusable.
+RECORD_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError,
+                   OutOfOrderSequenceNumberError)
+# Sources of oversized dead letters kept to recognise them when their batch is redone.
+MAX_OVERSIZED_REMEMBERED = 10_000
 
 
 class DeliveryFailed(Exception):
@@ -93,6 +101,9 @@ class Checkpointer:
         self.metrics = metrics
         self.stop = stop
         self.transactional = settings.delivery == "exactly-once"
+        # Sources (partition, offset) of dead letters the topic refused for their size:
+        # after the abort the batch is recomputed, and these go without their value.
+        self._oversized: set[tuple[bytes, bytes]] = set()
         self.producer = self._new_producer()
 
     def _new_producer(self) -> KafkaProducer:
@@ -190,6 +201,12 @@ class Checkpointer:
             sent = self._send(cp.outputs, cp.states)
             self.producer.flush(timeout=FLUSH_TIMEOUT_S)
             failed = next(((item, f) for item, f in sent if not f.succeeded()), None)
+            oversized = {_source(item) for item, f in sent if isinstance(item, OutputRecord)
+                         and _refused_as_too_large(item, f)}
+            if oversized:
+                if len(self._oversized) > MAX_OVERSIZED_REMEMBERED:
+                    self._oversized.clear()  # older ones were long recomputed and sent
+                self._oversized |= oversized
             if failed is not None:
                 topic = self._topic(failed[0])
                 raise failed[1].exception or KafkaError("a record was not acknowledged")
@@ -207,6 +224,7 @@ class Checkpointer:
             cause = type(exc).__name__
             self.metrics.transaction_aborts.labels(cause=cause).inc()
             log.warning("transaction_aborted", error=str(exc), cause=cause)
+            renewed = False
             try:
                 self.producer.abort_transaction()
             except KafkaError as abort_exc:
@@ -216,6 +234,12 @@ class Checkpointer:
                 log.error("abort_failed", error=str(abort_exc), action="new producer")
                 if not isinstance(exc, AuthorizationError):
                     self._renew_producer()
+                    renewed = True
+            if not renewed and isinstance(exc, RECORD_REFUSALS):
+                # kafka-python 3.0.12 keeps the refused batch's sequence numbers after
+                # the abort (the next transaction fails with OutOfOrderSequenceNumber):
+                # only a new producer starts clean.
+                self._renew_producer()
             if isinstance(exc, AuthorizationError):
                 # Redoing the transaction would be refused again, forever: stop.
                 raise self._not_authorized(exc, topic) from None
@@ -235,6 +259,9 @@ class Checkpointer:
                 continue
             try:
                 if isinstance(item, OutputRecord):
+                    if item.dead_letter and item.value is not None and self._oversized and (
+                            _source(item) in self._oversized):
+                        item = _too_large(item, "broker")
                     try:
                         future = self._send_output(item)
                     except MessageSizeTooLargeError:
@@ -335,11 +362,16 @@ def _refused_as_too_large(item: OutputRecord, future: Future) -> bool:
         future.exception, (MessageSizeTooLargeError, RecordListTooLargeError))
 
 
+def _source(item: OutputRecord) -> tuple[bytes, bytes]:
+    """A dead letter's input partition and offset, from its headers."""
+    headers = dict(item.headers)
+    return headers.get("lstmd.source.partition", b""), headers.get("lstmd.source.offset", b"")
+
+
 def _too_large(item: OutputRecord, refused_by: str) -> OutputRecord:
-    source = dict(item.headers)
+    partition, offset = _source(item)
     log.warning("dead_letter_value_omitted", refused_by=refused_by, bytes=len(item.value or b""),
-                partition=source.get("lstmd.source.partition", b"").decode(),
-                offset=source.get("lstmd.source.offset", b"").decode())
+                partition=partition.decode(), offset=offset.decode())
     return item.without_value()
 
 

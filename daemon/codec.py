@@ -99,7 +99,9 @@ def decode(key: bytes | None, value: bytes | None, n_features: int, max_bytes: i
 
 
 def _flag(obj: dict[str, Any], name: str) -> bool:
-    value = obj.get(name, False)
+    value = obj.get(name)
+    if value is None:  # absent or null, like the optional `step`, `ts` and `x`
+        return False
     if type(value) is not bool:
         raise RecordRejected(BAD_FIELD, f"{name} must be true or false, got {_shown(value)}")
     return value

@@ -145,7 +145,12 @@ class Processor:
                              expected=state.last_step + 1, got=event.step,
                              action="reset" if self.reset_on_gap else "continue")
                     start = start or self.reset_on_gap
-            state.last_step = None if event.end else event.step
+            # An input without a step keeps the last one seen: a retried step right
+            # after it is still recognised as a duplicate.
+            if event.end:
+                state.last_step = None
+            elif event.step is not None:
+                state.last_step = event.step
             k = depth.get(id(state), 0)
             depth[id(state)] = k + 1
             touched[id(state)] = (rec.partition, event.key, state)

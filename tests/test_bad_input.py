@@ -164,8 +164,9 @@ def test_missing_topic_exits_2_naming_it(kafka: LocalKafka, topics: TopicFactory
                for line in daemon.lines), "\n".join(daemon.lines[-5:])
 
 
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_dead_letters_too_large_for_their_topic_never_block_the_partition(
-    kafka: LocalKafka, topics: TopicFactory
+    kafka: LocalKafka, topics: TopicFactory, delivery: str
 ) -> None:
     """A record over 1 MiB is dead-lettered without its value (proactively); one the
     dead-letter topic refuses for its size (max.message.bytes 2 KiB here) is resent
@@ -177,7 +178,7 @@ def test_dead_letters_too_large_for_their_topic_never_block_the_partition(
     bad = b'{"x": [0.1], "pad": "' + b"b" * 3000
     events = [("a", {"x": [0.5]}), ("a", huge), ("a", bad), ("a", {"x": [0.25]})]
     produce(kafka.bootstrap, names["in"], events, max_request_size=8 << 20)
-    daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, model))
+    daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, model, LSTMD_DELIVERY=delivery))
     try:
         out = consume(kafka.bootstrap, names["out"], at_least=2, timeout=120, while_running=daemon)
         dead = consume(kafka.bootstrap, names["dlq"], at_least=2, settle=1.0)

@@ -32,6 +32,11 @@ def test_valid_event() -> None:
     assert ev == codec.Event("s1", (1.0, 2.5, -3.0), True, False, 4, 1.5)
 
 
+def test_null_flags_are_absent() -> None:
+    event = decode({"x": [1, 2, 3], "end": None, "start": None, "step": None, "ts": None})
+    assert (event.end, event.start, event.step, event.ts) == (False, False, None, None)
+
+
 def test_pure_end_marker() -> None:
     assert decode({"end": True}).x is None
 

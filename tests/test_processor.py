@@ -208,3 +208,14 @@ def test_a_dead_letter_too_large_to_copy_keeps_its_key_and_reason() -> None:
     assert headers["lstmd.value.omitted"] == str(len(huge)).encode()
     assert small.value == small_bad and "lstmd.value.omitted" not in dict(small.headers)
     assert metrics.rejected.labels(reason="too_large")._value.get() == 1
+
+
+def test_an_input_without_a_step_keeps_the_last_step_seen() -> None:
+    proc, metrics = make()
+    events: list[tuple[str, dict[str, object]]] = [
+        ("a", {"x": [1], "step": 5}), ("a", {"x": [2]}), ("a", {"x": [4], "step": 5}),
+        ("a", {"x": [8], "step": 6}),
+    ]
+    got = [(o["y"], o["n"]) for o in outputs(proc, recs(events))]
+    assert got == [([1.0], 1), ([3.0], 2), ([11.0], 3)]  # the retried step 5 is dropped
+    assert metrics.duplicates.labels(cause="step")._value.get() == 1
