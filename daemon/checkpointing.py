@@ -435,6 +435,8 @@ class Restorer:
             return True
         try:
             ends = self.consumer.end_offsets(unknown)
+        except AuthorizationError:
+            raise  # permanent: the run loop names the topic and stops
         except KafkaError as exc:
             log.warning("restore_waiting", partitions=sorted(tp.partition for tp in unknown),
                         error=str(exc))

@@ -19,7 +19,14 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import AuthorizationError, KafkaError
 
-from daemon.checkpointing import Checkpoint, Checkpointer, Restorer, StateRecord, TransactionFailed
+from daemon.checkpointing import (
+    Checkpoint,
+    Checkpointer,
+    DeliveryFailed,
+    Restorer,
+    StateRecord,
+    TransactionFailed,
+)
 from daemon.config import Settings
 from daemon.http import Health
 from daemon.kafka_io import (
@@ -82,9 +89,14 @@ class RunLoop:
         transactional_id = self._transactional_id()
         restorer = Restorer(make_restore_consumer(self.settings), self.settings.state_topic_name,
                             self.metrics)
-        checkpointer = Checkpointer(
-            self.settings, lambda: make_producer(self.settings, transactional_id), self.metrics,
-            self.stop)
+        try:
+            checkpointer = Checkpointer(
+                self.settings, lambda: make_producer(self.settings, transactional_id),
+                self.metrics, self.stop)
+        except DeliveryFailed:  # asked to stop while the producer waited for Kafka
+            consumer.close(autocommit=False)
+            restorer.consumer.close()
+            return
         listener = RebalanceEvents()
         self._await_metadata(consumer)
         consumer.subscribe([self.settings.input_topic], listener=listener)
@@ -179,10 +191,17 @@ class RunLoop:
         for tp in tps:
             self.store.drop_partition(tp.partition)
             self.health.restoring.add(tp.partition)
-        restorer.begin(tp.partition for tp in tps)
+        try:
+            restorer.begin(tp.partition for tp in tps)
+        except AuthorizationError as exc:  # no Describe/Read on the state topic: permanent
+            raise authorization_failure(self.settings, exc, self.settings.state_topic_name) from None
 
     def _restore(self, restorer: Restorer) -> None:
-        for partition, states in restorer.step().items():
+        try:
+            restored = restorer.step()
+        except AuthorizationError as exc:  # Read on the state topic revoked: permanent
+            raise authorization_failure(self.settings, exc, self.settings.state_topic_name) from None
+        for partition, states in restored.items():
             evicted = self._install(partition, states)
             self._pending += self.processor.announce(evicted)
             self.health.restoring.discard(partition)

@@ -19,6 +19,7 @@ from kafka.errors import (
     KafkaTimeoutError,
     ProducerFencedError,
     RebalanceInProgressError,
+    TopicAuthorizationFailedError,
 )
 from kafka.future import Future
 from kafka.structs import ConsumerGroupMetadata
@@ -262,3 +263,16 @@ def test_a_restore_waits_for_the_state_partition_end() -> None:
     good = SequenceState(tensors=[np.array([1.0], np.float32)], n=1, watermark=4).snapshot("m@1")
     states = restore(FakeStateConsumer([(b"a", good)], fail_ends=2))
     assert states["a"][0].watermark == 4
+
+
+class RefusedStateConsumer(FakeStateConsumer):
+    def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict[TopicPartition, list[Any]]:
+        raise TopicAuthorizationFailedError()
+
+
+def test_read_on_the_state_topic_revoked_ends_the_daemon_naming_it(tmp_path: Path) -> None:
+    rl = loop(tmp_path)
+    restorer = Restorer(cast(Any, RefusedStateConsumer([(b"a", None)])), "g.state", Metrics())
+    rl._start_restore(restorer, {TP})
+    with pytest.raises(KafkaSetupError, match=r"g\.state.*LSTMD_STATE_TOPIC"):
+        rl._restore(restorer)
