@@ -37,11 +37,11 @@ from kafka.errors import (
     RecordListTooLargeError,
 )
 from kafka.future import Future
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from daemon.config import Settings
 from daemon.exceptions import KafkaSetupError
-from daemon.kafka_io import authorization_failure
+from daemon.kafka_io import Backoff, authorization_failure
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.processor import OutputRecord
@@ -52,7 +52,6 @@ log = get_logger(__name__)
 # How long one wait for acknowledgements lasts before the daemon says it is still
 # waiting (the producer itself retries until its delivery timeout, 2 minutes).
 FLUSH_TIMEOUT_S = 10.0
-MAX_RETRY_DELAY_S = 30.0
 # One restore poll never holds the loop longer than this, so heartbeats aside the
 # poll loop keeps its max.poll.interval promise and its liveness beat.
 RESTORE_SLICE_S = 0.5
@@ -101,8 +100,8 @@ class Checkpointer:
         self.metrics = metrics
         self.stop = stop
         self.transactional = settings.delivery == "exactly-once"
-        # Sources (partition, offset) of dead letters the topic refused for their size:
-        # after the abort the batch is recomputed, and these go without their value.
+        # Sources (partition, offset) of dead letters the topic refused for their size
+        # (see `_note_oversized`).
         self._oversized: set[tuple[bytes, bytes]] = set()
         self.producer = self._new_producer()
 
@@ -113,29 +112,22 @@ class Checkpointer:
         coordinator and fences this id's previous producer): during a broker
         outage both time out, which is a reason to wait, not to exit.
         """
-        delay = 0.5
+        backoff = Backoff(self.stop)
         while True:
+            producer: KafkaProducer | None = None
             try:
                 producer = self.make_producer()
-            except AuthorizationError as exc:
-                raise self._not_authorized(exc) from None
+                if self.transactional:
+                    producer.init_transactions()
+                return producer
             except KafkaError as exc:
-                error: KafkaError = exc
-            else:
-                try:
-                    if self.transactional:
-                        producer.init_transactions()
-                    return producer
-                except AuthorizationError as exc:
+                if producer is not None:
                     close_producer(producer, 0)
+                if isinstance(exc, AuthorizationError):
                     raise self._not_authorized(exc) from None
-                except KafkaError as exc:
-                    close_producer(producer, 0)
-                    error = exc
-            log.warning("producer_unavailable", error=str(error), retry_in_s=delay)
-            if self.stop.wait(delay):
-                raise DeliveryFailed(f"no producer at shutdown: {error}")
-            delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                log.warning("producer_unavailable", error=str(exc), retry_in_s=backoff.delay)
+                if backoff.wait():
+                    raise DeliveryFailed(f"no producer at shutdown: {exc}") from exc
 
     def _renew_producer(self) -> None:
         """Replace the producer. kafka-python 3.0.12's sender spins on a core while it
@@ -166,7 +158,7 @@ class Checkpointer:
         """Commit, riding out a coordinator that is moving or a broker that is down."""
         if not offsets:
             return True
-        delay = 0.5
+        backoff = Backoff(self.stop)
         while True:
             try:
                 consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
@@ -189,10 +181,9 @@ class Checkpointer:
                 # An ACL missing on the group (or the input topic): permanent, stop.
                 raise self._not_authorized(exc) from None
             except KafkaError as exc:
-                log.warning("commit_retry", error=str(exc), retry_in_s=delay)
-                if self.stop.wait(delay):
+                log.warning("commit_retry", error=str(exc), retry_in_s=backoff.delay)
+                if backoff.wait():
                     raise DeliveryFailed(f"offsets not committed at shutdown: {exc}") from exc
-                delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     def _transaction(self, consumer: KafkaConsumer, cp: Checkpoint) -> None:
         topic: str | None = None  # of the refused record, if one was
@@ -201,21 +192,15 @@ class Checkpointer:
             sent = self._send(cp.outputs, cp.states)
             self.producer.flush(timeout=FLUSH_TIMEOUT_S)
             failed = next(((item, f) for item, f in sent if not f.succeeded()), None)
-            oversized = {_source(item) for item, f in sent if isinstance(item, OutputRecord)
-                         and _refused_as_too_large(item, f)}
-            if oversized:
-                if len(self._oversized) > MAX_OVERSIZED_REMEMBERED:
-                    self._oversized.clear()  # older ones were long recomputed and sent
-                self._oversized |= oversized
+            self._note_oversized(sent)
             if failed is not None:
                 topic = self._topic(failed[0])
                 raise failed[1].exception or KafkaError("a record was not acknowledged")
             if cp.offsets:
                 group = consumer.group_metadata()  # type: ignore[no-untyped-call]
-                if group.generation_id < 0:
-                    # Expelled from the group (kafka-python's heartbeat reset the
-                    # generation): the broker would accept offsets without one
-                    # unchecked, for partitions that another member may own now.
+                if _expelled(group):
+                    # The broker would accept offsets without a generation unchecked,
+                    # for partitions that another member may own now.
                     raise CommitFailedError("not a member of the group any more")
                 self.producer.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()}, group)
@@ -224,7 +209,10 @@ class Checkpointer:
             cause = type(exc).__name__
             self.metrics.transaction_aborts.labels(cause=cause).inc()
             log.warning("transaction_aborted", error=str(exc), cause=cause)
-            renewed = False
+            # kafka-python 3.0.12 keeps a refused record's sequence numbers after the
+            # abort (the next transaction fails with OutOfOrderSequenceNumber): only a
+            # new producer starts clean.
+            unusable = isinstance(exc, RECORD_REFUSALS)
             try:
                 self.producer.abort_transaction()
             except KafkaError as abort_exc:
@@ -232,17 +220,12 @@ class Checkpointer:
                 # transaction outlived its timeout): the broker aborts the
                 # transaction anyway; a new producer fences what is left of it.
                 log.error("abort_failed", error=str(abort_exc), action="new producer")
-                if not isinstance(exc, AuthorizationError):
-                    self._renew_producer()
-                    renewed = True
-            if not renewed and isinstance(exc, RECORD_REFUSALS):
-                # kafka-python 3.0.12 keeps the refused batch's sequence numbers after
-                # the abort (the next transaction fails with OutOfOrderSequenceNumber):
-                # only a new producer starts clean.
-                self._renew_producer()
+                unusable = True
             if isinstance(exc, AuthorizationError):
                 # Redoing the transaction would be refused again, forever: stop.
                 raise self._not_authorized(exc, topic) from None
+            if unusable:
+                self._renew_producer()
             raise TransactionFailed(str(exc)) from exc
         self._account(sent)
         self.metrics.commits.inc()
@@ -280,6 +263,17 @@ class Checkpointer:
                 refused = exc
                 sent.append((item, Future().failure(exc)))
         return sent
+
+    def _note_oversized(self, sent: Iterable[tuple[OutputRecord | StateRecord, Future]]) -> None:
+        """Remember the dead letters the topic refused for their size: whenever they
+        are sent again (resent, or recomputed after an abort), `_send` leaves their
+        value out. Retrying one unchanged would block its partition forever."""
+        oversized = {_source(item) for item, f in sent if isinstance(item, OutputRecord)
+                     and _refused_as_too_large(item, f)}
+        if oversized:
+            if len(self._oversized) > MAX_OVERSIZED_REMEMBERED:
+                self._oversized.clear()  # older ones were long recomputed and sent
+            self._oversized |= oversized
 
     def _send_output(self, item: OutputRecord) -> Future:
         topic = self.settings.dead_letter_topic if item.dead_letter else self.settings.output_topic
@@ -319,7 +313,7 @@ class Checkpointer:
         member of the group: without transactions that is the only fence there is.
         """
         pending_out, pending_states = list(outputs), list(states)
-        delay = 0.5
+        backoff = Backoff(self.stop)
         while pending_out or pending_states:
             if pending_states and not owner():
                 log.warning("checkpoint_abandoned", states=len(pending_states),
@@ -333,6 +327,7 @@ class Checkpointer:
             except KafkaError as exc:
                 log.error("flush_slow", error=str(exc), action="resend after a backoff")
             self._account([(item, f) for item, f in sent if f.succeeded()])
+            self._note_oversized(sent)
             failed = [(item, f) for item, f in sent if not f.succeeded()]
             if not failed:
                 return
@@ -342,22 +337,21 @@ class Checkpointer:
                 # Permanent (kafka-python's idempotent producer refuses every later
                 # send too): retrying would wait forever. Stop before any commit.
                 raise self._not_authorized(refused[1], self._topic(refused[0]))
-            pending_out = [_too_large(i, "broker") if _refused_as_too_large(i, f) else i
-                           for i, f in failed if isinstance(i, OutputRecord)]
+            pending_out = [i for i, _ in failed if isinstance(i, OutputRecord)]
             pending_states = [i for i, _ in failed if isinstance(i, StateRecord)]
             error = next((f.exception for _, f in failed if f.failed()),
                          "not acknowledged")
             self.metrics.produce_errors.inc()
-            log.error("produce_failed", undelivered=len(failed), error=str(error), retry_in_s=delay)
+            log.error("produce_failed", undelivered=len(failed), error=str(error),
+                      retry_in_s=backoff.delay)
             self._renew_producer()
-            if self.stop.wait(delay):
+            if backoff.wait():
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
-            delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
 
 def _refused_as_too_large(item: OutputRecord, future: Future) -> bool:
     """A dead letter the dead-letter topic refused for its size (its max.message.bytes
-    is below what the daemon produces): retrying it unchanged would block forever."""
+    is below what the daemon produces)."""
     return item.dead_letter and item.value is not None and isinstance(
         future.exception, (MessageSizeTooLargeError, RecordListTooLargeError))
 
@@ -375,11 +369,14 @@ def _too_large(item: OutputRecord, refused_by: str) -> OutputRecord:
     return item.without_value()
 
 
-def _member(consumer: KafkaConsumer) -> bool:
-    """False once kafka-python reset the generation: the group expelled this member
+def _expelled(group: ConsumerGroupMetadata) -> bool:
+    """kafka-python reset the generation: the group expelled this member
     (max.poll.interval exceeded, session expired), its partitions are another's."""
-    group = consumer.group_metadata()  # type: ignore[no-untyped-call]
-    return bool(group.generation_id >= 0)
+    return bool(group.generation_id < 0)
+
+
+def _member(consumer: KafkaConsumer) -> bool:
+    return not _expelled(consumer.group_metadata())  # type: ignore[no-untyped-call]
 
 
 def close_producer(producer: KafkaProducer, timeout: float) -> None:

@@ -59,12 +59,30 @@ TRANSACTION_TIMEOUT_MS = 10_000
 MAX_BLOCK_MS = 10_000
 # Each connection attempt at start-up gives up after this, then backs off and retries.
 BOOTSTRAP_TIMEOUT_MS = 5000
+# The longest wait between two attempts (to connect, produce, commit).
+MAX_RETRY_DELAY_S = 30.0
 # Kafka protocol error codes in a Metadata answer. A principal without Describe on a
 # topic gets TOPIC_AUTHORIZATION_FAILED whether or not the topic exists.
 UNKNOWN_TOPIC_OR_PARTITION = 3
 TOPIC_AUTHORIZATION_FAILED = 29
 # In a CreateTopics answer: someone else (another pod, an operator) created it first.
 TOPIC_ALREADY_EXISTS = 36
+
+
+class Backoff:
+    """Doubling waits between attempts at something Kafka refuses for now, cut short
+    when the daemon is asked to stop."""
+
+    def __init__(self, stop: threading.Event, first_s: float = 0.5) -> None:
+        self.stop = stop
+        self.delay = first_s
+
+    def wait(self) -> bool:
+        """Wait the current delay, then double it; True if asked to stop meanwhile."""
+        if self.stop.wait(self.delay):
+            return True
+        self.delay = min(self.delay * 2, MAX_RETRY_DELAY_S)
+        return False
 
 
 def security_kwargs(settings: Settings) -> dict[str, Any]:
@@ -145,7 +163,7 @@ def wait_for_cluster(settings: Settings, stop: threading.Event,
     says why in the log once per attempt, so a pod waiting for its brokers is
     visible without being restarted.
     """
-    delay = 1.0
+    backoff = Backoff(stop, first_s=1.0)
     attempt = 0
     while not stop.is_set():
         attempt += 1
@@ -161,9 +179,9 @@ def wait_for_cluster(settings: Settings, stop: threading.Event,
             if watch.failure is not None:
                 raise _refusal(settings, watch.failure) from None
             log.warning("kafka_unreachable", servers=settings.bootstrap_servers,
-                        attempt=attempt, retry_in_s=delay, error=str(exc))
-        stop.wait(delay)
-        delay = min(delay * 2, 30.0)
+                        attempt=attempt, retry_in_s=backoff.delay, error=str(exc))
+        if backoff.wait():
+            break
     return None
 
 

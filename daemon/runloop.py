@@ -85,18 +85,16 @@ class RunLoop:
             admin.close()
         log.info("kafka_ready", input_topic=self.settings.input_topic, partitions=partitions,
                  state_topic=self.settings.state_topic_name, delivery=self.settings.delivery)
-        consumer = make_consumer(self.settings)
         transactional_id = self._transactional_id()
-        restorer = Restorer(make_restore_consumer(self.settings), self.settings.state_topic_name,
-                            self.metrics)
-        try:
+        try:  # first: it may wait for Kafka, and then nothing else is open yet
             checkpointer = Checkpointer(
                 self.settings, lambda: make_producer(self.settings, transactional_id),
                 self.metrics, self.stop)
-        except DeliveryFailed:  # asked to stop while the producer waited for Kafka
-            consumer.close(autocommit=False)
-            restorer.consumer.close()
+        except DeliveryFailed:  # asked to stop meanwhile
             return
+        consumer = make_consumer(self.settings)
+        restorer = Restorer(make_restore_consumer(self.settings), self.settings.state_topic_name,
+                            self.metrics)
         listener = RebalanceEvents()
         self._await_metadata(consumer)
         consumer.subscribe([self.settings.input_topic], listener=listener)
