@@ -477,7 +477,11 @@ class LocalKafka:
         return "\n".join(tail)
 
     def __enter__(self) -> Self:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()  # __exit__ is not called when __enter__ fails
+            raise
 
     def __exit__(
         self,

@@ -17,12 +17,8 @@ TopicFactory = Callable[..., dict[str, str]]
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[LocalKafka]:
     """The session's broker: started once (~2-3 s), shared by every Kafka test."""
-    broker = LocalKafka()
-    try:
-        yield broker.start()
-    finally:
-        broker.stop()
-        broker.cleanup()
+    with LocalKafka() as broker:
+        yield broker
 
 
 @pytest.fixture

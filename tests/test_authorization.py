@@ -83,18 +83,13 @@ class AclKafka:
 @pytest.fixture(scope="module")
 def acl_kafka() -> Iterator[AclKafka]:
     listeners, properties = sasl_plaintext_listener("SASL")
-    broker = LocalKafka(listeners=listeners, properties=properties | authorizer_properties(ADMIN),
-                        scram_users={ADMIN: ADMIN_PASSWORD, USER: PASSWORD})
-    try:
-        broker.start()
+    with LocalKafka(listeners=listeners, properties=properties | authorizer_properties(ADMIN),
+                    scram_users={ADMIN: ADMIN_PASSWORD, USER: PASSWORD}) as broker:
         admin = KafkaAdminClient(**sasl_client(broker, ADMIN, ADMIN_PASSWORD))
         try:
             yield AclKafka(broker, admin)
         finally:
             admin.close()
-    finally:
-        broker.stop()
-        broker.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -37,16 +37,9 @@ from daemon.metrics import Metrics
 from daemon.processor import OutputRecord
 from daemon.state import SequenceState
 from tests.test_processor import recs
-from tests.test_restore_policy import loop
+from tests.test_restore_policy import loop, settings
 
 TP = TopicPartition("in", 0)
-
-
-def settings(tmp_path: Path, **extra: Any) -> Settings:
-    model = tmp_path / "m.keras"
-    model.write_bytes(b"x")
-    return Settings(kafka_bootstrap_servers="127.0.0.1:1", input_topic="in", output_topic="out",
-                    group_id="g", model_path=model, **extra)
 
 
 def checkpointer(s: Settings, make: Callable[[], object]) -> Checkpointer:

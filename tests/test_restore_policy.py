@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -16,18 +18,22 @@ from daemon.state import SequenceState, StateStore
 from tests.test_processor import SumEngine, outputs, recs
 
 
-def loop(tmp_path: object, max_sequences: int = 0) -> RunLoop:
-    model = __import__("pathlib").Path(str(tmp_path)) / "m.keras"
+def settings(tmp_path: Path, **extra: Any) -> Settings:
+    """Valid settings for unit tests (no connection is made)."""
+    model = tmp_path / "m.keras"
     model.write_bytes(b"x")
-    settings = Settings(kafka_bootstrap_servers="127.0.0.1:1", input_topic="in", output_topic="out",
-                        group_id="g", model_path=model)
+    return Settings(kafka_bootstrap_servers="127.0.0.1:1", input_topic="in", output_topic="out",
+                    group_id="g", model_path=model, **extra)
+
+
+def loop(tmp_path: Path, max_sequences: int = 0) -> RunLoop:
     metrics = Metrics()
     proc = Processor(SumEngine(), model_id="new@1", n_features=1,
                      store=StateStore(max_sequences), metrics=metrics)
-    return RunLoop(settings, proc, metrics, Health(60), threading.Event())
+    return RunLoop(settings(tmp_path), proc, metrics, Health(60), threading.Event())
 
 
-def test_a_state_of_another_model_is_dropped_announced_and_keeps_its_watermark(tmp_path: object) -> None:
+def test_a_state_of_another_model_is_dropped_announced_and_keeps_its_watermark(tmp_path: Path) -> None:
     rl = loop(tmp_path)
     mine = SequenceState(tensors=[np.array([2.0], np.float32)], n=2, watermark=7)
     theirs = SequenceState(tensors=[np.array([9.0], np.float32)], n=4, watermark=8)
@@ -41,7 +47,7 @@ def test_a_state_of_another_model_is_dropped_announced_and_keeps_its_watermark(t
     assert [(o["seq"], o["y"], o["n"]) for o in got] == [("a", [3.0], 3), ("b", [1.0], 1)]
 
 
-def test_capacity_eviction_is_announced_in_the_batch(tmp_path: object) -> None:
+def test_capacity_eviction_is_announced_in_the_batch(tmp_path: Path) -> None:
     rl = loop(tmp_path, max_sequences=2)
     out = rl.processor.process(recs([("a", {"x": [1]}), ("b", {"x": [1]}), ("c", {"x": [1]})]))
     notices = [orjson.loads(o.value or b"") for o in out if o.announcement]

@@ -59,13 +59,9 @@ class SecureKafka:
 def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKafka]:
     pki = make_test_pki(tmp_path_factory.mktemp("pki"))
     listeners, properties = secure_listeners(pki)
-    broker = LocalKafka(listeners=listeners, properties=properties, scram_users={USER: PASSWORD})
-    try:
-        broker.start()
+    with LocalKafka(listeners=listeners, properties=properties,
+                    scram_users={USER: PASSWORD}) as broker:
         yield SecureKafka(broker, pki)
-    finally:
-        broker.stop()
-        broker.cleanup()
 
 
 @pytest.fixture(scope="module")
