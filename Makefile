@@ -18,7 +18,7 @@ venv: $(STAMP)
 
 # Apache Kafka's jars from Maven Central, cached outside the work tree.
 kafka: venv
-	$(BIN)/python -m daemon.localkafka fetch
+	$(BIN)/python -m daemon.devtools.localkafka fetch
 
 lint: venv
 	$(BIN)/ruff check daemon tests

@@ -15,10 +15,10 @@ from pathlib import Path
 from types import FrameType
 
 from daemon import __version__
-from daemon.exceptions import StartupError
-from daemon.metrics import Metrics
-from daemon.processor import Processor
-from daemon.state import StateStore
+from daemon.core.processor import Processor
+from daemon.core.state import StateStore
+from daemon.errors import StartupError
+from daemon.ops.metrics import Metrics
 
 # TensorFlow prints C++ banners on import; operators want our JSON lines only.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,8 +40,8 @@ def build_processor(
     reset_on_gap: bool = False,
 ) -> Processor:
     """Load the model and its engine: shared by `run` and `replay` so both behave alike."""
-    from daemon.engines import make_engine  # TensorFlow loads here, not at import
-    from daemon.model import load_model
+    from daemon.inference.engines.factory import make_engine  # TensorFlow loads here, not at import
+    from daemon.inference.model import load_model
 
     if threads:
         import tensorflow as tf
@@ -50,7 +50,7 @@ def build_processor(
     model = load_model(model_path)
     engine, refused = make_engine(engine_name, model)
     if refused is not None:
-        from daemon import logs
+        from daemon.ops import logs
 
         logs.get_logger("daemon").warning(
             "fast_engine_refused", reason=refused, engine=engine.name,
@@ -69,10 +69,11 @@ def build_processor(
 
 
 def cmd_run(_args: argparse.Namespace) -> int:
-    from daemon import logs
     from daemon.config import load_settings, unknown_variables
-    from daemon.http import Health, HttpServer
-    from daemon.runloop import RunLoop
+    from daemon.ops import logs
+    from daemon.ops.health import Health
+    from daemon.ops.http import HttpServer
+    from daemon.streaming.loop import RunLoop
 
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
@@ -117,7 +118,7 @@ def cmd_run(_args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from daemon import logs
+    from daemon.ops import logs
     from daemon.replay import replay
 
     logs.configure("WARNING", "console")  # on stderr: stdout may carry the predictions
@@ -135,13 +136,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from daemon import bench
+    from daemon.devtools import bench
 
     return bench.cli(args)
 
 
 def cmd_make_demo_model(args: argparse.Namespace) -> int:
-    from daemon.demo_model import make_demo_model
+    from daemon.devtools.demo_model import make_demo_model
 
     path = make_demo_model(Path(args.path))
     print(f"demo model written to {path}")
@@ -149,7 +150,7 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from daemon.devtools.demo import run_demo
 
     return run_demo(events=args.events, sequences=args.sequences)
 
@@ -169,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
                    help="inference engine (default: keras); fast falls back to keras, with a warning, "
                         "for a model it cannot serve")
     r.set_defaults(func=cmd_replay)
-    from daemon import bench
+    from daemon.devtools import bench
 
     b = sub.add_parser("bench", help="throughput: the engines alone, end to end through Kafka "
                                      "(pass-through, keras, fast), a Quix Streams peer, a profile")

@@ -14,13 +14,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from daemon.exceptions import ConfigError
+from daemon.errors import ConfigError
 
 ENV_PREFIX = "LSTMD_"
-
-# Variables read by the project's tooling (local broker, tests), not by the daemon:
-# they must not be reported as typos.
-TOOLING_VARIABLES = frozenset({"LSTMD_KAFKA_CACHE", "LSTMD_KAFKA_VERSION"})
 
 # Fields whose values never appear in messages or logs.
 SECRET_FIELDS = frozenset({"kafka_sasl_password"})
@@ -193,7 +189,7 @@ def env_name(field: str) -> str:
 
 
 def known_variables() -> frozenset[str]:
-    return frozenset(env_name(name) for name in Settings.model_fields) | TOOLING_VARIABLES
+    return frozenset(env_name(name) for name in Settings.model_fields)
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import orjson
 
-from daemon.processor import OutputRecord, Processor
+from daemon.core.processor import OutputRecord, Processor
 
 REPLAY_TOPIC = "replay"
 # Lines are processed in batches like Kafka poll batches, so the fast engine

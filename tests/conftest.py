@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from daemon.localkafka import LocalKafka, create_topics
+from daemon.devtools.localkafka import LocalKafka, create_topics
 
 TopicFactory = Callable[..., dict[str, str]]
 

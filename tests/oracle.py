@@ -8,7 +8,7 @@ at step t is what the model as trained, stateless, computes for the prefix
 x[: t + 1] on its own:
 
 * the model is loaded from the file with `keras.saving.load_model` (never through
-  daemon.model), and called once per prefix: `model(prefix[None], training=False)`;
+  daemon.inference.model), and called once per prefix: `model(prefix[None], training=False)`;
 * recurrent layers saved stateful are reset before every call, so nothing is
   carried from one call to the next;
 * each output that is 3-D (batch, time, units) contributes its last time step,

@@ -41,7 +41,7 @@ from kafka.admin import (
     ResourceType,
 )
 
-from daemon.localkafka import (
+from daemon.devtools.localkafka import (
     LocalKafka,
     authorizer_properties,
     create_topics,

@@ -14,8 +14,8 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from daemon.config import Settings
-from daemon.kafka_io import ensure_topics
-from daemon.localkafka import LocalKafka, create_topics
+from daemon.devtools.localkafka import LocalKafka, create_topics
+from daemon.kafka.topics import ensure_topics
 from tests import models
 from tests.conftest import TopicFactory
 from tests.streams import (

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from daemon import bench
 from daemon.cli import main
-from daemon.localkafka import LocalKafka
+from daemon.devtools import bench
+from daemon.devtools.localkafka import LocalKafka
 
 TINY = bench.BenchConfig(sections=("engine",), models=("demo",), sequences=(1, 3), rounds=2, events=6,
                          keras_events=2, min_round_s=0.0)

@@ -24,18 +24,18 @@ from kafka.errors import (
 from kafka.future import Future
 from kafka.structs import ConsumerGroupMetadata
 
-from daemon.checkpointing import (
+from daemon.config import Settings
+from daemon.core.processor import OutputRecord
+from daemon.core.state import SequenceState
+from daemon.errors import KafkaSetupError
+from daemon.ops.metrics import Metrics
+from daemon.streaming.delivery import (
     Checkpoint,
     Checkpointer,
-    Restorer,
     StateRecord,
     TransactionFailed,
 )
-from daemon.config import Settings
-from daemon.exceptions import KafkaSetupError
-from daemon.metrics import Metrics
-from daemon.processor import OutputRecord
-from daemon.state import SequenceState
+from daemon.streaming.restore import Restorer
 from tests.test_processor import recs
 from tests.test_restore_policy import loop, settings
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon import codec
-from daemon.exceptions import RecordRejected
+from daemon.core import codec
+from daemon.errors import RecordRejected
 
 F = 3
 LIMIT = 1 << 20

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import load_settings, unknown_variables
-from daemon.exceptions import ConfigError
+from daemon.errors import ConfigError
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_password_from_file_and_masked_in_logs(
 
 def test_unknown_variables_are_reported() -> None:
     env = {"LSTMD_INPUT_TOPIC": "x", "LSTMD_INPTU_TOPIC": "typo", "PATH": "/bin",
-           "LSTMD_KAFKA_CACHE": "/tmp"}
+           "LOCALKAFKA_CACHE": "/tmp"}
     assert unknown_variables(env) == ["LSTMD_INPTU_TOPIC"]
 
 

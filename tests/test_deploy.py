@@ -28,8 +28,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import Settings, known_variables
-from daemon.localkafka import LocalKafka
-from daemon.metrics import Metrics
+from daemon.devtools.localkafka import LocalKafka
+from daemon.ops.metrics import Metrics
 from tests import models
 from tests.conftest import TopicFactory
 from tests.streams import DaemonProcess, consume, daemon_env, interleaved_stream, produce

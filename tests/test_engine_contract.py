@@ -16,10 +16,11 @@ from typing import Any, Protocol
 import numpy as np
 import pytest
 
-from daemon import engines as engines_module
-from daemon.engines import Engine, KerasEngine, StateTensors
-from daemon.fast import FastEngine
-from daemon.model import ServableModel, load_model
+from daemon.inference.engines import factory
+from daemon.inference.engines.contract import Engine, StateTensors
+from daemon.inference.engines.fast import FastEngine
+from daemon.inference.engines.keras import KerasEngine
+from daemon.inference.model import ServableModel, load_model
 from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
 
@@ -38,7 +39,7 @@ ENGINES: dict[str, Callable[[ServableModel], CountingEngine]] = {"keras": KerasE
 
 @dataclass(eq=False)
 class Slot:
-    """A stand-in for daemon.state.SequenceState: only what engines use."""
+    """A stand-in for daemon.core.state.SequenceState: only what engines use."""
 
     tensors: StateTensors | None = None
 
@@ -125,7 +126,7 @@ def _x(seed: int, n: int, model: ServableModel) -> np.ndarray:
 
 
 def test_every_engine_is_covered() -> None:
-    assert sorted(ENGINES) == sorted(engines_module.ENGINES)
+    assert sorted(ENGINES) == sorted(factory.ENGINES)
 
 
 def test_engine_names(

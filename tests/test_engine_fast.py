@@ -16,14 +16,16 @@ import orjson
 import pytest
 import structlog
 
-from daemon import engines as engines_module
-from daemon.engines import KerasEngine, StateSlot, make_engine, parity_guard
-from daemon.fast import ACTIVATIONS, FastEngine, UnsupportedModel, numpy_activation
-from daemon.metrics import Metrics
-from daemon.model import ServableModel, load_model
-from daemon.processor import Processor
+from daemon.core.processor import Processor
+from daemon.core.state import StateStore
+from daemon.inference import tolerance
+from daemon.inference.engines.contract import StateSlot, parity_guard
+from daemon.inference.engines.factory import make_engine
+from daemon.inference.engines.fast import ACTIVATIONS, FastEngine, UnsupportedModel, numpy_activation
+from daemon.inference.engines.keras import KerasEngine
+from daemon.inference.model import ServableModel, load_model
+from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord
-from daemon.state import StateStore
 from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
 from tests.test_engine_contract import KINDS, Slot, random_calls
@@ -170,7 +172,7 @@ def test_parity_guard_catches_a_difference(
     assert parity_guard(FastEngine(model), KerasEngine(model), model) is None
     reason = parity_guard(_Off(model), KerasEngine(model), model)
     assert reason is not None and "differs" in reason and "0.001" in reason
-    monkeypatch.setattr("daemon.fast.FastEngine", _Off)
+    monkeypatch.setattr("daemon.inference.engines.fast.FastEngine", _Off)
     engine, reason = make_engine("fast", model)
     assert isinstance(engine, KerasEngine)
     assert reason is not None and reason.startswith("start-up parity check failed")
@@ -187,10 +189,9 @@ def test_parity_guard_reports_a_failing_engine(loaded: dict[str, ServableModel])
     assert reason is not None and "RuntimeError: boom" in reason
 
 
-def test_guard_tolerances_are_the_self_checks() -> None:
-    from daemon.model import SELF_CHECK_ATOL
-
-    assert engines_module.PARITY_ATOL == SELF_CHECK_ATOL == 1e-5
+def test_one_tolerance_is_the_oracles() -> None:
+    # The guard and the model's self-check both use daemon/inference/tolerance.py.
+    assert tolerance.ATOL == tolerance.RTOL == 1e-5
 
 
 # ------------------------------------------------------------------ wiring

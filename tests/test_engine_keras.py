@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.engines import KerasEngine
-from daemon.model import ServableModel, load_model
+from daemon.inference.engines.keras import KerasEngine
+from daemon.inference.model import ServableModel, load_model
 from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
 from tests.test_engine_contract import Slot, interleave

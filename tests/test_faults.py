@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
-from daemon.localkafka import LocalKafka
+from daemon.devtools.localkafka import LocalKafka
 from tests import models
 from tests.conftest import TopicFactory
 from tests.oracle import assert_matches, expected_outputs
@@ -116,7 +116,7 @@ def test_broker_down_for_seconds_mid_stream(
 ) -> None:
     broker: LocalKafka = kafka_broker_factory()
     names = {"in": "events", "out": "predictions", "dlq": "events.dlq"}
-    from daemon.localkafka import create_topics
+    from daemon.devtools.localkafka import create_topics
     create_topics(broker.bootstrap, {"events": 2, "predictions": 1, "events.dlq": 1})
     stream = interleaved_stream(n_keys=12, n_events=2500, features=3, seed=44)
     placed = produce(broker.bootstrap, "events", stream.events)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from daemon.localkafka import LocalKafka
+from daemon.devtools.localkafka import LocalKafka
 from tests import models
 from tests.conftest import TopicFactory
 from tests.streams import (

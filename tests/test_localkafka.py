@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from daemon.localkafka import KAFKA_JAR, LocalKafka, create_topics, ensure_jars, random_cluster_id
+from daemon.devtools.localkafka import KAFKA_JAR, LocalKafka, create_topics, ensure_jars, random_cluster_id
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 

@@ -1,4 +1,4 @@
-"""daemon.model: loading, refusing, the stateful copy and its start-up self-check."""
+"""daemon.inference.model: loading, refusing, the stateful copy and its start-up self-check."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from daemon.exceptions import StartupError, UnservableModelError
-from daemon.model import ModelIdentity, ServableModel, last_step_output, load_model, verify
+from daemon.errors import StartupError, UnservableModelError
+from daemon.inference.model import ModelIdentity, ServableModel, last_step_output, load_model, verify
 from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
 

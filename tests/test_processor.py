@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
-from daemon.metrics import Metrics
-from daemon.processor import Processor
+from daemon.core.processor import Processor
+from daemon.core.state import StateStore
+from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord as Rec
-from daemon.state import StateStore
 
 
 class SumEngine:

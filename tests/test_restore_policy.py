@@ -10,11 +10,11 @@ import numpy as np
 import orjson
 
 from daemon.config import Settings
-from daemon.http import Health
-from daemon.metrics import Metrics
-from daemon.processor import Processor
-from daemon.runloop import RunLoop
-from daemon.state import SequenceState, StateStore
+from daemon.core.processor import Processor
+from daemon.core.state import SequenceState, StateStore
+from daemon.ops.health import Health
+from daemon.ops.metrics import Metrics
+from daemon.streaming.loop import RunLoop
 from tests.test_processor import SumEngine, outputs, recs
 
 

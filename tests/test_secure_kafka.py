@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.localkafka import LocalKafka, LocalPki, create_topics, make_test_pki, secure_listeners
+from daemon.devtools.localkafka import LocalKafka, LocalPki, create_topics, make_test_pki, secure_listeners
 from tests import models
 from tests.streams import (
     DaemonProcess,

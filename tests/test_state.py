@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.state import SequenceState, SnapshotError, StateStore
+from daemon.core.state import SequenceState, SnapshotError, StateStore
 
 
 def test_snapshot_round_trip_is_exact() -> None:

@@ -22,7 +22,7 @@ prints a table or JSON. Sections:
   `passthrough`, a kafka-python consume-produce loop with no model and the
   daemon's own client settings (kafka_io.make_consumer / make_producer):
   poll, one send per input, flush, commit per poll batch; and lstmd's real
-  run loop (daemon.runloop.RunLoop, in-process, in a thread, at-least-once,
+  run loop (daemon.streaming.loop.RunLoop, in-process, in a thread, at-least-once,
   state topic included) with each engine. Every contender reads the whole
   input topic from the start under a fresh consumer group and writes to its
   own output topic. Timing: from the end of the first poll batch's
@@ -224,8 +224,8 @@ class EngineSection:
     name = "engine"
 
     def run(self, config: BenchConfig, log: Log) -> list[Row]:
-        from daemon.engines import make_engine
-        from daemon.model import load_model
+        from daemon.inference.engines.factory import make_engine
+        from daemon.inference.model import load_model
 
         rows: list[Row] = []
         for model_name in config.models:
@@ -292,7 +292,7 @@ class _Broker:
         if config.bootstrap:
             return config.bootstrap
         if self.local is None:
-            from daemon.localkafka import LocalKafka
+            from daemon.devtools.localkafka import LocalKafka
 
             log("bench: starting a local Kafka broker ...")
             self.local = LocalKafka().start()
@@ -330,7 +330,7 @@ def _unique(prefix: str) -> str:
 
 def create_topics_for_bench(bootstrap: str, topics: dict[str, int],
                             config: dict[str, str] | None = None) -> None:
-    from daemon.localkafka import create_topics
+    from daemon.devtools.localkafka import create_topics
 
     create_topics(bootstrap, topics, config)
 
@@ -412,7 +412,7 @@ def _passthrough(settings: Any, target: int, stop: threading.Event, marks: list[
     from kafka import TopicPartition
     from kafka.structs import OffsetAndMetadata
 
-    from daemon.kafka_io import make_consumer, make_producer
+    from daemon.kafka.clients import make_consumer, make_producer
 
     consumer = make_consumer(settings)
     producer = make_producer(settings)
@@ -447,8 +447,8 @@ class _Engines:
     def get(self, name: str) -> tuple[Any, Any, str | None]:
         """(model, engine, why fast was refused or None)."""
         if name not in self._made:
-            from daemon.engines import make_engine
-            from daemon.model import load_model
+            from daemon.inference.engines.factory import make_engine
+            from daemon.inference.model import load_model
 
             model = load_model(model_file(MODELS[E2E_MODEL]))
             engine, refused = make_engine(name, model)
@@ -463,11 +463,11 @@ def run_lstmd(settings: Any, target: int, timeout_s: float,
               on_thread: Callable[[int], None] | None = None) -> tuple[_Round, Any]:
     """lstmd's run loop in a thread with a fresh state store, until `target` inputs
     are checkpointed. Returns the round and the processor's engine."""
-    from daemon.http import Health
-    from daemon.metrics import Metrics
-    from daemon.processor import Processor
-    from daemon.runloop import RunLoop
-    from daemon.state import StateStore
+    from daemon.core.processor import Processor
+    from daemon.core.state import StateStore
+    from daemon.ops.health import Health
+    from daemon.ops.metrics import Metrics
+    from daemon.streaming.loop import RunLoop
 
     model, engine, _ = ENGINE_CACHE.get(settings.engine)
     if hasattr(engine, "invalidate"):
@@ -716,7 +716,7 @@ def peer_python(config: BenchConfig, log: Log) -> str:
         return config.peer_python
     if _has_quix(sys.executable):
         return sys.executable
-    from daemon.localkafka import cache_dir
+    from daemon.devtools.localkafka import cache_dir
 
     venv = cache_dir().parent / PEER_VENV
     python = venv / "bin" / "python"
@@ -898,30 +898,30 @@ class PeerSection:
 # tried on each frame from the innermost outwards; the first match names the sample.
 PHASE_RULES: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("prometheus_client", None, None, "prometheus metrics"),
-    ("daemon/codec.py", "decode", None, "codec.decode"),
-    ("daemon/codec.py", "_flag", None, "codec.decode"),
-    ("daemon/codec.py", "_features", None, "codec.decode"),
-    ("daemon/codec.py", "encode_prediction", None, "encode_prediction"),
-    ("daemon/fast.py", None, None, "engine step"),
-    ("daemon/engines.py", None, None, "engine step"),
-    ("daemon/state.py", "snapshot", None, "state snapshots (take_changes)"),
-    ("daemon/state.py", "take_changes", None, "state snapshots (take_changes)"),
-    ("daemon/state.py", None, None, "processor bookkeeping"),
-    ("daemon/processor.py", None, "engine.step", "engine step"),
-    ("daemon/processor.py", None, None, "processor bookkeeping"),
-    ("daemon/checkpointing.py", "_send", "state_topic_name", "producer.send (state records)"),
-    ("daemon/checkpointing.py", "_send", None, "producer.send (outputs)"),
-    ("daemon/checkpointing.py", "_publish", "flush", "flush (wait for acks)"),
-    ("daemon/checkpointing.py", "_publish", "succeeded", "futures check"),
-    ("daemon/checkpointing.py", "_publish", "failed", "futures check"),
-    ("daemon/checkpointing.py", "_account", None, "checkpoint accounting"),
-    ("daemon/checkpointing.py", "_commit_offsets", None, "offset commit"),
-    ("daemon/checkpointing.py", None, None, "checkpoint other"),
-    ("daemon/runloop.py", None, "consumer.poll", "poll (fetch, parse: kafka-python)"),
-    ("daemon/runloop.py", None, "take_changes", "state snapshots (take_changes)"),
-    ("daemon/runloop.py", None, "StateRecord", "state snapshots (take_changes)"),
-    ("daemon/runloop.py", "_housekeeping", None, "housekeeping"),
-    ("daemon/runloop.py", None, None, "run loop other"),
+    ("daemon/core/codec.py", "decode", None, "codec.decode"),
+    ("daemon/core/codec.py", "_flag", None, "codec.decode"),
+    ("daemon/core/codec.py", "_features", None, "codec.decode"),
+    ("daemon/core/codec.py", "encode_prediction", None, "encode_prediction"),
+    ("daemon/inference/engines/fast.py", None, None, "engine step"),
+    ("daemon/inference/engines/contract.py", None, None, "engine step"),
+    ("daemon/core/state.py", "snapshot", None, "state snapshots (take_changes)"),
+    ("daemon/core/state.py", "take_changes", None, "state snapshots (take_changes)"),
+    ("daemon/core/state.py", None, None, "processor bookkeeping"),
+    ("daemon/core/processor.py", None, "engine.step", "engine step"),
+    ("daemon/core/processor.py", None, None, "processor bookkeeping"),
+    ("daemon/streaming/delivery.py", "_send", "state_topic_name", "producer.send (state records)"),
+    ("daemon/streaming/delivery.py", "_send", None, "producer.send (outputs)"),
+    ("daemon/streaming/delivery.py", "_publish", "flush", "flush (wait for acks)"),
+    ("daemon/streaming/delivery.py", "_publish", "succeeded", "futures check"),
+    ("daemon/streaming/delivery.py", "_publish", "failed", "futures check"),
+    ("daemon/streaming/delivery.py", "_account", None, "checkpoint accounting"),
+    ("daemon/streaming/delivery.py", "_commit_offsets", None, "offset commit"),
+    ("daemon/streaming/delivery.py", None, None, "checkpoint other"),
+    ("daemon/streaming/loop.py", None, "consumer.poll", "poll (fetch, parse: kafka-python)"),
+    ("daemon/streaming/loop.py", None, "take_changes", "state snapshots (take_changes)"),
+    ("daemon/streaming/loop.py", None, "StateRecord", "state snapshots (take_changes)"),
+    ("daemon/streaming/loop.py", "_housekeeping", None, "housekeeping"),
+    ("daemon/streaming/loop.py", None, None, "run loop other"),
 )
 IDLE_FUNCTIONS = frozenset({"select", "poll", "wait", "sleep", "_wait_for_tstate_lock", "acquire"})
 
@@ -1277,7 +1277,7 @@ def parse_ints(text: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """`lstmd bench`'s options (also `python -m daemon.bench`)."""
+    """`lstmd bench`'s options (also `python -m daemon.devtools.bench`)."""
     p.add_argument("--sections", default="engine,e2e",
                    help=f"comma-separated, of {', '.join(SECTIONS)} (default: engine,e2e)")
     p.add_argument("--peer", action="store_true",
@@ -1352,7 +1352,7 @@ def cli(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lstmd bench: {exc}", file=sys.stderr)
         return 2
-    from daemon import logs
+    from daemon.ops import logs
 
     logs.configure("WARNING", "console")  # on stderr: stdout carries the report
     report = run(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -1361,7 +1361,7 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m daemon.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m daemon.devtools.bench", description=__doc__.splitlines()[0])
     add_arguments(p)
     return cli(p.parse_args(argv))
 

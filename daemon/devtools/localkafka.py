@@ -6,8 +6,8 @@ of the Kafka protocol drift. This module fetches Kafka's jars once with Maven
 into a cache outside the work tree and runs a single-node KRaft broker bound to
 127.0.0.1 on free ports, so parallel runs and other local Kafkas never collide.
 
-CLI: ``python -m daemon.localkafka fetch`` downloads the jars only;
-``python -m daemon.localkafka run`` starts a broker, prints its bootstrap
+CLI: ``python -m daemon.devtools.localkafka fetch`` downloads the jars only;
+``python -m daemon.devtools.localkafka run`` starts a broker, prints its bootstrap
 address and serves until SIGINT/SIGTERM.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from daemon.exceptions import LstmdError
+from daemon.errors import LstmdError
 
 # The broker the whole test suite, demo and benchmarks run against; bump it
 # deliberately. Kafka 4.x is KRaft-only (no ZooKeeper) and needs Java 17+.
@@ -122,7 +122,7 @@ class LocalKafkaError(LstmdError):
 
 def cache_dir() -> Path:
     """Where the jars live: outside the work tree so `git clean` never refetches them."""
-    env = os.environ.get("LSTMD_KAFKA_CACHE")
+    env = os.environ.get("LOCALKAFKA_CACHE")
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "lstmd" / f"kafka-{KAFKA_VERSION}"
@@ -722,7 +722,7 @@ def _parse_topic(text: str) -> tuple[str, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """`fetch` downloads the jars; `run` serves a broker until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m daemon.localkafka",
+        prog="python -m daemon.devtools.localkafka",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -30,11 +30,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from daemon.exceptions import UnservableModelError
+from daemon.errors import UnservableModelError
+from daemon.inference.tolerance import ATOL, RTOL
 
-#: Tolerances of the start-up self-check (step-by-step vs whole prefix).
-SELF_CHECK_ATOL = 1e-5
-SELF_CHECK_RTOL = 1e-5
 #: Length of the random sequence of the start-up self-check.
 SELF_CHECK_STEPS = 5
 
@@ -233,13 +231,13 @@ def verify(
                     f"{where}: the outputs of one step have {got.size} values and those "
                     f"of the whole prefix {want.size}, expected {model.output_width}"
                 )
-            if not np.allclose(got, want, rtol=SELF_CHECK_RTOL, atol=SELF_CHECK_ATOL):
+            if not np.allclose(got, want, rtol=RTOL, atol=ATOL):
                 err = float(np.max(np.abs(got.astype(np.float64) - want)))
                 raise UnservableModelError(
                     f"{where}: the model is not causal step by step: fed one time step "
                     f"at a time with its recurrent state carried, its output at step {t} "
                     f"differs from the output of the whole {t + 1}-step prefix by {err:.3g} "
-                    f"(tolerance {SELF_CHECK_ATOL:g}); some layer mixes time steps outside "
+                    f"(tolerance {ATOL:g}); some layer mixes time steps outside "
                     "the recurrent state (e.g. a Conv1D, a pooling or an attention over time)"
                 )
     finally:

@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
-from daemon.localkafka import LocalKafka, cache_dir, create_topics, ensure_jars
+from daemon.devtools.localkafka import LocalKafka, cache_dir, create_topics, ensure_jars
 
 ROOMS_PER_SITE = 4
 # The model needs a few hours of readings before its state knows the room.
@@ -38,7 +38,7 @@ METRICS_SHOWN = (
 
 def demo_model_path() -> Path:
     """Trained once per machine; the cache survives fresh clones."""
-    from daemon.demo_model import make_demo_model
+    from daemon.devtools.demo_model import make_demo_model
 
     path = cache_dir().parent / "demo-model-v2.keras"
     if not path.exists():
@@ -52,7 +52,7 @@ def demo_model_path() -> Path:
 def _stream(sequences: int, events: int) -> list[tuple[str, dict[str, object], float]]:
     """Interleaved readings: every room reports each tick; a room's series ends
     (end marker on its last reading) and a new one starts under the same id."""
-    from daemon.demo_model import demo_series, to_features
+    from daemon.devtools.demo_model import demo_series, to_features
 
     per_room = max(2, events // sequences)
     out: list[tuple[str, dict[str, object], float]] = []
@@ -110,7 +110,7 @@ def run_demo(events: int = 2000, sequences: int = 8) -> int:
 def _drive(bootstrap: str, topics: dict[str, str],
            stream: list[tuple[str, dict[str, object], float]], port: int) -> int:
     """Produce the stream, print predictions as they come, then the metrics."""
-    from daemon.demo_model import from_output
+    from daemon.devtools.demo_model import from_output
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     consumer = KafkaConsumer(topics["out"], bootstrap_servers=bootstrap,

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from daemon.exceptions import RecordRejected
+from daemon.errors import RecordRejected
 
 # Reasons are metric label values and DLQ header values: keep them stable.
 # The largest finite float32: the model's input type.

@@ -19,29 +19,24 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import AuthorizationError, KafkaError
 
-from daemon.checkpointing import (
+from daemon.config import Settings
+from daemon.core.processor import OutputRecord, Processor
+from daemon.core.state import Eviction, SequenceState
+from daemon.kafka.acl import authorization_failure
+from daemon.kafka.clients import make_consumer, make_producer, make_restore_consumer, wait_for_cluster
+from daemon.kafka.listener import RebalanceEvents
+from daemon.kafka.topics import ensure_topics
+from daemon.ops.health import Health
+from daemon.ops.logs import get_logger
+from daemon.ops.metrics import Metrics
+from daemon.streaming.delivery import (
     Checkpoint,
     Checkpointer,
     DeliveryFailed,
-    Restorer,
     StateRecord,
     TransactionFailed,
 )
-from daemon.config import Settings
-from daemon.http import Health
-from daemon.kafka_io import (
-    RebalanceEvents,
-    authorization_failure,
-    ensure_topics,
-    make_consumer,
-    make_producer,
-    make_restore_consumer,
-    wait_for_cluster,
-)
-from daemon.logs import get_logger
-from daemon.metrics import Metrics
-from daemon.processor import OutputRecord, Processor
-from daemon.state import Eviction, SequenceState
+from daemon.streaming.restore import Restorer
 
 log = get_logger(__name__)
 

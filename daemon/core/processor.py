@@ -11,19 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from daemon import codec
-from daemon.exceptions import RecordRejected
-from daemon.logs import get_logger
-from daemon.metrics import Metrics
-from daemon.state import Eviction, SequenceState, StateStore
-
-if TYPE_CHECKING:  # the engines import TensorFlow; the processor itself does not need it
-    from daemon.engines import Engine
-
+from daemon.core import codec
+from daemon.core.engine import Engine
+from daemon.core.state import Eviction, SequenceState, StateStore
+from daemon.errors import RecordRejected
+from daemon.ops.logs import get_logger
+from daemon.ops.metrics import Metrics
 
 log = get_logger(__name__)
 

@@ -1,0 +1,243 @@
+"""The fast engine's kernels: recurrent cells and per-step layer operations in NumPy.
+
+The formulas are term for term those of Keras's layers at inference (see the
+package docstring); every kernel computes a whole wave, (N, width) in and out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from daemon.inference.engines.fast.activations import ACTIVATIONS, numpy_activation
+from daemon.inference.engines.fast.types import Activation, Array, UnsupportedModel
+
+
+def weights(var: Any, what: str) -> Array:
+    arr = np.asarray(keras.ops.convert_to_numpy(var))
+    if arr.dtype != np.float32:
+        raise UnsupportedModel(f"{what} has {arr.dtype} weights; the fast engine computes in float32")
+    return np.ascontiguousarray(arr)
+
+
+def describe(layer: Any) -> str:
+    return f"layer {layer.name!r} ({type(layer).__name__})"
+
+
+class Scratch:
+    """A kernel's reusable float32 work buffers, one per declared width.
+
+    Reusing them instead of allocating every temporary at every step matters
+    with large waves: glibc returns freed megabytes to the system and faults
+    them in again at the next step, which doubled the time of a 1000-sequence
+    LSTM(64) step in a trial. Every result left in a buffer is consumed (copied
+    into the engine's outputs and the slots' states) before the next wave."""
+
+    def __init__(self, *widths: int) -> None:
+        self.widths = widths
+        self.capacity = 0
+        self.buffers: list[Array] = []
+
+    def take(self, n: int) -> list[Array]:
+        """The first n rows of each buffer."""
+        if n > self.capacity:
+            self.capacity = max(n, 2 * self.capacity)
+            self.buffers = [np.empty((self.capacity, w), dtype=np.float32) for w in self.widths]
+        return [b[:n] for b in self.buffers]
+
+
+class Cell:
+    """One recurrent cell: (x, its states) -> (output, its new states)."""
+
+    n_states = 1
+
+    def __call__(self, x: Array, states: list[Array]) -> tuple[Array, list[Array]]:
+        raise NotImplementedError
+
+
+class LSTMKernel(Cell):
+    n_states = 2
+
+    def __init__(self, cell: Any, what: str) -> None:
+        u = self.units = int(cell.units)
+        self.act = numpy_activation(cell.activation, what)
+        self.rec = numpy_activation(cell.recurrent_activation, f"{what} (recurrent)")
+        # Columns reordered from Keras's i, f, c, o to i, f, o, c: the three gates
+        # under the recurrent activation are then one contiguous block.
+        order = np.r_[0 : 2 * u, 3 * u : 4 * u, 2 * u : 3 * u]
+        kernel = weights(cell.kernel, what)[:, order]
+        recurrent = weights(cell.recurrent_kernel, what)[:, order]
+        bias = weights(cell.bias, what)[order] if cell.use_bias else None
+        # The usual sigmoid gates and tanh: sigmoid(z) = tanh(z / 2) / 2 + 1/2, so
+        # with the gates' weights halved (exact in binary floating point) one
+        # tanh over the whole pre-activation serves all four blocks.
+        self.fused = self.rec is ACTIVATIONS["sigmoid"] and self.act is ACTIVATIONS["tanh"]
+        if self.fused:
+            half = np.ones(4 * u, dtype=np.float32)
+            half[: 3 * u] = 0.5
+            kernel = kernel * half
+            recurrent = recurrent * half
+            bias = bias * half if bias is not None else None
+        self.kernel = np.ascontiguousarray(kernel)
+        self.recurrent = np.ascontiguousarray(recurrent)
+        self.bias = np.ascontiguousarray(bias) if bias is not None else None
+        self.scratch = Scratch(4 * u, 4 * u, u, u)
+
+    def __call__(self, x: Array, states: list[Array]) -> tuple[Array, list[Array]]:
+        h, c = states
+        u = self.units
+        z, t, c_new, h_new = self.scratch.take(x.shape[0])
+        np.matmul(x, self.kernel, out=z)
+        z += np.matmul(h, self.recurrent, out=t)
+        if self.bias is not None:
+            z += self.bias
+        if self.fused:
+            np.tanh(z, out=z)
+            gates = z[:, : 3 * u]
+            gates *= np.float32(0.5)
+            gates += np.float32(0.5)
+            g = z[:, 3 * u :]
+        else:
+            gates = self.rec(z[:, : 3 * u])
+            g = self.act(z[:, 3 * u :])
+        i, f, o = gates[:, :u], gates[:, u : 2 * u], gates[:, 2 * u :]
+        # c = f * c + i * g; h = o * act(c), as Keras's.
+        np.multiply(f, c, out=c_new)
+        c_new += np.multiply(i, g, out=t[:, :u])
+        scratch = t[:, u : 2 * u]
+        np.copyto(scratch, c_new)
+        np.multiply(o, self.act(scratch), out=h_new)
+        return h_new, [h_new, c_new]
+
+
+class GRUKernel(Cell):
+    def __init__(self, cell: Any, what: str) -> None:
+        u = self.units = int(cell.units)
+        self.reset_after = bool(cell.reset_after)
+        self.kernel = weights(cell.kernel, what)
+        recurrent = weights(cell.recurrent_kernel, what)
+        self.bias_in: Array | None = None
+        self.bias_rec: Array | None = None
+        if cell.use_bias:
+            bias = weights(cell.bias, what)
+            if self.reset_after:  # (2, 3u): input and recurrent biases
+                self.bias_in, self.bias_rec = np.ascontiguousarray(bias[0]), np.ascontiguousarray(bias[1])
+            else:
+                self.bias_in = bias
+        # reset_after: the whole recurrent kernel at once; otherwise its z, r
+        # part first and its h part after the reset gate.
+        self.recurrent = recurrent if self.reset_after else np.ascontiguousarray(recurrent[:, : 2 * u])
+        self.recurrent_h = np.ascontiguousarray(recurrent[:, 2 * u :])
+        self.act = numpy_activation(cell.activation, what)
+        self.rec = numpy_activation(cell.recurrent_activation, f"{what} (recurrent)")
+        self.scratch = Scratch(3 * u, self.recurrent.shape[1], u, u, u)
+
+    def __call__(self, x: Array, states: list[Array]) -> tuple[Array, list[Array]]:
+        (h,) = states
+        u = self.units
+        mx, mi, a, b, h_new = self.scratch.take(x.shape[0])
+        np.matmul(x, self.kernel, out=mx)
+        if self.bias_in is not None:
+            mx += self.bias_in
+        np.matmul(h, self.recurrent, out=mi)
+        if self.bias_rec is not None:
+            mi += self.bias_rec
+        zr = mx[:, : 2 * u]
+        zr += mi[:, : 2 * u]
+        zr = self.rec(zr)
+        z, r = zr[:, :u], zr[:, u:]
+        # The reset gate applied after (reset_after) or before the recurrent product.
+        if self.reset_after:
+            rh = mi[:, 2 * u :]
+            rh *= r
+        else:
+            rh = np.matmul(np.multiply(r, h, out=a), self.recurrent_h, out=b)
+        hh = mx[:, 2 * u :]
+        hh += rh
+        hh = self.act(hh)
+        # h = z * h + (1 - z) * hh, as Keras's.
+        np.multiply(z, h, out=h_new)
+        one_minus_z = np.subtract(np.float32(1.0), z, out=a)
+        one_minus_z *= hh
+        h_new += one_minus_z
+        return h_new, [h_new]
+
+
+class SimpleRNNKernel(Cell):
+    def __init__(self, cell: Any, what: str) -> None:
+        self.kernel = weights(cell.kernel, what)
+        self.recurrent = weights(cell.recurrent_kernel, what)
+        self.bias = weights(cell.bias, what) if cell.bias is not None else None
+        self.act = numpy_activation(cell.activation, what)
+        u = int(cell.units)
+        self.scratch = Scratch(u, u)
+
+    def __call__(self, x: Array, states: list[Array]) -> tuple[Array, list[Array]]:
+        (h,) = states
+        y, t = self.scratch.take(x.shape[0])
+        np.matmul(x, self.kernel, out=y)
+        if self.bias is not None:
+            y += self.bias
+        y += np.matmul(h, self.recurrent, out=t)
+        out = self.act(y)
+        return out, [out]
+
+
+class Op:
+    """One layer application: registers[dst] = run(registers[src], ...); a
+    recurrent one reads its states from `states_in` and leaves the new ones in
+    `states_out` (lists over the model's state variables). The result may live
+    in the op's scratch buffers: it is valid until the op runs again."""
+
+    def __init__(self, src: int, dst: int) -> None:
+        self.src = src
+        self.dst = dst
+
+    def run(self, x: Array, states_in: list[Array], states_out: list[Array]) -> Array:
+        raise NotImplementedError
+
+
+class DenseOp(Op):
+    def __init__(self, src: int, dst: int, kernel: Array, bias: Array | None, act: Activation) -> None:
+        super().__init__(src, dst)
+        self.kernel = kernel
+        self.bias = bias
+        self.act = act
+        self.scratch = Scratch(int(kernel.shape[1]))
+
+    def run(self, x: Array, states_in: list[Array], states_out: list[Array]) -> Array:
+        (y,) = self.scratch.take(x.shape[0])
+        np.matmul(x, self.kernel, out=y)
+        if self.bias is not None:
+            y += self.bias
+        return self.act(y)
+
+
+class ActivationOp(Op):
+    def __init__(self, src: int, dst: int, width: int, act: Activation) -> None:
+        super().__init__(src, dst)
+        self.act = act
+        self.scratch = Scratch(width)
+
+    def run(self, x: Array, states_in: list[Array], states_out: list[Array]) -> Array:
+        (y,) = self.scratch.take(x.shape[0])
+        np.copyto(y, x)  # activations overwrite their input; x may be read by another op
+        return self.act(y)
+
+
+class RecurrentOp(Op):
+    def __init__(self, src: int, dst: int, cells: list[Cell], state: int) -> None:
+        super().__init__(src, dst)
+        self.cells = cells
+        self.state = state  # index of the first state of the first cell
+
+    def run(self, x: Array, states_in: list[Array], states_out: list[Array]) -> Array:
+        k = self.state
+        for cell in self.cells:
+            n = cell.n_states
+            x, new = cell(x, states_in[k : k + n])
+            states_out[k : k + n] = new
+            k += n
+        return x

@@ -1,0 +1,164 @@
+"""kafka-python clients built from Settings, and the kafka-python 3.0.12 workarounds they need.
+
+Every client the daemon opens comes from here, with the same connection and
+security settings; the constants say why each non-default value was chosen.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import (
+    AuthorizationError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailedError,
+)
+
+from daemon import __version__
+from daemon.config import Settings
+from daemon.core.codec import DEAD_LETTER_VALUE_BYTES
+from daemon.kafka.acl import AuthFailureWatch, refusal
+from daemon.kafka.retry import Backoff
+from daemon.ops.logs import get_logger
+
+log = get_logger(__name__)
+
+
+# Waiting for acknowledgements a little lets kafka-python fill larger batches
+# without adding noticeable latency next to a model step.
+PRODUCER_LINGER_MS = 5
+# kafka-python backs off reconnects up to 30 s by default: after a broker restart
+# the daemon would sit idle that long. One second keeps recovery prompt.
+RECONNECT_BACKOFF_MAX_MS = 1000
+# Room for a dead letter's headers and Kafka's record overhead above the largest
+# value the daemon copies (see codec.DEAD_LETTER_VALUE_BYTES).
+RECORD_OVERHEAD_BYTES = 64 << 10
+# A process killed inside a transaction leaves it open, and read_committed readers
+# (downstream, and our own state restore) wait behind it until the broker aborts
+# it. A restarted static member fences it at once; otherwise this bounds the wait.
+TRANSACTION_TIMEOUT_MS = 10_000
+# send() waits this long for metadata (e.g. of a topic deleted under us) before the
+# batch is retried; the default minute would stall the loop and its liveness beat.
+MAX_BLOCK_MS = 10_000
+# Each connection attempt at start-up gives up after this, then backs off and retries.
+BOOTSTRAP_TIMEOUT_MS = 5000
+
+def security_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection settings shared by every client; the password never leaves here."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": f"lstmd-{__version__}",
+        "security_protocol": settings.kafka_security_protocol,
+        "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
+    }
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.sasl_password()
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        for name in ("cafile", "certfile", "keyfile"):
+            path = getattr(settings, f"kafka_ssl_{name}")
+            if path is not None:
+                kwargs[f"ssl_{name}"] = str(path)
+    return kwargs
+
+
+def make_consumer(settings: Settings) -> KafkaConsumer:
+    return KafkaConsumer(
+        **security_kwargs(settings),
+        group_id=settings.group_id,
+        group_instance_id=settings.group_instance_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # Upstream producers may be transactional: never feed an aborted event to a state.
+        isolation_level="read_committed",
+        allow_auto_create_topics=False,
+        max_poll_records=settings.kafka_max_poll_records,
+        max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        # kafka-python 3 takes assignor instances; its stubs still say classes.
+        partition_assignment_strategy=[CooperativeStickyAssignor()],  # type: ignore[list-item]
+    )
+
+
+def make_producer(settings: Settings, transactional_id: str | None = None) -> KafkaProducer:
+    return KafkaProducer(
+        **security_kwargs(settings),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=PRODUCER_LINGER_MS,
+        transactional_id=transactional_id,
+        transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+        max_block_ms=MAX_BLOCK_MS,
+        max_request_size=max_message_bytes(settings),
+    )
+
+
+def max_message_bytes(settings: Settings) -> int:
+    """The largest record the daemon produces: a dead letter carrying a record of up to
+    LSTMD_MAX_RECORD_BYTES (at least 1 MiB), plus its headers."""
+    return max(DEAD_LETTER_VALUE_BYTES, settings.max_record_bytes) + RECORD_OVERHEAD_BYTES
+
+
+def make_restore_consumer(settings: Settings) -> KafkaConsumer:
+    """Reads the state topic by assignment (no group), committed transactions only."""
+    return KafkaConsumer(
+        **security_kwargs(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=8 << 20,
+    )
+
+
+def wait_for_cluster(settings: Settings, stop: threading.Event,
+                     beat: Callable[[], None] = lambda: None) -> KafkaAdminClient | None:
+    """Connect an admin client, retrying with backoff until the cluster answers.
+
+    Returns None if asked to stop first. The daemon is not ready meanwhile, and
+    says why in the log once per attempt, so a pod waiting for its brokers is
+    visible without being restarted.
+    """
+    backoff = Backoff(stop, first_s=1.0)
+    attempt = 0
+    while not stop.is_set():
+        attempt += 1
+        beat()  # waiting for brokers is not being stuck: stay live, not ready
+        watch = AuthFailureWatch()
+        try:
+            with watch:
+                return KafkaAdminClient(**security_kwargs(settings),
+                                        bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
+        except (SaslAuthenticationFailedError, AuthorizationError) as exc:
+            raise refusal(settings, exc) from None
+        except (KafkaTimeoutError, KafkaConnectionError) as exc:
+            if watch.failure is not None:
+                raise refusal(settings, watch.failure) from None
+            log.warning("kafka_unreachable", servers=settings.bootstrap_servers,
+                        attempt=attempt, retry_in_s=backoff.delay, error=str(exc))
+        if backoff.wait():
+            break
+    return None
+
+
+def close_producer(producer: KafkaProducer, timeout: float) -> None:
+    """Close, abandoning what is still unacknowledged after `timeout` (its futures fail).
+
+    kafka-python 3.0.12's close() flushes first and raises if that flush times
+    out, so it never reaches its own force-close: do that step here.
+    """
+    try:
+        producer.close(timeout=timeout)
+    except KafkaTimeoutError:
+        sender = getattr(producer, "_sender", None)  # private: no public force-close
+        if sender is not None and sender.is_alive():
+            sender.force_close()
+            sender.join(5.0)
+        producer._closed = True  # type: ignore[attr-defined]

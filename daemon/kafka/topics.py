@@ -1,0 +1,144 @@
+"""Topic provisioning at start-up: the four topics exist, agree, and may be used."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka import KafkaAdminClient
+from kafka.errors import AuthorizationError, GroupAuthorizationFailedError, KafkaError, for_code
+
+from daemon.config import Settings
+from daemon.errors import KafkaSetupError
+from daemon.kafka.acl import authorization_failure, principal, topic_refusal, topic_roles
+from daemon.kafka.clients import max_message_bytes
+from daemon.ops.logs import get_logger
+
+log = get_logger(__name__)
+
+# Compacted: only the latest state of each sequence matters. Tombstones are kept a
+# day so a restore that starts just before compaction still sees deletions.
+STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "delete.retention.ms": "86400000"}
+# Kafka protocol error codes in a Metadata answer. A principal without Describe on a
+# topic gets TOPIC_AUTHORIZATION_FAILED whether or not the topic exists.
+UNKNOWN_TOPIC_OR_PARTITION = 3
+TOPIC_AUTHORIZATION_FAILED = 29
+# In a CreateTopics answer: someone else (another pod, an operator) created it first.
+TOPIC_ALREADY_EXISTS = 36
+
+
+
+def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
+    """Check the topics exist and the daemon may use them (or create them if allowed);
+    return input partitions.
+
+    The topics are described by name: listing them would silently leave out
+    those the principal may not see, and a missing ACL would read as a missing
+    topic. The consumer group is checked too, so a missing ACL ends the daemon
+    at start-up with its name instead of failing deep in the consumer.
+
+    The state topic must have as many partitions as the input (state of input
+    partition p lives in state partition p) and is created compacted.
+    """
+    roles = topic_roles(settings)
+    described = {t["name"]: t for t in admin.describe_topics(list(roles))}
+    _check_topic_acls(settings, described)
+    _check_group_acl(admin, settings)
+    existing = {name for name, t in described.items()
+                if t["error_code"] != UNKNOWN_TOPIC_OR_PARTITION}
+    if settings.input_topic not in existing and not settings.create_topics:
+        raise KafkaSetupError(
+            f"missing Kafka topic: {settings.input_topic} (LSTMD_INPUT_TOPIC); create it, "
+            "or set LSTMD_CREATE_TOPICS=true")
+    partitions = _partitions(admin, settings.input_topic) if settings.input_topic in existing else 1
+    wanted: dict[str, dict[str, Any]] = {
+        settings.input_topic: {"num_partitions": partitions},
+        settings.output_topic: {"num_partitions": partitions},
+        settings.dead_letter_topic: {"num_partitions": partitions, "configs": {
+            "max.message.bytes": str(max_message_bytes(settings))}},
+        settings.state_topic_name: {"num_partitions": partitions, "configs": STATE_TOPIC_CONFIG},
+    }
+    missing = {t: spec for t, spec in wanted.items() if t not in existing}
+    if missing and not settings.create_topics:
+        raise KafkaSetupError(
+            f"missing Kafka topics: {', '.join(sorted(missing))} (create them, or set "
+            "LSTMD_CREATE_TOPICS=true)")
+    if missing:
+        _create_topics(admin, settings, missing)
+        log.info("topics_created", topics=sorted(missing), partitions=partitions)
+        # Whoever won a creation race chose the partition count: read it back.
+        partitions = _partitions(admin, settings.input_topic)
+    state_partitions = _partitions(admin, settings.state_topic_name)
+    if state_partitions != partitions:
+        raise KafkaSetupError(
+            f"state topic {settings.state_topic_name} has {state_partitions} partitions, the input "
+            f"topic {settings.input_topic} has {partitions}: they must be equal")
+    return partitions
+
+
+def _create_topics(admin: KafkaAdminClient, settings: Settings,
+                   missing: dict[str, dict[str, Any]]) -> None:
+    """Create the missing topics; one created meanwhile by someone else is fine.
+
+    Pods of one StatefulSet start together, so with LSTMD_CREATE_TOPICS=true
+    they race to create the same topics: losing that race is not an error.
+    """
+    answer = admin.create_topics(missing, raise_errors=False)
+    for topic in answer["topics"]:
+        code = topic["error_code"]
+        if code in (0, TOPIC_ALREADY_EXISTS):
+            continue
+        error: type[KafkaError] = for_code(code)  # type: ignore[no-untyped-call]
+        if issubclass(error, AuthorizationError):
+            raise KafkaSetupError(
+                f"not authorized to create topics {', '.join(sorted(missing))} as "
+                f"{principal(settings)} (LSTMD_CREATE_TOPICS=true): create them, or grant "
+                "Create on them")
+        raise KafkaSetupError(
+            f"could not create topic {topic['name']}: {error.__name__}: "
+            f"{topic.get('error_message') or 'no message from the broker'}")
+    admin.wait_for_topics(list(missing))
+
+
+def _check_topic_acls(settings: Settings, described: dict[str, dict[str, Any]]) -> None:
+    """Every topic the principal may not use, named in one error.
+
+    TOPIC_AUTHORIZATION_FAILED: no Describe (Kafka does not say whether the topic
+    exists). A topic it may describe but lacks Read or Write on shows in the
+    operations the broker says the principal is authorized for (KIP-430).
+    """
+    problems = []
+    for topic, (_variables, needs) in topic_roles(settings).items():
+        info = described.get(topic)
+        if info is None:
+            continue
+        if info["error_code"] == TOPIC_AUTHORIZATION_FAILED:
+            problems.append(topic_refusal(settings, topic, hidden=True))
+            continue
+        allowed = info.get("authorized_operations")
+        if info["error_code"] == 0 and isinstance(allowed, list) and allowed:
+            lacking = needs - set(allowed)
+            if lacking:
+                problems.append(topic_refusal(settings, topic, lacking))
+    if problems:
+        raise KafkaSetupError("; ".join(problems))
+
+
+def _check_group_acl(admin: KafkaAdminClient, settings: Settings) -> None:
+    """Finding the group's coordinator needs Describe on the group: without it the
+    consumer would fail on its first poll. Anything else (a coordinator still
+    loading, an older broker) is left to the consumer."""
+    try:
+        groups = admin.describe_groups([settings.group_id])
+    except AuthorizationError as exc:
+        raise authorization_failure(settings, exc) from None
+    except KafkaError as exc:
+        log.debug("group_acl_unchecked", group=settings.group_id, error=str(exc))
+        return
+    allowed = groups.get(settings.group_id, {}).get("authorized_operations")
+    if isinstance(allowed, list) and allowed and "READ" not in allowed:
+        raise authorization_failure(settings, GroupAuthorizationFailedError(settings.group_id))
+
+
+def _partitions(admin: KafkaAdminClient, topic: str) -> int:
+    described = admin.describe_topics([topic])
+    return len(described[0]["partitions"])

@@ -1,0 +1,124 @@
+"""Restore: a newly assigned partition's states read back from the compacted state topic.
+
+A partition is served only once its states are back (see the lifecycle in
+loop.py): its inputs at or below each state's watermark are then recognised as
+already applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import AuthorizationError, KafkaError
+
+from daemon.core.state import SequenceState, SnapshotError
+from daemon.ops.logs import get_logger
+from daemon.ops.metrics import Metrics
+
+log = get_logger(__name__)
+
+# One restore poll never holds the loop longer than this, so heartbeats aside the
+# poll loop keeps its max.poll.interval promise and its liveness beat.
+RESTORE_SLICE_S = 0.5
+
+
+@dataclass
+class _Restoring:
+    end: int | None  # None: the state partition's end is not known yet (no leader)
+    started: float
+    states: dict[str, tuple[SequenceState, str]] = field(default_factory=dict)
+
+
+class Restorer:
+    """Reads a partition's states back from the compacted state topic, in slices
+    between polls, up to the end the topic had when the restore began."""
+
+    def __init__(self, consumer: KafkaConsumer, topic: str, metrics: Metrics) -> None:
+        self.consumer = consumer  # no group, read_committed
+        self.topic = topic
+        self.metrics = metrics
+        self.active: dict[int, _Restoring] = {}
+
+    def begin(self, partitions: Iterable[int]) -> None:
+        new = [p for p in partitions if p not in self.active]
+        if not new:
+            return
+        tps = [TopicPartition(self.topic, p) for p in new]
+        now = time.perf_counter()
+        for tp in tps:
+            self.active[tp.partition] = _Restoring(end=None, started=now)
+        self._assign()
+        self.consumer.seek_to_beginning(*tps)
+        self._find_ends()
+
+    def _find_ends(self) -> bool:
+        """Learn where each restore ends; False while the broker cannot say (the
+        partition has no leader during an outage): the next step asks again."""
+        unknown = [TopicPartition(self.topic, p) for p, r in self.active.items() if r.end is None]
+        if not unknown:
+            return True
+        try:
+            ends = self.consumer.end_offsets(unknown)
+        except AuthorizationError:
+            raise  # permanent: the run loop names the topic and stops
+        except KafkaError as exc:
+            log.warning("restore_waiting", partitions=sorted(tp.partition for tp in unknown),
+                        error=str(exc))
+            return False
+        for tp in unknown:
+            self.active[tp.partition].end = ends[tp]
+        return True
+
+    def cancel(self, partitions: Iterable[int]) -> None:
+        if any(self.active.pop(p, None) is not None for p in list(partitions)):
+            self._assign()
+
+    def _assign(self) -> None:
+        self.consumer.assign([TopicPartition(self.topic, p) for p in self.active])
+
+    def step(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
+        """Read for at most one slice; return the partitions now complete."""
+        if not self._find_ends():
+            return {}
+        deadline = time.monotonic() + RESTORE_SLICE_S
+        while self.active and time.monotonic() < deadline:
+            done = self._finished()
+            if done:
+                return done
+            batch = self.consumer.poll(timeout_ms=100, max_records=5000)
+            for tp, records in batch.items():
+                target = self.active.get(tp.partition)
+                if target is None:
+                    continue
+                for rec in records:
+                    key = rec.key.decode("utf-8", "replace") if rec.key is not None else ""
+                    if rec.value is None:
+                        target.states.pop(key, None)
+                        continue
+                    try:
+                        target.states[key] = SequenceState.restore(rec.value)
+                    except SnapshotError as exc:
+                        # An older record of the key would be a wrong state, not a
+                        # fallback: the sequence starts over.
+                        target.states.pop(key, None)
+                        log.error("state_record_unreadable", partition=tp.partition, key=key,
+                                  offset=rec.offset, error=str(exc), action="sequence starts over")
+        return self._finished()
+
+    def _finished(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
+        done: dict[int, dict[str, tuple[SequenceState, str]]] = {}
+        for p, r in list(self.active.items()):
+            if r.end is None:
+                continue
+            position = self.consumer.position(TopicPartition(self.topic, p))
+            if position is not None and position >= r.end:
+                done[p] = r.states
+                self.metrics.restore.observe(time.perf_counter() - r.started)
+                self.metrics.states_restored.inc(len(r.states))
+                del self.active[p]
+        if done:
+            self._assign()
+        return done
