@@ -479,16 +479,13 @@ def run_lstmd(settings: Any, target: int, timeout_s: float,
     marks: list[tuple[float, int]] = []
     stop = threading.Event()
 
-    class TimedRunLoop(RunLoop):
-        def _checkpoint(self, consumer: Any, checkpointer: Any, restorer: Any, batch: list[Any],
-                        *, force: bool = False) -> None:
-            super()._checkpoint(consumer, checkpointer, restorer, batch, force=force)
-            if batch:
-                marks.append((time.perf_counter(), len(batch)))
-                if sum(n for _, n in marks) >= target:
-                    self.stop.set()
+    def on_batch(n: int) -> None:
+        marks.append((time.perf_counter(), n))
+        if sum(k for _, k in marks) >= target:
+            stop.set()
 
-    loop = TimedRunLoop(settings, processor, metrics, Health(liveness_timeout_s=3600.0), stop)
+    loop = RunLoop(settings, processor, metrics, Health(liveness_timeout_s=3600.0), stop,
+                   on_batch=on_batch)
     return _drive(lambda: loop.run(), stop, marks, timeout_s, on_thread), engine
 
 

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -55,8 +56,12 @@ class RunLoop:
         metrics: Metrics,
         health: Health,
         stop: threading.Event,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_batch(n)` is called after each poll batch of n > 0 inputs is processed and
+        its outputs handed to delivery: a hook for measurements (`lstmd bench`)."""
         self.settings = settings
+        self.on_batch = on_batch
         self.processor = processor
         self.store = processor.store
         self.metrics = metrics
@@ -107,6 +112,8 @@ class RunLoop:
                     self._restore(restorer)
                 batch = self._accept(consumer, polled)
                 self._checkpoint(consumer, checkpointer, restorer, batch)
+                if batch and self.on_batch is not None:
+                    self.on_batch(len(batch))
                 self._housekeeping(consumer)
                 if self._pending:
                     # Idle evictions: durable before any later input of those keys is
