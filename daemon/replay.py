@@ -15,7 +15,8 @@ from typing import BinaryIO
 
 import orjson
 
-from daemon.core.processor import OutputRecord, Processor
+from daemon.core.processor import Processor
+from daemon.core.records import OutputRecord
 
 REPLAY_TOPIC = "replay"
 # Lines are processed in batches like Kafka poll batches, so the fast engine

@@ -26,9 +26,10 @@ from daemon.inference.engines.keras import KerasEngine
 from daemon.inference.model import ServableModel, load_model
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord
+from tests.engine_runs import KINDS, random_calls
+from tests.fakes import Slot
 from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
-from tests.test_engine_contract import KINDS, Slot, random_calls
 
 FALLBACK = {"layer_norm": ("layer_normalization", "LayerNormalization"),
             "time_distributed": ("time_distributed", "TimeDistributed")}

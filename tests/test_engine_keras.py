@@ -9,9 +9,10 @@ import pytest
 
 from daemon.inference.engines.keras import KerasEngine
 from daemon.inference.model import ServableModel, load_model
+from tests.engine_runs import interleave
+from tests.fakes import Slot
 from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
-from tests.test_engine_contract import Slot, interleave
 
 
 @pytest.fixture(scope="module")

@@ -18,40 +18,7 @@ from daemon.core.processor import Processor
 from daemon.core.state import StateStore
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord as Rec
-
-
-class SumEngine:
-    name = "sum"
-
-    def __init__(self) -> None:
-        self.calls: list[int] = []
-
-    def step(self, slots: Sequence[object], xs: np.ndarray) -> np.ndarray:
-        self.calls.append(len(slots))
-        ys = []
-        for slot, x in zip(slots, xs, strict=True):
-            prev = slot.tensors[0] if slot.tensors is not None else np.zeros_like(x)  # type: ignore[attr-defined]
-            new = prev + x
-            slot.tensors = [new]  # type: ignore[attr-defined]
-            ys.append(new)
-        return np.asarray(ys, dtype=np.float32)
-
-
-def make(engine: SumEngine | None = None) -> tuple[Processor, Metrics]:
-    metrics = Metrics()
-    proc = Processor(engine or SumEngine(), model_id="m@0", n_features=1, store=StateStore(),
-                     metrics=metrics)
-    return proc, metrics
-
-
-def recs(events: list[tuple[str, dict[str, object]]], partition: int = 0,
-         start: int = 0) -> list[Rec]:
-    return [Rec("in", partition, start + i, 0, k.encode(), orjson.dumps(v))
-            for i, (k, v) in enumerate(events)]
-
-
-def outputs(proc: Processor, records: list[Rec]) -> list[dict[str, object]]:
-    return [orjson.loads(o.value or b"") for o in proc.process(records) if not o.dead_letter]
+from tests.fakes import SumEngine, make, outputs, recs
 
 
 def test_interleaved_sequences_with_markers_match_prefix_sums() -> None:

@@ -10,53 +10,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from daemon.core import codec
 from daemon.core.engine import Engine
+from daemon.core.records import InputRecord, Kind, OutputRecord
 from daemon.core.state import Eviction, SequenceState, StateStore
 from daemon.errors import RecordRejected
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 
 log = get_logger(__name__)
-
-
-class InputRecord(Protocol):
-    """What the processor reads of a record: kafka-python's ConsumerRecord fits."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def timestamp(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-
-
-@dataclass(slots=True)
-class OutputRecord:
-    """A prediction (dead_letter False) or a rejected input (dead_letter True)."""
-
-    key: bytes | None
-    value: bytes | None
-    dead_letter: bool
-    source_timestamp_ms: int
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    announcement: bool = False  # an eviction notice, not a prediction
-
-    def without_value(self) -> OutputRecord:
-        """This dead letter with its value left out: too large for the topic."""
-        return replace(self, value=None,
-                       headers=[*self.headers, codec.omitted_header(len(self.value or b""))])
 
 
 @dataclass(slots=True)
@@ -194,13 +160,14 @@ class Processor:
         for ev in evictions:
             self.metrics.evictions.labels(cause=ev.cause).inc()
             out.append(OutputRecord(
+                kind=Kind.NOTICE,
                 key=ev.key.encode(),
                 value=codec.encode_eviction(
                     seq=ev.key, cause=ev.cause, n=ev.n, partition=ev.partition,
                     offset=ev.watermark, model=self.model_id, ts=now),
-                dead_letter=False,
+                partition=ev.partition,
+                offset=ev.watermark,
                 source_timestamp_ms=int(now * 1000),
-                announcement=True,
             ))
         return out
 
@@ -238,13 +205,15 @@ class Processor:
                 state.first_offset = s.offset
             state.n += 1
             outputs[s.index] = OutputRecord(
+                kind=Kind.PREDICTION,
                 key=rec.key,
                 value=codec.encode_prediction(
                     seq=s.event.key, y=y.tolist(), n=state.n, end=s.event.end,
                     partition=s.partition, offset=s.offset, model=self.model_id,
                     ts=now, step=s.event.step,
                 ),
-                dead_letter=False,
+                partition=s.partition,
+                offset=s.offset,
                 source_timestamp_ms=rec.timestamp,
             )
             if s.event.end:
@@ -254,9 +223,11 @@ class Processor:
     def _dead_letter(self, rec: InputRecord, error: RecordRejected) -> OutputRecord:
         self.metrics.rejected.labels(reason=error.reason).inc()
         letter = OutputRecord(
+            kind=Kind.DEAD_LETTER,
             key=rec.key,
             value=rec.value,
-            dead_letter=True,
+            partition=rec.partition,
+            offset=rec.offset,
             source_timestamp_ms=rec.timestamp,
             headers=codec.dlq_headers(error, rec.topic, rec.partition, rec.offset),
         )

@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Set
+from typing import Protocol
+
+
+class PartitionView(Protocol):
+    """The run loop's partition lifecycle, as the probes read it (from another thread)."""
+
+    def owned(self) -> Set[int]: ...
+    def restoring(self) -> Set[int]: ...
+
+
+class _Unassigned:
+    def owned(self) -> Set[int]:
+        return frozenset()
+
+    def restoring(self) -> Set[int]:
+        return frozenset()
 
 
 class Health:
-    """What the probes report, updated by the run loop."""
+    """What the probes report. The run loop beats and says why it is not ready yet;
+    readiness reads the partitions from the lifecycle itself (`watch`), so there is
+    one source of truth for which partitions are owned and restoring."""
 
     def __init__(self, liveness_timeout_s: float) -> None:
         # A poll loop silent for longer than this is stuck: the process should restart.
         self.liveness_timeout_s = liveness_timeout_s
         self.last_loop = time.monotonic()
         self.model_loaded = False
-        self.assigned = False
-        self.restoring: set[int] = set()
+        self.partitions: PartitionView = _Unassigned()
         self.reason = "starting"
+
+    def watch(self, partitions: PartitionView) -> None:
+        self.partitions = partitions
 
     def beat(self) -> None:
         self.last_loop = time.monotonic()
@@ -29,8 +50,9 @@ class Health:
     def ready(self) -> tuple[bool, str]:
         if not self.model_loaded:
             return False, "model not loaded"
-        if not self.assigned:
+        if not self.partitions.owned():
             return False, f"no partitions assigned ({self.reason})"
-        if self.restoring:
-            return False, f"restoring partitions {sorted(self.restoring)}"
+        restoring = self.partitions.restoring()
+        if restoring:
+            return False, f"restoring partitions {sorted(restoring)}"
         return True, "ok"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
@@ -39,13 +38,14 @@ from kafka.future import Future
 from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from daemon.config import Settings
-from daemon.core.processor import OutputRecord
+from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.errors import KafkaSetupError
 from daemon.kafka.acl import authorization_failure
 from daemon.kafka.clients import close_producer
 from daemon.kafka.retry import Backoff
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
+from daemon.streaming.policy import Checkpoint
 
 log = get_logger(__name__)
 
@@ -75,20 +75,6 @@ class CheckpointAbandoned(TransactionFailed):
     owner, so they are dropped, and the run loop restores, like after an abort."""
 
 
-@dataclass(slots=True)
-class StateRecord:
-    partition: int
-    key: str
-    value: bytes | None  # None: a tombstone
-
-
-@dataclass
-class Checkpoint:
-    outputs: list[OutputRecord] = field(default_factory=list)
-    states: list[StateRecord] = field(default_factory=list)
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to read
-
-
 class Checkpointer:
     def __init__(self, settings: Settings, make_producer: Callable[[], KafkaProducer],
                  metrics: Metrics, stop: threading.Event) -> None:
@@ -99,7 +85,7 @@ class Checkpointer:
         self.transactional = settings.delivery == "exactly-once"
         # Sources (partition, offset) of dead letters the topic refused for their size
         # (see `_note_oversized`).
-        self._oversized: set[tuple[bytes, bytes]] = set()
+        self._oversized: set[tuple[int, int]] = set()
         self.producer = self._new_producer()
 
     def _new_producer(self) -> KafkaProducer:
@@ -240,7 +226,7 @@ class Checkpointer:
             try:
                 if isinstance(item, OutputRecord):
                     if item.dead_letter and item.value is not None and self._oversized and (
-                            _source(item) in self._oversized):
+                            (item.partition, item.offset) in self._oversized):
                         item = _too_large(item, "broker")
                     try:
                         future = self._send_output(item)
@@ -265,7 +251,7 @@ class Checkpointer:
         """Remember the dead letters the topic refused for their size: whenever they
         are sent again (resent, or recomputed after an abort), `_send` leaves their
         value out. Retrying one unchanged would block its partition forever."""
-        oversized = {_source(item) for item, f in sent if isinstance(item, OutputRecord)
+        oversized = {(item.partition, item.offset) for item, f in sent if isinstance(item, OutputRecord)
                      and _refused_as_too_large(item, f)}
         if oversized:
             if len(self._oversized) > MAX_OVERSIZED_REMEMBERED:
@@ -297,7 +283,7 @@ class Checkpointer:
             if isinstance(item, StateRecord):
                 kind = "tombstone" if item.value is None else "state"
                 self.metrics.state_records.labels(kind=kind).inc()
-            elif not item.dead_letter and not item.announcement:
+            elif item.kind is Kind.PREDICTION:
                 predictions += 1
                 self.metrics.end_to_end.observe(now - item.source_timestamp_ms / 1000.0)
         self.metrics.predictions.inc(predictions)
@@ -353,16 +339,9 @@ def _refused_as_too_large(item: OutputRecord, future: Future) -> bool:
         future.exception, (MessageSizeTooLargeError, RecordListTooLargeError))
 
 
-def _source(item: OutputRecord) -> tuple[bytes, bytes]:
-    """A dead letter's input partition and offset, from its headers."""
-    headers = dict(item.headers)
-    return headers.get("lstmd.source.partition", b""), headers.get("lstmd.source.offset", b"")
-
-
 def _too_large(item: OutputRecord, refused_by: str) -> OutputRecord:
-    partition, offset = _source(item)
     log.warning("dead_letter_value_omitted", refused_by=refused_by, bytes=len(item.value or b""),
-                partition=partition.decode(), offset=offset.decode())
+                partition=item.partition, offset=item.offset)
     return item.without_value()
 
 

@@ -7,14 +7,17 @@ already applied.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import AuthorizationError, KafkaError
 
-from daemon.core.state import SequenceState, SnapshotError
+from daemon.config import Settings
+from daemon.core.state import Eviction, SequenceState, SnapshotError, StateStore
+from daemon.kafka.acl import authorization_failure
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 
@@ -36,11 +39,21 @@ class Restorer:
     """Reads a partition's states back from the compacted state topic, in slices
     between polls, up to the end the topic had when the restore began."""
 
-    def __init__(self, consumer: KafkaConsumer, topic: str, metrics: Metrics) -> None:
+    def __init__(self, consumer: KafkaConsumer, settings: Settings, metrics: Metrics) -> None:
         self.consumer = consumer  # no group, read_committed
-        self.topic = topic
+        self.settings = settings
+        self.topic = settings.state_topic_name
         self.metrics = metrics
         self.active: dict[int, _Restoring] = {}
+
+    @contextlib.contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """No Describe or Read on the state topic (or revoked mid-run) is permanent:
+        the daemon stops, naming the topic."""
+        try:
+            yield
+        except AuthorizationError as exc:
+            raise authorization_failure(self.settings, exc, self.topic) from None
 
     def begin(self, partitions: Iterable[int]) -> None:
         new = [p for p in partitions if p not in self.active]
@@ -50,9 +63,10 @@ class Restorer:
         now = time.perf_counter()
         for tp in tps:
             self.active[tp.partition] = _Restoring(end=None, started=now)
-        self._assign()
-        self.consumer.seek_to_beginning(*tps)
-        self._find_ends()
+        with self._refusals():
+            self._assign()
+            self.consumer.seek_to_beginning(*tps)
+            self._find_ends()
 
     def _find_ends(self) -> bool:
         """Learn where each restore ends; False while the broker cannot say (the
@@ -63,7 +77,7 @@ class Restorer:
         try:
             ends = self.consumer.end_offsets(unknown)
         except AuthorizationError:
-            raise  # permanent: the run loop names the topic and stops
+            raise  # permanent: see _refusals
         except KafkaError as exc:
             log.warning("restore_waiting", partitions=sorted(tp.partition for tp in unknown),
                         error=str(exc))
@@ -81,6 +95,10 @@ class Restorer:
 
     def step(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
         """Read for at most one slice; return the partitions now complete."""
+        with self._refusals():
+            return self._step()
+
+    def _step(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
         if not self._find_ends():
             return {}
         deadline = time.monotonic() + RESTORE_SLICE_S
@@ -122,3 +140,22 @@ class Restorer:
         if done:
             self._assign()
         return done
+
+
+def adopt(store: StateStore, model_id: str, partition: int,
+          states: dict[str, tuple[SequenceState, str]]) -> list[Eviction]:
+    """Install a restored partition's states; returns the evictions to announce.
+
+    A state saved under another model is never applied to this one: it is
+    dropped (its watermark kept) and announced, and the sequence starts over.
+    Oldest watermark first: the order the keys were last used in, so the least
+    recently used state is evicted first after a restore too.
+    """
+    evicted = []
+    for key, (state, saved_by) in sorted(states.items(), key=lambda kv: kv[1][0].watermark):
+        if saved_by != model_id and state.n:
+            evicted.append(Eviction(partition, key, "model_changed", state.n, state.watermark))
+            state = SequenceState(watermark=state.watermark)
+            store.touched(partition, key)
+        store.install(partition, key, state)
+    return evicted

@@ -1,0 +1,67 @@
+"""The partition lifecycle: assigned -> restoring -> active -> released.
+
+One record of every owned input partition's phase and of how far it was read,
+kept by the run loop and read by the probes (`/readyz` is 503 while any
+partition restores). A partition's records are processed only when it is
+active; while it restores, the loop hands its polled records back.
+
+The probes read from the HTTP thread: each change publishes a fresh immutable
+view, so a reader never sees a dict being changed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+
+class Phase(enum.Enum):
+    RESTORING = "restoring"  # its states are being read back from the state topic
+    ACTIVE = "active"  # its inputs are processed
+
+
+class Partitions:
+    def __init__(self) -> None:
+        self._phase: dict[int, Phase] = {}
+        self._position: dict[int, int] = {}  # next offset to process, once one was
+        self._view: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
+
+    # -- transitions ----------------------------------------------------------------
+    def restore(self, partitions: Iterable[int]) -> None:
+        """Assigned (or rewound after an abort): restore before processing."""
+        for p in partitions:
+            self._phase[p] = Phase.RESTORING
+            self._position.pop(p, None)
+        self._publish()
+
+    def restored(self, partition: int) -> None:
+        if self._phase.get(partition) is Phase.RESTORING:
+            self._phase[partition] = Phase.ACTIVE
+            self._publish()
+
+    def release(self, partition: int) -> None:
+        """Revoked or lost: nothing of it is kept."""
+        self._phase.pop(partition, None)
+        self._position.pop(partition, None)
+        self._publish()
+
+    def advance(self, partition: int, offset: int) -> None:
+        """The next offset to process in `partition` (for the lag)."""
+        self._position[partition] = offset
+
+    # -- reading ----------------------------------------------------------------------
+    def phase(self, partition: int) -> Phase | None:
+        return self._phase.get(partition)
+
+    def position(self, partition: int) -> int | None:
+        return self._position.get(partition)
+
+    def owned(self) -> frozenset[int]:
+        return self._view[0]
+
+    def restoring(self) -> frozenset[int]:
+        return self._view[1]
+
+    def _publish(self) -> None:
+        self._view = (frozenset(self._phase),
+                      frozenset(p for p, phase in self._phase.items() if phase is Phase.RESTORING))

@@ -1,0 +1,99 @@
+"""The checkpoint policy: when a checkpoint is due, what it carries, what follows it.
+
+Between two checkpoints the run loop publishes each poll batch's outputs
+(at-least-once) while the inputs' offsets, the changed states and the eviction
+notices wait here. A checkpoint is due
+
+* every poll batch in exactly-once delivery (each batch is one transaction);
+* when an eviction notice is among the outputs: a restart must not revive a
+  state whose end was already published, so its reset record and the offsets
+  go at once;
+* when the checkpoint interval (`LSTMD_CHECKPOINT_INTERVAL_MS`) has passed;
+* when forced (a flush: idle evictions, shutdown).
+
+`take` builds the checkpoint and `did` applies its outcome: committed offsets
+let the watermarks of ended sequences go (tombstones in the next checkpoint);
+offsets the group would not take (a rebalance) are kept for the next one,
+unless their partition is released meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kafka import TopicPartition
+
+from daemon.core.records import InputRecord, OutputRecord, StateRecord
+from daemon.core.state import StateStore
+
+
+@dataclass
+class Checkpoint:
+    """What one checkpoint makes durable, in this order: outputs, states, offsets."""
+
+    outputs: list[OutputRecord] = field(default_factory=list)
+    states: list[StateRecord] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to read
+
+
+class CheckpointPolicy:
+    def __init__(self, store: StateStore, model_id: str, *, interval_s: float, every_batch: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.model_id = model_id
+        self.interval_s = interval_s
+        self.every_batch = every_batch
+        self.clock = clock
+        self.offsets: dict[TopicPartition, int] = {}  # processed, not yet committed
+        self.tombstones: list[StateRecord] = []
+        self.notices: list[OutputRecord] = []  # not yet published
+        self._at = clock()
+
+    def processed(self, batch: Sequence[InputRecord]) -> None:
+        """The batch's inputs are applied: their offsets wait for the next checkpoint."""
+        for rec in batch:
+            self.offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+
+    def notify(self, notices: Sequence[OutputRecord]) -> None:
+        """Eviction notices made outside a batch (restore, idle eviction)."""
+        self.notices += notices
+
+    def take_notices(self) -> list[OutputRecord]:
+        notices, self.notices = self.notices, []
+        return notices
+
+    def due(self, outputs: Sequence[OutputRecord], *, force: bool = False) -> bool:
+        return (force or self.every_batch or any(o.notice for o in outputs)
+                or self.clock() - self._at >= self.interval_s)
+
+    def take(self, outputs: list[OutputRecord]) -> Checkpoint | None:
+        """The checkpoint of everything pending, with `outputs`; None if there is nothing."""
+        if not (outputs or self.offsets or self.tombstones or self.store.has_changes()):
+            return None
+        cp = Checkpoint(outputs=outputs, states=self.tombstones, offsets=self.offsets)
+        cp.states += [StateRecord(p, k, v) for p, k, v in self.store.take_changes(self.model_id)]
+        self.tombstones, self.offsets = [], {}
+        self._at = self.clock()
+        return cp
+
+    def did(self, cp: Checkpoint, committed: bool) -> None:
+        """Apply the outcome of `cp`: committed, or its offsets refused by the group."""
+        if not committed:
+            # Kept for the next checkpoint; `release` drops those of partitions revoked.
+            self.offsets = cp.offsets | self.offsets
+            return
+        for tp, offset in cp.offsets.items():
+            # Resets now committed no longer need their watermark: delete them.
+            self.tombstones += [StateRecord(tp.partition, key, None)
+                                for key in self.store.committed(tp.partition, offset)]
+
+    def release(self, tp: TopicPartition) -> None:
+        """The partition is gone: its next owner recomputes its pending work."""
+        self.offsets.pop(tp, None)
+        self.tombstones = [t for t in self.tombstones if t.partition != tp.partition]
+
+    def clear(self) -> None:
+        """After an aborted transaction: what was pending is recomputed from the last commit."""
+        self.offsets, self.tombstones = {}, []

@@ -1,0 +1,141 @@
+"""The run loop's policies, through their public seams: what a restore installs
+(states of this model, never another model's), when a checkpoint is due and
+what it carries, and the partition lifecycle the probes read."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+
+from daemon.core.state import SequenceState
+from daemon.ops.health import Health
+from daemon.streaming.lifecycle import Partitions, Phase
+from daemon.streaming.policy import CheckpointPolicy
+from daemon.streaming.restore import adopt
+from tests.fakes import TP, make, outputs, recs
+
+
+def policy(proc_store: object, interval_s: float = 1.0, now: list[float] | None = None) -> CheckpointPolicy:
+    clock = now if now is not None else [0.0]
+    return CheckpointPolicy(proc_store, "new@1", interval_s=interval_s, every_batch=False,  # type: ignore[arg-type]
+                            clock=lambda: clock[0])
+
+
+def test_a_state_of_another_model_is_dropped_announced_and_keeps_its_watermark() -> None:
+    proc, _ = make(model_id="new@1")
+    mine = SequenceState(tensors=[np.array([2.0], np.float32)], n=2, watermark=7)
+    theirs = SequenceState(tensors=[np.array([9.0], np.float32)], n=4, watermark=8)
+    evicted = adopt(proc.store, proc.model_id, 0, {"a": (mine, "new@1"), "b": (theirs, "old@0")})
+    assert [(e.key, e.cause, e.n, e.watermark) for e in evicted] == [("b", "model_changed", 4, 8)]
+    notice = orjson.loads(proc.announce(evicted)[0].value or b"")
+    assert notice["evicted"] is True and notice["cause"] == "model_changed"
+    # "a" continues from its restored state; "b" starts over above its watermark.
+    got = outputs(proc, recs([("b", {"x": [8]}), ("a", {"x": [1]}), ("b", {"x": [1]})],
+                             start=8))  # b@8 is at its watermark: already answered
+    assert [(o["seq"], o["y"], o["n"]) for o in got] == [("a", [3.0], 3), ("b", [1.0], 1)]
+
+
+def test_capacity_eviction_is_announced_in_the_batch() -> None:
+    proc, _ = make(model_id="new@1", max_sequences=2)
+    out = proc.process(recs([("a", {"x": [1]}), ("b", {"x": [1]}), ("c", {"x": [1]})]))
+    notices = [orjson.loads(o.value or b"") for o in out if o.notice]
+    assert [(n["seq"], n["cause"]) for n in notices] == [("a", "capacity")]
+    assert len(proc.store) == 2
+
+
+def test_after_a_restore_the_oldest_watermark_is_evicted_first() -> None:
+    proc, _ = make(model_id="new@1", max_sequences=2)
+    one = np.array([1.0], np.float32)
+    restored = {key: (SequenceState(tensors=[one], n=1, watermark=wm), "new@1")
+                for key, wm in (("late", 9), ("early", 3))}
+    adopt(proc.store, proc.model_id, 0, restored)
+    out = proc.process(recs([("new", {"x": [1]})], start=10))
+    assert [o.key for o in out if o.notice] == [b"early"]
+
+
+def test_offsets_of_a_deferred_commit_are_kept_for_the_next() -> None:
+    proc, _ = make(model_id="new@1")
+    pol = policy(proc.store)
+    batch = recs([("a", {"x": [1]})])
+    out = proc.process(batch)
+    pol.processed(batch)
+    first = pol.take(out)
+    assert first is not None and first.offsets == {TP: 1}
+    pol.did(first, committed=False)  # the group was rebalancing
+    assert pol.offsets == {TP: 1}
+    batch = recs([("b", {"x": [1]})], start=1)
+    out = proc.process(batch)
+    pol.processed(batch)
+    second = pol.take(out)
+    assert second is not None and second.offsets == {TP: 2} and pol.offsets == {}
+    pol.did(second, committed=True)
+    assert pol.offsets == {}
+
+
+def test_an_eviction_is_checkpointed_at_once() -> None:
+    proc, _ = make(model_id="new@1", max_sequences=1)
+    pol = policy(proc.store, interval_s=60.0)
+    batch = recs([("a", {"x": [1]})])
+    out = proc.process(batch)
+    pol.processed(batch)
+    assert not pol.due(out)  # within the interval, no eviction: outputs only
+    first = pol.take(out)
+    assert first is not None
+    pol.did(first, committed=True)
+    batch = recs([("b", {"x": [1]})], start=1)
+    out = proc.process(batch)
+    pol.processed(batch)
+    assert pol.due(out)  # still within the interval, but "a" was evicted
+    last = pol.take(out)
+    assert last is not None
+    assert [o.notice for o in last.outputs] == [False, True]
+    # Not only the notice: the reset record and the offsets, within the interval.
+    assert [(s.key, s.value is not None) for s in last.states if s.key == "a"] == [("a", True)]
+    assert SequenceState.restore(next(s.value for s in last.states if s.key == "a") or b"")[0].n == 0
+    assert last.offsets == {TP: 2}
+
+
+def test_a_checkpoint_is_due_after_its_interval_and_carries_only_what_changed() -> None:
+    proc, _ = make(model_id="new@1")
+    now = [0.0]
+    pol = policy(proc.store, interval_s=1.0, now=now)
+    assert pol.take([]) is None  # nothing pending: no checkpoint at all
+    batch = recs([("a", {"x": [1]}), ("a", {"end": True})])
+    out = proc.process(batch)
+    pol.processed(batch)
+    assert not pol.due(out) and pol.due(out, force=True)
+    now[0] = 1.0
+    assert pol.due(out)
+    cp = pol.take(out)
+    assert cp is not None and [s.key for s in cp.states] == ["a"]  # a's reset record
+    pol.did(cp, committed=True)
+    # The reset is committed: its watermark is no longer needed, the next checkpoint
+    # deletes it.
+    later = pol.take([])
+    assert later is not None and [(s.key, s.value) for s in later.states] == [("a", None)]
+
+
+def test_a_released_partition_leaves_nothing_pending() -> None:
+    proc, _ = make(model_id="new@1")
+    pol = policy(proc.store)
+    pol.processed(recs([("a", {"x": [1]})]))
+    pol.release(TP)
+    assert pol.offsets == {}
+
+
+def test_readiness_follows_the_partition_lifecycle() -> None:
+    health = Health(60)
+    health.model_loaded = True
+    parts = Partitions()
+    health.watch(parts)
+    assert health.ready() == (False, "no partitions assigned (starting)")
+    parts.restore([0, 1])
+    assert parts.phase(0) is Phase.RESTORING
+    assert health.ready() == (False, "restoring partitions [0, 1]")
+    parts.restored(0)
+    parts.restored(1)
+    assert parts.phase(1) is Phase.ACTIVE and health.ready() == (True, "ok")
+    parts.advance(1, 42)
+    assert parts.position(1) == 42
+    parts.release(1)
+    assert parts.owned() == {0} and parts.position(1) is None and parts.phase(1) is None
