@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: all venv kafka lint test demo clean check deploy-tools promtool lock
+.PHONY: all venv kafka lint unit test demo clean check deploy-tools promtool lock
 
 all: test
 
@@ -20,9 +20,16 @@ venv: $(STAMP)
 kafka: venv
 	$(BIN)/python -m daemon.devtools.localkafka fetch
 
+# Style, types, and the architecture's import contracts (pyproject.toml [tool.importlinter]).
 lint: venv
 	$(BIN)/ruff check daemon tests
+	$(BIN)/ruff format --check daemon tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# The fast loop: lint and every test that needs no broker and no Java (about 2 minutes).
+unit: lint
+	$(BIN)/python -m pytest -q -m "not kafka"
 
 test: venv kafka lint check
 	$(BIN)/python -m pytest -q

@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(default=1 << 20, ge=64)
     step_gap: Literal["continue", "reset"] = "continue"
     checkpoint_interval_ms: int = Field(
-        default=1000, ge=0, description="at-least-once; exactly-once checkpoints every poll batch")
+        default=1000, ge=0, description="at-least-once; exactly-once checkpoints every poll batch"
+    )
     tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
 
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
@@ -96,8 +97,9 @@ class Settings(BaseSettings):
             raise ValueError(f"expected a .keras file, got {value.name}")
         return value
 
-    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
-                     "kafka_sasl_password_file")
+    @field_validator(
+        "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "kafka_sasl_password_file"
+    )
     @classmethod
     def _readable_file(cls, value: Path | None) -> Path | None:
         if value is None:
@@ -127,12 +129,14 @@ class Settings(BaseSettings):
                 problems.append("LSTMD_KAFKA_SASL_USERNAME: required with SASL")
             if self.kafka_sasl_password is None and self.kafka_sasl_password_file is None:
                 problems.append(
-                    "LSTMD_KAFKA_SASL_PASSWORD: required with SASL "
-                    "(or LSTMD_KAFKA_SASL_PASSWORD_FILE)"
+                    "LSTMD_KAFKA_SASL_PASSWORD: required with SASL (or LSTMD_KAFKA_SASL_PASSWORD_FILE)"
                 )
-        topics = {"LSTMD_INPUT_TOPIC": self.input_topic, "LSTMD_OUTPUT_TOPIC": self.output_topic,
-                  "LSTMD_DLQ_TOPIC": self.dead_letter_topic,
-                  "LSTMD_STATE_TOPIC": self.state_topic_name}
+        topics = {
+            "LSTMD_INPUT_TOPIC": self.input_topic,
+            "LSTMD_OUTPUT_TOPIC": self.output_topic,
+            "LSTMD_DLQ_TOPIC": self.dead_letter_topic,
+            "LSTMD_STATE_TOPIC": self.state_topic_name,
+        }
         by_name: dict[str, list[str]] = {}
         for variable, topic in topics.items():
             by_name.setdefault(topic, []).append(variable)
@@ -140,12 +144,10 @@ class Settings(BaseSettings):
             if len(variables) > 1:
                 # e.g. dead letters written to the input would be read back and
                 # dead-lettered again, forever.
-                problems.append(f"{' and '.join(variables)}: each needs its own topic, "
-                                f"both are {topic!r}")
+                problems.append(f"{' and '.join(variables)}: each needs its own topic, both are {topic!r}")
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             problems.append(
-                "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS: must be at most a third of "
-                "LSTMD_KAFKA_SESSION_TIMEOUT_MS"
+                "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS: must be at most a third of LSTMD_KAFKA_SESSION_TIMEOUT_MS"
             )
         if problems:
             raise ValueError("; ".join(problems))

@@ -77,8 +77,10 @@ def replay(processor: Processor, source: BinaryIO, out: BinaryIO, dead: BinaryIO
 
 
 def _dead_line(rec: OutputRecord) -> bytes:
-    return orjson.dumps({
-        "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-        "value": rec.value.decode("utf-8", "replace") if rec.value is not None else None,
-        "headers": {k: v.decode() for k, v in rec.headers},
-    })
+    return orjson.dumps(
+        {
+            "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None,
+            "value": rec.value.decode("utf-8", "replace") if rec.value is not None else None,
+            "headers": {k: v.decode() for k, v in rec.headers},
+        }
+    )

@@ -32,6 +32,7 @@ TP = TopicPartition("in", 0)
 
 # -- the core ------------------------------------------------------------------
 
+
 class SumEngine:
     name = "sum"
 
@@ -49,18 +50,24 @@ class SumEngine:
         return np.asarray(ys, dtype=np.float32)
 
 
-def make(engine: SumEngine | None = None, model_id: str = "m@0",
-         max_sequences: int = 0) -> tuple[Processor, Metrics]:
+def make(
+    engine: SumEngine | None = None, model_id: str = "m@0", max_sequences: int = 0
+) -> tuple[Processor, Metrics]:
     metrics = Metrics()
-    proc = Processor(engine or SumEngine(), model_id=model_id, n_features=1,
-                     store=StateStore(max_sequences), metrics=metrics)
+    proc = Processor(
+        engine or SumEngine(),
+        model_id=model_id,
+        n_features=1,
+        store=StateStore(max_sequences),
+        metrics=metrics,
+    )
     return proc, metrics
 
 
-def recs(events: list[tuple[str, dict[str, object]]], partition: int = 0,
-         start: int = 0) -> list[Rec]:
-    return [Rec("in", partition, start + i, 0, k.encode(), orjson.dumps(v))
-            for i, (k, v) in enumerate(events)]
+def recs(events: list[tuple[str, dict[str, object]]], partition: int = 0, start: int = 0) -> list[Rec]:
+    return [
+        Rec("in", partition, start + i, 0, k.encode(), orjson.dumps(v)) for i, (k, v) in enumerate(events)
+    ]
 
 
 def outputs(proc: Processor, records: list[Rec]) -> list[dict[str, object]]:
@@ -74,15 +81,21 @@ class Slot:
     tensors: StateTensors | None = None
 
 
-
 # -- configuration and Kafka ----------------------------------------------------
+
 
 def settings(tmp_path: Path, **extra: Any) -> Settings:
     """Valid settings for unit tests (no connection is made)."""
     model = tmp_path / "m.keras"
     model.write_bytes(b"x")
-    return Settings(kafka_bootstrap_servers="127.0.0.1:1", input_topic="in", output_topic="out",
-                    group_id="g", model_path=model, **extra)
+    return Settings(
+        kafka_bootstrap_servers="127.0.0.1:1",
+        input_topic="in",
+        output_topic="out",
+        group_id="g",
+        model_path=model,
+        **extra,
+    )
 
 
 def checkpointer(s: Settings, make: Callable[[], object]) -> Checkpointer:
@@ -95,8 +108,7 @@ class FakeProducer:
         self.calls: list[str] = []
         self.abort_error = abort_error
 
-    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
-             **_: Any) -> Future:
+    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any) -> Future:
         self.sent.append((topic, value))
         return Future().success(None)
 
@@ -111,6 +123,7 @@ class FakeProducer:
             self.calls.append(name)
             if name == "abort_transaction" and self.abort_error is not None:
                 raise self.abort_error
+
         return call
 
 
@@ -156,6 +169,9 @@ class FakeStateConsumer:
 
     def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict[TopicPartition, list[Any]]:
         self.read = True
-        return {TopicPartition("state", 0): [
-            type("Rec", (), {"key": k, "value": v, "offset": i})()
-            for i, (k, v) in enumerate(self.records)]}
+        return {
+            TopicPartition("state", 0): [
+                type("Rec", (), {"key": k, "value": v, "offset": i})()
+                for i, (k, v) in enumerate(self.records)
+            ]
+        }

@@ -87,8 +87,9 @@ def interleaved_stream(
     return stream
 
 
-def produce(bootstrap: str, topic: str, events: Iterable[tuple[Any, Any]],
-            pace: float = 0.0, **config: Any) -> list[tuple[int, int]]:
+def produce(
+    bootstrap: str, topic: str, events: Iterable[tuple[Any, Any]], pace: float = 0.0, **config: Any
+) -> list[tuple[int, int]]:
     """Produce in order; return each event's (partition, offset). A str key is
     encoded, a dict value JSON-encoded; bytes and None go as they are. `config`
     goes to the KafkaProducer."""
@@ -106,15 +107,26 @@ def produce(bootstrap: str, topic: str, events: Iterable[tuple[Any, Any]],
     return placed
 
 
-def consume(bootstrap: str, topic: str, *, at_least: int, timeout: float = 90.0,
-            settle: float = 0.0, while_running: DaemonProcess | None = None) -> list[Any]:
+def consume(
+    bootstrap: str,
+    topic: str,
+    *,
+    at_least: int,
+    timeout: float = 90.0,
+    settle: float = 0.0,
+    while_running: DaemonProcess | None = None,
+) -> list[Any]:
     """Every record of a topic as a read_committed consumer sees it (no group).
 
     Returns once `at_least` records are in and no new one came for `settle` seconds,
     or when `timeout` passes.
     """
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                             enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     parts = consumer.partitions_for_topic(topic) or set()
     consumer.assign([TopicPartition(topic, p) for p in parts])
     consumer.seek_to_beginning()
@@ -131,14 +143,21 @@ def consume(bootstrap: str, topic: str, *, at_least: int, timeout: float = 90.0,
         if while_running is not None and while_running.proc.poll() is not None:
             raise AssertionError(
                 f"the daemon exited ({while_running.proc.returncode}) with {len(got)} of "
-                f"{at_least} records in; log tail:\n" + "\n".join(while_running.lines[-30:]))
+                f"{at_least} records in; log tail:\n" + "\n".join(while_running.lines[-30:])
+            )
     consumer.close()
     return got
 
 
-def check_predictions(model_path: Path, stream: Stream, placed: list[tuple[int, int]],
-                      outputs: list[Any], *, exactly_once: bool = True,
-                      unchecked: frozenset[tuple[str, int]] = frozenset()) -> None:
+def check_predictions(
+    model_path: Path,
+    stream: Stream,
+    placed: list[tuple[int, int]],
+    outputs: list[Any],
+    *,
+    exactly_once: bool = True,
+    unchecked: frozenset[tuple[str, int]] = frozenset(),
+) -> None:
     """Every event with an x has a prediction equal to the oracle (1e-5) carrying its
     partition and offset; with exactly_once, one and only one. Segments in
     `unchecked` (key, segment) still need their predictions, but not their values."""
@@ -155,9 +174,15 @@ def check_predictions(model_path: Path, stream: Stream, placed: list[tuple[int, 
     extra = sorted(set(by_source) - set(wanted))
     assert not extra, f"predictions for events that should have none: {extra[:5]}"
     checked = [seg for seg in stream.segments if seg not in unchecked]
-    expected = dict(zip(checked, expected_outputs_many(
-        model_path, [np.asarray(stream.segments[seg], dtype=np.float32) for seg in checked]),
-        strict=True))
+    expected = dict(
+        zip(
+            checked,
+            expected_outputs_many(
+                model_path, [np.asarray(stream.segments[seg], dtype=np.float32) for seg in checked]
+            ),
+            strict=True,
+        )
+    )
     for source, i in wanted.items():
         preds = by_source[source]
         if exactly_once:
@@ -181,8 +206,11 @@ def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
 
 def metric(text: str, name: str) -> float:
     """Sum of a metric's samples in an exposition (`name` may include labels)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
 
 
 def daemon_env(bootstrap: str, names: dict[str, str], model: Path, **extra: str) -> dict[str, str]:
@@ -208,8 +236,9 @@ class DaemonProcess:
     """`lstmd run` as a real subprocess; its JSON log lines are kept for assertions."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -58,16 +58,24 @@ PASSWORD = f"pw-{secrets.token_hex(12)}"
 READ, WRITE, DESCRIBE = ACLOperation.READ, ACLOperation.WRITE, ACLOperation.DESCRIBE
 # What the daemon needs (at-least-once); Describe comes with Read and Write.
 FULL: dict[str, set[ACLOperation]] = {
-    "in": {READ}, "out": {WRITE}, "dlq": {WRITE}, "state": {READ, WRITE}, "group": {READ},
+    "in": {READ},
+    "out": {WRITE},
+    "dlq": {WRITE},
+    "state": {READ, WRITE},
+    "group": {READ},
 }
 # From start (model loading included) to exit, at most, for a daemon refused at start-up.
 STARTUP_EXIT_WITHIN_S = 90.0
 
 
 def sasl_client(broker: LocalKafka, user: str, password: str) -> dict[str, Any]:
-    return {"bootstrap_servers": broker.address("SASL"), "security_protocol": "SASL_PLAINTEXT",
-            "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": user,
-            "sasl_plain_password": password}
+    return {
+        "bootstrap_servers": broker.address("SASL"),
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": user,
+        "sasl_plain_password": password,
+    }
 
 
 @dataclass
@@ -83,8 +91,11 @@ class AclKafka:
 @pytest.fixture(scope="module")
 def acl_kafka() -> Iterator[AclKafka]:
     listeners, properties = sasl_plaintext_listener("SASL")
-    with LocalKafka(listeners=listeners, properties=properties | authorizer_properties(ADMIN),
-                    scram_users={ADMIN: ADMIN_PASSWORD, USER: PASSWORD}) as broker:
+    with LocalKafka(
+        listeners=listeners,
+        properties=properties | authorizer_properties(ADMIN),
+        scram_users={ADMIN: ADMIN_PASSWORD, USER: PASSWORD},
+    ) as broker:
         admin = KafkaAdminClient(**sasl_client(broker, ADMIN, ADMIN_PASSWORD))
         try:
             yield AclKafka(broker, admin)
@@ -101,8 +112,9 @@ def _pattern(kind: str, names: Mapping[str, str]) -> ResourcePattern:
     if kind == "group":
         return ResourcePattern(ResourceType.GROUP, names["group"])
     if kind == "txn":  # exactly-once: the daemon's transactional ids
-        return ResourcePattern(ResourceType.TRANSACTIONAL_ID, f"lstmd-{names['group']}-",
-                               ACLResourcePatternType.PREFIXED)
+        return ResourcePattern(
+            ResourceType.TRANSACTIONAL_ID, f"lstmd-{names['group']}-", ACLResourcePatternType.PREFIXED
+        )
     return ResourcePattern(ResourceType.TOPIC, names[kind])
 
 
@@ -125,7 +137,9 @@ def prepare(kafka: AclKafka, label: str, **grants: set[ACLOperation]) -> dict[st
 
 def user_env(kafka: AclKafka, names: Mapping[str, str], model: Path, **extra: str) -> dict[str, str]:
     env = daemon_env(
-        kafka.sasl, dict(names), model,
+        kafka.sasl,
+        dict(names),
+        model,
         LSTMD_GROUP_ID=names["group"],
         LSTMD_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
         LSTMD_KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
@@ -162,16 +176,16 @@ STARTUP_CASES: dict[str, dict[str, set[ACLOperation]]] = {
 def startup(acl_kafka: AclKafka, model: Path) -> dict[str, Ended]:
     prepared = {case: prepare(acl_kafka, case, **grants) for case, grants in STARTUP_CASES.items()}
     began = time.monotonic()
-    daemons = {case: DaemonProcess(user_env(acl_kafka, names, model))
-               for case, names in prepared.items()}
+    daemons = {case: DaemonProcess(user_env(acl_kafka, names, model)) for case, names in prepared.items()}
     ended: dict[str, Ended] = {}
     try:
         while len(ended) < len(daemons) and time.monotonic() - began < STARTUP_EXIT_WITHIN_S:
             for case, daemon in daemons.items():
                 if case not in ended and daemon.proc.poll() is not None:
                     daemon.stop()
-                    ended[case] = Ended(prepared[case], daemon.proc.returncode, daemon.lines,
-                                        time.monotonic() - began)
+                    ended[case] = Ended(
+                        prepared[case], daemon.proc.returncode, daemon.lines, time.monotonic() - began
+                    )
             time.sleep(0.1)
     finally:
         for case, daemon in daemons.items():
@@ -189,8 +203,7 @@ def refusal(run: Ended) -> str:
     return line
 
 
-def test_no_acl_on_the_input_topic_says_not_authorized_not_missing(
-        startup: dict[str, Ended]) -> None:
+def test_no_acl_on_the_input_topic_says_not_authorized_not_missing(startup: dict[str, Ended]) -> None:
     run = startup["in-none"]
     line = refusal(run)
     assert f"not authorized to use topic {run.names['in']} (LSTMD_INPUT_TOPIC)" in line, line
@@ -198,8 +211,7 @@ def test_no_acl_on_the_input_topic_says_not_authorized_not_missing(
     assert "missing" not in line, line
 
 
-def test_describe_only_on_the_topics_names_each_and_what_it_lacks(
-        startup: dict[str, Ended]) -> None:
+def test_describe_only_on_the_topics_names_each_and_what_it_lacks(startup: dict[str, Ended]) -> None:
     run = startup["describe-only"]
     line = refusal(run)
     assert f"topic {run.names['in']} (LSTMD_INPUT_TOPIC) as user '{USER}': it needs Read" in line, line
@@ -235,8 +247,9 @@ def test_no_password_in_any_line(startup: dict[str, Ended]) -> None:
 
 
 def _committed(kafka: AclKafka, group: str, tp: TopicPartition) -> int | None:
-    consumer = KafkaConsumer(bootstrap_servers=kafka.broker.bootstrap, group_id=group,
-                             enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka.broker.bootstrap, group_id=group, enable_auto_commit=False
+    )
     try:
         return consumer.committed(tp)
     finally:
@@ -260,7 +273,8 @@ def _wait_revoked(kafka: AclKafka, topic: str, timeout: float = 10.0) -> None:
 
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_write_revoked_mid_run_stops_before_committing_past_it(
-        acl_kafka: AclKafka, model: Path, delivery: str) -> None:
+    acl_kafka: AclKafka, model: Path, delivery: str
+) -> None:
     grants = {"txn": {WRITE}} if delivery == "exactly-once" else {}
     names = prepare(acl_kafka, "revoked", **grants)
     tp = TopicPartition(names["in"], 0)
@@ -269,14 +283,16 @@ def test_write_revoked_mid_run_stops_before_committing_past_it(
     produce(acl_kafka.broker.bootstrap, names["in"], first)
     daemon = DaemonProcess(user_env(acl_kafka, names, model, LSTMD_DELIVERY=delivery))
     try:
-        consume(acl_kafka.broker.bootstrap, names["out"], at_least=len(first), timeout=120,
-                while_running=daemon)
+        consume(
+            acl_kafka.broker.bootstrap, names["out"], at_least=len(first), timeout=120, while_running=daemon
+        )
         deadline = time.monotonic() + 30
         while _committed(acl_kafka, names["group"], tp) != len(first):
             assert time.monotonic() < deadline, "first batch never committed"
             time.sleep(0.2)
-        acl_kafka.admin.delete_acls([ACLFilter(f"User:{USER}", "*", WRITE, ACLPermissionType.ALLOW,
-                                               _pattern("out", names))])
+        acl_kafka.admin.delete_acls(
+            [ACLFilter(f"User:{USER}", "*", WRITE, ACLPermissionType.ALLOW, _pattern("out", names))]
+        )
         _wait_revoked(acl_kafka, names["out"])
         produce(acl_kafka.broker.bootstrap, names["in"], later)
         revoked_at = time.monotonic()

@@ -40,7 +40,7 @@ BAD_RECORDS: list[tuple[bytes | None, bytes | None, str]] = [
     (b"\xff\xfeseq", b'{"x": [0.1, 0.2, 0.3]}', "bad_key"),
     (b"seq-1", b'{"x": [0.1, 0.2', "bad_json"),
     (b"seq-2", b"\xc3\x28 not utf-8", "bad_json"),
-    (b"seq-3", b'[0.1, 0.2, 0.3]', "not_object"),
+    (b"seq-3", b"[0.1, 0.2, 0.3]", "not_object"),
     (b"seq-4", b'{"x": [0.1, 0.2]}', "wrong_width"),
     (b"seq-5", b'{"x": ["0.1", 0.2, 0.3]}', "bad_x"),
     (b"seq-6", b'{"x": [0.1, NaN, 0.3]}', "nonfinite"),
@@ -78,9 +78,7 @@ def mixed_stream(seed: int) -> tuple[list[tuple[Any, Any]], Stream, dict[int, st
     return events, kept, bad, duplicates
 
 
-def test_mixed_valid_and_invalid_records(
-    kafka: LocalKafka, topics: TopicFactory
-) -> None:
+def test_mixed_valid_and_invalid_records(kafka: LocalKafka, topics: TopicFactory) -> None:
     model = models.built("stacked_lstm_gru")
     names = topics({"in": 3, "out": 2, "dlq": 1})
     events, stream, bad, duplicates = mixed_stream(seed=17)
@@ -89,8 +87,13 @@ def test_mixed_valid_and_invalid_records(
     daemon = DaemonProcess(env)
     try:
         port = int(daemon.wait_for("http_listening")["port"])
-        out = consume(kafka.bootstrap, names["out"], at_least=len(stream.predicted_events),
-                      settle=1.0, while_running=daemon)
+        out = consume(
+            kafka.bootstrap,
+            names["out"],
+            at_least=len(stream.predicted_events),
+            settle=1.0,
+            while_running=daemon,
+        )
         dead = consume(kafka.bootstrap, names["dlq"], at_least=len(bad), settle=1.0)
         assert scrape(port, "/livez")[0] == 200
         assert scrape(port, "/readyz")[0] == 200
@@ -99,8 +102,10 @@ def test_mixed_valid_and_invalid_records(
         assert daemon.stop() == 0
     check_predictions(model, stream, placed, out)
 
-    by_source = {(int(dict(r.headers)["lstmd.source.partition"]),
-                  int(dict(r.headers)["lstmd.source.offset"])): r for r in dead}
+    by_source = {
+        (int(dict(r.headers)["lstmd.source.partition"]), int(dict(r.headers)["lstmd.source.offset"])): r
+        for r in dead
+    }
     assert len(dead) == len(bad)
     for index, reason in bad.items():
         rec = by_source[placed[index]]
@@ -117,7 +122,11 @@ def test_mixed_valid_and_invalid_records(
     rejected = metric(text, "lstmd_records_rejected_total")
     skipped = metric(text, "lstmd_duplicates_skipped_total")
     assert (consumed, predicted, rejected, skipped) == (
-        len(events), len(stream.predicted_events), len(bad), duplicates)
+        len(events),
+        len(stream.predicted_events),
+        len(bad),
+        duplicates,
+    )
     assert consumed == predicted + rejected + skipped + markers
     for reason in set(bad.values()):
         expected = sum(1 for r in bad.values() if r == reason)
@@ -145,8 +154,7 @@ def test_broker_unreachable_at_start_then_up(kafka_broker_factory: Any) -> None:
         broker = kafka_broker_factory(port=port)
         create_topics(broker.bootstrap, {"events": 1, "predictions": 1, "events.dlq": 1})
         produce(broker.bootstrap, "events", [("a", {"x": [0.5]}), ("a", {"x": [0.25]})])
-        out = consume(broker.bootstrap, "predictions", at_least=2, timeout=120,
-                      while_running=daemon)
+        out = consume(broker.bootstrap, "predictions", at_least=2, timeout=120, while_running=daemon)
         assert [orjson.loads(r.value)["n"] for r in out] == [1, 2]
         assert scrape(http, "/readyz")[0] == 200
     finally:
@@ -160,8 +168,9 @@ def test_missing_topic_exits_2_naming_it(kafka: LocalKafka, topics: TopicFactory
     env.pop("LSTMD_CREATE_TOPICS")
     daemon = DaemonProcess(env)
     assert daemon.proc.wait(timeout=120) == 2
-    assert any("no-such-input-topic" in line and "LSTMD_CREATE_TOPICS" in line
-               for line in daemon.lines), "\n".join(daemon.lines[-5:])
+    assert any("no-such-input-topic" in line and "LSTMD_CREATE_TOPICS" in line for line in daemon.lines), (
+        "\n".join(daemon.lines[-5:])
+    )
 
 
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
@@ -171,8 +180,11 @@ def test_dead_letters_too_large_for_their_topic_never_block_the_partition(
     """A record over 1 MiB is dead-lettered without its value (proactively); one the
     dead-letter topic refuses for its size (max.message.bytes 2 KiB here) is resent
     without it. The predictions behind them go on."""
-    names = topics({"in": 1}, {"max.message.bytes": str(8 << 20)}) | topics({"out": 1}) \
+    names = (
+        topics({"in": 1}, {"max.message.bytes": str(8 << 20)})
+        | topics({"out": 1})
         | topics({"dlq": 1}, {"max.message.bytes": "2048"})
+    )
     model = models.built("lstm_dense")
     huge = b'{"x": [0.1], "pad": "' + b"a" * (2 << 20) + b'"}'
     bad = b'{"x": [0.1], "pad": "' + b"b" * 3000
@@ -187,10 +199,14 @@ def test_dead_letters_too_large_for_their_topic_never_block_the_partition(
     finally:
         assert daemon.stop() == 0
     assert [orjson.loads(r.value)["n"] for r in out] == [1, 2]
-    got = [(r.key, r.value, dict(r.headers)["lstmd.error.class"],
-            dict(r.headers)["lstmd.value.omitted"]) for r in dead]
-    assert got == [(b"a", None, b"too_large", str(len(huge)).encode()),
-                   (b"a", None, b"bad_json", str(len(bad)).encode())]
+    got = [
+        (r.key, r.value, dict(r.headers)["lstmd.error.class"], dict(r.headers)["lstmd.value.omitted"])
+        for r in dead
+    ]
+    assert got == [
+        (b"a", None, b"too_large", str(len(huge)).encode()),
+        (b"a", None, b"bad_json", str(len(bad)).encode()),
+    ]
     assert any(ev.get("event") == "dead_letter_value_omitted" for ev in daemon.events())
 
 
@@ -203,29 +219,37 @@ class _LateDescribe:
         self._stale = stale
 
     def describe_topics(self, names: list[str]) -> list[dict[str, Any]]:
-        return [t | {"error_code": 3} if t["name"] in self._stale else t
-                for t in self._admin.describe_topics(names)]
+        return [
+            t | {"error_code": 3} if t["name"] in self._stale else t
+            for t in self._admin.describe_topics(names)
+        ]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._admin, name)
 
 
-def test_topics_created_meanwhile_by_another_pod_are_used(
-    kafka: LocalKafka, topics: TopicFactory
-) -> None:
+def test_topics_created_meanwhile_by_another_pod_are_used(kafka: LocalKafka, topics: TopicFactory) -> None:
     names = topics({"in": 3, "out": 3})
     state = f"state-{names['in']}"
     create_topics(kafka.bootstrap, {state: 3})
-    settings = Settings(kafka_bootstrap_servers=kafka.bootstrap, input_topic=names["in"],
-                        output_topic=names["out"], dlq_topic=f"dlq-{names['in']}",
-                        state_topic=state, model_path=models.built("lstm_dense"),
-                        group_id=f"group-{names['in']}", create_topics=True)
+    settings = Settings(
+        kafka_bootstrap_servers=kafka.bootstrap,
+        input_topic=names["in"],
+        output_topic=names["out"],
+        dlq_topic=f"dlq-{names['in']}",
+        state_topic=state,
+        model_path=models.built("lstm_dense"),
+        group_id=f"group-{names['in']}",
+        create_topics=True,
+    )
     admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
     try:
         racing = _LateDescribe(admin, stale={names["out"], state})
         assert ensure_topics(racing, settings) == 3  # type: ignore[arg-type]
-        parts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(
-            [names["out"], state, settings.dead_letter_topic])}
+        parts = {
+            t["name"]: len(t["partitions"])
+            for t in admin.describe_topics([names["out"], state, settings.dead_letter_topic])
+        }
         assert parts == {names["out"]: 3, state: 3, settings.dead_letter_topic: 3}
     finally:
         admin.close()
@@ -237,9 +261,7 @@ def _cpu_seconds(pid: int) -> float:
     return ticks / 100.0
 
 
-def test_produce_failing_blocks_commits_without_spinning(
-    kafka: LocalKafka, topics: TopicFactory
-) -> None:
+def test_produce_failing_blocks_commits_without_spinning(kafka: LocalKafka, topics: TopicFactory) -> None:
     model = models.built("lstm_dense")
     names = topics({"in": 1, "dlq": 1}) | {"out": f"out-deleted-{time.monotonic_ns()}"}
     create_topics(kafka.bootstrap, {names["out"]: 1})

@@ -41,8 +41,7 @@ from tests.fakes import (
 
 
 @pytest.mark.parametrize("error", [RebalanceInProgressError(), CommitFailedError()])
-def test_a_commit_during_a_rebalance_is_deferred_not_retried(tmp_path: Path,
-                                                             error: Exception) -> None:
+def test_a_commit_during_a_rebalance_is_deferred_not_retried(tmp_path: Path, error: Exception) -> None:
     cp = checkpointer(settings(tmp_path), FakeProducer)
     consumer = FakeConsumer(commit_error=error)
     started = time.monotonic()
@@ -55,8 +54,10 @@ def test_a_commit_during_a_rebalance_is_deferred_not_retried(tmp_path: Path,
 def test_a_fenced_static_member_names_its_instance_id(tmp_path: Path) -> None:
     cp = checkpointer(settings(tmp_path, group_instance_id="lstmd-0"), FakeProducer)
     with pytest.raises(KafkaSetupError, match=r"lstmd-0.*LSTMD_GROUP_INSTANCE_ID"):
-        cp.commit(FakeConsumer(commit_error=FencedInstanceIdError()),  # type: ignore[arg-type]
-                  Checkpoint(offsets={TP: 5}))
+        cp.commit(
+            FakeConsumer(commit_error=FencedInstanceIdError()),  # type: ignore[arg-type]
+            Checkpoint(offsets={TP: 5}),
+        )
 
 
 def test_a_producer_is_awaited_while_the_cluster_does_not_answer(tmp_path: Path) -> None:
@@ -76,8 +77,10 @@ def test_an_expelled_member_commits_no_transaction(tmp_path: Path) -> None:
     producer = FakeProducer()
     cp = checkpointer(settings(tmp_path, delivery="exactly-once"), lambda: producer)
     with pytest.raises(TransactionFailed):
-        cp.commit(FakeConsumer(generation=-1),  # type: ignore[arg-type]
-                  Checkpoint(outputs=[output()], offsets={TP: 5}))
+        cp.commit(
+            FakeConsumer(generation=-1),  # type: ignore[arg-type]
+            Checkpoint(outputs=[output()], offsets={TP: 5}),
+        )
     assert "send_offsets_to_transaction" not in producer.calls
     assert "commit_transaction" not in producer.calls
     assert producer.calls[-1] == "abort_transaction"
@@ -103,8 +106,10 @@ def test_an_expelled_member_writes_no_state_records(tmp_path: Path) -> None:
     cp = checkpointer(settings(tmp_path), lambda: producer)
     state = StateRecord(0, "a", b"state")
     with pytest.raises(TransactionFailed):  # the run loop restores, as after an abort
-        cp.commit(FakeConsumer(generation=-1),  # type: ignore[arg-type]
-                  Checkpoint(outputs=[output()], states=[state], offsets={TP: 5}))
+        cp.commit(
+            FakeConsumer(generation=-1),  # type: ignore[arg-type]
+            Checkpoint(outputs=[output()], states=[state], offsets={TP: 5}),
+        )
     # The outputs are out (a restart repeats them identically); no state record is.
     assert [topic for topic, _ in producer.sent] == ["out"]
 
@@ -121,8 +126,9 @@ def restore(consumer: FakeStateConsumer, s: Settings) -> dict[str, tuple[Sequenc
 
 def test_an_unreadable_state_record_starts_the_sequence_over(tmp_path: Path) -> None:
     good = SequenceState(tensors=[np.array([1.0], np.float32)], n=1, watermark=4).snapshot("m@1")
-    states = restore(FakeStateConsumer([(b"a", good), (b"b", good), (b"a", b"not a state")]),
-                     settings(tmp_path))
+    states = restore(
+        FakeStateConsumer([(b"a", good), (b"b", good), (b"a", b"not a state")]), settings(tmp_path)
+    )
     # "a" must not fall back to its older record: that state is behind its inputs.
     assert sorted(states) == ["b"]
 
@@ -139,8 +145,7 @@ class RefusedStateConsumer(FakeStateConsumer):
 
 
 def test_read_on_the_state_topic_revoked_ends_the_daemon_naming_it(tmp_path: Path) -> None:
-    restorer = Restorer(cast(Any, RefusedStateConsumer([(b"a", None)])), settings(tmp_path),
-                        Metrics())
+    restorer = Restorer(cast(Any, RefusedStateConsumer([(b"a", None)])), settings(tmp_path), Metrics())
     restorer.begin([0])
     with pytest.raises(KafkaSetupError, match=r"g\.state.*LSTMD_STATE_TOPIC"):
         restorer.step()

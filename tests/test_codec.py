@@ -88,10 +88,20 @@ def test_size_limit() -> None:
 
 
 def test_prediction_round_trip() -> None:
-    raw = codec.encode_prediction(seq="a", y=[0.5], n=2, end=False, partition=1, offset=9,
-                                  model="m@abc", ts=12.0, step=3)
-    assert orjson.loads(raw) == {"seq": "a", "y": [0.5], "n": 2, "end": False, "partition": 1,
-                                 "offset": 9, "model": "m@abc", "ts": 12.0, "step": 3}
+    raw = codec.encode_prediction(
+        seq="a", y=[0.5], n=2, end=False, partition=1, offset=9, model="m@abc", ts=12.0, step=3
+    )
+    assert orjson.loads(raw) == {
+        "seq": "a",
+        "y": [0.5],
+        "n": 2,
+        "end": False,
+        "partition": 1,
+        "offset": 9,
+        "model": "m@abc",
+        "ts": 12.0,
+        "step": 3,
+    }
 
 
 @settings(max_examples=400, deadline=None)
@@ -106,10 +116,12 @@ def test_any_bytes_give_an_event_or_a_rejection(key: bytes | None, value: bytes 
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
     | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
-                                                                  max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=12,
 )
 
@@ -118,9 +130,13 @@ json_values = st.recursive(
 @given(
     obj=st.fixed_dictionaries(
         {},
-        optional={"x": json_values | st.lists(st.floats(allow_nan=False), min_size=F, max_size=F),
-                  "end": json_values, "start": json_values, "step": json_values,
-                  "ts": json_values},
+        optional={
+            "x": json_values | st.lists(st.floats(allow_nan=False), min_size=F, max_size=F),
+            "end": json_values,
+            "start": json_values,
+            "step": json_values,
+            "ts": json_values,
+        },
     )
 )
 def test_any_json_object_gives_an_event_or_a_rejection(obj: dict[str, object]) -> None:

@@ -44,8 +44,7 @@ def test_defaults(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
     s = load_settings()
     assert s.bootstrap_servers == ["127.0.0.1:9092", "127.0.0.1:9093"]
     assert s.dead_letter_topic == "events.dlq"
-    assert (s.engine, s.delivery, s.http_port, s.log_format) == (
-        "keras", "at-least-once", 9102, "json")
+    assert (s.engine, s.delivery, s.http_port, s.log_format) == ("keras", "at-least-once", 9102, "json")
 
 
 def test_every_bad_variable_is_named(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
@@ -61,15 +60,12 @@ def test_every_bad_variable_is_named(clean_env: pytest.MonkeyPatch, model_file: 
     with pytest.raises(ConfigError) as caught:
         load_settings()
     message = str(caught.value)
-    for name in ("LSTMD_INPUT_TOPIC", "LSTMD_ENGINE", "LSTMD_HTTP_PORT",
-                 "LSTMD_KAFKA_BOOTSTRAP_SERVERS"):
+    for name in ("LSTMD_INPUT_TOPIC", "LSTMD_ENGINE", "LSTMD_HTTP_PORT", "LSTMD_KAFKA_BOOTSTRAP_SERVERS"):
         assert name in message
     assert "fsat" in message
 
 
-def test_sasl_needs_credentials_and_hides_password(
-    clean_env: pytest.MonkeyPatch, model_file: Path
-) -> None:
+def test_sasl_needs_credentials_and_hides_password(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
     for k, v in required(model_file).items():
         clean_env.setenv(k, v)
     clean_env.setenv("LSTMD_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
@@ -101,20 +97,28 @@ def test_password_from_file_and_masked_in_logs(
 
 
 def test_unknown_variables_are_reported() -> None:
-    env = {"LSTMD_INPUT_TOPIC": "x", "LSTMD_INPTU_TOPIC": "typo", "PATH": "/bin",
-           "LOCALKAFKA_CACHE": "/tmp"}
+    env = {"LSTMD_INPUT_TOPIC": "x", "LSTMD_INPTU_TOPIC": "typo", "PATH": "/bin", "LOCALKAFKA_CACHE": "/tmp"}
     assert unknown_variables(env) == ["LSTMD_INPTU_TOPIC"]
 
 
 def test_run_exits_2_naming_every_variable(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")}
-    env |= {"LSTMD_INPUT_TOPIC": "events", "LSTMD_MODEL_PATH": str(tmp_path / "missing.keras"),
-            "LSTMD_DELIVERY": "most-once"}
-    proc = subprocess.run([sys.executable, "-m", "daemon", "run"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env |= {
+        "LSTMD_INPUT_TOPIC": "events",
+        "LSTMD_MODEL_PATH": str(tmp_path / "missing.keras"),
+        "LSTMD_DELIVERY": "most-once",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "run"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2, proc.stderr
-    for name in ("LSTMD_KAFKA_BOOTSTRAP_SERVERS", "LSTMD_OUTPUT_TOPIC", "LSTMD_GROUP_ID",
-                 "LSTMD_MODEL_PATH", "LSTMD_DELIVERY"):
+    for name in (
+        "LSTMD_KAFKA_BOOTSTRAP_SERVERS",
+        "LSTMD_OUTPUT_TOPIC",
+        "LSTMD_GROUP_ID",
+        "LSTMD_MODEL_PATH",
+        "LSTMD_DELIVERY",
+    ):
         assert name in proc.stderr
     assert "LSTMD_INPUT_TOPIC" not in proc.stderr
 
@@ -131,14 +135,17 @@ def test_topics_must_be_distinct(clean_env: pytest.MonkeyPatch, model_file: Path
     assert "LSTMD_OUTPUT_TOPIC and LSTMD_STATE_TOPIC" in message
 
 
-def test_an_empty_password_file_is_refused(clean_env: pytest.MonkeyPatch, model_file: Path,
-                                           tmp_path: Path) -> None:
+def test_an_empty_password_file_is_refused(
+    clean_env: pytest.MonkeyPatch, model_file: Path, tmp_path: Path
+) -> None:
     empty = tmp_path / "password"
     empty.write_text("\n")
-    env = required(model_file) | {"LSTMD_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-                                  "LSTMD_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
-                                  "LSTMD_KAFKA_SASL_USERNAME": "lstmd",
-                                  "LSTMD_KAFKA_SASL_PASSWORD_FILE": str(empty)}
+    env = required(model_file) | {
+        "LSTMD_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "LSTMD_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "LSTMD_KAFKA_SASL_USERNAME": "lstmd",
+        "LSTMD_KAFKA_SASL_PASSWORD_FILE": str(empty),
+    }
     for k, v in env.items():
         clean_env.setenv(k, v)
     with pytest.raises(ConfigError, match=r"LSTMD_KAFKA_SASL_PASSWORD_FILE.*empty file"):

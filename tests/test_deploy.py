@@ -44,14 +44,16 @@ CONTAINER = "lstmd"
 
 # Metrics another change is adding under exactly these names: panels may use them
 # before they exist. Any other referenced name missing from the daemon fails.
-ANNOUNCED = frozenset({
-    "lstmd_evictions_total",
-    "lstmd_checkpoint_duration_seconds",
-    "lstmd_restore_duration_seconds",
-    "lstmd_states_restored_total",
-    "lstmd_transaction_aborts_total",
-    "lstmd_state_bytes",
-})
+ANNOUNCED = frozenset(
+    {
+        "lstmd_evictions_total",
+        "lstmd_checkpoint_duration_seconds",
+        "lstmd_restore_duration_seconds",
+        "lstmd_states_restored_total",
+        "lstmd_transaction_aborts_total",
+        "lstmd_state_bytes",
+    }
+)
 # Series the rules use that Prometheus gets from elsewhere, not from lstmd.
 EXTERNAL = {
     "kube_pod_container_status_restarts_total": "kube-state-metrics",
@@ -61,6 +63,7 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
 
 
 # ---------------------------------------------------------------- helpers
+
 
 @cache
 def check_module() -> ModuleType:
@@ -81,15 +84,22 @@ def kubectl() -> str:
 
 @cache
 def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
-    out = subprocess.run([kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return tuple(doc for doc in yaml.safe_load_all(out) if doc)
 
 
 def flush_timeout_s() -> float:
     """The daemon's longest wait for Kafka's acknowledgements at shutdown."""
-    found = [float(v) for f in (ROOT / "daemon").glob("*.py")
-             for v in re.findall(r"^FLUSH_TIMEOUT_S = ([0-9.]+)", f.read_text(), re.M)]
+    found = [
+        float(v)
+        for f in (ROOT / "daemon").glob("*.py")
+        for v in re.findall(r"^FLUSH_TIMEOUT_S = ([0-9.]+)", f.read_text(), re.M)
+    ]
     assert found, "FLUSH_TIMEOUT_S is gone from daemon/: update this test's grace-period rule"
     return max(found)
 
@@ -160,16 +170,21 @@ def missing_metrics(exposition: str) -> tuple[dict[str, set[str]], dict[str, set
 
 # ---------------------------------------------------------------- manifests
 
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_configmap_is_a_valid_daemon_configuration(overlay: str, tmp_path: Path) -> None:
     data = config_map(rendered(overlay))
     unknown = sorted(set(data) - known_variables())
     assert not unknown, f"not lstmd settings (typos?): {unknown}"
-    assert not {"LSTMD_KAFKA_SASL_PASSWORD", "LSTMD_KAFKA_SASL_USERNAME"} & set(data), \
+    assert not {"LSTMD_KAFKA_SASL_PASSWORD", "LSTMD_KAFKA_SASL_USERNAME"} & set(data), (
         "credentials belong in the Secret"
+    )
     # The daemon's own validation, with the file settings pointed at real files.
-    files = {"LSTMD_MODEL_PATH": "model.keras", "LSTMD_KAFKA_SASL_PASSWORD_FILE": "password",
-             "LSTMD_KAFKA_SSL_CAFILE": "ca.crt"}
+    files = {
+        "LSTMD_MODEL_PATH": "model.keras",
+        "LSTMD_KAFKA_SASL_PASSWORD_FILE": "password",
+        "LSTMD_KAFKA_SSL_CAFILE": "ca.crt",
+    }
     values = dict(data, LSTMD_KAFKA_SASL_USERNAME="from-the-secret")
     for variable, name in files.items():
         (tmp_path / name).write_text("x")
@@ -190,14 +205,20 @@ def test_statefulset_probes_identity_threads_and_lockdown(overlay: str) -> None:
     port = {p["name"]: p["containerPort"] for p in main["ports"]}["http"]
     assert port == Settings.model_fields["http_port"].default
     assert "LSTMD_HTTP_PORT" not in config_map(docs)
-    for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"),
-                        ("readinessProbe", "/readyz")):
+    for probe, path in (
+        ("startupProbe", "/livez"),
+        ("livenessProbe", "/livez"),
+        ("readinessProbe", "/readyz"),
+    ):
         assert main[probe]["httpGet"] == {"path": path, "port": "http"}, probe
 
     env = {e["name"]: e for e in main["env"]}
     assert env["LSTMD_GROUP_INSTANCE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["LSTMD_TF_INTRA_OP_THREADS"]["valueFrom"]["resourceFieldRef"] == {
-        "containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1"}
+        "containerName": CONTAINER,
+        "resource": "requests.cpu",
+        "divisor": "1",
+    }
     assert main["resources"]["requests"]["cpu"]
     assert main["resources"]["limits"]["memory"] == main["resources"]["requests"]["memory"]
 
@@ -243,7 +264,10 @@ def test_credentials_are_files_from_one_secret(overlay: str) -> None:
     assert username == {"name": secret, "key": "username"}
     auth = one(docs, "TriggerAuthentication")
     assert {(r["parameter"], r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == {
-        ("username", secret, "username"), ("password", secret, "password"), ("ca", secret, "ca.crt")}
+        ("username", secret, "username"),
+        ("password", secret, "password"),
+        ("ca", secret, "ca.crt"),
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -254,8 +278,11 @@ def test_scaler_reads_the_daemons_group_within_the_partition_count(overlay: str)
     spec = scaled["spec"]
     partitions = int(scaled["metadata"]["annotations"]["lstmd.io/input-partitions"])
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
-    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
-                                      "name": one(docs, "StatefulSet")["metadata"]["name"]}
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": one(docs, "StatefulSet")["metadata"]["name"],
+    }
     (trigger,) = spec["triggers"]
     meta = trigger["metadata"]
     assert trigger["type"] == "kafka"
@@ -295,6 +322,7 @@ def test_selectors_find_the_pods(overlay: str) -> None:
 
 # ---------------------------------------------------------------- image
 
+
 def test_dockerfile_runs_the_daemon_as_pid_2_under_tini_as_non_root() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS runtime$", text, re.M)
@@ -323,19 +351,20 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
             continue
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} is not in requirements.lock (run `make lock`)"
-        assert req.specifier.contains(pins[name], prereleases=True), \
+        assert req.specifier.contains(pins[name], prereleases=True), (
             f"requirements.lock has {name}=={pins[name]}, pyproject wants {req.specifier}"
+        )
     assert "tensorflow" not in pins, "the CPU wheel only"
 
 
 def test_dockerignore_sends_only_what_the_build_copies() -> None:
-    lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines()
-             if ln and not ln.startswith("#")]
+    lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines[0] == "*"
     assert {"!requirements.lock", "!pyproject.toml", "!README.md", "!daemon/"} <= set(lines)
 
 
 # ---------------------------------------------------------------- metrics
+
 
 def test_dashboard_uses_the_datasource_variable_everywhere() -> None:
     dashboard = json.loads((DEPLOY / "monitoring" / "lstmd-dashboard.json").read_text())
@@ -361,8 +390,17 @@ def test_dashboard_uses_the_datasource_variable_everywhere() -> None:
         if v["type"] == "query":
             assert v["datasource"]["uid"] == "${datasource}", v["name"]
     titles = " / ".join(p["title"].lower() for p in panels)
-    for topic in ("throughput", "latency", "lag per partition", "active sequences", "resets",
-                  "evictions", "rejections", "checkpoint", "restore"):
+    for topic in (
+        "throughput",
+        "latency",
+        "lag per partition",
+        "active sequences",
+        "resets",
+        "evictions",
+        "rejections",
+        "checkpoint",
+        "restore",
+    ):
         assert topic in titles, f"no panel about {topic}"
 
 
@@ -408,8 +446,9 @@ def test_live_scrape_is_clean_and_has_every_referenced_metric(
         assert daemon.stop() == 0, "\n".join(daemon.lines[-30:])
     (tmp_path / "metrics.txt").write_text(text)
 
-    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                          text=True, check=False)
+    lint = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
     assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
     assert 'lstmd_records_rejected_total{reason="' in text
     assert 'lstmd_consumer_lag{partition="0"}' in text
@@ -418,4 +457,3 @@ def test_live_scrape_is_clean_and_has_every_referenced_metric(
     assert not unknown, f"used by alerts or panels, missing from a live scrape: {unknown}"
     if pending:
         pytest.xfail(f"announced metrics not exported yet: {sorted(pending)}")
-

@@ -31,8 +31,10 @@ from tests.fakes import Slot
 from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
 
-FALLBACK = {"layer_norm": ("layer_normalization", "LayerNormalization"),
-            "time_distributed": ("time_distributed", "TimeDistributed")}
+FALLBACK = {
+    "layer_norm": ("layer_normalization", "LayerNormalization"),
+    "time_distributed": ("time_distributed", "TimeDistributed"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +93,16 @@ def test_states_are_interchangeable_with_keras(loaded: dict[str, ServableModel])
 
 # ------------------------------------------------------------------ activations
 
-_GRID = np.concatenate([
-    np.linspace(-12, 12, 96),
-    [-30.0, -1.0, -0.5, -1e-3, 1e-3, 0.5, 1.0, 30.0, 0.0, 3.0, -3.0, 6.0, 1e-6, -1e-6],
-]).astype(np.float32).reshape(-1, 5)  # (n, 5) rows: softmax works over the last axis
+_GRID = (
+    np.concatenate(
+        [
+            np.linspace(-12, 12, 96),
+            [-30.0, -1.0, -0.5, -1e-3, 1e-3, 0.5, 1.0, 30.0, 0.0, 3.0, -3.0, 6.0, 1e-6, -1e-6],
+        ]
+    )
+    .astype(np.float32)
+    .reshape(-1, 5)
+)  # (n, 5) rows: softmax works over the last axis
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -123,8 +131,9 @@ def wobble(x: object) -> object:
 
 def test_custom_activation_falls_back(tmp_path: Path) -> None:
     keras.utils.set_random_seed(3)
-    net = keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(3, activation=wobble, name="odd"),
-                            keras.layers.Dense(1)])
+    net = keras.Sequential(
+        [keras.Input((None, 2)), keras.layers.GRU(3, activation=wobble, name="odd"), keras.layers.Dense(1)]
+    )
     net.save(tmp_path / "custom.keras")
     model = load_model(tmp_path / "custom.keras")
     with pytest.raises(UnsupportedModel, match=r"layer 'odd' \(GRU\) has the activation 'wobble'"):
@@ -227,8 +236,9 @@ def test_processor_with_the_fast_engine_matches_the_oracle(loaded: dict[str, Ser
     """The processor's waves through the fast engine: every prediction is the oracle's."""
     kind = "stacked_lstm_gru"
     model = loaded[kind]
-    proc = Processor(FastEngine(model), model_id="m@0", n_features=model.n_features,
-                     store=StateStore(), metrics=Metrics())
+    proc = Processor(
+        FastEngine(model), model_id="m@0", n_features=model.n_features, store=StateStore(), metrics=Metrics()
+    )
     rnd = random.Random(4)
     rng = np.random.default_rng(4)
     seqs: dict[str, list[np.ndarray]] = {f"s{i}": [] for i in range(6)}

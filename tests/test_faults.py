@@ -50,8 +50,12 @@ def test_kill_9_five_times_mid_stream(
     stream = interleaved_stream(n_keys=16, n_events=2500, features=3, seed=21)
     placed = produce(kafka.bootstrap, names["in"], stream.events)
     # A killed member holds its partitions until its session expires: keep it short.
-    extra = {"LSTMD_DELIVERY": delivery, "LSTMD_KAFKA_MAX_POLL_RECORDS": "40",
-             "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "3000", "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
+    extra = {
+        "LSTMD_DELIVERY": delivery,
+        "LSTMD_KAFKA_MAX_POLL_RECORDS": "40",
+        "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+    }
     if delivery == "exactly-once":
         # A static member's transactional id survives the restart, which fences the
         # killed process's open transaction at once.
@@ -69,8 +73,14 @@ def test_kill_9_five_times_mid_stream(
         assert done < len(stream.predicted_events), f"stream finished before kill {kills}"
     final = DaemonProcess(env)
     try:
-        out = consume(kafka.bootstrap, names["out"], at_least=len(stream.predicted_events),
-                      settle=2.0, timeout=120, while_running=final)
+        out = consume(
+            kafka.bootstrap,
+            names["out"],
+            at_least=len(stream.predicted_events),
+            settle=2.0,
+            timeout=120,
+            while_running=final,
+        )
     finally:
         assert final.stop() == 0
     check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")
@@ -83,8 +93,9 @@ def test_daemons_join_and_leave_mid_stream(
     names = topics({"in": 3, "out": 3, "dlq": 1})
     stream = interleaved_stream(n_keys=24, n_events=3000, features=3, seed=33)
     placed = produce(kafka.bootstrap, names["in"], stream.events)
-    env = daemon_env(kafka.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40",
-                     LSTMD_DELIVERY=delivery)
+    env = daemon_env(
+        kafka.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40", LSTMD_DELIVERY=delivery
+    )
     a = DaemonProcess(env)
     b = c = None
     try:
@@ -95,8 +106,14 @@ def test_daemons_join_and_leave_mid_stream(
         c.wait_for("partition_restored")
         assert outputs_so_far(kafka.bootstrap, names["out"]) < len(stream.predicted_events)
         assert a.stop() == 0  # one leaves mid-stream
-        out = consume(kafka.bootstrap, names["out"], at_least=len(stream.predicted_events),
-                      settle=2.0, timeout=120, while_running=b)
+        out = consume(
+            kafka.bootstrap,
+            names["out"],
+            at_least=len(stream.predicted_events),
+            settle=2.0,
+            timeout=120,
+            while_running=b,
+        )
     finally:
         codes = [d.stop() for d in (b, c) if d is not None]
     assert codes == [0, 0]
@@ -105,23 +122,28 @@ def test_daemons_join_and_leave_mid_stream(
     assert moved, "no partition changed hands: the test proved nothing"
 
 
-@pytest.mark.parametrize(("delivery", "down_for"), [
-    ("at-least-once", 5.0),
-    # Longer than the transaction timeout (10 s): the broker aborts the open
-    # transaction and fences its producer, which the daemon must replace.
-    ("exactly-once", 15.0),
-])
+@pytest.mark.parametrize(
+    ("delivery", "down_for"),
+    [
+        ("at-least-once", 5.0),
+        # Longer than the transaction timeout (10 s): the broker aborts the open
+        # transaction and fences its producer, which the daemon must replace.
+        ("exactly-once", 15.0),
+    ],
+)
 def test_broker_down_for_seconds_mid_stream(
     kafka_broker_factory: Any, model: Path, delivery: str, down_for: float
 ) -> None:
     broker: LocalKafka = kafka_broker_factory()
     names = {"in": "events", "out": "predictions", "dlq": "events.dlq"}
     from daemon.devtools.localkafka import create_topics
+
     create_topics(broker.bootstrap, {"events": 2, "predictions": 1, "events.dlq": 1})
     stream = interleaved_stream(n_keys=12, n_events=2500, features=3, seed=44)
     placed = produce(broker.bootstrap, "events", stream.events)
-    env = daemon_env(broker.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40",
-                     LSTMD_DELIVERY=delivery)
+    env = daemon_env(
+        broker.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40", LSTMD_DELIVERY=delivery
+    )
     daemon = DaemonProcess(env)
     try:
         daemon.wait_for("partition_restored")
@@ -129,8 +151,14 @@ def test_broker_down_for_seconds_mid_stream(
         before = outputs_so_far(broker.bootstrap, "predictions")
         assert before < len(stream.predicted_events)
         broker.restart(down_for=down_for)
-        out = consume(broker.bootstrap, "predictions", at_least=len(stream.predicted_events),
-                      settle=2.0, timeout=150, while_running=daemon)
+        out = consume(
+            broker.bootstrap,
+            "predictions",
+            at_least=len(stream.predicted_events),
+            settle=2.0,
+            timeout=150,
+            while_running=daemon,
+        )
     finally:
         assert daemon.stop() == 0
     check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")

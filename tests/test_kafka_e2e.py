@@ -44,8 +44,13 @@ def test_interleaved_sequences_through_the_broker(
     daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, stacked_model))
     try:
         port = int(daemon.wait_for("http_listening")["port"])
-        outputs = consume(kafka.bootstrap, names["out"], at_least=len(stream.predicted_events),
-                          settle=1.0, while_running=daemon)
+        outputs = consume(
+            kafka.bootstrap,
+            names["out"],
+            at_least=len(stream.predicted_events),
+            settle=1.0,
+            while_running=daemon,
+        )
         status, ready = scrape(port, "/readyz")
         assert status == 200, ready
         assert scrape(port, "/livez")[0] == 200
@@ -83,12 +88,12 @@ def test_sigterm_mid_stream_commits_and_loses_nothing(
     assert len(done_first) < len(stream.predicted_events), "stopped too late to test anything"
 
     # What the first run committed is exactly what it published: no gap, no repeat.
-    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=env["LSTMD_GROUP_ID"],
-                             enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka.bootstrap, group_id=env["LSTMD_GROUP_ID"], enable_auto_commit=False
+    )
     committed = {p: consumer.committed(TopicPartition(names["in"], p)) or 0 for p in (0, 1)}
     consumer.close()
-    published = {(orjson.loads(r.value)["partition"], orjson.loads(r.value)["offset"])
-                 for r in done_first}
+    published = {(orjson.loads(r.value)["partition"], orjson.loads(r.value)["offset"]) for r in done_first}
     with_x = {placed[i] for i in stream.predicted_events}
     assert published == {(p, o) for p, o in with_x if o < committed[p]}
 
@@ -96,8 +101,13 @@ def test_sigterm_mid_stream_commits_and_loses_nothing(
     # prediction, before and after the stop, matches the oracle, exactly once.
     second = DaemonProcess(env)
     try:
-        outputs = consume(kafka.bootstrap, names["out"], at_least=len(stream.predicted_events),
-                          settle=1.0, while_running=second)
+        outputs = consume(
+            kafka.bootstrap,
+            names["out"],
+            at_least=len(stream.predicted_events),
+            settle=1.0,
+            while_running=second,
+        )
     finally:
         assert second.stop() == 0
     check_predictions(stacked_model, stream, placed, outputs)

@@ -49,15 +49,17 @@ def test_interleaved_sequences_with_markers_match_prefix_sums() -> None:
     records = recs(events)
     got = []
     for i in range(0, len(records), 37):  # batch boundaries must not matter
-        got += outputs(proc, records[i:i + 37])
+        got += outputs(proc, records[i : i + 37])
     assert [(o["seq"], o["y"][0], o["n"]) for o in got] == expected  # type: ignore[index]
 
 
 def test_a_batch_steps_each_sequence_once_per_wave() -> None:
     engine = SumEngine()
     proc, _ = make(engine)
-    outputs(proc, recs([("a", {"x": [1]}), ("b", {"x": [1]}), ("a", {"x": [1]}),
-                        ("c", {"x": [1]}), ("a", {"x": [1]})]))
+    outputs(
+        proc,
+        recs([("a", {"x": [1]}), ("b", {"x": [1]}), ("a", {"x": [1]}), ("c", {"x": [1]}), ("a", {"x": [1]})]),
+    )
     assert engine.calls == [3, 1, 1]
 
 
@@ -72,11 +74,12 @@ def test_redelivered_offsets_are_not_applied_twice() -> None:
 
 def test_repeated_step_is_dropped_and_gap_counted() -> None:
     proc, metrics = make()
-    got = outputs(proc, recs([("a", {"x": [1], "step": 0}), ("a", {"x": [1], "step": 0}),
-                              ("a", {"x": [1], "step": 2})]))
+    got = outputs(
+        proc, recs([("a", {"x": [1], "step": 0}), ("a", {"x": [1], "step": 0}), ("a", {"x": [1], "step": 2})])
+    )
     assert [o["y"] for o in got] == [[1.0], [2.0]]
     assert metrics.duplicates.labels(cause="step")._value.get() == 1
-    assert metrics.step_gaps._value.get() == 1
+    assert metrics.registry.get_sample_value("lstmd_step_gaps_total") == 1
 
 
 def test_rejected_records_keep_bytes_and_leave_state_alone() -> None:
@@ -96,32 +99,61 @@ def test_rejected_records_keep_bytes_and_leave_state_alone() -> None:
 
 def test_ended_sequences_free_their_state() -> None:
     proc, metrics = make()
-    outputs(proc, recs([("a", {"x": [1]}), ("b", {"x": [1]}), ("a", {"x": [1], "end": True}),
-                        ("b", {"end": True}), ("a", {"x": [5]})]))
+    outputs(
+        proc,
+        recs(
+            [
+                ("a", {"x": [1]}),
+                ("b", {"x": [1]}),
+                ("a", {"x": [1], "end": True}),
+                ("b", {"end": True}),
+                ("a", {"x": [5]}),
+            ]
+        ),
+    )
     assert len(proc.store) == 1
-    assert metrics.active_sequences._value.get() == 1
+    assert metrics.registry.get_sample_value("lstmd_active_sequences") == 1
     assert [o["y"] for o in outputs(proc, recs([("a", {"x": [1]})], start=5))] == [[6.0]]
 
 
 def test_steps_restart_after_a_reset_within_one_batch() -> None:
     proc, metrics = make()
-    got = outputs(proc, recs([
-        ("a", {"x": [1], "step": 0}), ("a", {"x": [1], "step": 1, "end": True}),
-        ("a", {"x": [2], "step": 0}), ("a", {"x": [2], "step": 1}), ("a", {"end": True}),
-        ("a", {"x": [3], "step": 0}), ("a", {"x": [4], "step": 0, "start": True}),
-    ]))
+    got = outputs(
+        proc,
+        recs(
+            [
+                ("a", {"x": [1], "step": 0}),
+                ("a", {"x": [1], "step": 1, "end": True}),
+                ("a", {"x": [2], "step": 0}),
+                ("a", {"x": [2], "step": 1}),
+                ("a", {"end": True}),
+                ("a", {"x": [3], "step": 0}),
+                ("a", {"x": [4], "step": 0, "start": True}),
+            ]
+        ),
+    )
     assert [o["y"] for o in got] == [[1.0], [2.0], [2.0], [4.0], [3.0], [4.0]]
     assert metrics.duplicates.labels(cause="step")._value.get() == 0
 
 
 def test_a_step_gap_resets_the_sequence_when_asked() -> None:
     metrics = Metrics()
-    proc = Processor(SumEngine(), model_id="m@0", n_features=1, store=StateStore(),
-                     metrics=metrics, reset_on_gap=True)
-    got = outputs(proc, recs([("a", {"x": [1], "step": 0}), ("a", {"x": [2], "step": 1}),
-                              ("a", {"x": [5], "step": 4}), ("a", {"x": [1], "step": 5})]))
+    proc = Processor(
+        SumEngine(), model_id="m@0", n_features=1, store=StateStore(), metrics=metrics, reset_on_gap=True
+    )
+    got = outputs(
+        proc,
+        recs(
+            [
+                ("a", {"x": [1], "step": 0}),
+                ("a", {"x": [2], "step": 1}),
+                ("a", {"x": [5], "step": 4}),
+                ("a", {"x": [1], "step": 5}),
+            ]
+        ),
+    )
     assert [(o["y"], o["n"]) for o in got] == [([1.0], 1), ([3.0], 2), ([5.0], 1), ([6.0], 2)]
-    assert metrics.step_gaps._value.get() == 1
+    assert metrics.registry.get_sample_value("lstmd_step_gaps_total") == 1
 
 
 class NanOnNegativeEngine(SumEngine):
@@ -144,7 +176,8 @@ def test_a_non_finite_output_is_dead_lettered_and_the_state_kept() -> None:
     dead = [o for o in out if o.dead_letter]
     assert [(g["y"], g["n"]) for g in good] == [([1.0], 1), ([3.0], 2)]
     assert [(d.value, dict(d.headers)["lstmd.error.class"]) for d in dead] == [
-        (records[1].value, b"nonfinite_output")]
+        (records[1].value, b"nonfinite_output")
+    ]
     assert metrics.rejected.labels(reason="nonfinite_output")._value.get() == 1
 
 
@@ -152,15 +185,24 @@ def test_a_refused_output_keeps_the_markers_of_its_record() -> None:
     """x refused, markers applied: `start` resets, `end` resets, the step is seen."""
     proc, _ = make(NanOnNegativeEngine())
     events: list[tuple[str, dict[str, object]]] = [
-        ("a", {"x": [1], "step": 0}), ("a", {"x": [2], "step": 1}),
+        ("a", {"x": [1], "step": 0}),
+        ("a", {"x": [2], "step": 1}),
         ("a", {"x": [-1], "step": 2, "end": True}),  # refused, yet the sequence ends
-        ("a", {"x": [5], "step": 0}), ("a", {"x": [7], "step": 1}),
-        ("b", {"x": [1]}), ("b", {"x": [-1], "start": True}),  # refused, yet b starts over
+        ("a", {"x": [5], "step": 0}),
+        ("a", {"x": [7], "step": 1}),
+        ("b", {"x": [1]}),
+        ("b", {"x": [-1], "start": True}),  # refused, yet b starts over
         ("b", {"x": [10]}),
     ]
     got = [(o["seq"], o["y"], o["n"]) for o in outputs(proc, recs(events))]
-    assert got == [("a", [1.0], 1), ("a", [3.0], 2), ("a", [5.0], 1), ("a", [12.0], 2),
-                   ("b", [1.0], 1), ("b", [10.0], 1)]
+    assert got == [
+        ("a", [1.0], 1),
+        ("a", [3.0], 2),
+        ("a", [5.0], 1),
+        ("a", [12.0], 2),
+        ("b", [1.0], 1),
+        ("b", [10.0], 1),
+    ]
 
 
 def test_a_dead_letter_too_large_to_copy_keeps_its_key_and_reason() -> None:
@@ -180,7 +222,9 @@ def test_a_dead_letter_too_large_to_copy_keeps_its_key_and_reason() -> None:
 def test_an_input_without_a_step_keeps_the_last_step_seen() -> None:
     proc, metrics = make()
     events: list[tuple[str, dict[str, object]]] = [
-        ("a", {"x": [1], "step": 5}), ("a", {"x": [2]}), ("a", {"x": [4], "step": 5}),
+        ("a", {"x": [1], "step": 5}),
+        ("a", {"x": [2]}),
+        ("a", {"x": [4], "step": 5}),
         ("a", {"x": [8], "step": 6}),
     ]
     got = [(o["y"], o["n"]) for o in outputs(proc, recs(events))]

@@ -59,8 +59,7 @@ class SecureKafka:
 def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKafka]:
     pki = make_test_pki(tmp_path_factory.mktemp("pki"))
     listeners, properties = secure_listeners(pki)
-    with LocalKafka(listeners=listeners, properties=properties,
-                    scram_users={USER: PASSWORD}) as broker:
+    with LocalKafka(listeners=listeners, properties=properties, scram_users={USER: PASSWORD}) as broker:
         yield SecureKafka(broker, pki)
 
 
@@ -78,7 +77,9 @@ def make_topics(kafka: SecureKafka, label: str) -> dict[str, str]:
 
 def sasl_env(kafka: SecureKafka, names: dict[str, str], model: Path, **extra: str) -> dict[str, str]:
     return daemon_env(
-        kafka.sasl_ssl, names, model,
+        kafka.sasl_ssl,
+        names,
+        model,
         LSTMD_CREATE_TOPICS="true",
         LSTMD_KAFKA_SECURITY_PROTOCOL="SASL_SSL",
         LSTMD_KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
@@ -92,16 +93,22 @@ def leaked(daemon: DaemonProcess, *secrets_: str) -> list[str]:
     return [line for line in daemon.lines if any(s in line for s in secrets_)]
 
 
-def run_stream(kafka: SecureKafka, names: dict[str, str], model: Path, env: dict[str, str],
-               seed: int) -> DaemonProcess:
+def run_stream(
+    kafka: SecureKafka, names: dict[str, str], model: Path, env: dict[str, str], seed: int
+) -> DaemonProcess:
     """Produce a stream (over PLAINTEXT), run the daemon until every prediction is
     out, stop it, check every prediction against the oracle."""
     stream = interleaved_stream(n_keys=8, n_events=160, features=3, seed=seed)
     placed = produce(kafka.broker.bootstrap, names["in"], stream.events)
     daemon = DaemonProcess(env)
     try:
-        outputs = consume(kafka.broker.bootstrap, names["out"], at_least=len(stream.predicted_events),
-                          settle=1.0, timeout=120)
+        outputs = consume(
+            kafka.broker.bootstrap,
+            names["out"],
+            at_least=len(stream.predicted_events),
+            settle=1.0,
+            timeout=120,
+        )
     finally:
         code = daemon.stop()
     assert code == 0, "\n".join(daemon.lines[-30:])
@@ -125,13 +132,13 @@ def test_sasl_ssl_scram_sha_512_stream_matches_the_oracle(
     assert not leaked(daemon, PASSWORD)
 
 
-def test_mutual_tls_with_a_client_certificate(
-    secure_kafka: SecureKafka, model: Path
-) -> None:
+def test_mutual_tls_with_a_client_certificate(secure_kafka: SecureKafka, model: Path) -> None:
     names = make_topics(secure_kafka, "mtls")
     pki = secure_kafka.pki
     env = daemon_env(
-        secure_kafka.mtls, names, model,
+        secure_kafka.mtls,
+        names,
+        model,
         LSTMD_CREATE_TOPICS="true",
         LSTMD_KAFKA_SECURITY_PROTOCOL="SSL",
         LSTMD_KAFKA_SSL_CAFILE=str(pki.ca_cert),
@@ -153,8 +160,9 @@ class WrongPasswordRun:
 def wrong_password_run(secure_kafka: SecureKafka, model: Path) -> WrongPasswordRun:
     """The daemon with a wrong password (given as a variable, at DEBUG): how it ends."""
     names = make_topics(secure_kafka, "wrongpw")
-    env = sasl_env(secure_kafka, names, model, LSTMD_KAFKA_SASL_PASSWORD=WRONG_PASSWORD,
-                   LSTMD_LOG_LEVEL="DEBUG")
+    env = sasl_env(
+        secure_kafka, names, model, LSTMD_KAFKA_SASL_PASSWORD=WRONG_PASSWORD, LSTMD_LOG_LEVEL="DEBUG"
+    )
     daemon = DaemonProcess(env)
     try:
         daemon.wait_for("model_loaded", timeout=120)
@@ -180,7 +188,6 @@ def test_wrong_password_ends_the_daemon_with_a_clear_error(
     wrong_password_run: WrongPasswordRun,
 ) -> None:
     run = wrong_password_run
-    assert run.exit_code == 2, (
-        f"still retrying after {run.waited_s:.0f} s:\n" + "\n".join(run.lines[-5:]))
+    assert run.exit_code == 2, f"still retrying after {run.waited_s:.0f} s:\n" + "\n".join(run.lines[-5:])
     tail = "\n".join(run.lines[-5:]).lower()
     assert "credentials" in tail or "authentication" in tail, tail

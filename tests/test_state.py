@@ -41,7 +41,7 @@ def test_changes_and_ended_watermarks() -> None:
     assert store.take_changes("m") == []
     store.end(0, "a")
     assert len(store) == 0 and store.watermark(0, "a") == 5
-    (_, key, raw), = store.take_changes("m")
+    ((_, key, raw),) = store.take_changes("m")
     restored, _ = SequenceState.restore(raw or b"")
     assert key == "a" and restored.n == 0 and restored.watermark == 5
     assert store.committed(0, 5) == []  # offset 5 itself not yet committed

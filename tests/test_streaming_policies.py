@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from daemon.core.state import SequenceState
+from daemon.core.state import SequenceState, StateStore
 from daemon.ops.health import Health
 from daemon.streaming.lifecycle import Partitions, Phase
 from daemon.streaming.policy import CheckpointPolicy
@@ -15,10 +15,10 @@ from daemon.streaming.restore import adopt
 from tests.fakes import TP, make, outputs, recs
 
 
-def policy(proc_store: object, interval_s: float = 1.0, now: list[float] | None = None) -> CheckpointPolicy:
+def policy(store: StateStore, interval_s: float = 1.0, now: list[float] | None = None) -> CheckpointPolicy:
+    """At-least-once checkpoints of model "new@1", on a clock the test moves by hand."""
     clock = now if now is not None else [0.0]
-    return CheckpointPolicy(proc_store, "new@1", interval_s=interval_s, every_batch=False,  # type: ignore[arg-type]
-                            clock=lambda: clock[0])
+    return CheckpointPolicy(store, "new@1", interval_s=interval_s, every_batch=False, clock=lambda: clock[0])
 
 
 def test_a_state_of_another_model_is_dropped_announced_and_keeps_its_watermark() -> None:
@@ -30,8 +30,9 @@ def test_a_state_of_another_model_is_dropped_announced_and_keeps_its_watermark()
     notice = orjson.loads(proc.announce(evicted)[0].value or b"")
     assert notice["evicted"] is True and notice["cause"] == "model_changed"
     # "a" continues from its restored state; "b" starts over above its watermark.
-    got = outputs(proc, recs([("b", {"x": [8]}), ("a", {"x": [1]}), ("b", {"x": [1]})],
-                             start=8))  # b@8 is at its watermark: already answered
+    got = outputs(
+        proc, recs([("b", {"x": [8]}), ("a", {"x": [1]}), ("b", {"x": [1]})], start=8)
+    )  # b@8 is at its watermark: already answered
     assert [(o["seq"], o["y"], o["n"]) for o in got] == [("a", [3.0], 3), ("b", [1.0], 1)]
 
 
@@ -46,8 +47,10 @@ def test_capacity_eviction_is_announced_in_the_batch() -> None:
 def test_after_a_restore_the_oldest_watermark_is_evicted_first() -> None:
     proc, _ = make(model_id="new@1", max_sequences=2)
     one = np.array([1.0], np.float32)
-    restored = {key: (SequenceState(tensors=[one], n=1, watermark=wm), "new@1")
-                for key, wm in (("late", 9), ("early", 3))}
+    restored = {
+        key: (SequenceState(tensors=[one], n=1, watermark=wm), "new@1")
+        for key, wm in (("late", 9), ("early", 3))
+    }
     adopt(proc.store, proc.model_id, 0, restored)
     out = proc.process(recs([("new", {"x": [1]})], start=10))
     assert [o.key for o in out if o.notice] == [b"early"]

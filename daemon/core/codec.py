@@ -39,8 +39,17 @@ BAD_FIELD = "bad_field"
 NONFINITE_OUTPUT = "nonfinite_output"
 
 REASONS = (
-    MISSING_KEY, BAD_KEY, TOO_LARGE, BAD_JSON, NOT_OBJECT, MISSING_X, BAD_X,
-    WRONG_WIDTH, NONFINITE, BAD_FIELD, NONFINITE_OUTPUT,
+    MISSING_KEY,
+    BAD_KEY,
+    TOO_LARGE,
+    BAD_JSON,
+    NOT_OBJECT,
+    MISSING_X,
+    BAD_X,
+    WRONG_WIDTH,
+    NONFINITE,
+    BAD_FIELD,
+    NONFINITE_OUTPUT,
 )
 
 # Python's json.dumps writes these non-standard literals for non-finite floats;
@@ -128,7 +137,7 @@ def _shown(value: Any) -> str:
     """A bad value as the reason quotes it: bounded, since the reason travels in a
     dead letter's header next to the whole original value."""
     text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def encode_prediction(
@@ -145,8 +154,14 @@ def encode_prediction(
 ) -> bytes:
     """An output record value; see the README's wire format section."""
     out: dict[str, Any] = {
-        "seq": seq, "y": y, "n": n, "end": end, "partition": partition,
-        "offset": offset, "model": model, "ts": ts,
+        "seq": seq,
+        "y": y,
+        "n": n,
+        "end": end,
+        "partition": partition,
+        "offset": offset,
+        "model": model,
+        "ts": ts,
     }
     if step is not None:
         out["step"] = step
@@ -158,15 +173,21 @@ def encode_eviction(
 ) -> bytes:
     """An output record announcing that a sequence's state was dropped before its end:
     its next input starts from a zero state. Tells consumers apart by `evicted`."""
-    return orjson.dumps({
-        "seq": seq, "evicted": True, "cause": cause, "n": n, "partition": partition,
-        "offset": offset, "model": model, "ts": ts,
-    })
+    return orjson.dumps(
+        {
+            "seq": seq,
+            "evicted": True,
+            "cause": cause,
+            "n": n,
+            "partition": partition,
+            "offset": offset,
+            "model": model,
+            "ts": ts,
+        }
+    )
 
 
-def dlq_headers(
-    error: RecordRejected, topic: str, partition: int, offset: int
-) -> list[tuple[str, bytes]]:
+def dlq_headers(error: RecordRejected, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
     """Headers that let an operator find and replay a dead-lettered record."""
     return [
         ("lstmd.error.class", error.reason.encode()),

@@ -104,9 +104,15 @@ class Processor:
                     continue
                 if event.step > state.last_step + 1:
                     self.metrics.step_gaps.inc()
-                    log.info("step_gap", seq=event.key, partition=rec.partition, offset=rec.offset,
-                             expected=state.last_step + 1, got=event.step,
-                             action="reset" if self.reset_on_gap else "continue")
+                    log.info(
+                        "step_gap",
+                        seq=event.key,
+                        partition=rec.partition,
+                        offset=rec.offset,
+                        expected=state.last_step + 1,
+                        got=event.step,
+                        action="reset" if self.reset_on_gap else "continue",
+                    )
                     start = start or self.reset_on_gap
             # An input without a step keeps the last one seen: a retried step right
             # after it is still recognised as a duplicate.
@@ -159,16 +165,24 @@ class Processor:
         out = []
         for ev in evictions:
             self.metrics.evictions.labels(cause=ev.cause).inc()
-            out.append(OutputRecord(
-                kind=Kind.NOTICE,
-                key=ev.key.encode(),
-                value=codec.encode_eviction(
-                    seq=ev.key, cause=ev.cause, n=ev.n, partition=ev.partition,
-                    offset=ev.watermark, model=self.model_id, ts=now),
-                partition=ev.partition,
-                offset=ev.watermark,
-                source_timestamp_ms=int(now * 1000),
-            ))
+            out.append(
+                OutputRecord(
+                    kind=Kind.NOTICE,
+                    key=ev.key.encode(),
+                    value=codec.encode_eviction(
+                        seq=ev.key,
+                        cause=ev.cause,
+                        n=ev.n,
+                        partition=ev.partition,
+                        offset=ev.watermark,
+                        model=self.model_id,
+                        ts=now,
+                    ),
+                    partition=ev.partition,
+                    offset=ev.watermark,
+                    source_timestamp_ms=int(now * 1000),
+                )
+            )
         return out
 
     def _step(
@@ -194,8 +208,7 @@ class Processor:
                 # are not: `start` has reset already, `end` resets now and its step
                 # counts as seen, as the plan of this batch already assumed.
                 state.tensors = previous
-                error = RecordRejected(
-                    codec.NONFINITE_OUTPUT, "the model produced a non-finite output")
+                error = RecordRejected(codec.NONFINITE_OUTPUT, "the model produced a non-finite output")
                 outputs[s.index] = self._dead_letter(rec, error)
                 if s.event.end:
                     state.reset()
@@ -208,9 +221,15 @@ class Processor:
                 kind=Kind.PREDICTION,
                 key=rec.key,
                 value=codec.encode_prediction(
-                    seq=s.event.key, y=y.tolist(), n=state.n, end=s.event.end,
-                    partition=s.partition, offset=s.offset, model=self.model_id,
-                    ts=now, step=s.event.step,
+                    seq=s.event.key,
+                    y=y.tolist(),
+                    n=state.n,
+                    end=s.event.end,
+                    partition=s.partition,
+                    offset=s.offset,
+                    model=self.model_id,
+                    ts=now,
+                    step=s.event.step,
                 ),
                 partition=s.partition,
                 offset=s.offset,

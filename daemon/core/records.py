@@ -62,8 +62,9 @@ class OutputRecord:
 
     def without_value(self) -> OutputRecord:
         """This dead letter with its value left out: too large for the topic."""
-        return replace(self, value=None,
-                       headers=[*self.headers, codec.omitted_header(len(self.value or b""))])
+        return replace(
+            self, value=None, headers=[*self.headers, codec.omitted_header(len(self.value or b""))]
+        )
 
 
 @dataclass(slots=True)

@@ -63,11 +63,17 @@ class SequenceState:
         """The state as a state-topic record value. A reset state is a reset record:
         no tensors, but the watermark, so a redelivered input is still recognised."""
         tensors = self.tensors if self.n else None
-        header = orjson.dumps({
-            "model": model_id, "wm": self.watermark, "first": self.first_offset, "n": self.n,
-            "step": self.last_step, "reset": tensors is None,
-            "shapes": [list(t.shape) for t in tensors] if tensors is not None else [],
-        })
+        header = orjson.dumps(
+            {
+                "model": model_id,
+                "wm": self.watermark,
+                "first": self.first_offset,
+                "n": self.n,
+                "step": self.last_step,
+                "reset": tensors is None,
+                "shapes": [list(t.shape) for t in tensors] if tensors is not None else [],
+            }
+        )
         body = b"".join(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in tensors or ())
         return SNAPSHOT_MAGIC + _HEADER_LEN.pack(len(header)) + header + body
 
@@ -79,20 +85,22 @@ class SequenceState:
         at = len(SNAPSHOT_MAGIC)
         try:
             (size,) = _HEADER_LEN.unpack_from(raw, at)
-            header = orjson.loads(raw[at + _HEADER_LEN.size: at + _HEADER_LEN.size + size])
-            body = memoryview(raw)[at + _HEADER_LEN.size + size:]
+            header = orjson.loads(raw[at + _HEADER_LEN.size : at + _HEADER_LEN.size + size])
+            body = memoryview(raw)[at + _HEADER_LEN.size + size :]
             tensors: StateTensors = []
             pos = 0
             for shape in header["shapes"]:
                 count = int(np.prod(shape))
-                arr = np.frombuffer(body[pos: pos + 4 * count], dtype="<f4").reshape(shape)
+                arr = np.frombuffer(body[pos : pos + 4 * count], dtype="<f4").reshape(shape)
                 tensors.append(arr.astype(np.float32))
                 pos += 4 * count
             if pos != len(body):
                 raise SnapshotError("state snapshot has trailing bytes")
             state = cls(
-                tensors=None if header["reset"] else tensors, n=int(header["n"]),
-                watermark=int(header["wm"]), first_offset=int(header["first"]),
+                tensors=None if header["reset"] else tensors,
+                n=int(header["n"]),
+                watermark=int(header["wm"]),
+                first_offset=int(header["first"]),
                 last_step=header["step"],
             )
             return state, str(header["model"])

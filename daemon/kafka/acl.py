@@ -64,8 +64,9 @@ def _ops(ops: set[str]) -> str:
     return " and ".join(op.capitalize() for op in sorted(ops))
 
 
-def topic_refusal(settings: Settings, topic: str, lacking: set[str] | None = None,
-                   *, hidden: bool = False) -> str:
+def topic_refusal(
+    settings: Settings, topic: str, lacking: set[str] | None = None, *, hidden: bool = False
+) -> str:
     roles = topic_roles(settings)
     variables, needs = roles.get(topic, ([], set()))
     where = f" ({', '.join(variables)})" if variables else ""
@@ -86,8 +87,7 @@ def _topics_named(error: Exception) -> list[str]:
     return []
 
 
-def authorization_failure(settings: Settings, error: Exception,
-                          topic: str | None = None) -> KafkaSetupError:
+def authorization_failure(settings: Settings, error: Exception, topic: str | None = None) -> KafkaSetupError:
     """A clear, permanent error for an ACL Kafka says the daemon lacks.
 
     Retrying cannot help (kafka-python's idempotent producer even refuses every
@@ -99,7 +99,8 @@ def authorization_failure(settings: Settings, error: Exception,
     if isinstance(error, GroupAuthorizationFailedError):
         return KafkaSetupError(
             f"not authorized to use consumer group {settings.group_id} (LSTMD_GROUP_ID) as {who}: "
-            "it needs Read on it")
+            "it needs Read on it"
+        )
     if isinstance(error, TopicAuthorizationFailedError):
         named = [t for t in _topics_named(error) if t in topic_roles(settings)]
         topics = named or ([topic] if topic else [])
@@ -108,11 +109,13 @@ def authorization_failure(settings: Settings, error: Exception,
     if isinstance(error, TransactionalIdAuthorizationFailedError):
         return KafkaSetupError(
             f"not authorized to use transactional ids lstmd-{settings.group_id}-* as {who}: "
-            "LSTMD_DELIVERY=exactly-once needs Write on them")
+            "LSTMD_DELIVERY=exactly-once needs Write on them"
+        )
     if isinstance(error, ClusterAuthorizationFailedError):
         return KafkaSetupError(
             f"not authorized for idempotent writes as {who}: it needs Write on the output topics "
-            "(or IdempotentWrite on the cluster)")
+            "(or IdempotentWrite on the cluster)"
+        )
     what = f" (topic {topic})" if topic else ""
     return KafkaSetupError(f"Kafka refused a request{what} as {who}: {type(error).__name__}: {error}")
 

@@ -48,6 +48,7 @@ MAX_BLOCK_MS = 10_000
 # Each connection attempt at start-up gives up after this, then backs off and retries.
 BOOTSTRAP_TIMEOUT_MS = 5000
 
+
 def security_kwargs(settings: Settings) -> dict[str, Any]:
     """Connection settings shared by every client; the password never leaves here."""
     kwargs: dict[str, Any] = {
@@ -118,8 +119,9 @@ def make_restore_consumer(settings: Settings) -> KafkaConsumer:
     )
 
 
-def wait_for_cluster(settings: Settings, stop: threading.Event,
-                     beat: Callable[[], None] = lambda: None) -> KafkaAdminClient | None:
+def wait_for_cluster(
+    settings: Settings, stop: threading.Event, beat: Callable[[], None] = lambda: None
+) -> KafkaAdminClient | None:
     """Connect an admin client, retrying with backoff until the cluster answers.
 
     Returns None if asked to stop first. The daemon is not ready meanwhile, and
@@ -134,15 +136,21 @@ def wait_for_cluster(settings: Settings, stop: threading.Event,
         watch = AuthFailureWatch()
         try:
             with watch:
-                return KafkaAdminClient(**security_kwargs(settings),
-                                        bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
+                return KafkaAdminClient(
+                    **security_kwargs(settings), bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS
+                )
         except (SaslAuthenticationFailedError, AuthorizationError) as exc:
             raise refusal(settings, exc) from None
         except (KafkaTimeoutError, KafkaConnectionError) as exc:
             if watch.failure is not None:
                 raise refusal(settings, watch.failure) from None
-            log.warning("kafka_unreachable", servers=settings.bootstrap_servers,
-                        attempt=attempt, retry_in_s=backoff.delay, error=str(exc))
+            log.warning(
+                "kafka_unreachable",
+                servers=settings.bootstrap_servers,
+                attempt=attempt,
+                retry_in_s=backoff.delay,
+                error=str(exc),
+            )
         if backoff.wait():
             break
     return None

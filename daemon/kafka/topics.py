@@ -26,7 +26,6 @@ TOPIC_AUTHORIZATION_FAILED = 29
 TOPIC_ALREADY_EXISTS = 36
 
 
-
 def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     """Check the topics exist and the daemon may use them (or create them if allowed);
     return input partitions.
@@ -43,25 +42,28 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     described = {t["name"]: t for t in admin.describe_topics(list(roles))}
     _check_topic_acls(settings, described)
     _check_group_acl(admin, settings)
-    existing = {name for name, t in described.items()
-                if t["error_code"] != UNKNOWN_TOPIC_OR_PARTITION}
+    existing = {name for name, t in described.items() if t["error_code"] != UNKNOWN_TOPIC_OR_PARTITION}
     if settings.input_topic not in existing and not settings.create_topics:
         raise KafkaSetupError(
             f"missing Kafka topic: {settings.input_topic} (LSTMD_INPUT_TOPIC); create it, "
-            "or set LSTMD_CREATE_TOPICS=true")
+            "or set LSTMD_CREATE_TOPICS=true"
+        )
     partitions = _partitions(admin, settings.input_topic) if settings.input_topic in existing else 1
     wanted: dict[str, dict[str, Any]] = {
         settings.input_topic: {"num_partitions": partitions},
         settings.output_topic: {"num_partitions": partitions},
-        settings.dead_letter_topic: {"num_partitions": partitions, "configs": {
-            "max.message.bytes": str(max_message_bytes(settings))}},
+        settings.dead_letter_topic: {
+            "num_partitions": partitions,
+            "configs": {"max.message.bytes": str(max_message_bytes(settings))},
+        },
         settings.state_topic_name: {"num_partitions": partitions, "configs": STATE_TOPIC_CONFIG},
     }
     missing = {t: spec for t, spec in wanted.items() if t not in existing}
     if missing and not settings.create_topics:
         raise KafkaSetupError(
             f"missing Kafka topics: {', '.join(sorted(missing))} (create them, or set "
-            "LSTMD_CREATE_TOPICS=true)")
+            "LSTMD_CREATE_TOPICS=true)"
+        )
     if missing:
         _create_topics(admin, settings, missing)
         log.info("topics_created", topics=sorted(missing), partitions=partitions)
@@ -71,12 +73,12 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     if state_partitions != partitions:
         raise KafkaSetupError(
             f"state topic {settings.state_topic_name} has {state_partitions} partitions, the input "
-            f"topic {settings.input_topic} has {partitions}: they must be equal")
+            f"topic {settings.input_topic} has {partitions}: they must be equal"
+        )
     return partitions
 
 
-def _create_topics(admin: KafkaAdminClient, settings: Settings,
-                   missing: dict[str, dict[str, Any]]) -> None:
+def _create_topics(admin: KafkaAdminClient, settings: Settings, missing: dict[str, dict[str, Any]]) -> None:
     """Create the missing topics; one created meanwhile by someone else is fine.
 
     Pods of one StatefulSet start together, so with LSTMD_CREATE_TOPICS=true
@@ -92,10 +94,12 @@ def _create_topics(admin: KafkaAdminClient, settings: Settings,
             raise KafkaSetupError(
                 f"not authorized to create topics {', '.join(sorted(missing))} as "
                 f"{principal(settings)} (LSTMD_CREATE_TOPICS=true): create them, or grant "
-                "Create on them")
+                "Create on them"
+            )
         raise KafkaSetupError(
             f"could not create topic {topic['name']}: {error.__name__}: "
-            f"{topic.get('error_message') or 'no message from the broker'}")
+            f"{topic.get('error_message') or 'no message from the broker'}"
+        )
     admin.wait_for_topics(list(missing))
 
 

@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, the health probes and their HTTP server, JSON logs."""

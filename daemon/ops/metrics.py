@@ -12,11 +12,37 @@ from daemon import __version__
 
 # Inference runs from ~2 us (fast engine, per event) to ~2 ms (predict_on_batch).
 INFERENCE_BUCKETS = (
-    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0,
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    0.1,
+    1.0,
 )
 # End to end includes the poll wait, the batch and the produce acknowledgement.
 LATENCY_BUCKETS = (
-    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 
 
@@ -25,76 +51,112 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.events_consumed = Counter(
-            "lstmd_events_consumed", "Input records taken from Kafka (or a replay file).",
-            registry=r)
-        self.predictions = Counter(
-            "lstmd_predictions_produced", "Prediction records published.", registry=r)
+            "lstmd_events_consumed", "Input records taken from Kafka (or a replay file).", registry=r
+        )
+        self.predictions = Counter("lstmd_predictions_produced", "Prediction records published.", registry=r)
         self.rejected = Counter(
-            "lstmd_records_rejected", "Records sent to the dead-letter topic, by reason.",
-            ["reason"], registry=r)
+            "lstmd_records_rejected",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.duplicates = Counter(
             "lstmd_duplicates_skipped",
             "Inputs not applied because their state already includes them, by cause.",
-            ["cause"], registry=r)
+            ["cause"],
+            registry=r,
+        )
         self.step_gaps = Counter(
-            "lstmd_step_gaps", "Inputs whose `step` skipped ahead of the previous one.",
-            registry=r)
+            "lstmd_step_gaps", "Inputs whose `step` skipped ahead of the previous one.", registry=r
+        )
         self.resets = Counter(
-            "lstmd_sequence_resets", "Sequence states reset, by cause.", ["cause"], registry=r)
+            "lstmd_sequence_resets", "Sequence states reset, by cause.", ["cause"], registry=r
+        )
         self.active_sequences = Gauge(
-            "lstmd_active_sequences", "Open sequence states held in memory.", registry=r)
+            "lstmd_active_sequences", "Open sequence states held in memory.", registry=r
+        )
         self.inference = Histogram(
             "lstmd_inference_duration_seconds",
             "Model time per input event (one step; a batched step is shared by its events).",
-            ["engine"], buckets=INFERENCE_BUCKETS, registry=r)
+            ["engine"],
+            buckets=INFERENCE_BUCKETS,
+            registry=r,
+        )
         self.end_to_end = Histogram(
             "lstmd_end_to_end_latency_seconds",
             "From the input record's timestamp to its prediction acknowledged by Kafka.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.lag = Gauge(
-            "lstmd_consumer_lag", "Records behind the end of each assigned input partition.",
-            ["partition"], registry=r)
+            "lstmd_consumer_lag",
+            "Records behind the end of each assigned input partition.",
+            ["partition"],
+            registry=r,
+        )
         self.assigned = Gauge(
-            "lstmd_assigned_partitions", "Input partitions assigned to this process.",
-            registry=r)
+            "lstmd_assigned_partitions", "Input partitions assigned to this process.", registry=r
+        )
         self.rebalances = Counter(
-            "lstmd_rebalances", "Partition assignment changes seen, by kind.", ["kind"],
-            registry=r)
+            "lstmd_rebalances", "Partition assignment changes seen, by kind.", ["kind"], registry=r
+        )
         self.commits = Counter(
-            "lstmd_offset_commits", "Offset commits after acknowledged output.", registry=r)
+            "lstmd_offset_commits", "Offset commits after acknowledged output.", registry=r
+        )
         self.produce_errors = Counter(
-            "lstmd_produce_errors", "Failed attempts to publish a batch of output records.",
-            registry=r)
+            "lstmd_produce_errors", "Failed attempts to publish a batch of output records.", registry=r
+        )
         self.evictions = Counter(
-            "lstmd_evictions", "Sequence states dropped before their end (announced), by cause.",
-            ["cause"], registry=r)
+            "lstmd_evictions",
+            "Sequence states dropped before their end (announced), by cause.",
+            ["cause"],
+            registry=r,
+        )
         self.checkpoint = Histogram(
             "lstmd_checkpoint_duration_seconds",
             "Publishing a batch's outputs and state records and committing its offsets.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.restore = Histogram(
             "lstmd_restore_duration_seconds",
-            "Restoring one partition's states from the state topic.", buckets=LATENCY_BUCKETS,
-            registry=r)
+            "Restoring one partition's states from the state topic.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.states_restored = Counter(
-            "lstmd_states_restored", "Sequence states read back from the state topic.",
-            registry=r)
+            "lstmd_states_restored", "Sequence states read back from the state topic.", registry=r
+        )
         self.transaction_aborts = Counter(
-            "lstmd_transaction_aborts", "Kafka transactions aborted (exactly-once), by cause.",
-            ["cause"], registry=r)
+            "lstmd_transaction_aborts",
+            "Kafka transactions aborted (exactly-once), by cause.",
+            ["cause"],
+            registry=r,
+        )
         self.state_bytes = Gauge(
-            "lstmd_state_bytes", "Bytes of recurrent state tensors held in memory.", registry=r)
+            "lstmd_state_bytes", "Bytes of recurrent state tensors held in memory.", registry=r
+        )
         self.state_records = Counter(
-            "lstmd_state_records_written", "Records written to the state topic, by kind.",
-            ["kind"], registry=r)
+            "lstmd_state_records_written",
+            "Records written to the state topic, by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.last_poll = Gauge(
-            "lstmd_last_poll_timestamp_seconds", "When the poll loop last returned.", registry=r)
+            "lstmd_last_poll_timestamp_seconds", "When the poll loop last returned.", registry=r
+        )
         self.build_info = Gauge(
-            "lstmd_build_info", "Always 1; labels say what runs.",
-            ["version", "engine", "delivery"], registry=r)
+            "lstmd_build_info",
+            "Always 1; labels say what runs.",
+            ["version", "engine", "delivery"],
+            registry=r,
+        )
         self.model_info = Gauge(
-            "lstmd_model_info", "Always 1; labels identify the served model.",
-            ["name", "sha256", "features", "outputs"], registry=r)
+            "lstmd_model_info",
+            "Always 1; labels identify the served model.",
+            ["name", "sha256", "features", "outputs"],
+            registry=r,
+        )
 
     def describe(self, *, engine: str, delivery: str) -> None:
         self.build_info.labels(version=__version__, engine=engine, delivery=delivery).set(1)

@@ -1,20 +1,24 @@
-"""Checkpoints: a batch's outputs, its state changes and its offsets, made durable together.
+"""Delivery: making a checkpoint durable in Kafka, in order, through faults.
 
-Delivery guarantees of this connector:
+What a checkpoint carries and when one is due is the policy's (policy.py);
+this module publishes it:
 
-* at-least-once: outputs (predictions, dead letters, announcements) are
+* at-least-once: outputs (predictions, dead letters, eviction notices) are
   published and acknowledged, then the state records, then the input offsets are
-  committed. A crash before the commit repeats the batch's outputs with
-  identical values (the restored state is either the old one, so the batch is
-  recomputed from the same state, or the new one, whose watermark makes the
-  repeated inputs skip); nothing is lost and no input advances a state twice.
+  committed. Between checkpoints each poll batch's outputs are published alone.
+  A crash before the commit repeats outputs with identical values (the restored
+  state is either the old one, so the inputs are recomputed from the same state,
+  or the new one, whose watermark makes the repeated inputs skip); nothing is
+  lost and no input advances a state twice.
 * exactly-once: outputs, state records and offsets go in one Kafka transaction
-  (KIP-447: offsets sent with the consumer's group metadata, so a process that
-  lost its partitions cannot commit). Any failure aborts the transaction; the run
-  loop then drops its states and restores them from the state topic.
+  per poll batch (KIP-447: offsets sent with the consumer's group metadata, so a
+  process that lost its partitions cannot commit). Any failure aborts the
+  transaction; the run loop then drops its states and restores them from the
+  state topic.
 
-One checkpoint per poll batch: kafka-python 3 calls rebalance listeners on its
-IO thread, so nothing may be in hand, uncommitted, when a partition is revoked.
+kafka-python 3 calls rebalance listeners on its IO thread: the run loop applies
+a revocation after poll returns, and a revoked partition's uncommitted work is
+dropped, for its next owner recomputes it from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -55,8 +59,7 @@ FLUSH_TIMEOUT_S = 10.0
 
 
 # Broker refusals of a record itself: after one, a transactional producer is unusable.
-RECORD_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError,
-                   OutOfOrderSequenceNumberError)
+RECORD_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError, OutOfOrderSequenceNumberError)
 # Sources of oversized dead letters kept to recognise them when their batch is redone.
 MAX_OVERSIZED_REMEMBERED = 10_000
 
@@ -76,8 +79,13 @@ class CheckpointAbandoned(TransactionFailed):
 
 
 class Checkpointer:
-    def __init__(self, settings: Settings, make_producer: Callable[[], KafkaProducer],
-                 metrics: Metrics, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        make_producer: Callable[[], KafkaProducer],
+        metrics: Metrics,
+        stop: threading.Event,
+    ) -> None:
         self.settings = settings
         self.make_producer = make_producer
         self.metrics = metrics
@@ -159,7 +167,8 @@ class Checkpointer:
                 raise KafkaSetupError(
                     f"another consumer uses group instance id {self.settings.group_instance_id!r} "
                     f"(LSTMD_GROUP_INSTANCE_ID) in group {self.settings.group_id!r}: each pod "
-                    "needs its own (the StatefulSet uses the pod name)") from None
+                    "needs its own (the StatefulSet uses the pod name)"
+                ) from None
             except AuthorizationError as exc:
                 # An ACL missing on the group (or the input topic): permanent, stop.
                 raise self._not_authorized(exc) from None
@@ -186,7 +195,8 @@ class Checkpointer:
                     # for partitions that another member may own now.
                     raise CommitFailedError("not a member of the group any more")
                 self.producer.send_offsets_to_transaction(
-                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()}, group)
+                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()}, group
+                )
             self.producer.commit_transaction()
         except KafkaError as exc:
             cause = type(exc).__name__
@@ -213,8 +223,9 @@ class Checkpointer:
         self._account(sent)
         self.metrics.commits.inc()
 
-    def _send(self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord]) -> list[
-            tuple[OutputRecord | StateRecord, Future]]:
+    def _send(
+        self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord]
+    ) -> list[tuple[OutputRecord | StateRecord, Future]]:
         s = self.settings
         sent: list[tuple[OutputRecord | StateRecord, Future]] = []
         refused: KafkaError | None = None
@@ -225,8 +236,12 @@ class Checkpointer:
                 continue
             try:
                 if isinstance(item, OutputRecord):
-                    if item.dead_letter and item.value is not None and self._oversized and (
-                            (item.partition, item.offset) in self._oversized):
+                    if (
+                        item.dead_letter
+                        and item.value is not None
+                        and self._oversized
+                        and ((item.partition, item.offset) in self._oversized)
+                    ):
                         item = _too_large(item, "broker")
                     try:
                         future = self._send_output(item)
@@ -236,8 +251,9 @@ class Checkpointer:
                         item = _too_large(item, "producer")
                         future = self._send_output(item)
                 else:
-                    future = self.producer.send(s.state_topic_name, key=item.key.encode(),
-                                                value=item.value, partition=item.partition)
+                    future = self.producer.send(
+                        s.state_topic_name, key=item.key.encode(), value=item.value, partition=item.partition
+                    )
                 sent.append((item, future))
             except KafkaError as exc:
                 # send() refused within max_block_ms: no metadata for the topic.
@@ -251,8 +267,11 @@ class Checkpointer:
         """Remember the dead letters the topic refused for their size: whenever they
         are sent again (resent, or recomputed after an abort), `_send` leaves their
         value out. Retrying one unchanged would block its partition forever."""
-        oversized = {(item.partition, item.offset) for item, f in sent if isinstance(item, OutputRecord)
-                     and _refused_as_too_large(item, f)}
+        oversized = {
+            (item.partition, item.offset)
+            for item, f in sent
+            if isinstance(item, OutputRecord) and _refused_as_too_large(item, f)
+        }
         if oversized:
             if len(self._oversized) > MAX_OVERSIZED_REMEMBERED:
                 self._oversized.clear()  # older ones were long recomputed and sent
@@ -260,8 +279,7 @@ class Checkpointer:
 
     def _send_output(self, item: OutputRecord) -> Future:
         topic = self.settings.dead_letter_topic if item.dead_letter else self.settings.output_topic
-        return self.producer.send(topic, key=item.key, value=item.value,
-                                  headers=item.headers or None)
+        return self.producer.send(topic, key=item.key, value=item.value, headers=item.headers or None)
 
     def _topic(self, item: OutputRecord | StateRecord) -> str:
         s = self.settings
@@ -288,8 +306,12 @@ class Checkpointer:
                 self.metrics.end_to_end.observe(now - item.source_timestamp_ms / 1000.0)
         self.metrics.predictions.inc(predictions)
 
-    def _publish(self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord],
-                 owner: Callable[[], bool] = lambda: True) -> None:
+    def _publish(
+        self,
+        outputs: Sequence[OutputRecord],
+        states: Sequence[StateRecord],
+        owner: Callable[[], bool] = lambda: True,
+    ) -> None:
         """Send and wait for every acknowledgement, retrying what failed with backoff.
 
         State records are (re)sent only while `owner()` says this process is still a
@@ -299,8 +321,11 @@ class Checkpointer:
         backoff = Backoff(self.stop)
         while pending_out or pending_states:
             if pending_states and not owner():
-                log.warning("checkpoint_abandoned", states=len(pending_states),
-                            reason="expelled from the group before its state records were written")
+                log.warning(
+                    "checkpoint_abandoned",
+                    states=len(pending_states),
+                    reason="expelled from the group before its state records were written",
+                )
                 raise CheckpointAbandoned("expelled from the group")
             sent = self._send(pending_out, pending_states)
             try:
@@ -314,19 +339,19 @@ class Checkpointer:
             failed = [(item, f) for item, f in sent if not f.succeeded()]
             if not failed:
                 return
-            refused = next(((item, f.exception) for item, f in failed
-                            if isinstance(f.exception, AuthorizationError)), None)
+            refused = next(
+                ((item, f.exception) for item, f in failed if isinstance(f.exception, AuthorizationError)),
+                None,
+            )
             if refused is not None:
                 # Permanent (kafka-python's idempotent producer refuses every later
                 # send too): retrying would wait forever. Stop before any commit.
                 raise self._not_authorized(refused[1], self._topic(refused[0]))
             pending_out = [i for i, _ in failed if isinstance(i, OutputRecord)]
             pending_states = [i for i, _ in failed if isinstance(i, StateRecord)]
-            error = next((f.exception for _, f in failed if f.failed()),
-                         "not acknowledged")
+            error = next((f.exception for _, f in failed if f.failed()), "not acknowledged")
             self.metrics.produce_errors.inc()
-            log.error("produce_failed", undelivered=len(failed), error=str(error),
-                      retry_in_s=backoff.delay)
+            log.error("produce_failed", undelivered=len(failed), error=str(error), retry_in_s=backoff.delay)
             self._renew_producer()
             if backoff.wait():
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
@@ -335,13 +360,21 @@ class Checkpointer:
 def _refused_as_too_large(item: OutputRecord, future: Future) -> bool:
     """A dead letter the dead-letter topic refused for its size (its max.message.bytes
     is below what the daemon produces)."""
-    return item.dead_letter and item.value is not None and isinstance(
-        future.exception, (MessageSizeTooLargeError, RecordListTooLargeError))
+    return (
+        item.dead_letter
+        and item.value is not None
+        and isinstance(future.exception, (MessageSizeTooLargeError, RecordListTooLargeError))
+    )
 
 
 def _too_large(item: OutputRecord, refused_by: str) -> OutputRecord:
-    log.warning("dead_letter_value_omitted", refused_by=refused_by, bytes=len(item.value or b""),
-                partition=item.partition, offset=item.offset)
+    log.warning(
+        "dead_letter_value_omitted",
+        refused_by=refused_by,
+        bytes=len(item.value or b""),
+        partition=item.partition,
+        offset=item.offset,
+    )
     return item.without_value()
 
 

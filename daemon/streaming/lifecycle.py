@@ -63,5 +63,7 @@ class Partitions:
         return self._view[1]
 
     def _publish(self) -> None:
-        self._view = (frozenset(self._phase),
-                      frozenset(p for p, phase in self._phase.items() if phase is Phase.RESTORING))
+        self._view = (
+            frozenset(self._phase),
+            frozenset(p for p, phase in self._phase.items() if phase is Phase.RESTORING),
+        )

@@ -79,8 +79,11 @@ class RunLoop:
         self.partitions = Partitions()
         health.watch(self.partitions)
         self.policy = CheckpointPolicy(
-            self.store, processor.model_id, interval_s=settings.checkpoint_interval_ms / 1000,
-            every_batch=settings.delivery == "exactly-once")
+            self.store,
+            processor.model_id,
+            interval_s=settings.checkpoint_interval_ms / 1000,
+            every_batch=settings.delivery == "exactly-once",
+        )
         self._housekeeping_at = 0.0
 
     def run(self) -> None:
@@ -121,13 +124,18 @@ class RunLoop:
             partitions = ensure_topics(admin, self.settings)
         finally:
             admin.close()
-        log.info("kafka_ready", input_topic=self.settings.input_topic, partitions=partitions,
-                 state_topic=self.settings.state_topic_name, delivery=self.settings.delivery)
+        log.info(
+            "kafka_ready",
+            input_topic=self.settings.input_topic,
+            partitions=partitions,
+            state_topic=self.settings.state_topic_name,
+            delivery=self.settings.delivery,
+        )
         transactional_id = self._transactional_id()
         try:  # first: it may wait for Kafka, and then nothing else is open yet
             checkpointer = Checkpointer(
-                self.settings, lambda: make_producer(self.settings, transactional_id),
-                self.metrics, self.stop)
+                self.settings, lambda: make_producer(self.settings, transactional_id), self.metrics, self.stop
+            )
         except DeliveryFailed:  # asked to stop meanwhile
             return None
         consumer = make_consumer(self.settings)
@@ -157,8 +165,9 @@ class RunLoop:
         KIP-447 fences zombies through the group generation either way."""
         if self.settings.delivery != "exactly-once":
             return None
-        member = self.settings.group_instance_id or f"{socket.gethostname()}-{os.getpid()}-" \
-            f"{uuid.uuid4().hex[:8]}"
+        member = (
+            self.settings.group_instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         return f"lstmd-{self.settings.group_id}-{member}"
 
     def _poll(self, consumer: KafkaConsumer) -> dict[TopicPartition, list[Any]]:
@@ -216,8 +225,7 @@ class RunLoop:
             evicted = adopt(self.store, self.processor.model_id, partition, states)
             self.policy.notify(self.processor.announce(evicted))
             self.partitions.restored(partition)
-            log.info("partition_restored", partition=partition, states=len(states),
-                     discarded=len(evicted))
+            log.info("partition_restored", partition=partition, states=len(states), discarded=len(evicted))
         self.metrics.active_sequences.set(len(self.store))
 
     def _accept(self, consumer: KafkaConsumer, polled: dict[TopicPartition, list[Any]]) -> list[Any]:
@@ -248,8 +256,7 @@ class RunLoop:
         """Checkpoint everything pending now (notices included)."""
         self._checkpoint(clients, self.policy.take_notices(), force=True)
 
-    def _checkpoint(self, clients: _Clients, outputs: list[OutputRecord], *,
-                    force: bool = False) -> None:
+    def _checkpoint(self, clients: _Clients, outputs: list[OutputRecord], *, force: bool = False) -> None:
         """Publish `outputs`; when the policy says a checkpoint is due, with the
         changed states and the offsets.
 

@@ -39,8 +39,15 @@ class Checkpoint:
 
 
 class CheckpointPolicy:
-    def __init__(self, store: StateStore, model_id: str, *, interval_s: float, every_batch: bool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        model_id: str,
+        *,
+        interval_s: float,
+        every_batch: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.model_id = model_id
         self.interval_s = interval_s
@@ -65,8 +72,12 @@ class CheckpointPolicy:
         return notices
 
     def due(self, outputs: Sequence[OutputRecord], *, force: bool = False) -> bool:
-        return (force or self.every_batch or any(o.notice for o in outputs)
-                or self.clock() - self._at >= self.interval_s)
+        return (
+            force
+            or self.every_batch
+            or any(o.notice for o in outputs)
+            or self.clock() - self._at >= self.interval_s
+        )
 
     def take(self, outputs: list[OutputRecord]) -> Checkpoint | None:
         """The checkpoint of everything pending, with `outputs`; None if there is nothing."""
@@ -86,8 +97,9 @@ class CheckpointPolicy:
             return
         for tp, offset in cp.offsets.items():
             # Resets now committed no longer need their watermark: delete them.
-            self.tombstones += [StateRecord(tp.partition, key, None)
-                                for key in self.store.committed(tp.partition, offset)]
+            self.tombstones += [
+                StateRecord(tp.partition, key, None) for key in self.store.committed(tp.partition, offset)
+            ]
 
     def release(self, tp: TopicPartition) -> None:
         """The partition is gone: its next owner recomputes its pending work."""

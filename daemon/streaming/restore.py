@@ -79,8 +79,7 @@ class Restorer:
         except AuthorizationError:
             raise  # permanent: see _refusals
         except KafkaError as exc:
-            log.warning("restore_waiting", partitions=sorted(tp.partition for tp in unknown),
-                        error=str(exc))
+            log.warning("restore_waiting", partitions=sorted(tp.partition for tp in unknown), error=str(exc))
             return False
         for tp in unknown:
             self.active[tp.partition].end = ends[tp]
@@ -122,8 +121,14 @@ class Restorer:
                         # An older record of the key would be a wrong state, not a
                         # fallback: the sequence starts over.
                         target.states.pop(key, None)
-                        log.error("state_record_unreadable", partition=tp.partition, key=key,
-                                  offset=rec.offset, error=str(exc), action="sequence starts over")
+                        log.error(
+                            "state_record_unreadable",
+                            partition=tp.partition,
+                            key=key,
+                            offset=rec.offset,
+                            error=str(exc),
+                            action="sequence starts over",
+                        )
         return self._finished()
 
     def _finished(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
@@ -142,8 +147,9 @@ class Restorer:
         return done
 
 
-def adopt(store: StateStore, model_id: str, partition: int,
-          states: dict[str, tuple[SequenceState, str]]) -> list[Eviction]:
+def adopt(
+    store: StateStore, model_id: str, partition: int, states: dict[str, tuple[SequenceState, str]]
+) -> list[Eviction]:
     """Install a restored partition's states; returns the evictions to announce.
 
     A state saved under another model is never applied to this one: it is

@@ -23,8 +23,15 @@ from daemon.core.state import StateTensors
 from daemon.inference.model import ServableModel
 from daemon.inference.tolerance import describe_difference
 
-__all__ = ["Engine", "StateSlot", "StateTensors", "check_batch", "check_state", "parity_guard",
-           "zero_state_for"]
+__all__ = [
+    "Engine",
+    "StateSlot",
+    "StateTensors",
+    "check_batch",
+    "check_state",
+    "parity_guard",
+    "zero_state_for",
+]
 
 
 def zero_state_for(model: ServableModel) -> StateTensors:
@@ -107,7 +114,8 @@ def parity_guard(
         if a.tensors is not None and b.tensors is not None:
             for j, (x, y) in enumerate(zip(a.tensors, b.tensors, strict=True)):
                 problem = describe_difference(
-                    np.asarray(x), np.asarray(y), f"state tensor {j} of sequence {k}")
+                    np.asarray(x), np.asarray(y), f"state tensor {j} of sequence {k}"
+                )
                 if problem:
                     return f"the {candidate.name} engine differs from the {reference.name} engine: {problem}"
     return None

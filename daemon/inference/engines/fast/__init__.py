@@ -68,5 +68,12 @@ from daemon.inference.engines.fast.compiler import Plan, compile_model
 from daemon.inference.engines.fast.engine import FastEngine
 from daemon.inference.engines.fast.types import UnsupportedModel
 
-__all__ = ["ACTIVATIONS", "FastEngine", "Plan", "UnsupportedModel", "compile_model", "limit_blas_threads",
-           "numpy_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "FastEngine",
+    "Plan",
+    "UnsupportedModel",
+    "compile_model",
+    "limit_blas_threads",
+    "numpy_activation",
+]

@@ -24,10 +24,13 @@ def limit_blas_threads(threads: int = 1) -> bool:
         return False
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({
-                line.split()[-1] for line in maps
-                if "openblas" in line.lower() and line.split()[-1].startswith("/")
-            })
+            paths = sorted(
+                {
+                    line.split()[-1]
+                    for line in maps
+                    if "openblas" in line.lower() and line.split()[-1].startswith("/")
+                }
+            )
     except OSError:
         return False
     done = False

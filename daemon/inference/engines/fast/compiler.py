@@ -31,11 +31,20 @@ _CELLS: dict[type, Callable[[Any, str], Cell]] = {
 }
 _RNN_LAYERS = (keras.layers.RNN, keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
 _IDENTITIES = tuple(
-    cls for cls in (
+    cls
+    for cls in (
         getattr(keras.layers, name, None)
-        for name in ("Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout",
-                     "AlphaDropout", "ActivityRegularization", "Identity")
-    ) if isinstance(cls, type)
+        for name in (
+            "Dropout",
+            "SpatialDropout1D",
+            "GaussianNoise",
+            "GaussianDropout",
+            "AlphaDropout",
+            "ActivityRegularization",
+            "Identity",
+        )
+    )
+    if isinstance(cls, type)
 )
 
 
@@ -143,7 +152,8 @@ class _Compiler:
             bias = weights(layer.bias, what) if layer.use_bias else None
             if kernel.shape[0] != self.widths[src]:
                 raise UnsupportedModel(
-                    f"{what} has an input of {kernel.shape[0]}, expected {self.widths[src]}")
+                    f"{what} has an input of {kernel.shape[0]}, expected {self.widths[src]}"
+                )
             dst = self.new_register(int(kernel.shape[1]))
             act = numpy_activation(layer.activation, what)
             self.ops.append(DenseOp(src, dst, kernel, bias, act))

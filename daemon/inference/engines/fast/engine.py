@@ -19,7 +19,6 @@ from daemon.inference.model import ServableModel
 _F32 = np.dtype(np.float32)
 
 
-
 class FastEngine:
     """Steps a whole wave of sequences at once with NumPy (see the module docstring).
 
