@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,12 @@ def produce(
     return placed
 
 
+def prediction_source(rec: Any) -> tuple[int, int] | None:
+    """The input (partition, offset) a prediction answers; None for other records."""
+    value = orjson.loads(rec.value)
+    return (value["partition"], value["offset"]) if "y" in value else None
+
+
 def consume(
     bootstrap: str,
     topic: str,
@@ -115,11 +121,13 @@ def consume(
     timeout: float = 90.0,
     settle: float = 0.0,
     while_running: DaemonProcess | None = None,
+    distinct: Callable[[Any], Hashable | None] | None = None,
 ) -> list[Any]:
     """Every record of a topic as a read_committed consumer sees it (no group).
 
     Returns once `at_least` records are in and no new one came for `settle` seconds,
-    or when `timeout` passes.
+    or when `timeout` passes. With `distinct`, `at_least` counts the distinct values
+    it gives (None: not counted): at-least-once repeats must not end the wait early.
     """
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -138,7 +146,8 @@ def consume(
         for recs in batch.values():
             got.extend(recs)
             last_new = time.monotonic()
-        if len(got) >= at_least and time.monotonic() - last_new >= settle:
+        have = len(got) if distinct is None else len({k for r in got if (k := distinct(r)) is not None})
+        if have >= at_least and time.monotonic() - last_new >= settle:
             break
         if while_running is not None and while_running.proc.poll() is not None:
             raise AssertionError(
