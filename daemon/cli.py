@@ -1,4 +1,9 @@
-"""The `lstmd` command line: run, replay, demo, make-demo-model.
+"""The `lstmd` command line: run, replay, and the development commands where installed.
+
+The development commands (demo, bench, make-demo-model) live in daemon.devtools,
+which the runtime never imports and the container image leaves out: they are
+registered through the `lstmd.commands` entry point group (see pyproject.toml),
+so a dev install has them and the image has only run and replay.
 
 Start-up errors (configuration, model) print one clear message and exit 2
 before any connection is made; anything else unexpected exits 1.
@@ -11,8 +16,10 @@ import os
 import signal
 import sys
 import threading
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from daemon import __version__
 from daemon.core.processor import Processor
@@ -26,6 +33,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_STARTUP = 2
+
+# Each entry point of this group names a function that adds sub-commands to `lstmd`.
+COMMANDS_GROUP = "lstmd.commands"
+
+if TYPE_CHECKING:  # argparse's sub-parsers action is generic in typeshed only
+    from collections.abc import Callable
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    Register = Callable[[Subparsers], None]
 
 
 def build_processor(
@@ -135,24 +151,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from daemon.devtools import bench
-
-    return bench.cli(args)
-
-
-def cmd_make_demo_model(args: argparse.Namespace) -> int:
-    from daemon.devtools.demo_model import make_demo_model
-
-    path = make_demo_model(Path(args.path))
-    print(f"demo model written to {path}")
-    return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.devtools.demo import run_demo
-
-    return run_demo(events=args.events, sequences=args.sequences)
+def _load_commands(entry_point: EntryPoint) -> Register | None:
+    """The entry point's register function, or None when its module is not installed
+    (an image built without daemon.devtools still carries the entry point in the
+    package metadata). Any other failure, such as a dependency of that module missing,
+    is a bug to see, not a command to hide: it propagates."""
+    try:
+        register: Register = entry_point.load()
+    except ModuleNotFoundError as exc:
+        module = entry_point.module
+        if exc.name is not None and (module == exc.name or module.startswith(f"{exc.name}.")):
+            return None
+        raise
+    return register
 
 
 def parser() -> argparse.ArgumentParser:
@@ -170,19 +181,10 @@ def parser() -> argparse.ArgumentParser:
                    help="inference engine (default: keras); fast falls back to keras, with a warning, "
                         "for a model it cannot serve")
     r.set_defaults(func=cmd_replay)
-    from daemon.devtools import bench
-
-    b = sub.add_parser("bench", help="throughput: the engines alone, end to end through Kafka "
-                                     "(pass-through, keras, fast), a Quix Streams peer, a profile")
-    bench.add_arguments(b)
-    b.set_defaults(func=cmd_bench)
-    m = sub.add_parser("make-demo-model", help="train and save the demo model")
-    m.add_argument("path")
-    m.set_defaults(func=cmd_make_demo_model)
-    d = sub.add_parser("demo", help="local broker, demo model, producer, daemon, predictions")
-    d.add_argument("--events", type=int, default=2000)
-    d.add_argument("--sequences", type=int, default=8)
-    d.set_defaults(func=cmd_demo)
+    for entry_point in entry_points(group=COMMANDS_GROUP):
+        register = _load_commands(entry_point)
+        if register is not None:
+            register(sub)
     return p
 
 
