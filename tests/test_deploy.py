@@ -333,6 +333,8 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
              if ln and not ln.startswith("#")]
     assert lines[0] == "*"
     assert {"!requirements.lock", "!pyproject.toml", "!README.md", "!daemon/"} <= set(lines)
+    # Development tooling stays out of the image; the exclusion must follow the inclusion.
+    assert "daemon/devtools/" in lines[lines.index("!daemon/") + 1:]
 
 
 # ---------------------------------------------------------------- metrics
