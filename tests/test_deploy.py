@@ -88,7 +88,7 @@ def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
 
 def flush_timeout_s() -> float:
     """The daemon's longest wait for Kafka's acknowledgements at shutdown."""
-    found = [float(v) for f in (ROOT / "daemon").glob("*.py")
+    found = [float(v) for f in (ROOT / "daemon").rglob("*.py")
              for v in re.findall(r"^FLUSH_TIMEOUT_S = ([0-9.]+)", f.read_text(), re.M)]
     assert found, "FLUSH_TIMEOUT_S is gone from daemon/: update this test's grace-period rule"
     return max(found)
