@@ -630,70 +630,9 @@ class E2ESection:
 PEER_REQUIREMENT = "quixstreams>=3.20,<4"
 PEER_VENV = "bench-peer-venv"
 
-# The Quix Streams application, run by an interpreter that has quixstreams. Argument:
-# a JSON object (bootstrap, input, output, group, state_dir, weights, model).
-PEER_SCRIPT = r'''
-import json
-import sys
-import time
-
-import numpy as np
-from quixstreams import Application, message_context
-
-cfg = json.loads(sys.argv[1])
-w = np.load(cfg["weights"])
-KERNEL, RECURRENT, BIAS = w["kernel"], w["recurrent"], w["bias"]
-DENSE_KERNEL, DENSE_BIAS = w["dense_kernel"], w["dense_bias"]
-UNITS = RECURRENT.shape[0]
-ZERO = np.zeros(2 * UNITS, dtype=np.float32)
-HALF = np.float32(0.5)
-MODEL = cfg["model"]
-
-
-def sigmoid(v):
-    return HALF * np.tanh(HALF * v) + HALF
-
-
-def lstm_step(value, key, timestamp, headers, state):
-    """One Keras LSTM step (gates i, f, c, o) and the Dense(1, sigmoid) head, in NumPy,
-    the state (h, c) and the step count n in Quix's state store."""
-    raw = state.get_bytes("hc")
-    if raw is None:
-        hc, n = ZERO, 0
-    else:
-        hc, n = np.frombuffer(raw, dtype=np.float32, count=2 * UNITS), int.from_bytes(raw[-4:], "little")
-    x = np.asarray(value["x"], dtype=np.float32)
-    z = x @ KERNEL + hc[:UNITS] @ RECURRENT + BIAS
-    i = sigmoid(z[:UNITS])
-    f = sigmoid(z[UNITS:2 * UNITS])
-    g = np.tanh(z[2 * UNITS:3 * UNITS])
-    o = sigmoid(z[3 * UNITS:])
-    c = f * hc[UNITS:] + i * g
-    h = o * np.tanh(c)
-    y = sigmoid(h @ DENSE_KERNEL + DENSE_BIAS)
-    n += 1
-    end = bool(value.get("end", False))
-    if end:
-        state.delete("hc")
-    else:
-        state.set_bytes("hc", h.tobytes() + c.tobytes() + n.to_bytes(4, "little"))
-    ctx = message_context()
-    return {"seq": key, "y": y.tolist(), "n": n, "end": end, "partition": ctx.partition,
-            "offset": ctx.offset, "model": MODEL, "ts": time.time()}
-
-
-app = Application(broker_address=cfg["bootstrap"], consumer_group=cfg["group"],
-                  auto_offset_reset="earliest", state_dir=cfg["state_dir"], loglevel="WARNING",
-                  processing_guarantee="at-least-once")
-source = app.topic(cfg["input"], key_deserializer="str", value_deserializer="json")
-sink = app.topic(cfg["output"], key_serializer="str", value_serializer="json")
-sdf = app.dataframe(source)
-sdf = sdf.apply(lstm_step, stateful=True, metadata=True)
-sdf.to_topic(sink)
-print("peer: running", flush=True)
-app.run()
-print("peer: stopped", flush=True)
-'''
+# The Quix Streams application, run by path by an interpreter that has quixstreams.
+# Argument: a JSON object (bootstrap, input, output, group, state_dir, weights, model).
+PEER_SCRIPT = Path(__file__).with_name("quix_peer.py")
 
 
 def _has_quix(python: str) -> bool:
@@ -827,8 +766,7 @@ class PeerSection:
             return [self._row(config, [], f"skipped: {exc}")]
         bootstrap, input_topic = BROKER.input_topic(config, log)
         weights = peer_weights(_work_dir() / "peer-weights.npz")
-        script = _work_dir() / "quix_peer.py"
-        script.write_text(PEER_SCRIPT)
+        script = PEER_SCRIPT
         model_id = str(ENGINE_CACHE.get("fast")[0].identity)
         rounds = []
         for i in range(config.e2e_rounds):
