@@ -10,6 +10,7 @@ import pytest
 
 from daemon.cli import main
 from daemon.devtools import bench
+from daemon.devtools.bench.peer import PEER_SCRIPT, PeerSection, has_quix
 from daemon.devtools.localkafka import LocalKafka
 
 TINY = bench.BenchConfig(sections=("engine",), models=("demo",), sequences=(1, 3), rounds=2, events=6,
@@ -113,12 +114,16 @@ def test_e2e_and_profile_structure(kafka: LocalKafka) -> None:
 
 def test_peer_is_skipped_with_the_reason_when_quixstreams_is_unavailable() -> None:
     config = bench.BenchConfig(sections=("peer",), peer_python=sys.executable, e2e_sequences=7)
-    if bench._has_quix(sys.executable):
+    if has_quix(sys.executable):
         pytest.skip("this interpreter has quixstreams")
-    (row,) = bench.PeerSection().run(config, log=lambda _msg: None)
+    (row,) = PeerSection().run(config, log=lambda _msg: None)
     assert row["section"] == "peer" and row["engine"] == "quix" and row["sequences"] == 7
     assert row["note"].startswith("skipped: ") and "quixstreams" in row["note"]
     assert row["events_per_s"] == 0.0 and row["broker_events_per_s"] is None
+
+
+def test_the_peer_application_is_where_the_bench_runs_it_from() -> None:
+    assert PEER_SCRIPT.is_file()
 
 
 def test_bench_options() -> None:
