@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from daemon.cli import main
 from daemon.devtools import bench
 from daemon.devtools.bench.peer import PEER_SCRIPT, PeerSection, has_quix
+from daemon.devtools.bench.profile import PHASE_RULES
 from daemon.devtools.localkafka import LocalKafka
 
 TINY = bench.BenchConfig(sections=("engine",), models=("demo",), sequences=(1, 3), rounds=2, events=6,
@@ -124,6 +126,12 @@ def test_peer_is_skipped_with_the_reason_when_quixstreams_is_unavailable() -> No
 
 def test_the_peer_application_is_where_the_bench_runs_it_from() -> None:
     assert PEER_SCRIPT.is_file()
+
+
+def test_the_profile_phases_name_files_that_exist() -> None:
+    root = Path(bench.__file__).parents[3]
+    paths = {suffix for suffix, *_ in PHASE_RULES if suffix.startswith("daemon/")}
+    assert paths and [p for p in sorted(paths) if not (root / p).exists()] == []
 
 
 def test_bench_options() -> None:

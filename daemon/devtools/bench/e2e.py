@@ -5,8 +5,8 @@ The broker is the project's LocalKafka, started for the run unless
 `e2e_sequences` interleaved sequences of the demo model's shape (`{"x": [v]}`)
 are produced once to an input topic of `e2e_partitions` partitions; then, in
 each round, in turn: `passthrough`, a kafka-python consume-produce loop with no
-model and the daemon's own client settings (kafka_io.make_consumer /
-make_producer): poll, one send per input, flush, commit per poll batch; and
+model and the daemon's own client settings (daemon.kafka.clients'
+make_consumer / make_producer): poll, one send per input, flush, commit per poll batch; and
 lstmd's real run loop (daemon.streaming.loop.RunLoop, in-process, in a thread,
 at-least-once, state topic included) with each engine. Every contender reads
 the whole input topic from the start under a fresh consumer group and writes to

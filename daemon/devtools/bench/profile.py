@@ -24,13 +24,16 @@ from daemon.devtools.bench.e2e import ENGINE_CACHE, E2ESection, Round
 
 # (file suffix, function or None for any, text in the source line or None, phase),
 # tried on each frame from the innermost outwards; the first match names the sample.
+# A suffix is a path under the repository (a folder if it ends with "/"): a file
+# that moves must move here too (tests/test_bench.py checks that they exist).
 PHASE_RULES: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("prometheus_client", None, None, "prometheus metrics"),
     ("daemon/core/codec.py", "decode", None, "codec.decode"),
     ("daemon/core/codec.py", "_flag", None, "codec.decode"),
     ("daemon/core/codec.py", "_features", None, "codec.decode"),
     ("daemon/core/codec.py", "encode_prediction", None, "encode_prediction"),
-    ("daemon/inference/engines/fast.py", None, None, "engine step"),
+    ("daemon/inference/engines/fast/", None, None, "engine step"),
+    ("daemon/inference/engines/keras.py", None, None, "engine step"),
     ("daemon/inference/engines/contract.py", None, None, "engine step"),
     ("daemon/core/state.py", "snapshot", None, "state snapshots (take_changes)"),
     ("daemon/core/state.py", "take_changes", None, "state snapshots (take_changes)"),
@@ -45,6 +48,7 @@ PHASE_RULES: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("daemon/streaming/delivery.py", "_account", None, "checkpoint accounting"),
     ("daemon/streaming/delivery.py", "_commit_offsets", None, "offset commit"),
     ("daemon/streaming/delivery.py", None, None, "checkpoint other"),
+    ("daemon/streaming/restore.py", None, None, "checkpoint other"),  # in checkpointing.py before
     ("daemon/streaming/loop.py", None, "consumer.poll", "poll (fetch, parse: kafka-python)"),
     ("daemon/streaming/loop.py", None, "take_changes", "state snapshots (take_changes)"),
     ("daemon/streaming/loop.py", None, "StateRecord", "state snapshots (take_changes)"),
