@@ -1,7 +1,7 @@
 """`lstmd demo`: the whole path on this machine, start to clean stop.
 
 A local Apache Kafka broker, the demo model (a room-temperature forecaster,
-see daemon/demo_model.py), a producer of interleaved sensor readings, `lstmd
+see daemon/devtools/demo_model.py), a producer of interleaved sensor readings, `lstmd
 run` as a real subprocess, its predictions printed as they arrive, a metrics
 excerpt, then SIGTERM and a clean exit.
 """
