@@ -10,6 +10,10 @@
 # pinned by hash; `make lock` regenerates it from pyproject.toml). The image is
 # built for linux/amd64 only: the lock pins the tensorflow-cpu wheel, which exists
 # for x86_64 Linux only. See docs/runbook.md.
+#
+# The image holds the runtime only: .dockerignore leaves daemon/devtools/ (the local
+# Kafka broker, demo, bench) out of the build context, so `lstmd` in the image has
+# run and replay, and its development commands' entry point is skipped.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

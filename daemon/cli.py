@@ -1,4 +1,9 @@
-"""The `lstmd` command line: run, replay, demo, make-demo-model.
+"""The `lstmd` command line: run, replay, and the development commands where installed.
+
+The development commands (demo, bench, make-demo-model) live in daemon.devtools,
+which the runtime never imports and the container image leaves out: they are
+registered through the `lstmd.commands` entry point group (see pyproject.toml),
+so a dev install has them and the image has only run and replay.
 
 Start-up errors (configuration, model) print one clear message and exit 2
 before any connection is made; anything else unexpected exits 1.
@@ -11,8 +16,10 @@ import os
 import signal
 import sys
 import threading
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from daemon import __version__
 from daemon.core.processor import Processor
@@ -26,6 +33,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_STARTUP = 2
+
+# Each entry point of this group names a function that adds sub-commands to `lstmd`.
+COMMANDS_GROUP = "lstmd.commands"
+
+if TYPE_CHECKING:  # argparse's sub-parsers action is generic in typeshed only
+    from collections.abc import Callable
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    Register = Callable[[Subparsers], None]
 
 
 def build_processor(
@@ -53,17 +69,25 @@ def build_processor(
         from daemon.ops import logs
 
         logs.get_logger("daemon").warning(
-            "fast_engine_refused", reason=refused, engine=engine.name,
+            "fast_engine_refused",
+            reason=refused,
+            engine=engine.name,
             message=f"fast engine refused: {refused}; using {engine.name}",
         )
     metrics.model_info.labels(
-        name=model.identity.name, sha256=model.identity.sha256,
-        features=str(model.n_features), outputs=str(model.output_width),
+        name=model.identity.name,
+        sha256=model.identity.sha256,
+        features=str(model.n_features),
+        outputs=str(model.output_width),
     ).set(1)
     metrics.describe(engine=engine.name, delivery=delivery)
     return Processor(
-        engine, model_id=str(model.identity), n_features=model.n_features,
-        store=StateStore(max_sequences), metrics=metrics, max_record_bytes=max_record_bytes,
+        engine,
+        model_id=str(model.identity),
+        n_features=model.n_features,
+        store=StateStore(max_sequences),
+        metrics=metrics,
+        max_record_bytes=max_record_bytes,
         reset_on_gap=reset_on_gap,
     )
 
@@ -99,10 +123,15 @@ def cmd_run(_args: argparse.Namespace) -> int:
     log.info("http_listening", port=server.port)
     try:
         processor = build_processor(
-            settings.model_path, settings.engine, metrics, settings.tf_intra_op_threads,
-            delivery=settings.delivery, max_sequences=settings.max_sequences,
+            settings.model_path,
+            settings.engine,
+            metrics,
+            settings.tf_intra_op_threads,
+            delivery=settings.delivery,
+            max_sequences=settings.max_sequences,
             max_record_bytes=settings.max_record_bytes,
-            reset_on_gap=settings.step_gap == "reset")
+            reset_on_gap=settings.step_gap == "reset",
+        )
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
         RunLoop(settings, processor, metrics, health, stop).run()
@@ -135,54 +164,43 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from daemon.devtools import bench
-
-    return bench.cli(args)
-
-
-def cmd_make_demo_model(args: argparse.Namespace) -> int:
-    from daemon.devtools.demo_model import make_demo_model
-
-    path = make_demo_model(Path(args.path))
-    print(f"demo model written to {path}")
-    return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.devtools.demo import run_demo
-
-    return run_demo(events=args.events, sequences=args.sequences)
+def _load_commands(entry_point: EntryPoint) -> Register | None:
+    """The entry point's register function, or None when its module is not installed
+    (an image built without daemon.devtools still carries the entry point in the
+    package metadata). Any other failure, such as a dependency of that module missing,
+    is a bug to see, not a command to hide: it propagates."""
+    try:
+        register: Register = entry_point.load()
+    except ModuleNotFoundError as exc:
+        module = entry_point.module
+        if exc.name is not None and (module == exc.name or module.startswith(f"{exc.name}.")):
+            return None
+        raise
+    return register
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lstmd", description=__doc__.splitlines()[0] if __doc__ else "")
     p.add_argument("--version", action="version", version=f"lstmd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="the daemon, configured by LSTMD_* variables").set_defaults(
-        func=cmd_run)
+    sub.add_parser("run", help="the daemon, configured by LSTMD_* variables").set_defaults(func=cmd_run)
     r = sub.add_parser("replay", help="the same pipeline over a JSON-lines file, no broker")
     r.add_argument("--model", required=True, help="a .keras model file")
     r.add_argument("--input", required=True, help='JSON lines of {"key": ..., "value": {...}}')
     r.add_argument("--output", help="prediction lines (default: stdout)")
     r.add_argument("--dlq", help="rejected-record lines (default: stderr)")
-    r.add_argument("--engine", choices=("keras", "fast"), default="keras",
-                   help="inference engine (default: keras); fast falls back to keras, with a warning, "
-                        "for a model it cannot serve")
+    r.add_argument(
+        "--engine",
+        choices=("keras", "fast"),
+        default="keras",
+        help="inference engine (default: keras); fast falls back to keras, with a warning, "
+        "for a model it cannot serve",
+    )
     r.set_defaults(func=cmd_replay)
-    from daemon.devtools import bench
-
-    b = sub.add_parser("bench", help="throughput: the engines alone, end to end through Kafka "
-                                     "(pass-through, keras, fast), a Quix Streams peer, a profile")
-    bench.add_arguments(b)
-    b.set_defaults(func=cmd_bench)
-    m = sub.add_parser("make-demo-model", help="train and save the demo model")
-    m.add_argument("path")
-    m.set_defaults(func=cmd_make_demo_model)
-    d = sub.add_parser("demo", help="local broker, demo model, producer, daemon, predictions")
-    d.add_argument("--events", type=int, default=2000)
-    d.add_argument("--sequences", type=int, default=8)
-    d.set_defaults(func=cmd_demo)
+    for entry_point in entry_points(group=COMMANDS_GROUP):
+        register = _load_commands(entry_point)
+        if register is not None:
+            register(sub)
     return p
 
 

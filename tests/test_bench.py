@@ -5,15 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from daemon.cli import main
 from daemon.devtools import bench
+from daemon.devtools.bench.peer import PEER_SCRIPT, PeerSection, has_quix
+from daemon.devtools.bench.profile import PHASE_RULES
 from daemon.devtools.localkafka import LocalKafka
 
-TINY = bench.BenchConfig(sections=("engine",), models=("demo",), sequences=(1, 3), rounds=2, events=6,
-                         keras_events=2, min_round_s=0.0)
+TINY = bench.BenchConfig(
+    sections=("engine",),
+    models=("demo",),
+    sequences=(1, 3),
+    rounds=2,
+    events=6,
+    keras_events=2,
+    min_round_s=0.0,
+)
 
 
 def test_report_structure() -> None:
@@ -21,7 +31,11 @@ def test_report_structure() -> None:
     report = bench.run(TINY, log=messages.append)
     rows = report["rows"]
     assert [(r["engine"], r["sequences"]) for r in rows] == [
-        ("keras", 1), ("keras", 3), ("fast", 1), ("fast", 3)]
+        ("keras", 1),
+        ("keras", 3),
+        ("fast", 1),
+        ("fast", 3),
+    ]
     for r in rows:
         assert r["section"] == "engine" and r["model"] == "demo"
         assert r["requested"] == r["engine"] and r["note"] == ""
@@ -42,9 +56,26 @@ def test_report_structure() -> None:
 
 
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["bench", "--json", "--sections", "engine", "--models", "demo", "--engines", "fast",
-                 "--sequences", "2",
-                 "--rounds", "1", "--events", "4", "--min-round-seconds", "0"])
+    code = main(
+        [
+            "bench",
+            "--json",
+            "--sections",
+            "engine",
+            "--models",
+            "demo",
+            "--engines",
+            "fast",
+            "--sequences",
+            "2",
+            "--rounds",
+            "1",
+            "--events",
+            "4",
+            "--min-round-seconds",
+            "0",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     (row,) = report["rows"]
@@ -61,12 +92,30 @@ def test_cli_refuses_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_ratios_pair_rows_by_section_model_and_sequences() -> None:
     rows = [
-        {"section": "e2e", "model": "m", "sequences": 4, "engine": "keras", "requested": "keras",
-         "events_per_s": 100.0},
-        {"section": "e2e", "model": "m", "sequences": 4, "engine": "passthrough",
-         "requested": "passthrough", "events_per_s": 1000.0},
-        {"section": "e2e", "model": "m", "sequences": 8, "engine": "fast", "requested": "fast",
-         "events_per_s": 50.0},
+        {
+            "section": "e2e",
+            "model": "m",
+            "sequences": 4,
+            "engine": "keras",
+            "requested": "keras",
+            "events_per_s": 100.0,
+        },
+        {
+            "section": "e2e",
+            "model": "m",
+            "sequences": 4,
+            "engine": "passthrough",
+            "requested": "passthrough",
+            "events_per_s": 1000.0,
+        },
+        {
+            "section": "e2e",
+            "model": "m",
+            "sequences": 8,
+            "engine": "fast",
+            "requested": "fast",
+            "events_per_s": 50.0,
+        },
     ]
     bench.add_ratios(rows)
     assert [r["vs_keras"] for r in rows] == [1.0, 10.0, None]
@@ -77,8 +126,15 @@ def test_e2e_and_profile_structure(kafka: LocalKafka) -> None:
     """A few events through the session broker: pass-through, keras, fast, then the
     profile's round; batches of 10 so every contender has a timing window."""
     config = bench.BenchConfig(
-        sections=("e2e", "profile"), e2e_events=60, e2e_keras_events=20, e2e_sequences=5,
-        e2e_partitions=2, e2e_rounds=1, e2e_max_poll_records=10, bootstrap=kafka.bootstrap)
+        sections=("e2e", "profile"),
+        e2e_events=60,
+        e2e_keras_events=20,
+        e2e_sequences=5,
+        e2e_partitions=2,
+        e2e_rounds=1,
+        e2e_max_poll_records=10,
+        bootstrap=kafka.bootstrap,
+    )
     messages: list[str] = []
     report = bench.run(config, log=messages.append)
     rows = [r for r in report["rows"] if r["section"] == "e2e"]
@@ -113,12 +169,22 @@ def test_e2e_and_profile_structure(kafka: LocalKafka) -> None:
 
 def test_peer_is_skipped_with_the_reason_when_quixstreams_is_unavailable() -> None:
     config = bench.BenchConfig(sections=("peer",), peer_python=sys.executable, e2e_sequences=7)
-    if bench._has_quix(sys.executable):
+    if has_quix(sys.executable):
         pytest.skip("this interpreter has quixstreams")
-    (row,) = bench.PeerSection().run(config, log=lambda _msg: None)
+    (row,) = PeerSection().run(config, log=lambda _msg: None)
     assert row["section"] == "peer" and row["engine"] == "quix" and row["sequences"] == 7
     assert row["note"].startswith("skipped: ") and "quixstreams" in row["note"]
     assert row["events_per_s"] == 0.0 and row["broker_events_per_s"] is None
+
+
+def test_the_peer_application_is_where_the_bench_runs_it_from() -> None:
+    assert PEER_SCRIPT.is_file()
+
+
+def test_the_profile_phases_name_files_that_exist() -> None:
+    root = Path(bench.__file__).parents[3]
+    paths = {suffix for suffix, *_ in PHASE_RULES if suffix.startswith("daemon/")}
+    assert paths and [p for p in sorted(paths) if not (root / p).exists()] == []
 
 
 def test_bench_options() -> None:
@@ -126,9 +192,24 @@ def test_bench_options() -> None:
     bench.add_arguments(parser)
     default = bench.config_from_args(parser.parse_args([]))
     assert default.sections == ("engine", "e2e")
-    config = bench.config_from_args(parser.parse_args(
-        ["--sections", "e2e", "--peer", "--profile", "--e2e-events", "50", "--e2e-rounds", "2",
-         "--e2e-max-poll-records", "7", "--bootstrap", "127.0.0.1:9092"]))
+    config = bench.config_from_args(
+        parser.parse_args(
+            [
+                "--sections",
+                "e2e",
+                "--peer",
+                "--profile",
+                "--e2e-events",
+                "50",
+                "--e2e-rounds",
+                "2",
+                "--e2e-max-poll-records",
+                "7",
+                "--bootstrap",
+                "127.0.0.1:9092",
+            ]
+        )
+    )
     assert config.sections == ("e2e", "peer", "profile")
     assert (config.e2e_events, config.e2e_rounds, config.e2e_max_poll_records) == (50, 2, 7)
     assert config.bootstrap == "127.0.0.1:9092"
@@ -139,11 +220,22 @@ def test_bench_options() -> None:
 
 def test_summary_ratios() -> None:
     def row(section: str, requested: str, eps: float, broker: float | None) -> bench.Row:
-        return {"section": section, "model": "demo", "sequences": 10, "engine": requested,
-                "requested": requested, "events_per_s": eps, "broker_events_per_s": broker}
+        return {
+            "section": section,
+            "model": "demo",
+            "sequences": 10,
+            "engine": requested,
+            "requested": requested,
+            "events_per_s": eps,
+            "broker_events_per_s": broker,
+        }
 
-    rows = [row("e2e", "passthrough", 100.0, 90.0), row("e2e", "keras", 10.0, 9.0),
-            row("e2e", "fast", 80.0, 60.0), row("peer", "quix", 120.0, 120.0)]
+    rows = [
+        row("e2e", "passthrough", 100.0, 90.0),
+        row("e2e", "keras", 10.0, 9.0),
+        row("e2e", "fast", 80.0, 60.0),
+        row("peer", "quix", 120.0, 120.0),
+    ]
     bench.add_ratios(rows)
     assert rows[3]["vs_passthrough"] == 1.2 and rows[2]["vs_keras"] == 8.0
     s = bench.summary(rows)

@@ -97,7 +97,7 @@ def flush_timeout_s() -> float:
     """The daemon's longest wait for Kafka's acknowledgements at shutdown."""
     found = [
         float(v)
-        for f in (ROOT / "daemon").glob("*.py")
+        for f in (ROOT / "daemon").rglob("*.py")
         for v in re.findall(r"^FLUSH_TIMEOUT_S = ([0-9.]+)", f.read_text(), re.M)
     ]
     assert found, "FLUSH_TIMEOUT_S is gone from daemon/: update this test's grace-period rule"
@@ -361,6 +361,8 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
     lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines[0] == "*"
     assert {"!requirements.lock", "!pyproject.toml", "!README.md", "!daemon/"} <= set(lines)
+    # Development tooling stays out of the image; the exclusion must follow the inclusion.
+    assert "daemon/devtools/" in lines[lines.index("!daemon/") + 1 :]
 
 
 # ---------------------------------------------------------------- metrics

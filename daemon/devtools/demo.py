@@ -1,7 +1,7 @@
 """`lstmd demo`: the whole path on this machine, start to clean stop.
 
 A local Apache Kafka broker, the demo model (a room-temperature forecaster,
-see daemon/demo_model.py), a producer of interleaved sensor readings, `lstmd
+see daemon/devtools/demo_model.py), a producer of interleaved sensor readings, `lstmd
 run` as a real subprocess, its predictions printed as they arrive, a metrics
 excerpt, then SIGTERM and a clean exit.
 """
@@ -28,10 +28,15 @@ WARM_UP = 24
 # Readings go out at this rate, so the output reads like a live stream.
 EVENTS_PER_SECOND = 400
 METRICS_SHOWN = (
-    "lstmd_events_consumed_total", "lstmd_predictions_produced_total",
-    "lstmd_sequence_resets_total", "lstmd_active_sequences", "lstmd_consumer_lag",
-    "lstmd_inference_duration_seconds_count", "lstmd_inference_duration_seconds_sum",
-    "lstmd_end_to_end_latency_seconds_count", "lstmd_end_to_end_latency_seconds_sum",
+    "lstmd_events_consumed_total",
+    "lstmd_predictions_produced_total",
+    "lstmd_sequence_resets_total",
+    "lstmd_active_sequences",
+    "lstmd_consumer_lag",
+    "lstmd_inference_duration_seconds_count",
+    "lstmd_inference_duration_seconds_sum",
+    "lstmd_end_to_end_latency_seconds_count",
+    "lstmd_end_to_end_latency_seconds_sum",
     "lstmd_model_info",
 )
 
@@ -82,20 +87,26 @@ def run_demo(events: int = 2000, sequences: int = 8) -> int:
         log_path = Path(tempfile.gettempdir()) / "lstmd-demo.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")} | {
             "LSTMD_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "LSTMD_INPUT_TOPIC": topics["in"], "LSTMD_OUTPUT_TOPIC": topics["out"],
-            "LSTMD_DLQ_TOPIC": topics["dlq"], "LSTMD_GROUP_ID": "lstmd-demo",
+            "LSTMD_INPUT_TOPIC": topics["in"],
+            "LSTMD_OUTPUT_TOPIC": topics["out"],
+            "LSTMD_DLQ_TOPIC": topics["dlq"],
+            "LSTMD_GROUP_ID": "lstmd-demo",
             "LSTMD_CREATE_TOPICS": "true",  # the state topic, compacted
             # Port 0: the daemon binds a free port and logs it; no race with other programs.
-            "LSTMD_MODEL_PATH": str(model), "LSTMD_HTTP_PORT": "0",
-            "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "6000", "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "2000",
+            "LSTMD_MODEL_PATH": str(model),
+            "LSTMD_HTTP_PORT": "0",
+            "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "2000",
         }
         with open(log_path, "wb") as log_file:
-            daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env,
-                                      stdout=log_file, stderr=subprocess.STDOUT)
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
             try:
                 port = _http_port(log_path, daemon)
-                print(f"daemon: pid {daemon.pid}, metrics on http://127.0.0.1:{port}/metrics, "
-                      f"log {log_path}\n")
+                print(
+                    f"daemon: pid {daemon.pid}, metrics on http://127.0.0.1:{port}/metrics, log {log_path}\n"
+                )
                 _wait_ready(port, daemon)
                 code = _drive(broker.bootstrap, topics, stream, port)
             finally:
@@ -107,20 +118,27 @@ def run_demo(events: int = 2000, sequences: int = 8) -> int:
     return code or exit_code
 
 
-def _drive(bootstrap: str, topics: dict[str, str],
-           stream: list[tuple[str, dict[str, object], float]], port: int) -> int:
+def _drive(
+    bootstrap: str, topics: dict[str, str], stream: list[tuple[str, dict[str, object], float]], port: int
+) -> int:
     """Produce the stream, print predictions as they come, then the metrics."""
     from daemon.devtools.demo_model import from_output
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    consumer = KafkaConsumer(topics["out"], bootstrap_servers=bootstrap,
-                             auto_offset_reset="earliest", group_id="demo-viewer")
+    consumer = KafkaConsumer(
+        topics["out"], bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id="demo-viewer"
+    )
     actual_next: dict[tuple[int, int], tuple[float, float]] = {}
     futures = []
     start = time.monotonic()
     for i, (room, value, nxt) in enumerate(stream):
-        futures.append((producer.send(topics["in"], key=room.encode(), value=orjson.dumps(value)),
-                        float(np.asarray(value["x"])[0]), nxt))
+        futures.append(
+            (
+                producer.send(topics["in"], key=room.encode(), value=orjson.dumps(value)),
+                float(np.asarray(value["x"])[0]),
+                nxt,
+            )
+        )
         if i % 50 == 49:
             time.sleep(max(0.0, start + (i + 1) / EVENTS_PER_SECOND - time.monotonic()))
     producer.flush()
@@ -128,8 +146,10 @@ def _drive(bootstrap: str, topics: dict[str, str],
         meta = fut.get(timeout=30)  # type: ignore[no-untyped-call]
         actual_next[(meta.partition, meta.offset)] = (x, nxt)
     producer.close()
-    print(f"produced {len(stream)} readings from {len({s[0] for s in stream})} rooms "
-          f"in {time.monotonic() - start:.1f}s\n")
+    print(
+        f"produced {len(stream)} readings from {len({s[0] for s in stream})} rooms "
+        f"in {time.monotonic() - start:.1f}s\n"
+    )
     print(f"{'room':<16}{'n':>4}{'reading °C':>12}{'predicted next':>16}{'actual next':>13}")
     errors: list[float] = []
     naive: list[float] = []
@@ -148,14 +168,17 @@ def _drive(bootstrap: str, topics: dict[str, str],
                     warm.append((abs(predicted - nxt), abs(reading - nxt)))
                 if len(errors) % max(1, len(stream) // 20) == 1 or pred["end"]:
                     tag = "  (end of series: state reset)" if pred["end"] else ""
-                    print(f"{pred['seq']:<16}{pred['n']:>4}{reading:>12.2f}{predicted:>16.2f}"
-                          f"{nxt:>13.2f}{tag}")
+                    print(
+                        f"{pred['seq']:<16}{pred['n']:>4}{reading:>12.2f}{predicted:>16.2f}{nxt:>13.2f}{tag}"
+                    )
     consumer.close()
     print(f"\n{len(errors)} predictions for {len(stream)} readings.")
-    print(f"Mean absolute error of the next-reading forecast: {np.mean(errors):.3f} °C overall "
-          f"(naive 'same as now': {np.mean(naive):.3f} °C); after each series' first {WARM_UP} "
-          f"readings (the state's warm-up): {np.mean([w[0] for w in warm]):.3f} °C "
-          f"(naive {np.mean([w[1] for w in warm]):.3f} °C)")
+    print(
+        f"Mean absolute error of the next-reading forecast: {np.mean(errors):.3f} °C overall "
+        f"(naive 'same as now': {np.mean(naive):.3f} °C); after each series' first {WARM_UP} "
+        f"readings (the state's warm-up): {np.mean([w[0] for w in warm]):.3f} °C "
+        f"(naive {np.mean([w[1] for w in warm]):.3f} °C)"
+    )
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     print(f"\nmetrics excerpt (GET /metrics, {len(text)} bytes):")

@@ -542,9 +542,24 @@ def make_test_pki(directory: Path | str, host: str = HOST, days: int = 2) -> Loc
     d.mkdir(parents=True, exist_ok=True)
     password = secrets.token_hex(16)
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    _openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", str(days),
-             "-subj", "/CN=lstmd test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        *key,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        str(days),
+        "-subj",
+        "/CN=lstmd test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )
     san = f"IP:{host}" if _is_ip(host) else f"DNS:{host}"
     leaves = {
         "server": (f"/CN={host}", f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
@@ -553,17 +568,54 @@ def make_test_pki(directory: Path | str, host: str = HOST, days: int = 2) -> Loc
     for name, (subject, extensions) in leaves.items():
         (d / f"{name}.ext").write_text(
             "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n" + extensions)
-        _openssl("req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", subject, cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", str(days),
-                 "-extfile", f"{name}.ext", cwd=d)
-    _openssl("pkcs12", "-export", "-in", "server.crt", "-inkey", "server.key", "-certfile", "ca.crt",
-             "-name", "kafka", "-out", "server.p12", "-passout", f"pass:{password}", cwd=d)
-    return LocalPki(directory=d, ca_cert=d / "ca.crt", server_keystore=d / "server.p12",
-                    keystore_password=password, client_cert=d / "client.crt",
-                    client_key=d / "client.key")
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n" + extensions
+        )
+        _openssl(
+            "req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=d
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            str(days),
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
+    _openssl(
+        "pkcs12",
+        "-export",
+        "-in",
+        "server.crt",
+        "-inkey",
+        "server.key",
+        "-certfile",
+        "ca.crt",
+        "-name",
+        "kafka",
+        "-out",
+        "server.p12",
+        "-passout",
+        f"pass:{password}",
+        cwd=d,
+    )
+    return LocalPki(
+        directory=d,
+        ca_cert=d / "ca.crt",
+        server_keystore=d / "server.p12",
+        keystore_password=password,
+        client_cert=d / "client.crt",
+        client_key=d / "client.key",
+    )
 
 
 def _is_ip(host: str) -> bool:

@@ -1,0 +1,41 @@
+"""`lstmd bench`: throughput and latency of lstmd's engines, alone and end to end.
+
+A run is a list of sections, each returning rows (plain dicts, see `Row`); the
+report adds each row's throughput ratio to the keras row of the same section,
+model and sequence count (and, end to end, to the pass-through and the peer),
+prints a table or JSON. Sections, each described in its module's docstring:
+
+* `engine` (engine.py): the engines alone, no decoding, no Kafka.
+* `e2e` (e2e.py): events per second through a real Kafka broker (broker.py):
+  a kafka-python pass-through, then lstmd's run loop with each engine.
+* `peer` (peer.py; not in the default run; `--peer`): the same job as a Quix
+  Streams application, daemon/devtools/quix_peer.py.
+* `profile` (profile.py; not in the default run): where the fast run loop's
+  wall time goes per event, by phase.
+
+config.py says what a run is asked to do, runner.py runs it, report.py turns
+its rows into ratios, a table and JSON, and options.py is the command line
+(`lstmd bench`, `python -m daemon.devtools.bench`). This module exposes what
+the command and the tests use.
+
+Speeds are never asserted anywhere: the machine is shared. Compare ratios from
+one run, not absolute figures from different runs.
+"""
+
+from daemon.devtools.bench.config import BenchConfig, Row
+from daemon.devtools.bench.options import add_arguments, cli, config_from_args, main
+from daemon.devtools.bench.report import add_ratios, format_table, summary
+from daemon.devtools.bench.runner import run
+
+__all__ = [
+    "BenchConfig",
+    "Row",
+    "add_arguments",
+    "add_ratios",
+    "cli",
+    "config_from_args",
+    "format_table",
+    "main",
+    "run",
+    "summary",
+]

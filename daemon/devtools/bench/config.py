@@ -1,0 +1,82 @@
+"""What a bench run is asked to do: its configuration, the models it may
+measure, the shape of its rows and of a section.
+
+Kept apart from the sections so that each of them, the report and the command
+line depend on this and not on each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+Row = dict[str, Any]
+"""One measured configuration. Keys: section, model, engine (what was measured),
+requested (the engine asked for; differs when the fast engine was refused),
+sequences, events (per round, median), rounds, events_per_s, latency_p50_ms,
+latency_p99_ms (medians over the rounds), note (why the engine was refused, or
+empty); the report adds vs_keras (events_per_s over the keras row's)."""
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmark model: Input(features) -> LSTM(units) -> Dense(1, activation)."""
+
+    name: str
+    features: int
+    units: int
+    activation: str
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "demo": ModelSpec("demo", 1, 32, "sigmoid", "LSTM(32) + Dense(1, sigmoid), 1 feature (the demo's)"),
+    "lstm64x16": ModelSpec("lstm64x16", 16, 64, "linear", "LSTM(64) + Dense(1), 16 features"),
+}
+
+
+# The model of the end-to-end sections (e2e, peer, profile): the demo's shape.
+E2E_MODEL = "demo"
+# The engines a configuration may name.
+ENGINES = ("keras", "fast")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run. A round of one configuration steps whole waves of N events
+    until it has stepped at least `events` events (fast engine; `keras_events`
+    for the keras engine) and spent at least `min_round_s` seconds in `step`
+    (so that a preemption on a shared machine does not make a round): the
+    figure is the throughput, not the count."""
+
+    sections: tuple[str, ...] = ("engine", "e2e")
+    models: tuple[str, ...] = ("demo", "lstm64x16")
+    engines: tuple[str, ...] = ("keras", "fast")
+    sequences: tuple[int, ...] = (1, 64, 1000)
+    rounds: int = 5
+    events: int = 10_000
+    keras_events: int = 600
+    min_round_s: float = 0.25
+    seed: int = 0
+    # End to end (sections e2e, peer, profile): the demo model's shape, through Kafka.
+    e2e_events: int = 20_000  # produced once; passthrough, fast and the peer read them all
+    e2e_keras_events: int = 2_000  # keras stops after (at least) these
+    e2e_sequences: int = 1000
+    e2e_partitions: int = 4
+    e2e_rounds: int = 3
+    e2e_timeout_s: float = 180.0  # per contender and round
+    e2e_max_poll_records: int = 500  # LSTMD_KAFKA_MAX_POLL_RECORDS (the daemon's default)
+    bootstrap: str | None = None  # a running broker; None: a LocalKafka for the run
+    peer_python: str | None = None  # an interpreter with quixstreams; None: found or made
+    profile_interval_s: float = 0.001
+
+
+class Section(Protocol):
+    """A part of a run, named on the command line: its rows for a configuration."""
+
+    name: str
+
+    def run(self, config: BenchConfig, log: Log) -> list[Row]: ...

@@ -1,0 +1,156 @@
+"""The command line: `lstmd bench`'s options (the same for
+`python -m daemon.devtools.bench`), the configuration they make, the run and
+its printed report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from daemon.devtools.bench.config import BenchConfig
+from daemon.devtools.bench.report import format_table
+from daemon.devtools.bench.runner import SECTIONS, check, run
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    values = tuple(int(part) for part in parse_list(text))
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`lstmd bench`'s options (also `python -m daemon.devtools.bench`)."""
+    p.add_argument(
+        "--sections",
+        default="engine,e2e",
+        help=f"comma-separated, of {', '.join(SECTIONS)} (default: engine,e2e)",
+    )
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="add the peer section: the same job as a Quix Streams application "
+        "(installs quixstreams into a venv of its own if missing)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="add the profile section: where the fast run loop's time goes per event",
+    )
+    p.add_argument(
+        "--models", default="demo,lstm64x16", help="engine section, comma-separated (default: demo,lstm64x16)"
+    )
+    p.add_argument("--engines", default="keras,fast", help="comma-separated (default: keras,fast)")
+    p.add_argument(
+        "--sequences",
+        default="1,64,1000",
+        help="engine section: interleaved sequence counts, comma-separated (default: 1,64,1000)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=5, help="engine section: rounds per configuration (default: 5)"
+    )
+    p.add_argument(
+        "--events",
+        type=int,
+        default=10_000,
+        help="engine section: events per round and configuration, fast engine (default: 10000)",
+    )
+    p.add_argument(
+        "--keras-events",
+        type=int,
+        default=600,
+        help="engine section: events per round and configuration, keras engine (default: 600)",
+    )
+    p.add_argument(
+        "--min-round-seconds",
+        type=float,
+        default=0.25,
+        help="engine section: least time stepped per round and configuration (default: 0.25)",
+    )
+    p.add_argument(
+        "--e2e-events",
+        type=int,
+        default=20_000,
+        help="end to end: events produced, read by pass-through, fast and the peer (default: 20000)",
+    )
+    p.add_argument(
+        "--e2e-keras-events",
+        type=int,
+        default=2_000,
+        help="end to end: keras stops after these (default: 2000)",
+    )
+    p.add_argument(
+        "--e2e-sequences", type=int, default=1000, help="end to end: interleaved sequences (default: 1000)"
+    )
+    p.add_argument("--e2e-rounds", type=int, default=3, help="end to end: rounds per contender (default: 3)")
+    p.add_argument(
+        "--e2e-max-poll-records",
+        type=int,
+        default=500,
+        help="end to end: LSTMD_KAFKA_MAX_POLL_RECORDS of lstmd and the pass-through "
+        "(default: 500, the daemon's)",
+    )
+    p.add_argument("--bootstrap", help="end to end: a running broker (default: a local one)")
+    p.add_argument("--peer-python", help="peer: an interpreter that has quixstreams")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """ValueError for a bad value."""
+    sections = parse_list(args.sections)
+    extra = tuple(
+        name
+        for name, wanted in (("peer", args.peer), ("profile", args.profile))
+        if wanted and name not in sections
+    )
+    config = BenchConfig(
+        sections=sections + extra,
+        models=parse_list(args.models),
+        engines=parse_list(args.engines),
+        sequences=parse_ints(args.sequences),
+        rounds=max(1, args.rounds),
+        events=max(1, args.events),
+        keras_events=max(1, args.keras_events),
+        min_round_s=max(0.0, args.min_round_seconds),
+        e2e_events=max(1, args.e2e_events),
+        e2e_keras_events=max(1, args.e2e_keras_events),
+        e2e_sequences=max(1, args.e2e_sequences),
+        e2e_rounds=max(1, args.e2e_rounds),
+        e2e_max_poll_records=max(1, args.e2e_max_poll_records),
+        bootstrap=args.bootstrap or None,
+        peer_python=args.peer_python or None,
+    )
+    check(config)
+    return config
+
+
+def cli(args: argparse.Namespace) -> int:
+    """Run the bench from parsed arguments; 2 for a bad configuration."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"lstmd bench: {exc}", file=sys.stderr)
+        return 2
+    from daemon.ops import logs
+
+    logs.configure("WARNING", "console")  # on stderr: stdout carries the report
+    report = run(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from daemon.devtools import bench  # the package's summary line describes the command
+
+    p = argparse.ArgumentParser(
+        prog="python -m daemon.devtools.bench", description=(bench.__doc__ or "").splitlines()[0]
+    )
+    add_arguments(p)
+    return cli(p.parse_args(argv))

@@ -1,0 +1,54 @@
+"""Running a configuration: the sections by name, the check of what a
+configuration asks for, and the run itself, which stops the run's broker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from daemon.devtools.bench.broker import BROKER
+from daemon.devtools.bench.config import ENGINES, MODELS, BenchConfig, Log, Row, Section
+from daemon.devtools.bench.e2e import E2ESection
+from daemon.devtools.bench.engine import EngineSection
+from daemon.devtools.bench.peer import PeerSection
+from daemon.devtools.bench.profile import ProfileSection
+from daemon.devtools.bench.report import add_ratios, meta, summary
+
+SECTIONS: dict[str, Section] = {
+    "engine": EngineSection(),
+    "e2e": E2ESection(),
+    "peer": PeerSection(),
+    "profile": ProfileSection(),
+}
+
+
+def check(config: BenchConfig) -> None:
+    """ValueError naming what the configuration asks for that does not exist."""
+    for what, asked, known in (
+        ("sections", config.sections, tuple(SECTIONS)),
+        ("models", config.models, tuple(MODELS)),
+        ("engines", config.engines, ENGINES),
+    ):
+        unknown = [a for a in asked if a not in known]
+        if unknown or not asked:
+            raise ValueError(
+                f"unknown or no {what}: {', '.join(unknown) or '(none)'}; known: {', '.join(known)}"
+            )
+    if not config.sequences or min(config.sequences) < 1:
+        raise ValueError("sequence counts must be positive")
+
+
+def run(config: BenchConfig, log: Log | None = None) -> dict[str, Any]:
+    """Run the configured sections; the report: meta, rows (with ratios), summary."""
+    check(config)
+    say: Log = log or (lambda _msg: None)
+    started = time.time()
+    rows: list[Row] = []
+    try:
+        for name in config.sections:
+            rows.extend(SECTIONS[name].run(config, say))
+    finally:
+        BROKER.close()
+    add_ratios(rows)
+    return {"meta": meta(config, time.time() - started), "rows": rows, "summary": summary(rows)}
