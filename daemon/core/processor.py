@@ -17,7 +17,7 @@ import numpy as np
 from daemon.core import codec
 from daemon.core.engine import Engine
 from daemon.core.records import InputRecord, Kind, OutputRecord
-from daemon.core.state import Eviction, SequenceState, StateStore
+from daemon.core.state import EVICTION_CAUSES, Eviction, SequenceState, StateStore
 from daemon.errors import RecordRejected
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -67,6 +67,14 @@ class Processor:
         self.clock = clock
         self._inference = metrics.inference.labels(engine=engine.name)
         self._resets = {c: metrics.resets.labels(cause=c) for c in ("end", "start", "marker")}
+        # Every label value this processor can count starts at 0, so dashboards and
+        # increase() in alerts see the first rejection, duplicate or eviction.
+        for reason in codec.REASONS:
+            metrics.rejected.labels(reason=reason)
+        for cause in ("redelivered", "step"):
+            metrics.duplicates.labels(cause=cause)
+        for cause in EVICTION_CAUSES:
+            metrics.evictions.labels(cause=cause)
 
     def process(self, records: Sequence[InputRecord]) -> list[OutputRecord]:
         """Apply a batch; outputs come in input order, one per record at most.

@@ -30,6 +30,9 @@ _HEADER_LEN = struct.Struct("<I")
 
 _NO_STATES: Mapping[str, SequenceState] = {}
 
+#: Why a state is dropped before its sequence ended (metric label and notice `cause`).
+EVICTION_CAUSES = ("idle", "capacity", "model_changed")
+
 
 class SnapshotError(ValueError):
     """A state record that is not an lstmd snapshot (or of an unknown version)."""

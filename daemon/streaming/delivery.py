@@ -31,12 +31,21 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
     AuthorizationError,
     CommitFailedError,
+    CoordinatorNotAvailableError,
     FencedInstanceIdError,
+    InvalidProducerEpochError,
+    KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
+    NodeNotReadyError,
+    NotCoordinatorError,
+    NotLeaderForPartitionError,
     OutOfOrderSequenceNumberError,
+    ProducerFencedError,
     RebalanceInProgressError,
     RecordListTooLargeError,
+    RequestTimedOutError,
 )
 from kafka.future import Future
 from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
@@ -60,6 +69,8 @@ FLUSH_TIMEOUT_S = 10.0
 
 # Broker refusals of a record itself: after one, a transactional producer is unusable.
 RECORD_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError, OutOfOrderSequenceNumberError)
+# Why a transaction was aborted, as a bounded metric label (the log names the error).
+ABORT_CAUSES = ("timeout", "fenced", "refused", "unavailable", "other")
 # Sources of oversized dead letters kept to recognise them when their batch is redone.
 MAX_OVERSIZED_REMEMBERED = 10_000
 
@@ -94,6 +105,10 @@ class Checkpointer:
         # Sources (partition, offset) of dead letters the topic refused for their size
         # (see `_note_oversized`).
         self._oversized: set[tuple[int, int]] = set()
+        for kind in ("state", "tombstone"):  # every label value starts at 0
+            metrics.state_records.labels(kind=kind)
+        for cause in ABORT_CAUSES:
+            metrics.transaction_aborts.labels(cause=cause)
         self.producer = self._new_producer()
 
     def _new_producer(self) -> KafkaProducer:
@@ -199,9 +214,9 @@ class Checkpointer:
                 )
             self.producer.commit_transaction()
         except KafkaError as exc:
-            cause = type(exc).__name__
+            cause = abort_cause(exc)
             self.metrics.transaction_aborts.labels(cause=cause).inc()
-            log.warning("transaction_aborted", error=str(exc), cause=cause)
+            log.warning("transaction_aborted", error=str(exc), cause=cause, error_class=type(exc).__name__)
             # kafka-python 3.0.12 keeps a refused record's sequence numbers after the
             # abort (the next transaction fails with OutOfOrderSequenceNumber): only a
             # new producer starts clean.
@@ -355,6 +370,28 @@ class Checkpointer:
             self._renew_producer()
             if backoff.wait():
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
+
+
+def abort_cause(exc: KafkaError) -> str:
+    """The ABORT_CAUSES label of an error that aborted a transaction."""
+    if isinstance(exc, RECORD_REFUSALS):
+        return "refused"
+    if isinstance(exc, (ProducerFencedError, InvalidProducerEpochError, CommitFailedError)):
+        return "fenced"  # another producer with our id, or the group moved on
+    if isinstance(exc, (KafkaTimeoutError, RequestTimedOutError)):
+        return "timeout"
+    if isinstance(
+        exc,
+        (
+            KafkaConnectionError,
+            NodeNotReadyError,
+            NotLeaderForPartitionError,
+            CoordinatorNotAvailableError,
+            NotCoordinatorError,
+        ),
+    ):
+        return "unavailable"
+    return "other"
 
 
 def _refused_as_too_large(item: OutputRecord, future: Future) -> bool:

@@ -85,6 +85,8 @@ class RunLoop:
             every_batch=settings.delivery == "exactly-once",
         )
         self._housekeeping_at = 0.0
+        for kind in ("assigned", "revoked", "lost"):  # every label value starts at 0
+            metrics.rebalances.labels(kind=kind)
 
     def run(self) -> None:
         """Serve until `stop` is set; returns after a clean checkpoint and close."""

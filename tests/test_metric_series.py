@@ -1,0 +1,62 @@
+"""Labelled metrics exist from the start: every known label value is a series at 0.
+
+Without it a healthy process exports no `lstmd_records_rejected_total` at all, the
+dashboard shows "no data", and `increase()` in an alert misses the first rejection.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import cast
+
+import pytest
+from kafka import KafkaProducer
+from kafka.errors import (
+    CommitFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerFencedError,
+    UnknownError,
+)
+
+from daemon.core import codec
+from daemon.core.state import EVICTION_CAUSES
+from daemon.ops.health import Health
+from daemon.streaming.delivery import ABORT_CAUSES, Checkpointer, abort_cause
+from daemon.streaming.loop import RunLoop
+from tests.fakes import FakeProducer, make, settings
+
+
+def test_every_known_label_value_starts_at_zero(tmp_path: Path) -> None:
+    proc, metrics = make()
+    s = settings(tmp_path, delivery="exactly-once")
+    Checkpointer(s, lambda: cast(KafkaProducer, FakeProducer()), metrics, threading.Event())
+    RunLoop(s, proc, metrics, Health(60), threading.Event())
+    text = metrics.exposition().decode()
+    expected = (
+        [f'lstmd_records_rejected_total{{reason="{r}"}} 0.0' for r in codec.REASONS]
+        + [f'lstmd_evictions_total{{cause="{c}"}} 0.0' for c in EVICTION_CAUSES]
+        + [f'lstmd_duplicates_skipped_total{{cause="{c}"}} 0.0' for c in ("redelivered", "step")]
+        + [f'lstmd_transaction_aborts_total{{cause="{c}"}} 0.0' for c in ABORT_CAUSES]
+        + [f'lstmd_state_records_written_total{{kind="{k}"}} 0.0' for k in ("state", "tombstone")]
+        + [f'lstmd_rebalances_total{{kind="{k}"}} 0.0' for k in ("assigned", "revoked", "lost")]
+    )
+    assert [line for line in expected if line not in text.splitlines()] == []
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (KafkaTimeoutError(), "timeout"),
+        (ProducerFencedError(), "fenced"),
+        (CommitFailedError(), "fenced"),
+        (MessageSizeTooLargeError(), "refused"),
+        (KafkaConnectionError(), "unavailable"),
+        (UnknownError(), "other"),
+    ],
+)
+def test_an_abort_is_counted_under_a_bounded_cause(error: KafkaError, cause: str) -> None:
+    assert abort_cause(error) == cause
