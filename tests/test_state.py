@@ -77,3 +77,42 @@ def test_idle_eviction() -> None:
     evicted = store.evict_idle(50.0, now=200.0)
     assert [(e.key, e.cause, e.n) for e in evicted] == [("a", "idle", 3)]
     assert store.watermark(0, "a") == s.watermark
+
+
+def test_a_version_1_record_is_still_read() -> None:
+    # Written by the previous daemon: no "v", no "used".
+    header = b'{"model":"m@1","wm":5,"first":2,"n":3,"step":4,"reset":false,"shapes":[[2]]}'
+    body = np.array([1.5, -2.0], dtype="<f4").tobytes()
+    raw = b"LSTMD1" + len(header).to_bytes(4, "little") + header + body
+    state, model = SequenceState.restore(raw, restored_at=12.5)
+    assert (model, state.n, state.watermark, state.first_offset, state.last_step) == ("m@1", 3, 5, 2, 4)
+    assert state.tensors is not None and state.tensors[0].tolist() == [1.5, -2.0]
+    assert state.last_seen == 12.5
+
+
+def test_the_last_use_survives_a_snapshot() -> None:
+    import time
+
+    state = SequenceState(n=1, tensors=[np.zeros(2, np.float32)], last_seen=time.monotonic() - 100)
+    back, _ = SequenceState.restore(state.snapshot("m"))
+    assert 99 < time.monotonic() - back.last_seen < 101
+
+
+def test_an_evicted_sequence_keeps_its_last_step() -> None:
+    from tests.fakes import make, outputs, recs
+
+    proc, _ = make(max_sequences=1)
+    got = outputs(proc, recs([("a", {"x": [1], "step": 5})]))
+    got += outputs(proc, recs([("b", {"x": [1]})], start=1))  # evicts "a"
+    # a's step 5 arriving again (a producer's retry) is a duplicate, not the first
+    # step of a new sequence.
+    got += outputs(proc, recs([("a", {"x": [1], "step": 5})], start=2))
+    assert [(o.get("seq"), o.get("n"), o.get("evicted")) for o in got] == [
+        ("a", 1, None),
+        ("b", 1, None),
+        ("a", 1, True),
+    ]
+    # Its reset record carries the step, and it is not tombstoned after the commit.
+    changes = {key: SequenceState.restore(v)[0] for _, key, v in proc.store.take_changes("m@0") if v}
+    assert changes["a"].n == 0 and changes["a"].last_step == 5
+    assert proc.store.committed(0, 10) == []

@@ -4,6 +4,8 @@ what it carries, and the partition lifecycle the probes read."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import orjson
 
@@ -45,15 +47,34 @@ def test_capacity_eviction_is_announced_in_the_batch() -> None:
 
 
 def test_after_a_restore_the_oldest_watermark_is_evicted_first() -> None:
+    # Version-1 records carry no last use: all count as used when the restore began.
     proc, _ = make(model_id="new@1", max_sequences=2)
     one = np.array([1.0], np.float32)
     restored = {
-        key: (SequenceState(tensors=[one], n=1, watermark=wm), "new@1")
+        key: (SequenceState(tensors=[one], n=1, watermark=wm, last_seen=100.0), "new@1")
         for key, wm in (("late", 9), ("early", 3))
     }
     adopt(proc.store, proc.model_id, 0, restored)
     out = proc.process(recs([("new", {"x": [1]})], start=10))
     assert [o.key for o in out if o.notice] == [b"early"]
+
+
+def test_after_a_restore_the_least_recently_used_is_evicted_first() -> None:
+    proc, _ = make(model_id="new@1", max_sequences=2)
+    one = np.array([1.0], np.float32)
+    now = time.monotonic()
+    stale = SequenceState(tensors=[one], n=1, watermark=9, last_seen=now - 3600)
+    fresh = SequenceState(tensors=[one], n=1, watermark=3, last_seen=now - 1)
+    restored = {
+        key: SequenceState.restore(state.snapshot("new@1"))
+        for key, state in (("stale", stale), ("fresh", fresh))
+    }
+    adopt(proc.store, proc.model_id, 0, restored)
+    out = proc.process(recs([("new", {"x": [1]})], start=10))
+    assert [o.key for o in out if o.notice] == [b"stale"]
+    # The idle clock survives the restore too: an hour idle is evicted at once.
+    assert [e.key for e in proc.store.evict_idle(600)] == []  # "stale" is gone already
+    assert [e.key for e in proc.store.evict_idle(0.9)] == ["fresh"]
 
 
 def test_offsets_of_a_deferred_commit_are_kept_for_the_next() -> None:

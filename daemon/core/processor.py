@@ -109,6 +109,10 @@ class Processor:
             if event.step is not None and state.last_step is not None:
                 if event.step <= state.last_step:
                     self.metrics.duplicates.labels(cause="step").inc()
+                    if id(state) not in touched:
+                        # A retry of an evicted sequence's step: it must not revive
+                        # an empty state (which could evict a live one).
+                        self.store.forget_if_empty(rec.partition, event.key)
                     continue
                 if event.step > state.last_step + 1:
                     self.metrics.step_gaps.inc()

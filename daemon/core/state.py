@@ -25,6 +25,9 @@ NO_OFFSET = -1
 # endian) back to back. The magic carries a version so a future layout can be read
 # next to this one.
 SNAPSHOT_MAGIC = b"LSTMD1"
+# Header versions: 1 (no "v"), 2 adds "used". Readers ignore keys they do not know, so a
+# daemon of either version reads the other's records.
+SNAPSHOT_VERSION = 2
 _HEADER_LEN = struct.Struct("<I")
 
 
@@ -75,14 +78,23 @@ class SequenceState:
                 "step": self.last_step,
                 "reset": tensors is None,
                 "shapes": [list(t.shape) for t in tensors] if tensors is not None else [],
+                # Version 2: when the sequence was last used (wall clock), so its idle
+                # clock and its place in the eviction order survive a restore.
+                "v": SNAPSHOT_VERSION,
+                "used": round(time.time() - (time.monotonic() - self.last_seen), 3),
             }
         )
         body = b"".join(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in tensors or ())
         return SNAPSHOT_MAGIC + _HEADER_LEN.pack(len(header)) + header + body
 
     @classmethod
-    def restore(cls, raw: bytes) -> tuple[SequenceState, str]:
-        """Inverse of `snapshot`: the state and the identity of the model it belongs to."""
+    def restore(cls, raw: bytes, restored_at: float | None = None) -> tuple[SequenceState, str]:
+        """Inverse of `snapshot`: the state and the identity of the model it belongs to.
+
+        A version-1 record does not say when it was last used: it counts as used at
+        `restored_at` (a monotonic time, by default now); give every record of one
+        restore the same, so the watermark orders them.
+        """
         if not raw.startswith(SNAPSHOT_MAGIC):
             raise SnapshotError("not an lstmd state snapshot (bad magic)")
         at = len(SNAPSHOT_MAGIC)
@@ -106,6 +118,11 @@ class SequenceState:
                 first_offset=int(header["first"]),
                 last_step=header["step"],
             )
+            used = header.get("used")  # absent in version 1
+            if used is not None:
+                state.last_seen = time.monotonic() - max(0.0, time.time() - float(used))
+            elif restored_at is not None:
+                state.last_seen = restored_at
             return state, str(header["model"])
         except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"corrupt state snapshot: {exc}") from None
@@ -135,7 +152,10 @@ class StateStore:
     def __init__(self, max_sequences: int = 0) -> None:
         self.max_sequences = max_sequences  # 0: unbounded
         self._states: dict[int, OrderedDict[str, SequenceState]] = {}
-        self._ended: dict[int, dict[str, int]] = {}  # key -> watermark of its reset
+        # Sequences that hold no state: key -> (watermark, last step) of its reset. An
+        # ended sequence's last step is None; an evicted one keeps it, so a retried
+        # step after the eviction is still recognised.
+        self._ended: dict[int, dict[str, tuple[int, int | None]]] = {}
         self._high: dict[int, int] = {}
         self._dirty: dict[int, set[str]] = {}
         self._count = 0
@@ -148,7 +168,7 @@ class StateStore:
             state = states[key] = SequenceState()
             ended = self._ended.get(partition, {}).pop(key, None)
             if ended is not None:
-                state.watermark = ended
+                state.watermark, state.last_step = ended
             self._count += 1
         else:
             states.move_to_end(key)
@@ -160,7 +180,8 @@ class StateStore:
         state = self._live(partition).get(key)
         if state is not None:
             return state.watermark
-        return self._ended.get(partition, {}).get(key, NO_OFFSET)
+        ended = self._ended.get(partition, {}).get(key)
+        return NO_OFFSET if ended is None else ended[0]
 
     def high_watermark(self, partition: int) -> int:
         return self._high.get(partition, NO_OFFSET)
@@ -182,8 +203,18 @@ class StateStore:
         state = self._states[partition].pop(key, None) if partition in self._states else None
         if state is not None:
             self._count -= 1
-            self._ended.setdefault(partition, {})[key] = state.watermark
+            self._ended.setdefault(partition, {})[key] = (state.watermark, state.last_step)
             self.touched(partition, key)
+
+    def forget_if_empty(self, partition: int, key: str) -> None:
+        """Undo a `get` that changed nothing: an empty state goes back to its watermark
+        and last step, without a record to write."""
+        states = self._states.get(partition)
+        state = states.get(key) if states else None
+        if states is not None and state is not None and state.n == 0 and state.tensors is None:
+            del states[key]
+            self._count -= 1
+            self._ended.setdefault(partition, {})[key] = (state.watermark, state.last_step)
 
     def has_changes(self) -> bool:
         return any(self._dirty.values())
@@ -198,7 +229,8 @@ class StateStore:
             for key in keys:
                 state = states.get(key)
                 if state is None:
-                    state = SequenceState(watermark=ended.get(key, NO_OFFSET))
+                    watermark, last_step = ended.get(key, (NO_OFFSET, None))
+                    state = SequenceState(watermark=watermark, last_step=last_step)
                 out.append((partition, key, state.snapshot(model_id)))
         self._dirty.clear()
         return out
@@ -206,11 +238,12 @@ class StateStore:
     def committed(self, partition: int, offset: int) -> list[str]:
         """Offsets below `offset` are committed: ended sequences at or below it no
         longer need their watermark. Returns the keys whose records may now be
-        tombstoned."""
+        tombstoned. An evicted sequence keeps its reset record: it holds the last
+        step, and a retried step may come after the commit."""
         ended = self._ended.get(partition)
         if not ended:
             return []
-        done = [k for k, wm in ended.items() if wm < offset]
+        done = [k for k, (wm, step) in ended.items() if wm < offset and step is None]
         for key in done:
             del ended[key]
         return done
@@ -248,13 +281,12 @@ class StateStore:
         if state.tensors is None and state.n == 0:
             if states.pop(key, None) is not None:
                 self._count -= 1
-            self._ended.setdefault(partition, {})[key] = state.watermark
+            self._ended.setdefault(partition, {})[key] = (state.watermark, state.last_step)
             return
         self._ended.get(partition, {}).pop(key, None)
         if key not in states:
             self._count += 1
-        states[key] = state
-        state.last_seen = time.monotonic()
+        states[key] = state  # its last_seen is the snapshot's last use
 
     def drop_partition(self, partition: int) -> int:
         """Forget a partition this process no longer owns; returns how many states went."""

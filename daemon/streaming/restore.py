@@ -32,6 +32,7 @@ RESTORE_SLICE_S = 0.5
 class _Restoring:
     end: int | None  # None: the state partition's end is not known yet (no leader)
     started: float
+    began: float = field(default_factory=time.monotonic)  # version-1 records' last use
     states: dict[str, tuple[SequenceState, str]] = field(default_factory=dict)
 
 
@@ -116,7 +117,7 @@ class Restorer:
                         target.states.pop(key, None)
                         continue
                     try:
-                        target.states[key] = SequenceState.restore(rec.value)
+                        target.states[key] = SequenceState.restore(rec.value, target.began)
                     except SnapshotError as exc:
                         # An older record of the key would be a wrong state, not a
                         # fallback: the sequence starts over.
@@ -154,11 +155,13 @@ def adopt(
 
     A state saved under another model is never applied to this one: it is
     dropped (its watermark kept) and announced, and the sequence starts over.
-    Oldest watermark first: the order the keys were last used in, so the least
-    recently used state is evicted first after a restore too.
+    Installed in the order the keys were last used in (the snapshot's last use,
+    then the watermark), so the least recently used state is evicted first after
+    a restore too.
     """
     evicted = []
-    for key, (state, saved_by) in sorted(states.items(), key=lambda kv: kv[1][0].watermark):
+    order = sorted(states.items(), key=lambda kv: (kv[1][0].last_seen, kv[1][0].watermark))
+    for key, (state, saved_by) in order:
         if saved_by != model_id and state.n:
             evicted.append(Eviction(partition, key, "model_changed", state.n, state.watermark))
             state = SequenceState(watermark=state.watermark)
