@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     checkpoint_interval_ms: int = Field(
         default=1000, ge=0, description="at-least-once; exactly-once checkpoints every poll batch"
     )
+    # Well inside Kubernetes' default 30 s grace period (the manifests give 90 s): the
+    # final checkpoint's retries, a rebalance to finish, then closing the clients.
+    shutdown_timeout_s: float = Field(
+        default=20.0, gt=0, le=600, description="SIGTERM to exit, at most; the final checkpoint's budget"
+    )
     tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
 
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"

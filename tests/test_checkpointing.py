@@ -4,6 +4,7 @@ the same paths run against the real broker in tests/test_faults.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -26,7 +27,7 @@ from daemon.core.records import StateRecord
 from daemon.core.state import SequenceState
 from daemon.errors import KafkaSetupError
 from daemon.ops.metrics import Metrics
-from daemon.streaming.delivery import TransactionFailed
+from daemon.streaming.delivery import Checkpointer, DeliveryFailed, TransactionFailed
 from daemon.streaming.policy import Checkpoint
 from daemon.streaming.restore import Restorer
 from tests.fakes import (
@@ -149,3 +150,34 @@ def test_read_on_the_state_topic_revoked_ends_the_daemon_naming_it(tmp_path: Pat
     restorer.begin([0])
     with pytest.raises(KafkaSetupError, match=r"g\.state.*LSTMD_STATE_TOPIC"):
         restorer.step()
+
+
+def test_an_expelled_member_commits_no_transaction_without_offsets(tmp_path: Path) -> None:
+    # A tombstone alone (no new offsets) must not land over the next owner's state.
+    producer = FakeProducer()
+    cp = checkpointer(settings(tmp_path, delivery="exactly-once"), lambda: producer)
+    with pytest.raises(TransactionFailed):
+        cp.commit(FakeConsumer(generation=-1), Checkpoint(states=[StateRecord(0, "a", None)]))  # type: ignore[arg-type]
+    assert "commit_transaction" not in producer.calls
+    assert producer.calls[-1] == "abort_transaction"
+
+
+def test_a_retry_at_sigterm_goes_on_until_the_shutdown_deadline(tmp_path: Path) -> None:
+    class Down(FakeProducer):
+        def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any) -> Future:
+            return Future().failure(KafkaTimeoutError("broker down"))
+
+    stop, abandon = threading.Event(), threading.Event()
+    made: list[Down] = []
+
+    def make() -> Down:
+        made.append(Down())
+        return made[-1]
+
+    cp = Checkpointer(settings(tmp_path), cast(Any, make), Metrics(), stop, abandon=abandon)
+    stop.set()  # SIGTERM: the checkpoint in hand still retries...
+    threading.Timer(1.5, abandon.set).start()  # ...until the deadline
+    started = time.monotonic()
+    with pytest.raises(DeliveryFailed):
+        cp.commit(FakeConsumer(), Checkpoint(outputs=[output()], offsets={TP: 5}))  # type: ignore[arg-type]
+    assert 1.4 < time.monotonic() - started < 5 and len(made) >= 3  # retried, with new producers

@@ -224,6 +224,10 @@ def test_statefulset_probes_identity_threads_and_lockdown(overlay: str) -> None:
 
     # A flush (FLUSH_TIMEOUT_S) and the producer's close (as long) fit in the grace period.
     assert pod["terminationGracePeriodSeconds"] >= 2 * flush_timeout_s() + 15
+    # SIGTERM to exit is bounded by LSTMD_SHUTDOWN_TIMEOUT_S (default unless the manifest sets it).
+    shutdown = env.get("LSTMD_SHUTDOWN_TIMEOUT_S", {}).get("value")
+    shutdown_s = float(shutdown or Settings.model_fields["shutdown_timeout_s"].default)
+    assert pod["terminationGracePeriodSeconds"] >= shutdown_s + 15
 
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

@@ -153,9 +153,14 @@ def test_readiness_follows_the_partition_lifecycle() -> None:
     parts = Partitions()
     health.watch(parts)
     assert health.ready() == (False, "no partitions assigned (starting)")
-    parts.restore([0, 1])
-    assert parts.phase(0) is Phase.RESTORING
+    parts.assign([0, 1])
+    assert parts.phase(0) is Phase.ASSIGNED and not parts.serving(0)
     assert health.ready() == (False, "restoring partitions [0, 1]")
+    parts.restore(0)
+    assert parts.phase(0) is Phase.RESTORING and parts.in_phase(Phase.ASSIGNED) == [1]
+    parts.restored(1)  # not restoring yet: no change
+    assert parts.phase(1) is Phase.ASSIGNED
+    parts.restore(1)
     parts.restored(0)
     parts.restored(1)
     assert parts.phase(1) is Phase.ACTIVE and health.ready() == (True, "ok")

@@ -150,3 +150,13 @@ class AuthFailureWatch(logging.Filter):
     def __exit__(self, *_exc: object) -> None:
         for name in self.LOGGERS:
             logging.getLogger(name).removeFilter(self)
+
+
+def fenced_instance(settings: Settings) -> KafkaSetupError:
+    """Another member joined with this static instance id: permanent until one of the
+    two is reconfigured, so the daemon stops (exit 2) instead of crash-looping."""
+    return KafkaSetupError(
+        f"another consumer uses group instance id {settings.group_instance_id!r} "
+        f"(LSTMD_GROUP_INSTANCE_ID) in group {settings.group_id!r}: each pod "
+        "needs its own (the StatefulSet uses the pod name)"
+    )

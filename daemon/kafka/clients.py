@@ -7,6 +7,7 @@ security settings; the constants say why each non-default value was chosen.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from kafka.errors import (
     KafkaTimeoutError,
     SaslAuthenticationFailedError,
 )
+from kafka.producer.transaction_manager import TransactionManager
 
 from daemon import __version__
 from daemon.config import Settings
@@ -170,3 +172,59 @@ def close_producer(producer: KafkaProducer, timeout: float) -> None:
             sender.force_close()
             sender.join(5.0)
         producer._closed = True  # type: ignore[attr-defined]
+
+
+# kafka-python 3.0.12's send_offsets_to_transaction, commit_transaction and
+# abort_transaction wait for the coordinator without a bound: during a broker outage
+# the daemon would ignore SIGTERM until Kubernetes kills it. These make the same
+# requests and wait in slices, giving up (KafkaTimeoutError) after this long or when
+# `abandon` is set. A transaction given up on is fenced by the next producer with
+# the same transactional id (the daemon builds one), so nothing is half-committed.
+TRANSACTION_CALL_TIMEOUT_S = 30.0
+
+
+def send_offsets_to_transaction(
+    producer: KafkaProducer,
+    offsets: dict[Any, Any],
+    group: Any,
+    abandon: threading.Event,
+    beat: Callable[[], None],
+) -> None:
+    manager = _transaction_manager(producer)
+    if manager is None:  # not kafka-python 3.0's producer: its own (unbounded) call
+        producer.send_offsets_to_transaction(offsets, group)
+        return
+    _await(producer, manager.send_offsets_to_transaction(offsets, group), "offsets", abandon, beat)
+
+
+def commit_transaction(producer: KafkaProducer, abandon: threading.Event, beat: Callable[[], None]) -> None:
+    manager = _transaction_manager(producer)
+    if manager is None:
+        producer.commit_transaction()
+        return
+    _await(producer, manager.begin_commit(), "commit", abandon, beat)
+
+
+def abort_transaction(producer: KafkaProducer, abandon: threading.Event, beat: Callable[[], None]) -> None:
+    manager = _transaction_manager(producer)
+    if manager is None:
+        producer.abort_transaction()
+        return
+    _await(producer, manager.begin_abort(), "abort", abandon, beat)
+
+
+def _transaction_manager(producer: KafkaProducer) -> Any:
+    """kafka-python 3.0's (untyped, private) transaction manager, or None."""
+    manager = getattr(producer, "_transaction_manager", None)
+    return manager if isinstance(manager, TransactionManager) else None
+
+
+def _await(
+    producer: KafkaProducer, result: Any, what: str, abandon: threading.Event, beat: Callable[[], None]
+) -> None:
+    producer._sender.wakeup()  # type: ignore[attr-defined]  # as the public calls do
+    deadline = time.monotonic() + TRANSACTION_CALL_TIMEOUT_S
+    while not result.wait(timeout_ms=500):  # raises the request's error, if any
+        beat()
+        if abandon.is_set() or time.monotonic() > deadline:
+            raise KafkaTimeoutError(f"transaction {what} not answered by the coordinator")

@@ -53,8 +53,13 @@ from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 from daemon.config import Settings
 from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.errors import KafkaSetupError
-from daemon.kafka.acl import authorization_failure
-from daemon.kafka.clients import close_producer
+from daemon.kafka.acl import authorization_failure, fenced_instance
+from daemon.kafka.clients import (
+    abort_transaction,
+    close_producer,
+    commit_transaction,
+    send_offsets_to_transaction,
+)
 from daemon.kafka.retry import Backoff
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -96,11 +101,20 @@ class Checkpointer:
         make_producer: Callable[[], KafkaProducer],
         metrics: Metrics,
         stop: threading.Event,
+        *,
+        abandon: threading.Event | None = None,
+        beat: Callable[[], None] = lambda: None,
     ) -> None:
+        """`stop` ends the wait for a first producer (SIGTERM at start-up: nothing is in
+        hand). `abandon` ends every later retry: the shutdown deadline, so a checkpoint
+        in progress at SIGTERM keeps trying until then. `beat` is called while waiting
+        on Kafka (the liveness probe)."""
         self.settings = settings
         self.make_producer = make_producer
         self.metrics = metrics
         self.stop = stop
+        self.abandon = abandon if abandon is not None else stop
+        self.beat = beat
         self.transactional = settings.delivery == "exactly-once"
         # Sources (partition, offset) of dead letters the topic refused for their size
         # (see `_note_oversized`).
@@ -109,16 +123,16 @@ class Checkpointer:
             metrics.state_records.labels(kind=kind)
         for cause in ABORT_CAUSES:
             metrics.transaction_aborts.labels(cause=cause)
-        self.producer = self._new_producer()
+        self.producer = self._new_producer(self.stop)
 
-    def _new_producer(self) -> KafkaProducer:
+    def _new_producer(self, stop: threading.Event) -> KafkaProducer:
         """A producer ready to send, waiting out a cluster that does not answer yet.
 
         Building one bootstraps (and, transactional, finds the transaction
         coordinator and fences this id's previous producer): during a broker
         outage both time out, which is a reason to wait, not to exit.
         """
-        backoff = Backoff(self.stop)
+        backoff = Backoff(stop, beat=self.beat)
         while True:
             producer: KafkaProducer | None = None
             try:
@@ -141,7 +155,7 @@ class Checkpointer:
         gone), and a transactional producer whose transaction the coordinator timed
         out is fenced for good: drop it (what it still holds fails) and start anew."""
         close_producer(self.producer, 0)
-        self.producer = self._new_producer()
+        self.producer = self._new_producer(self.abandon)
 
     def close(self, timeout: float) -> None:
         close_producer(self.producer, timeout)
@@ -164,7 +178,7 @@ class Checkpointer:
         """Commit, riding out a coordinator that is moving or a broker that is down."""
         if not offsets:
             return True
-        backoff = Backoff(self.stop)
+        backoff = Backoff(self.abandon, beat=self.beat)
         while True:
             try:
                 consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
@@ -179,11 +193,7 @@ class Checkpointer:
                 log.warning("commit_deferred", error=str(exc), cause=type(exc).__name__)
                 return False
             except FencedInstanceIdError:
-                raise KafkaSetupError(
-                    f"another consumer uses group instance id {self.settings.group_instance_id!r} "
-                    f"(LSTMD_GROUP_INSTANCE_ID) in group {self.settings.group_id!r}: each pod "
-                    "needs its own (the StatefulSet uses the pod name)"
-                ) from None
+                raise fenced_instance(self.settings) from None
             except AuthorizationError as exc:
                 # An ACL missing on the group (or the input topic): permanent, stop.
                 raise self._not_authorized(exc) from None
@@ -203,16 +213,24 @@ class Checkpointer:
             if failed is not None:
                 topic = self._topic(failed[0])
                 raise failed[1].exception or KafkaError("a record was not acknowledged")
+            # Every transaction is fenced, offsets or not (a tombstone or a notice
+            # alone could otherwise land over the partitions' next owner): an expelled
+            # member commits nothing, and the offsets (the policy sends those of every
+            # owned partition) make the broker check the group generation (KIP-447).
+            group = consumer.group_metadata()  # type: ignore[no-untyped-call]
+            if _expelled(group):
+                # The broker would accept offsets without a generation unchecked,
+                # for partitions that another member may own now.
+                raise CommitFailedError("not a member of the group any more")
             if cp.offsets:
-                group = consumer.group_metadata()  # type: ignore[no-untyped-call]
-                if _expelled(group):
-                    # The broker would accept offsets without a generation unchecked,
-                    # for partitions that another member may own now.
-                    raise CommitFailedError("not a member of the group any more")
-                self.producer.send_offsets_to_transaction(
-                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()}, group
+                send_offsets_to_transaction(
+                    self.producer,
+                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()},
+                    group,
+                    self.abandon,
+                    self.beat,
                 )
-            self.producer.commit_transaction()
+            commit_transaction(self.producer, self.abandon, self.beat)
         except KafkaError as exc:
             cause = abort_cause(exc)
             self.metrics.transaction_aborts.labels(cause=cause).inc()
@@ -222,7 +240,7 @@ class Checkpointer:
             # new producer starts clean.
             unusable = isinstance(exc, RECORD_REFUSALS)
             try:
-                self.producer.abort_transaction()
+                abort_transaction(self.producer, self.abandon, self.beat)
             except KafkaError as abort_exc:
                 # Fatal for this producer (e.g. its epoch was bumped because the
                 # transaction outlived its timeout): the broker aborts the
@@ -333,7 +351,7 @@ class Checkpointer:
         member of the group: without transactions that is the only fence there is.
         """
         pending_out, pending_states = list(outputs), list(states)
-        backoff = Backoff(self.stop)
+        backoff = Backoff(self.abandon, beat=self.beat)
         while pending_out or pending_states:
             if pending_states and not owner():
                 log.warning(

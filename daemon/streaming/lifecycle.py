@@ -1,5 +1,9 @@
 """The partition lifecycle: assigned -> restoring -> active -> released.
 
+Assigned: its committed input position is read first, and only once it is stable
+(a read_committed consumer waits out a transaction still pending on it) does the
+restore read the state partition, so no committed transaction's states are missed.
+
 One record of every owned input partition's phase and of how far it was read,
 kept by the run loop and read by the probes (`/readyz` is 503 while any
 partition restores). A partition's records are processed only when it is
@@ -16,6 +20,7 @@ from collections.abc import Iterable
 
 
 class Phase(enum.Enum):
+    ASSIGNED = "assigned"  # waiting for its committed position to be stable
     RESTORING = "restoring"  # its states are being read back from the state topic
     ACTIVE = "active"  # its inputs are processed
 
@@ -27,12 +32,17 @@ class Partitions:
         self._view: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
 
     # -- transitions ----------------------------------------------------------------
-    def restore(self, partitions: Iterable[int]) -> None:
-        """Assigned (or rewound after an abort): restore before processing."""
+    def assign(self, partitions: Iterable[int]) -> None:
+        """Assigned (or rewound after an abort): its position, then a restore, first."""
         for p in partitions:
-            self._phase[p] = Phase.RESTORING
+            self._phase[p] = Phase.ASSIGNED
             self._position.pop(p, None)
         self._publish()
+
+    def restore(self, partition: int) -> None:
+        if self._phase.get(partition) is Phase.ASSIGNED:
+            self._phase[partition] = Phase.RESTORING
+            self._publish()
 
     def restored(self, partition: int) -> None:
         if self._phase.get(partition) is Phase.RESTORING:
@@ -53,6 +63,13 @@ class Partitions:
     def phase(self, partition: int) -> Phase | None:
         return self._phase.get(partition)
 
+    def serving(self, partition: int) -> bool:
+        """Its records may be processed (owned and restored)."""
+        return self._phase.get(partition) is Phase.ACTIVE
+
+    def in_phase(self, phase: Phase) -> list[int]:
+        return sorted(p for p, ph in self._phase.items() if ph is phase)
+
     def position(self, partition: int) -> int | None:
         return self._position.get(partition)
 
@@ -60,10 +77,11 @@ class Partitions:
         return self._view[0]
 
     def restoring(self) -> frozenset[int]:
+        """Owned but not serving yet (assigned or restoring)."""
         return self._view[1]
 
     def _publish(self) -> None:
         self._view = (
             frozenset(self._phase),
-            frozenset(p for p, phase in self._phase.items() if phase is Phase.RESTORING),
+            frozenset(p for p, phase in self._phase.items() if phase is not Phase.ACTIVE),
         )

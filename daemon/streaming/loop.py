@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import AuthorizationError, KafkaError
+from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
-from daemon.kafka.acl import authorization_failure
+from daemon.kafka.acl import authorization_failure, fenced_instance
 from daemon.kafka.clients import make_consumer, make_producer, make_restore_consumer, wait_for_cluster
 from daemon.kafka.listener import RebalanceEvents
 from daemon.kafka.topics import ensure_topics
@@ -45,6 +45,11 @@ log = get_logger(__name__)
 POLL_TIMEOUT_MS = 200
 # Lag and idle eviction are housekeeping: at most once a second.
 HOUSEKEEPING_INTERVAL_S = 1.0
+# One wait for a newly assigned partition's committed position (asked again at the
+# next poll while it is not stable or Kafka does not answer).
+POSITION_TIMEOUT_MS = 200
+# Of the shutdown budget, what closing the clients may take at the end.
+CLOSE_RESERVE_S = 3.0
 
 
 @dataclass
@@ -78,6 +83,10 @@ class RunLoop:
         self.on_batch = on_batch
         self.partitions = Partitions()
         health.watch(self.partitions)
+        # Set when the shutdown deadline passes: every retry in hand gives up then.
+        self.abandon = threading.Event()
+        self._deadline: float | None = None
+        self._rewind: set[int] = set()  # partitions to seek back to their committed offset
         self.policy = CheckpointPolicy(
             self.store,
             processor.model_id,
@@ -90,6 +99,7 @@ class RunLoop:
 
     def run(self) -> None:
         """Serve until `stop` is set; returns after a clean checkpoint and close."""
+        threading.Thread(target=self._watch_shutdown, name="lstmd-shutdown-deadline", daemon=True).start()
         clients = self._connect()
         if clients is None:
             return
@@ -97,8 +107,7 @@ class RunLoop:
             while not self.stop.is_set():
                 polled = self._poll(clients.consumer)
                 self._apply_rebalance(clients)
-                if clients.restorer.active:
-                    self._restore(clients.restorer)
+                self._restore(clients)
                 batch = self._accept(clients.consumer, polled)
                 self._checkpoint(clients, self._process(batch))
                 if batch and self.on_batch is not None:
@@ -108,13 +117,57 @@ class RunLoop:
                     # Idle evictions: durable before any later input of those keys is
                     # answered, so a restart cannot revive a state already announced gone.
                     self._flush(clients)
-            log.info("stopping", reason="signal")
-            self._flush(clients)
+            self._shut_down(clients)
+        except DeliveryFailed as exc:
+            # The shutdown deadline passed with work in hand. Nothing is lost: no
+            # offset was committed past an output or state not yet durable.
+            log.warning(
+                "shutdown_incomplete",
+                reason=str(exc),
+                repeated_by_next_owner={
+                    str(p): {"committed": c, "processed_to": o}
+                    for p, (c, o) in self.policy.uncommitted().items()
+                },
+                message="the next owner of these partitions repeats their inputs from the committed offsets",
+            )
         finally:
             clients.consumer.close(autocommit=False)
             clients.restorer.consumer.close()
-            clients.checkpointer.close(timeout=30)
+            clients.checkpointer.close(timeout=self._close_budget())
             log.info("kafka_closed")
+
+    # -- shutdown -------------------------------------------------------------------
+    def _watch_shutdown(self) -> None:
+        """From SIGTERM, LSTMD_SHUTDOWN_TIMEOUT_S until every retry in hand gives up."""
+        self.stop.wait()
+        budget = max(0.0, self.settings.shutdown_timeout_s - CLOSE_RESERVE_S)
+        self._deadline = time.monotonic() + budget
+        if not self.abandon.wait(budget):
+            self.abandon.set()
+
+    def _close_budget(self) -> float:
+        if self._deadline is None:
+            return CLOSE_RESERVE_S
+        return max(1.0, self._deadline + CLOSE_RESERVE_S - time.monotonic())
+
+    def _shut_down(self, clients: _Clients) -> None:
+        """Shutdown is a state of the lifecycle: take no new work (every partition
+        paused), finish what is in hand, and keep driving the consumer until the
+        final checkpoint is committed or the deadline passes. A commit the group
+        deferred (a rebalance under way) is retried after the poll that completes
+        the rebalance; a partition revoked meanwhile is simply released."""
+        log.info("stopping", reason="signal", pending=self.policy.pending())
+        consumer = clients.consumer
+        while True:
+            consumer.pause(*consumer.assignment())
+            self._flush(clients)
+            if not self.policy.pending():
+                log.info("shutdown_checkpointed")
+                return
+            if self.abandon.is_set():
+                raise DeliveryFailed("the final checkpoint was not committed before the shutdown deadline")
+            self._poll(consumer)  # paused: no records, only heartbeats and the rebalance
+            self._apply_rebalance(clients)
 
     # -- start-up -----------------------------------------------------------------
     def _connect(self) -> _Clients | None:
@@ -136,7 +189,12 @@ class RunLoop:
         transactional_id = self._transactional_id()
         try:  # first: it may wait for Kafka, and then nothing else is open yet
             checkpointer = Checkpointer(
-                self.settings, lambda: make_producer(self.settings, transactional_id), self.metrics, self.stop
+                self.settings,
+                lambda: make_producer(self.settings, transactional_id),
+                self.metrics,
+                self.stop,
+                abandon=self.abandon,
+                beat=self.health.beat,
             )
         except DeliveryFailed:  # asked to stop meanwhile
             return None
@@ -177,6 +235,8 @@ class RunLoop:
             polled: dict[TopicPartition, list[Any]] = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
         except AuthorizationError as exc:  # a group or topic ACL: retrying cannot help
             raise authorization_failure(self.settings, exc) from None
+        except FencedInstanceIdError:  # two pods with one LSTMD_GROUP_INSTANCE_ID
+            raise fenced_instance(self.settings) from None
         self.health.beat()
         self.metrics.last_poll.set_to_current_time()
         return polled
@@ -204,6 +264,7 @@ class RunLoop:
         # offsets is all that is left; the next owner recomputes from the last
         # checkpoint. On loss nothing more may be committed anyway.
         restorer.cancel([tp.partition])
+        self._rewind.discard(tp.partition)
         self.partitions.release(tp.partition)
         self.policy.release(tp)
         dropped = self.store.drop_partition(tp.partition)
@@ -212,17 +273,21 @@ class RunLoop:
         log.info("partition_released", kind=kind, partition=tp.partition, states_dropped=dropped)
 
     def _start_restore(self, restorer: Restorer, tps: set[TopicPartition]) -> None:
-        """Records polled from a partition while it restores are handed back (see
+        """Records polled from a partition before it serves are handed back (see
         `_accept`). Not `pause()`: kafka-python 3.0.12 parks data fetched for a
         paused partition and, with other partitions busy, was seen never to
         deliver that partition again after `resume()`."""
         for tp in tps:
             self.store.drop_partition(tp.partition)
-        self.partitions.restore(tp.partition for tp in tps)
-        restorer.begin(tp.partition for tp in tps)
+        self.partitions.assign(tp.partition for tp in tps)
 
-    def _restore(self, restorer: Restorer) -> None:
-        restored = restorer.step()
+    def _restore(self, clients: _Clients) -> None:
+        """Move assigned partitions on: a stable committed position first, then their
+        states from the state topic; a partition restored serves."""
+        self._read_positions(clients)
+        if not clients.restorer.active:
+            return
+        restored = clients.restorer.step()
         for partition, states in restored.items():
             evicted = adopt(self.store, self.processor.model_id, partition, states)
             self.policy.notify(self.processor.announce(evicted))
@@ -239,11 +304,43 @@ class RunLoop:
             records = polled[tp]
             if not records:
                 continue
-            if self.partitions.phase(tp.partition) is Phase.RESTORING:
+            phase = self.partitions.phase(tp.partition)
+            if phase is Phase.ACTIVE:
+                batch.extend(records)
+            elif phase is not None:  # assigned or restoring: not yet
                 consumer.seek(tp, records[0].offset)
-                continue
-            batch.extend(records)
+            # else: released within this poll; its next owner reads these records
         return batch
+
+    def _read_positions(self, clients: _Clients) -> None:
+        """The committed position of each newly assigned partition, once it is stable.
+
+        The consumer reads committed (KIP-447: a transaction still open on the
+        partition's offsets makes the broker answer "unstable", and the client waits).
+        Only then is the state partition's end read: a transaction committed by the
+        previous owner is then on it, its states and its offsets together. After an
+        abort the consumer is also rewound to that position.
+        """
+        consumer = clients.consumer
+        for p in self.partitions.in_phase(Phase.ASSIGNED):
+            tp = TopicPartition(self.settings.input_topic, p)
+            try:
+                committed = consumer.committed(tp, timeout_ms=POSITION_TIMEOUT_MS)
+            except AuthorizationError as exc:
+                raise authorization_failure(self.settings, exc) from None
+            except KafkaError as exc:
+                log.info("position_waiting", partition=p, error=str(exc))
+                continue
+            if p in self._rewind:
+                self._rewind.discard(p)
+                if committed is not None:
+                    consumer.seek(tp, committed)
+                else:
+                    consumer.seek_to_beginning(tp)
+            if committed is not None:
+                self.policy.assigned(tp, committed)
+            self.partitions.restore(p)
+            clients.restorer.begin([p])
 
     # -- processing and checkpoints ---------------------------------------------
     def _process(self, batch: list[Any]) -> list[OutputRecord]:
@@ -283,16 +380,10 @@ class RunLoop:
     def _recover(self, clients: _Clients) -> None:
         """After an aborted transaction the states in memory include work that was
         never committed: forget them, rewind to the committed offsets, restore."""
-        consumer = clients.consumer
-        assigned = set(consumer.assignment())
-        for tp in assigned:
-            committed = consumer.committed(tp)
-            if committed is not None:
-                consumer.seek(tp, committed)
-            else:
-                consumer.seek_to_beginning(tp)
+        assigned = set(clients.consumer.assignment())
         clients.restorer.cancel(list(clients.restorer.active))
         self.policy.clear()
+        self._rewind |= {tp.partition for tp in assigned}  # to the committed offsets, once read
         self._start_restore(clients.restorer, assigned)
         log.warning("recovering_from_abort", partitions=sorted(tp.partition for tp in assigned))
 

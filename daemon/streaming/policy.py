@@ -11,6 +11,10 @@ notices wait here. A checkpoint is due
 * when the checkpoint interval (`LSTMD_CHECKPOINT_INTERVAL_MS`) has passed;
 * when forced (a flush: idle evictions, shutdown).
 
+In exactly-once delivery every checkpoint carries the committed offsets of every
+owned partition, new or not: the broker then checks the group generation of
+each transaction, so a member expelled meanwhile commits nothing (KIP-447).
+
 `take` builds the checkpoint and `did` applies its outcome: committed offsets
 let the watermarks of ended sequences go (tombstones in the next checkpoint);
 offsets the group would not take (a rebalance) are kept for the next one,
@@ -54,6 +58,10 @@ class CheckpointPolicy:
         self.every_batch = every_batch
         self.clock = clock
         self.offsets: dict[TopicPartition, int] = {}  # processed, not yet committed
+        # The committed position of every owned partition, as far as known (read when
+        # it was assigned, then each commit): exactly-once sends them with every
+        # transaction, so even one without new offsets is fenced by the group.
+        self.committed: dict[TopicPartition, int] = {}
         self.tombstones: list[StateRecord] = []
         self.notices: list[OutputRecord] = []  # not yet published
         self._at = clock()
@@ -62,6 +70,10 @@ class CheckpointPolicy:
         """The batch's inputs are applied: their offsets wait for the next checkpoint."""
         for rec in batch:
             self.offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+
+    def assigned(self, tp: TopicPartition, position: int) -> None:
+        """The partition's committed position, read (stable) before its restore."""
+        self.committed[tp] = position
 
     def notify(self, notices: Sequence[OutputRecord]) -> None:
         """Eviction notices made outside a batch (restore, idle eviction)."""
@@ -83,7 +95,8 @@ class CheckpointPolicy:
         """The checkpoint of everything pending, with `outputs`; None if there is nothing."""
         if not (outputs or self.offsets or self.tombstones or self.store.has_changes()):
             return None
-        cp = Checkpoint(outputs=outputs, states=self.tombstones, offsets=self.offsets)
+        offsets = (self.committed | self.offsets) if self.every_batch else self.offsets
+        cp = Checkpoint(outputs=outputs, states=self.tombstones, offsets=offsets)
         cp.states += [StateRecord(p, k, v) for p, k, v in self.store.take_changes(self.model_id)]
         self.tombstones, self.offsets = [], {}
         self._at = self.clock()
@@ -95,6 +108,7 @@ class CheckpointPolicy:
             # Kept for the next checkpoint; `release` drops those of partitions revoked.
             self.offsets = cp.offsets | self.offsets
             return
+        self.committed.update(cp.offsets)
         for tp, offset in cp.offsets.items():
             # Resets now committed no longer need their watermark: delete them.
             self.tombstones += [
@@ -104,7 +118,17 @@ class CheckpointPolicy:
     def release(self, tp: TopicPartition) -> None:
         """The partition is gone: its next owner recomputes its pending work."""
         self.offsets.pop(tp, None)
+        self.committed.pop(tp, None)
         self.tombstones = [t for t in self.tombstones if t.partition != tp.partition]
+
+    def pending(self) -> bool:
+        """Anything not yet durable: offsets, notices, tombstones, changed states."""
+        return bool(self.offsets or self.notices or self.tombstones or self.store.has_changes())
+
+    def uncommitted(self) -> dict[int, tuple[int | None, int]]:
+        """{partition: (committed position if known, next offset processed)} of the
+        work a partition's next owner will repeat."""
+        return {tp.partition: (self.committed.get(tp), o) for tp, o in sorted(self.offsets.items())}
 
     def clear(self) -> None:
         """After an aborted transaction: what was pending is recomputed from the last commit."""
