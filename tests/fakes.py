@@ -142,8 +142,8 @@ class FakeConsumer:
         return ConsumerGroupMetadata("g", self.generation, "member-1", None)
 
 
-def output() -> OutputRecord:
-    return OutputRecord(Kind.PREDICTION, key=b"k", value=b"{}", partition=0, offset=0, source_timestamp_ms=0)
+def output(key: bytes = b"k", value: bytes = b"{}") -> OutputRecord:
+    return OutputRecord(Kind.PREDICTION, key=key, value=value, partition=0, offset=0, source_timestamp_ms=0)
 
 
 class FakeStateConsumer:

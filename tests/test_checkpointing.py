@@ -181,3 +181,28 @@ def test_a_retry_at_sigterm_goes_on_until_the_shutdown_deadline(tmp_path: Path) 
     with pytest.raises(DeliveryFailed):
         cp.commit(FakeConsumer(), Checkpoint(outputs=[output()], offsets={TP: 5}))  # type: ignore[arg-type]
     assert 1.4 < time.monotonic() - started < 5 and len(made) >= 3  # retried, with new producers
+
+
+def test_a_partial_failure_is_resent_in_each_keys_order(tmp_path: Path) -> None:
+    class FirstOfAFails(FakeProducer):
+        failed_once = False
+
+        def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any) -> Future:
+            if key == b"a" and value == b"1" and not FirstOfAFails.failed_once:
+                FirstOfAFails.failed_once = True
+                return Future().failure(KafkaTimeoutError("one record lost"))
+            return super().send(topic, key, value)
+
+    producers: list[FirstOfAFails] = []
+
+    def make() -> FirstOfAFails:
+        producers.append(FirstOfAFails())
+        return producers[-1]
+
+    cp = checkpointer(settings(tmp_path), make)
+    records = [output(key=b"a", value=b"1"), output(key=b"b", value=b"x"), output(key=b"a", value=b"2")]
+    assert cp.commit(FakeConsumer(), Checkpoint(outputs=records, offsets={TP: 3}))  # type: ignore[arg-type]
+    delivered = [value for p in producers for _, value in p.sent]
+    # "a"=2 was acknowledged before "a"=1 was resent: it goes again after it, and the
+    # last copy of each of a's records is in a's order; "b" is not repeated.
+    assert delivered == [b"x", b"2", b"1", b"2"]

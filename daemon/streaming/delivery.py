@@ -320,6 +320,25 @@ class Checkpointer:
             return s.state_topic_name
         return s.dead_letter_topic if item.dead_letter else s.output_topic
 
+    @staticmethod
+    def _in_key_order(
+        sent: Sequence[tuple[OutputRecord | StateRecord, Future]],
+    ) -> list[OutputRecord | StateRecord]:
+        """What to send again after a partial failure, keeping each key's order: from
+        the first failed record of a key on, every later record of that key goes again
+        (those already acknowledged too: a repeat, identical), never a failed record
+        after a later one of its key (a tombstone after the key's new state, a
+        prediction after the next step's)."""
+        broken: set[tuple[str, bytes | str | None]] = set()
+        resend: list[OutputRecord | StateRecord] = []
+        for item, future in sent:
+            where = _destination(item)
+            if not future.succeeded():
+                broken.add(where)
+            if where in broken:
+                resend.append(item)
+        return resend
+
     def _not_authorized(self, exc: Exception, topic: str | None = None) -> KafkaSetupError:
         """Kafka refused an ACL: a permanent error, never retried. Nothing past the
         refused records is committed; the daemon ends with exit code 2."""
@@ -367,9 +386,11 @@ class Checkpointer:
                 raise self._not_authorized(exc) from None
             except KafkaError as exc:
                 log.error("flush_slow", error=str(exc), action="resend after a backoff")
-            self._account([(item, f) for item, f in sent if f.succeeded()])
             self._note_oversized(sent)
             failed = [(item, f) for item, f in sent if not f.succeeded()]
+            resend = self._in_key_order(sent)
+            again = {id(item) for item in resend}
+            self._account([(item, f) for item, f in sent if f.succeeded() and id(item) not in again])
             if not failed:
                 return
             refused = next(
@@ -380,14 +401,21 @@ class Checkpointer:
                 # Permanent (kafka-python's idempotent producer refuses every later
                 # send too): retrying would wait forever. Stop before any commit.
                 raise self._not_authorized(refused[1], self._topic(refused[0]))
-            pending_out = [i for i, _ in failed if isinstance(i, OutputRecord)]
-            pending_states = [i for i, _ in failed if isinstance(i, StateRecord)]
+            pending_out = [i for i in resend if isinstance(i, OutputRecord)]
+            pending_states = [i for i in resend if isinstance(i, StateRecord)]
             error = next((f.exception for _, f in failed if f.failed()), "not acknowledged")
             self.metrics.produce_errors.inc()
             log.error("produce_failed", undelivered=len(failed), error=str(error), retry_in_s=backoff.delay)
             self._renew_producer()
             if backoff.wait():
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
+
+
+def _destination(item: OutputRecord | StateRecord) -> tuple[str, bytes | str | None]:
+    """What Kafka orders records by, here: the kind of topic and the key."""
+    if isinstance(item, StateRecord):
+        return "state", item.key
+    return ("dlq" if item.dead_letter else "out"), item.key
 
 
 def abort_cause(exc: KafkaError) -> str:

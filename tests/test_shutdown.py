@@ -1,0 +1,163 @@
+"""SIGTERM at the edges, against the real broker: during a broker outage, during a
+rebalance, and two pods sharing one static instance id.
+
+The promise: stop taking work, checkpoint what is in hand, exit 0 within
+LSTMD_SHUTDOWN_TIMEOUT_S; what could not be committed is repeated by the next
+owner (identically), and a warning says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from daemon.devtools.localkafka import LocalKafka, create_topics
+from tests.conftest import TopicFactory
+from tests.models import built
+from tests.streams import (
+    DaemonProcess,
+    check_predictions,
+    consume,
+    daemon_env,
+    interleaved_stream,
+    prediction_source,
+    produce,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    return built("stacked_lstm_gru")
+
+
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+def test_sigterm_during_a_broker_outage_exits_0_in_time_and_loses_nothing(
+    kafka_broker_factory: Any, model: Path, delivery: str
+) -> None:
+    broker: LocalKafka = kafka_broker_factory()
+    names = {"in": "events", "out": "predictions", "dlq": "events.dlq"}
+    create_topics(broker.bootstrap, {"events": 2, "predictions": 1, "events.dlq": 1})
+    stream = interleaved_stream(n_keys=8, n_events=1500, features=3, seed=45)
+    placed = produce(broker.bootstrap, "events", stream.events)
+    env = daemon_env(
+        broker.bootstrap,
+        names,
+        model,
+        LSTMD_KAFKA_MAX_POLL_RECORDS="40",
+        LSTMD_DELIVERY=delivery,
+        LSTMD_SHUTDOWN_TIMEOUT_S="8",
+    )
+    daemon = DaemonProcess(env)
+    daemon.wait_for("partition_restored")
+    time.sleep(1.0)
+    broker.stop()
+    time.sleep(3.0)  # into the outage: publishing and committing now retry
+    started = time.monotonic()
+    code = daemon.stop(timeout=60)
+    took = time.monotonic() - started
+    assert code == 0, "\n".join(daemon.lines[-30:])
+    assert took < 8 + 5, f"SIGTERM to exit took {took:.1f} s"
+    warned = [ev for ev in daemon.events() if ev.get("event") == "shutdown_incomplete"]
+    assert warned and warned[0]["repeated_by_next_owner"], "the warning names what is repeated"
+    # The next owner repeats what was not committed: nothing is lost, repeats identical.
+    broker.start()
+    successor = DaemonProcess(env)
+    try:
+        out = consume(
+            broker.bootstrap,
+            "predictions",
+            at_least=len(stream.predicted_events),
+            distinct=prediction_source,
+            settle=2.0,
+            timeout=150,
+            while_running=successor,
+        )
+    finally:
+        assert successor.stop() == 0
+    check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")
+
+
+def test_sigterm_during_a_rebalance_commits_the_partitions_it_keeps(
+    kafka: LocalKafka, topics: TopicFactory, model: Path
+) -> None:
+    names = topics({"in": 4, "out": 1, "dlq": 1})
+    stream = interleaved_stream(n_keys=16, n_events=6000, features=3, seed=46)
+    env = daemon_env(kafka.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="20")
+    first = DaemonProcess(env)
+    first.wait_for("partition_restored")
+    produced: list[tuple[int, int]] = []
+    second: DaemonProcess | None = None
+    try:
+        # A steady stream, so the first member always has uncommitted work in hand.
+        for i in range(0, len(stream.events), 100):
+            produced += produce(kafka.bootstrap, names["in"], stream.events[i : i + 100])
+            if second is None and i >= 1000:
+                second = DaemonProcess(env)  # joins: a rebalance begins
+            if second is not None and any(ev.get("event") == "commit_deferred" for ev in first.events()):
+                break  # the first member is inside the rebalance now
+            time.sleep(0.05)
+        assert second is not None
+        first.wait_for("commit_deferred", timeout=60)
+        assert first.stop(timeout=60) == 0  # SIGTERM mid-rebalance
+        produced += produce(kafka.bootstrap, names["in"], stream.events[len(produced) :])
+        consume(
+            kafka.bootstrap,
+            names["out"],
+            at_least=len(produced),
+            distinct=prediction_source,
+            settle=2.0,
+            timeout=180,
+            while_running=second,
+        )
+    finally:
+        if second is not None:
+            assert second.stop() == 0
+    out = consume(kafka.bootstrap, names["out"], at_least=0, timeout=3.0)
+    revoked = {
+        ev["partition"]
+        for ev in first.events()
+        if ev.get("event") == "partition_released" and ev.get("kind") in ("revoked", "lost")
+    }
+    kept = set(range(4)) - revoked
+    assert kept, "the first member kept some partitions through the rebalance"
+    counts = Counter(k for r in out if (k := prediction_source(r)) is not None)
+    # Its final checkpoint committed the partitions it kept: their next owner repeats
+    # nothing (a revoked partition's uncommitted work may be repeated, identically).
+    repeated = sorted(k for k, n in counts.items() if n > 1 and k[0] in kept)
+    assert repeated == [], f"{len(repeated)} inputs of kept partitions answered twice, e.g. {repeated[:5]}"
+    assert any(ev.get("event") == "shutdown_checkpointed" for ev in first.events())
+    by_source: dict[tuple[int, int], list[bytes]] = {}
+    for r in out:
+        key = prediction_source(r)
+        if key is not None:
+            by_source.setdefault(key, []).append(orjson.dumps(orjson.loads(r.value)["y"]))
+    assert all(len(set(ys)) == 1 for ys in by_source.values()), "repeats are bit-identical"
+
+
+def test_two_pods_with_one_instance_id_end_with_exit_2_naming_it(
+    kafka: LocalKafka, topics: TopicFactory, model: Path
+) -> None:
+    names = topics({"in": 2, "out": 1, "dlq": 1})
+    env = daemon_env(kafka.bootstrap, names, model, LSTMD_GROUP_INSTANCE_ID="pod-0")
+    first = DaemonProcess(env)
+    first.wait_for("partition_restored")
+    second = DaemonProcess(env)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and first.proc.poll() is None and second.proc.poll() is None:
+            time.sleep(0.5)
+        codes = {first.proc.poll(), second.proc.poll()}
+        assert 2 in codes, f"exit codes {codes}"
+        fenced = first if first.proc.poll() == 2 else second
+        assert any("LSTMD_GROUP_INSTANCE_ID" in line for line in fenced.lines)
+    finally:
+        for d in (first, second):
+            if d.proc.poll() is None:
+                assert d.stop() == 0
