@@ -89,6 +89,7 @@ def build_processor(
         metrics=metrics,
         max_record_bytes=max_record_bytes,
         reset_on_gap=reset_on_gap,
+        state_shapes=model.state_shapes,
     )
 
 

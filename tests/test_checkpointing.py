@@ -24,19 +24,22 @@ from kafka.future import Future
 
 from daemon.config import Settings
 from daemon.core.records import StateRecord
-from daemon.core.state import SequenceState
+from daemon.core.state import UNREADABLE, SequenceState
 from daemon.errors import KafkaSetupError
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import Checkpointer, DeliveryFailed, TransactionFailed
 from daemon.streaming.policy import Checkpoint
-from daemon.streaming.restore import Restorer
+from daemon.streaming.restore import Restorer, adopt
 from tests.fakes import (
     TP,
     FakeConsumer,
     FakeProducer,
     FakeStateConsumer,
     checkpointer,
+    make,
     output,
+    outputs,
+    recs,
     settings,
 )
 
@@ -130,8 +133,37 @@ def test_an_unreadable_state_record_starts_the_sequence_over(tmp_path: Path) -> 
     states = restore(
         FakeStateConsumer([(b"a", good), (b"b", good), (b"a", b"not a state")]), settings(tmp_path)
     )
-    # "a" must not fall back to its older record: that state is behind its inputs.
-    assert sorted(states) == ["b"]
+    # "a" must not fall back to its older record: that state is behind its inputs. It
+    # starts over, announced, and keeps the only watermark left (a lower bound).
+    assert sorted(states) == ["a", "b"] and states["b"][1] == "m@1"
+    lost, saved_by = states["a"]
+    assert saved_by == UNREADABLE and lost.tensors is None and lost.watermark == 4
+    proc, _ = make(model_id="m@1")
+    evicted = adopt(proc.store, proc.model_id, 0, states)
+    assert [(e.key, e.cause, e.watermark) for e in evicted] == [("a", "unreadable", 4)]
+    assert proc.store.watermark(0, "a") == 4
+
+
+def test_a_state_record_with_misfit_tensors_keeps_its_watermark(tmp_path: Path) -> None:
+    fits = SequenceState(tensors=[np.array([1.0], np.float32)], n=2, watermark=6, last_step=3)
+    misfit = SequenceState(tensors=[np.zeros(5, np.float32)], n=9, watermark=8, last_step=7)
+    corrupt = misfit.snapshot("m@1")[:-4]  # a tensor cut short: the header still reads
+    states = restore(
+        FakeStateConsumer([(b"a", fits.snapshot("m@1")), (b"b", misfit.snapshot("m@1")), (b"c", corrupt)]),
+        settings(tmp_path),
+    )
+    proc, metrics = make(model_id="m@1")
+    evicted = adopt(proc.store, proc.model_id, 0, states, state_shapes=[(1,)])
+    assert sorted((e.key, e.cause, e.n, e.watermark) for e in evicted) == [
+        ("b", "unreadable", 9, 8),
+        ("c", "unreadable", 9, 8),
+    ]
+    assert [proc.store.watermark(0, k) for k in "abc"] == [6, 8, 8]
+    proc.announce(evicted)
+    assert metrics.registry.get_sample_value("lstmd_evictions_total", {"cause": "unreadable"}) == 2
+    # Served on: "a" continues, "b" starts over above its watermark and keeps its last step.
+    got = outputs(proc, recs([("a", {"x": [1]}), ("b", {"x": [1], "step": 7}), ("b", {"x": [2]})], start=9))
+    assert [(o["seq"], o["n"]) for o in got] == [("a", 3), ("b", 1)]
 
 
 def test_a_restore_waits_for_the_state_partition_end(tmp_path: Path) -> None:

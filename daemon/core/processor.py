@@ -56,7 +56,10 @@ class Processor:
         max_record_bytes: int = 1 << 20,
         reset_on_gap: bool = False,
         clock: Callable[[], float] = time.time,
+        state_shapes: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
+        """`state_shapes`: the shapes of a state's tensors under this model, so a
+        restored state that does not fit is refused (None: not checked)."""
         self.engine = engine
         self.model_id = model_id
         self.n_features = n_features
@@ -65,6 +68,7 @@ class Processor:
         self.max_record_bytes = max_record_bytes
         self.reset_on_gap = reset_on_gap
         self.clock = clock
+        self.state_shapes = state_shapes
         self._inference = metrics.inference.labels(engine=engine.name)
         self._resets = {c: metrics.resets.labels(cause=c) for c in ("end", "start", "marker")}
         # Every label value this processor can count starts at 0, so dashboards and

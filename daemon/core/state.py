@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -34,7 +35,9 @@ _HEADER_LEN = struct.Struct("<I")
 _NO_STATES: Mapping[str, SequenceState] = {}
 
 #: Why a state is dropped before its sequence ended (metric label and notice `cause`).
-EVICTION_CAUSES = ("idle", "capacity", "model_changed")
+EVICTION_CAUSES = ("idle", "capacity", "model_changed", "unreadable")
+#: The model id of a state record that could not be read (see `SequenceState.unreadable`).
+UNREADABLE = "unreadable"
 
 
 class SnapshotError(ValueError):
@@ -88,6 +91,21 @@ class SequenceState:
         return SNAPSHOT_MAGIC + _HEADER_LEN.pack(len(header)) + header + body
 
     @classmethod
+    def unreadable(cls, raw: bytes, previous: SequenceState | None) -> SequenceState:
+        """What is left of a record `restore` refused: its watermark, steps and last
+        step if its header reads (the tensors are what is lost), else those of the
+        key's previous record, a lower bound. Installed as a reset state, announced."""
+        header = _header(raw)
+        try:
+            if header is not None:
+                return cls(n=int(header["n"]), watermark=int(header["wm"]), last_step=header.get("step"))
+        except (KeyError, TypeError, ValueError):
+            pass
+        if previous is not None:
+            return cls(n=previous.n, watermark=previous.watermark, last_step=previous.last_step)
+        return cls()
+
+    @classmethod
     def restore(cls, raw: bytes, restored_at: float | None = None) -> tuple[SequenceState, str]:
         """Inverse of `snapshot`: the state and the identity of the model it belongs to.
 
@@ -126,6 +144,19 @@ class SequenceState:
             return state, str(header["model"])
         except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"corrupt state snapshot: {exc}") from None
+
+
+def _header(raw: bytes) -> dict[str, Any] | None:
+    """A snapshot's JSON header, or None if there is none to read."""
+    if not raw.startswith(SNAPSHOT_MAGIC):
+        return None
+    at = len(SNAPSHOT_MAGIC)
+    try:
+        (size,) = _HEADER_LEN.unpack_from(raw, at)
+        header = orjson.loads(raw[at + _HEADER_LEN.size : at + _HEADER_LEN.size + size])
+    except (struct.error, orjson.JSONDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
 
 
 @dataclass(slots=True)

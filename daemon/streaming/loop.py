@@ -289,7 +289,9 @@ class RunLoop:
             return
         restored = clients.restorer.step()
         for partition, states in restored.items():
-            evicted = adopt(self.store, self.processor.model_id, partition, states)
+            evicted = adopt(
+                self.store, self.processor.model_id, partition, states, self.processor.state_shapes
+            )
             self.policy.notify(self.processor.announce(evicted))
             self.partitions.restored(partition)
             log.info("partition_restored", partition=partition, states=len(states), discarded=len(evicted))

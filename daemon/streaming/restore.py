@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import AuthorizationError, KafkaError
 
 from daemon.config import Settings
-from daemon.core.state import Eviction, SequenceState, SnapshotError, StateStore
+from daemon.core.state import UNREADABLE, Eviction, SequenceState, SnapshotError, StateStore, StateTensors
 from daemon.kafka.acl import authorization_failure
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -120,15 +120,19 @@ class Restorer:
                         target.states[key] = SequenceState.restore(rec.value, target.began)
                     except SnapshotError as exc:
                         # An older record of the key would be a wrong state, not a
-                        # fallback: the sequence starts over.
-                        target.states.pop(key, None)
+                        # fallback: the sequence starts over, announced, and keeps
+                        # its watermark so no input is applied twice.
+                        previous = target.states.get(key)
+                        lost = SequenceState.unreadable(rec.value, previous[0] if previous else None)
+                        target.states[key] = (lost, UNREADABLE)
                         log.error(
                             "state_record_unreadable",
                             partition=tp.partition,
                             key=key,
                             offset=rec.offset,
                             error=str(exc),
-                            action="sequence starts over",
+                            watermark=lost.watermark,
+                            action="sequence starts over, announced",
                         )
         return self._finished()
 
@@ -149,7 +153,11 @@ class Restorer:
 
 
 def adopt(
-    store: StateStore, model_id: str, partition: int, states: dict[str, tuple[SequenceState, str]]
+    store: StateStore,
+    model_id: str,
+    partition: int,
+    states: dict[str, tuple[SequenceState, str]],
+    state_shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> list[Eviction]:
     """Install a restored partition's states; returns the evictions to announce.
 
@@ -162,9 +170,23 @@ def adopt(
     evicted = []
     order = sorted(states.items(), key=lambda kv: (kv[1][0].last_seen, kv[1][0].watermark))
     for key, (state, saved_by) in order:
-        if saved_by != model_id and state.n:
-            evicted.append(Eviction(partition, key, "model_changed", state.n, state.watermark))
-            state = SequenceState(watermark=state.watermark)
+        cause = None
+        if saved_by == UNREADABLE or (state.tensors is not None and not _fits(state.tensors, state_shapes)):
+            cause = "unreadable"  # its tensors are lost, or do not fit this model
+        elif saved_by != model_id and state.n:
+            cause = "model_changed"
+        if cause is not None:
+            evicted.append(Eviction(partition, key, cause, state.n, state.watermark))
+            state = SequenceState(watermark=state.watermark, last_step=state.last_step)
             store.touched(partition, key)
         store.install(partition, key, state)
     return evicted
+
+
+def _fits(tensors: StateTensors, shapes: Sequence[tuple[int, ...]] | None) -> bool:
+    """The tensors have the model's state shapes (unknown shapes: assumed to)."""
+    if shapes is None:
+        return True
+    return len(tensors) == len(shapes) and all(
+        tuple(t.shape) == s for t, s in zip(tensors, shapes, strict=False)
+    )
