@@ -164,7 +164,7 @@ class FakeStateConsumer:
 
     def seek_to_beginning(self, *tps: TopicPartition) -> None: ...
 
-    def position(self, tp: TopicPartition) -> int:
+    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
         return len(self.records) if self.read else 0
 
     def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict[TopicPartition, list[Any]]:

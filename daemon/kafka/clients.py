@@ -16,6 +16,7 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 from kafka.errors import (
     AuthorizationError,
     KafkaConnectionError,
+    KafkaError,
     KafkaTimeoutError,
     SaslAuthenticationFailedError,
 )
@@ -228,3 +229,25 @@ def _await(
         beat()
         if abandon.is_set() or time.monotonic() > deadline:
             raise KafkaTimeoutError(f"transaction {what} not answered by the coordinator")
+
+
+def partitions_for_topic(consumer: KafkaConsumer, topic: str, timeout_ms: int) -> set[int]:
+    """The consumer's known partitions of `topic`, asking the cluster for at most
+    `timeout_ms`. kafka-python 3.0.12's own `partitions_for_topic` waits for the
+    metadata answer without a bound: during an outage it would not see SIGTERM."""
+    cluster = getattr(consumer, "_cluster", None)
+    net, manager = getattr(consumer, "_net", None), getattr(consumer, "_manager", None)
+    if cluster is None or net is None or manager is None:  # another client version
+        return set(consumer.partitions_for_topic(topic) or ())
+    known = cluster.partitions_for_topic(topic)
+    if known:
+        return set(known)
+    stash = cluster.need_all_topic_metadata
+    cluster.need_all_topic_metadata = True
+    try:
+        net.run(manager.wait_for, cluster.request_update(), timeout_ms)
+    except KafkaError:
+        pass  # not answered in time: the caller asks again
+    finally:
+        cluster.need_all_topic_metadata = stash
+    return set(cluster.partitions_for_topic(topic) or ())

@@ -27,7 +27,13 @@ from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
 from daemon.kafka.acl import authorization_failure, fenced_instance
-from daemon.kafka.clients import make_consumer, make_producer, make_restore_consumer, wait_for_cluster
+from daemon.kafka.clients import (
+    make_consumer,
+    make_producer,
+    make_restore_consumer,
+    partitions_for_topic,
+    wait_for_cluster,
+)
 from daemon.kafka.listener import RebalanceEvents
 from daemon.kafka.topics import ensure_topics
 from daemon.ops.health import Health
@@ -214,7 +220,7 @@ class RunLoop:
         nothing and was seen not to rejoin for minutes.
         """
         deadline = time.monotonic() + timeout_s
-        while not consumer.partitions_for_topic(self.settings.input_topic):
+        while not partitions_for_topic(consumer, self.settings.input_topic, timeout_ms=1000):
             if time.monotonic() > deadline or self.stop.wait(0.2):
                 log.warning("input_metadata_missing", topic=self.settings.input_topic)
                 return

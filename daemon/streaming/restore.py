@@ -26,6 +26,8 @@ log = get_logger(__name__)
 # One restore poll never holds the loop longer than this, so heartbeats aside the
 # poll loop keeps its max.poll.interval promise and its liveness beat.
 RESTORE_SLICE_S = 0.5
+# One wait for a state partition's read position.
+POSITION_TIMEOUT_MS = 200
 
 
 @dataclass
@@ -141,7 +143,12 @@ class Restorer:
         for p, r in list(self.active.items()):
             if r.end is None:
                 continue
-            position = self.consumer.position(TopicPartition(self.topic, p))
+            try:
+                position = self.consumer.position(
+                    TopicPartition(self.topic, p), timeout_ms=POSITION_TIMEOUT_MS
+                )
+            except KafkaError:  # not answered in time: the next step asks again
+                continue
             if position is not None and position >= r.end:
                 done[p] = r.states
                 self.metrics.restore.observe(time.perf_counter() - r.started)
