@@ -212,7 +212,7 @@ def test_a_retry_at_sigterm_goes_on_until_the_shutdown_deadline(tmp_path: Path) 
     started = time.monotonic()
     with pytest.raises(DeliveryFailed):
         cp.commit(FakeConsumer(), Checkpoint(outputs=[output()], offsets={TP: 5}))  # type: ignore[arg-type]
-    assert 1.4 < time.monotonic() - started < 5 and len(made) >= 3  # retried, with new producers
+    assert 1.4 < time.monotonic() - started < 5 and len(made) >= 2  # retried, on a new producer
 
 
 def test_a_partial_failure_is_resent_in_each_keys_order(tmp_path: Path) -> None:

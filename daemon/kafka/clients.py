@@ -101,6 +101,8 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         max_block_ms=MAX_BLOCK_MS,
         max_request_size=max_message_bytes(settings),
+        # Building one during an outage waits this long, not kafka-python's 30 s.
+        bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
     )
 
 

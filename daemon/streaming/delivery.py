@@ -157,6 +157,19 @@ class Checkpointer:
         close_producer(self.producer, 0)
         self.producer = self._new_producer(self.abandon)
 
+    def _flush(self) -> None:
+        """Wait for every acknowledgement, up to FLUSH_TIMEOUT_S, in one-second slices
+        that beat the liveness probe and give up at the shutdown deadline."""
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while True:
+            try:
+                self.producer.flush(timeout=1.0)
+                return
+            except KafkaTimeoutError:
+                self.beat()
+                if self.abandon.is_set() or time.monotonic() >= deadline:
+                    raise
+
     def close(self, timeout: float) -> None:
         close_producer(self.producer, timeout)
 
@@ -207,7 +220,7 @@ class Checkpointer:
         try:
             self.producer.begin_transaction()
             sent = self._send(cp.outputs, cp.states)
-            self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+            self._flush()
             failed = next(((item, f) for item, f in sent if not f.succeeded()), None)
             self._note_oversized(sent)
             if failed is not None:
@@ -381,7 +394,7 @@ class Checkpointer:
                 raise CheckpointAbandoned("expelled from the group")
             sent = self._send(pending_out, pending_states)
             try:
-                self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+                self._flush()
             except AuthorizationError as exc:
                 raise self._not_authorized(exc) from None
             except KafkaError as exc:
@@ -406,9 +419,13 @@ class Checkpointer:
             error = next((f.exception for _, f in failed if f.failed()), "not acknowledged")
             self.metrics.produce_errors.inc()
             log.error("produce_failed", undelivered=len(failed), error=str(error), retry_in_s=backoff.delay)
-            self._renew_producer()
+            # Closed now, so kafka-python's sender cannot spin during the backoff;
+            # the next one is built after it (not at all if the shutdown deadline
+            # passes meanwhile).
+            close_producer(self.producer, 0)
             if backoff.wait():
                 raise DeliveryFailed(f"{len(failed)} records undelivered at shutdown")
+            self.producer = self._new_producer(self.abandon)
 
 
 def _destination(item: OutputRecord | StateRecord) -> tuple[str, bytes | str | None]:

@@ -54,8 +54,9 @@ HOUSEKEEPING_INTERVAL_S = 1.0
 # One wait for a newly assigned partition's committed position (asked again at the
 # next poll while it is not stable or Kafka does not answer).
 POSITION_TIMEOUT_MS = 200
-# Of the shutdown budget, what closing the clients may take at the end.
-CLOSE_RESERVE_S = 3.0
+# Of the shutdown budget, what is kept for a producer bootstrap already under way
+# (BOOTSTRAP_TIMEOUT_MS) and for closing the clients: retries give up before it.
+SHUTDOWN_RESERVE_S = 7.0
 
 
 @dataclass
@@ -146,15 +147,15 @@ class RunLoop:
     def _watch_shutdown(self) -> None:
         """From SIGTERM, LSTMD_SHUTDOWN_TIMEOUT_S until every retry in hand gives up."""
         self.stop.wait()
-        budget = max(0.0, self.settings.shutdown_timeout_s - CLOSE_RESERVE_S)
-        self._deadline = time.monotonic() + budget
-        if not self.abandon.wait(budget):
+        self._deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        if not self.abandon.wait(max(0.0, self.settings.shutdown_timeout_s - SHUTDOWN_RESERVE_S)):
             self.abandon.set()
 
     def _close_budget(self) -> float:
+        """What is left of the shutdown budget for closing the producer (its flush)."""
         if self._deadline is None:
-            return CLOSE_RESERVE_S
-        return max(1.0, self._deadline + CLOSE_RESERVE_S - time.monotonic())
+            return SHUTDOWN_RESERVE_S
+        return max(1.0, self._deadline - time.monotonic())
 
     def _shut_down(self, clients: _Clients) -> None:
         """Shutdown is a state of the lifecycle: take no new work (every partition
