@@ -384,6 +384,9 @@ class RunLoop:
         except TransactionFailed:
             self._recover(clients)
             return
+        except DeliveryFailed:
+            self.policy.did(cp, committed=False)  # still pending: the shutdown warning names it
+            raise
         self.policy.did(cp, committed)
 
     def _recover(self, clients: _Clients) -> None:

@@ -128,7 +128,11 @@ class CheckpointPolicy:
     def uncommitted(self) -> dict[int, tuple[int | None, int]]:
         """{partition: (committed position if known, next offset processed)} of the
         work a partition's next owner will repeat."""
-        return {tp.partition: (self.committed.get(tp), o) for tp, o in sorted(self.offsets.items())}
+        return {
+            tp.partition: (self.committed.get(tp), o)
+            for tp, o in sorted(self.offsets.items())
+            if self.committed.get(tp) != o
+        }
 
     def clear(self) -> None:
         """After an aborted transaction: what was pending is recomputed from the last commit."""
