@@ -27,6 +27,8 @@ Delivery = Literal["at-least-once", "exactly-once"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+#: Model files lstmd reads: Keras 3 archives and Keras 2 HDF5 (daemon/inference/formats.py).
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 class Settings(BaseSettings):
@@ -91,10 +93,12 @@ class Settings(BaseSettings):
     @field_validator("model_path")
     @classmethod
     def _model_file(cls, value: Path) -> Path:
+        if value.is_dir():
+            return value  # the model loader says what it is (a SavedModel?) and how to convert it
         if not value.is_file():
             raise ValueError(f"no such file: {value}")
-        if value.suffix != ".keras":
-            raise ValueError(f"expected a .keras file, got {value.name}")
+        if value.suffix.lower() not in MODEL_SUFFIXES:
+            raise ValueError(f"expected a .keras, .h5 or .hdf5 model file, got {value.name}")
         return value
 
     @field_validator(
