@@ -77,3 +77,12 @@ def test_idle_eviction() -> None:
     evicted = store.evict_idle(50.0, now=200.0)
     assert [(e.key, e.cause, e.n) for e in evicted] == [("a", "idle", 3)]
     assert store.watermark(0, "a") == s.watermark
+
+
+def test_model_ids_name_the_same_model_by_their_hash() -> None:
+    from daemon.core.state import same_model
+
+    assert same_model("a@0123456789ab", "b@0123456789ab")
+    assert same_model("my@model@0123456789ab", "b@0123456789ab")  # a stem may hold "@"
+    assert not same_model("a@0123456789ab", "a@ba9876543210")
+    assert same_model("m@0", "m@0") and not same_model("m", "m@0")

@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import AuthorizationError, KafkaError
 
 from daemon.config import Settings
-from daemon.core.state import Eviction, SequenceState, SnapshotError, StateStore
+from daemon.core.state import Eviction, SequenceState, SnapshotError, StateStore, same_model
 from daemon.kafka.acl import authorization_failure
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -152,14 +152,15 @@ def adopt(
 ) -> list[Eviction]:
     """Install a restored partition's states; returns the evictions to announce.
 
-    A state saved under another model is never applied to this one: it is
+    A state saved under another model (other file content: `same_model`; a
+    renamed file is the same model) is never applied to this one: it is
     dropped (its watermark kept) and announced, and the sequence starts over.
     Oldest watermark first: the order the keys were last used in, so the least
     recently used state is evicted first after a restore too.
     """
     evicted = []
     for key, (state, saved_by) in sorted(states.items(), key=lambda kv: kv[1][0].watermark):
-        if saved_by != model_id and state.n:
+        if not same_model(saved_by, model_id) and state.n:
             evicted.append(Eviction(partition, key, "model_changed", state.n, state.watermark))
             state = SequenceState(watermark=state.watermark)
             store.touched(partition, key)
