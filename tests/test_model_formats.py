@@ -17,6 +17,7 @@ import pytest
 
 from daemon.core.processor import Processor
 from daemon.core.state import StateStore
+from daemon.devtools.localkafka import LocalKafka
 from daemon.errors import UnservableModelError
 from daemon.inference import formats
 from daemon.inference.engines.factory import make_engine
@@ -24,7 +25,9 @@ from daemon.inference.model import ServableModel, load_model
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord
 from tests import keras2_models
+from tests.conftest import TopicFactory
 from tests.oracle import assert_matches
+from tests.streams import DaemonProcess, check_predictions, consume, daemon_env, interleaved_stream, produce
 
 SERVABLE = sorted(keras2_models.SERVABLE)
 
@@ -202,3 +205,30 @@ def test_the_configuration_accepts_every_format_lstmd_reads() -> None:
     from daemon.config import MODEL_SUFFIXES
 
     assert set(MODEL_SUFFIXES) == set(formats.SUFFIXES)
+
+
+# ------------------------------------------------------------------ through the broker
+
+
+@pytest.mark.kafka
+def test_the_stateful_recipe_h5_through_the_broker(kafka: LocalKafka, topics: TopicFactory) -> None:
+    """`lstmd run` serving the classic stateful recipe's .h5: every prediction is the
+    Keras 2 model's own output for its prefix."""
+    model = keras2_models.fixture("stateful_recipe.h5")
+    names = topics({"in": 2, "out": 1, "dlq": 1})
+    stream = interleaved_stream(n_keys=8, n_events=200, features=1, seed=21)
+    placed = produce(kafka.bootstrap, names["in"], stream.events)
+    daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, model, LSTMD_ENGINE="fast"))
+    try:
+        loaded = daemon.wait_for("model_loaded")
+        outputs = consume(
+            kafka.bootstrap,
+            names["out"],
+            at_least=len(stream.predicted_events),
+            settle=1.0,
+            while_running=daemon,
+        )
+    finally:
+        assert daemon.stop() == 0, "\n".join(daemon.lines[-30:])
+    assert loaded["engine"] == "fast" and loaded["model"].startswith("stateful_recipe@")
+    check_predictions(model, stream, placed, outputs, oracle=keras2_models.expected_outputs)
