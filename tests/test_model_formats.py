@@ -117,6 +117,14 @@ def test_the_stateful_recipe_is_served_stateless_and_batch_1() -> None:
     assert "lstm: dropped time_major=False" in model.translations
 
 
+@pytest.mark.parametrize("name", ["m.hdf5", "M.H5"])
+def test_every_hdf5_suffix_in_any_case(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(keras2_models.fixture("stacked_stateless.h5").read_bytes())
+    model = load_model(path)
+    assert model.file_format == formats.HDF5 and model.identity.name == path.stem
+
+
 # ------------------------------------------------------------------ the translation
 
 

@@ -89,7 +89,9 @@ def detect_format(path: Path, head: bytes, where: str) -> str:
     fmt = SUFFIXES[path.suffix.lower()]
     found = HDF5 if head.startswith(_HDF5_MAGIC) else KERAS if head.startswith(_ZIP_MAGIC) else None
     if found != fmt:
-        holds = {HDF5: "an HDF5 file", KERAS: "a zip archive (a .keras file?)"}.get(found or "", "neither")
+        holds = {HDF5: "an HDF5 file", KERAS: "a zip archive (a .keras file?)"}.get(
+            found or "", "neither an HDF5 file nor a zip archive"
+        )
         raise UnservableModelError(
             f"{where}: not a loadable Keras model: named as {FORMAT_NAMES[fmt]} but its content is {holds}; "
             f"a {path.suffix} file must be {'an HDF5 file' if fmt == HDF5 else 'a Keras 3 zip archive'}"
@@ -101,12 +103,13 @@ def read_model(path: Path, data: bytes, where: str) -> LoadedFile:
     """The model held in `data` (the bytes of `path`), read with Keras 3.
 
     Keras loads from a private copy that keeps the file name and so the format
-    suffix: the very bytes that were hashed, even if the file is replaced meanwhile.
+    suffix (in lower case: Keras dispatches on it): the very bytes that were
+    hashed, even if the file is replaced meanwhile.
     """
     fmt = detect_format(path, data[:8], where)
     translations: list[str] = []
     with tempfile.TemporaryDirectory(prefix="lstmd-model-") as tmp:
-        copy_path = Path(tmp) / path.name
+        copy_path = Path(tmp) / (path.stem + path.suffix.lower())
         try:
             copy_path.write_bytes(data)
             if fmt == HDF5:
