@@ -1,9 +1,9 @@
-"""The `lstmd` command line: run, replay, and the development commands where installed.
+"""The `lstmd` command line: run, replay, inspect, and the development commands where installed.
 
 The development commands (demo, bench, make-demo-model) live in daemon.devtools,
 which the runtime never imports and the container image leaves out: they are
 registered through the `lstmd.commands` entry point group (see pyproject.toml),
-so a dev install has them and the image has only run and replay.
+so a dev install has them and the image has only run, replay and inspect.
 
 Start-up errors (configuration, model) print one clear message and exit 2
 before any connection is made; anything else unexpected exits 1.
@@ -148,11 +148,28 @@ def cmd_run(_args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.config import load_pipeline_settings
     from daemon.ops import logs
     from daemon.replay import replay
 
+    # The daemon's pipeline variables (LSTMD_ENGINE, ...), each flag overriding its
+    # variable, so a replay reproduces what `lstmd run` does with the same environment.
+    settings = load_pipeline_settings(
+        engine=args.engine,
+        step_gap=args.step_gap,
+        max_record_bytes=args.max_record_bytes,
+        max_sequences=args.max_sequences,
+    )
     logs.configure("WARNING", "console")  # on stderr: stdout may carry the predictions
-    processor = build_processor(Path(args.model), args.engine, Metrics())
+    processor = build_processor(
+        Path(args.model),
+        settings.engine,
+        Metrics(),
+        settings.tf_intra_op_threads,
+        max_sequences=settings.max_sequences,
+        max_record_bytes=settings.max_record_bytes,
+        reset_on_gap=settings.step_gap == "reset",
+    )
     out = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: SIM115
     dead = open(args.dlq, "wb") if args.dlq else sys.stderr.buffer  # noqa: SIM115
     try:
@@ -161,7 +178,75 @@ def cmd_replay(args: argparse.Namespace) -> int:
     finally:
         out.flush()
         dead.flush()
-    print(f"lstmd replay: {predicted} predictions, {rejected} rejected", file=sys.stderr)
+    print(
+        f"lstmd replay: {predicted} predictions, {rejected} rejected; engine {processor.engine.name}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Answers before a deployment what `lstmd run` would do with a model file:
+    it loads and self-checks the model exactly as the daemon does (same refusals,
+    same exit 2), then reports instead of serving."""
+    import json
+    import math
+
+    from daemon.config import load_pipeline_settings
+    from daemon.inference.engines.factory import make_engine
+    from daemon.inference.formats import FORMAT_NAMES
+    from daemon.inference.model import SELF_CHECK_STEPS, load_model
+    from daemon.inference.tolerance import ATOL
+    from daemon.ops import logs
+
+    settings = load_pipeline_settings(engine=args.engine)
+    logs.configure("WARNING", "console")
+    model = load_model(Path(args.model))  # runs the start-up self-check, as `lstmd run` does
+    fast, fast_refused = make_engine("fast", model)
+    serving = fast if settings.engine == "fast" else make_engine(settings.engine, model)[0]
+    report = {
+        "model": str(model.identity),
+        "sha256": model.identity.sha256,
+        "format": FORMAT_NAMES[model.file_format],
+        "translated": list(model.translations),
+        "layers": model.layer_kinds,
+        "input_features": model.n_features,
+        "output_width": model.output_width,
+        "engine": {
+            "configured": settings.engine,
+            "serving": serving.name,
+            "with_fast": fast.name,
+            "fast_refused": fast_refused,
+        },
+        "state_shapes": [list(shape) for shape in model.state_shapes],
+        "state_bytes_per_sequence": 4 * sum(math.prod(shape) for shape in model.state_shapes),
+        "self_check": f"passed: {SELF_CHECK_STEPS} steps one at a time equal the whole prefixes "
+        f"(tolerance {ATOL:g})",
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    fast_line = "fast" if fast_refused is None else f"{fast.name}, fast refused: {fast_refused}"
+    rows = [
+        ("model", f"{report['model']} (sha256 {model.identity.sha256})"),
+        (
+            "format",
+            FORMAT_NAMES[model.file_format]
+            + (f"; translated: {'; '.join(model.translations)}" if model.translations else ""),
+        ),
+        ("layers", ", ".join(model.layer_kinds)),
+        ("input", f"{model.n_features} features per event"),
+        ("output", f"{model.output_width} values per event"),
+        ("engine", f"{serving.name} (LSTMD_ENGINE={settings.engine}); with LSTMD_ENGINE=fast: {fast_line}"),
+        (
+            "state",
+            f"{report['state_bytes_per_sequence']} bytes per open sequence (float32, shapes "
+            f"{', '.join(str(tuple(s)) for s in model.state_shapes)})",
+        ),
+        ("self-check", str(report["self_check"])),
+    ]
+    for name, text in rows:
+        print(f"{name:<11} {text}")
     return EXIT_OK
 
 
@@ -186,18 +271,25 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="the daemon, configured by LSTMD_* variables").set_defaults(func=cmd_run)
     r = sub.add_parser("replay", help="the same pipeline over a JSON-lines file, no broker")
-    r.add_argument("--model", required=True, help="a .keras model file")
+    r.add_argument("--model", required=True, help="a .keras, .h5 or .hdf5 model file")
     r.add_argument("--input", required=True, help='JSON lines of {"key": ..., "value": {...}}')
     r.add_argument("--output", help="prediction lines (default: stdout)")
     r.add_argument("--dlq", help="rejected-record lines (default: stderr)")
     r.add_argument(
         "--engine",
         choices=("keras", "fast"),
-        default="keras",
-        help="inference engine (default: keras); fast falls back to keras, with a warning, "
-        "for a model it cannot serve",
+        help="inference engine (default: LSTMD_ENGINE, else keras); fast falls back to keras, "
+        "with a warning, for a model it cannot serve",
     )
+    r.add_argument("--step-gap", choices=("continue", "reset"), help="default: LSTMD_STEP_GAP, else continue")
+    r.add_argument("--max-record-bytes", type=int, help="default: LSTMD_MAX_RECORD_BYTES, else 1 MiB")
+    r.add_argument("--max-sequences", type=int, help="default: LSTMD_MAX_SEQUENCES, else 100000")
     r.set_defaults(func=cmd_replay)
+    i = sub.add_parser("inspect", help="what a model file is and how lstmd would serve it")
+    i.add_argument("model", help="a .keras, .h5 or .hdf5 model file")
+    i.add_argument("--engine", choices=("keras", "fast"), help="default: LSTMD_ENGINE, else keras")
+    i.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    i.set_defaults(func=cmd_inspect)
     for entry_point in entry_points(group=COMMANDS_GROUP):
         register = _load_commands(entry_point)
         if register is not None:

@@ -27,10 +27,17 @@ Delivery = Literal["at-least-once", "exactly-once"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+#: Model files lstmd reads: Keras 3 archives and Keras 2 HDF5 (daemon/inference/formats.py).
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
-class Settings(BaseSettings):
-    """The daemon's whole configuration; field `foo` is variable `LSTMD_FOO`."""
+class PipelineSettings(BaseSettings):
+    """What every command that runs the pipeline reads (`lstmd run`, `replay`,
+    `inspect`): how records become engine steps. Field `foo` is variable `LSTMD_FOO`.
+
+    A separate class so the commands without a broker read the same variables
+    as the daemon, without requiring the Kafka ones.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -38,6 +45,16 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
     )
+
+    engine: Engine = "keras"
+    max_sequences: int = Field(default=100_000, ge=0, description="per process; 0: unbounded")
+    max_record_bytes: int = Field(default=1 << 20, ge=64)
+    step_gap: Literal["continue", "reset"] = "continue"
+    tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
+
+
+class Settings(PipelineSettings):
+    """The daemon's whole configuration; field `foo` is variable `LSTMD_FOO`."""
 
     kafka_bootstrap_servers: str = Field(description="comma-separated host:port list")
     input_topic: str = Field(min_length=1)
@@ -47,16 +64,12 @@ class Settings(BaseSettings):
 
     dlq_topic: str = Field(default="", description="default <input topic>.dlq")
     state_topic: str = Field(default="", description="default <group id>.state")
-    engine: Engine = "keras"
     delivery: Delivery = "at-least-once"
     http_port: int = Field(default=9102, ge=0, le=65535)
     log_level: LogLevel = "INFO"
     log_format: Literal["json", "console"] = "json"
     create_topics: bool = False
     sequence_idle_timeout_s: float = Field(default=86400.0, ge=0, description="0: never")
-    max_sequences: int = Field(default=100_000, ge=0, description="per process; 0: unbounded")
-    max_record_bytes: int = Field(default=1 << 20, ge=64)
-    step_gap: Literal["continue", "reset"] = "continue"
     checkpoint_interval_ms: int = Field(
         default=1000, ge=0, description="at-least-once; exactly-once checkpoints every poll batch"
     )
@@ -65,7 +78,6 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         default=20.0, gt=0, le=600, description="SIGTERM to exit, at most; the final checkpoint's budget"
     )
-    tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
 
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism | None = None
@@ -96,10 +108,12 @@ class Settings(BaseSettings):
     @field_validator("model_path")
     @classmethod
     def _model_file(cls, value: Path) -> Path:
+        if value.is_dir():
+            return value  # the model loader says what it is (a SavedModel?) and how to convert it
         if not value.is_file():
             raise ValueError(f"no such file: {value}")
-        if value.suffix != ".keras":
-            raise ValueError(f"expected a .keras file, got {value.name}")
+        if value.suffix.lower() not in MODEL_SUFFIXES:
+            raise ValueError(f"expected a .keras, .h5 or .hdf5 model file, got {value.name}")
         return value
 
     @field_validator(
@@ -214,7 +228,22 @@ def load_settings() -> Settings:
         raise ConfigError(_describe(exc)) from None
 
 
-def _describe(exc: ValidationError) -> str:
+def load_pipeline_settings(**flags: object) -> PipelineSettings:
+    """The pipeline's settings for a command without a broker: the `LSTMD_*`
+    variables, each overridden by its command-line flag when given (not None).
+    Raises ConfigError naming every bad variable or flag."""
+    given: dict[str, Any] = {name: value for name, value in flags.items() if value is not None}
+    try:
+        return PipelineSettings(**given)  # init values take precedence over the environment
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, flags=frozenset(given))) from None
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _describe(exc: ValidationError, flags: frozenset[str] = frozenset()) -> str:
     lines: list[str] = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else ""
@@ -226,5 +255,5 @@ def _describe(exc: ValidationError) -> str:
             message = "required but not set"
         elif field not in SECRET_FIELDS and error["type"] != "value_error":
             message = f"{message} (got {error.get('input')!r})"
-        lines.append(f"{env_name(field)}: {message}")
+        lines.append(f"{flag_name(field) if field in flags else env_name(field)}: {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

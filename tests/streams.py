@@ -166,10 +166,13 @@ def check_predictions(
     *,
     exactly_once: bool = True,
     unchecked: frozenset[tuple[str, int]] = frozenset(),
+    oracle: Callable[[Path, list[np.ndarray]], list[np.ndarray]] = expected_outputs_many,
 ) -> None:
     """Every event with an x has a prediction equal to the oracle (1e-5) carrying its
     partition and offset; with exactly_once, one and only one. Segments in
-    `unchecked` (key, segment) still need their predictions, but not their values."""
+    `unchecked` (key, segment) still need their predictions, but not their values.
+    `oracle` evaluates the model file: tests/oracle.py's with Keras 3, or for a
+    Keras 2 file tests/keras2_models.py's with Keras 2."""
     by_source: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for rec in outputs:
         value = orjson.loads(rec.value)
@@ -186,9 +189,7 @@ def check_predictions(
     expected = dict(
         zip(
             checked,
-            expected_outputs_many(
-                model_path, [np.asarray(stream.segments[seg], dtype=np.float32) for seg in checked]
-            ),
+            oracle(model_path, [np.asarray(stream.segments[seg], dtype=np.float32) for seg in checked]),
             strict=True,
         )
     )

@@ -93,7 +93,7 @@ def commands(parser: argparse.ArgumentParser) -> set[str]:
 def test_devtools_commands_come_from_their_entry_point() -> None:
     (entry_point,) = (ep for ep in entry_points(group=cli.COMMANDS_GROUP) if ep.name == "devtools")
     assert entry_point.value == "daemon.devtools.commands:register"
-    assert commands(cli.parser()) == {"run", "replay", "bench", "make-demo-model", "demo"}
+    assert commands(cli.parser()) == {"run", "replay", "inspect", "bench", "make-demo-model", "demo"}
     args = cli.parser().parse_args(["demo", "--events", "5"])
     assert (args.events, args.sequences, args.func.__module__) == (5, 8, "daemon.devtools.commands")
 
@@ -109,15 +109,15 @@ def without_devtools(missing: str) -> list[EntryPoint]:
 
 
 @pytest.mark.parametrize("missing", ["daemon.devtools.commands", "daemon.devtools"])
-def test_without_devtools_only_run_and_replay(
+def test_without_devtools_only_run_replay_and_inspect(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], missing: str
 ) -> None:
     """The image: the entry point is in the package metadata, its module is not."""
     monkeypatch.setattr(cli, "entry_points", lambda group: without_devtools(missing))
     parser = cli.parser()
-    assert commands(parser) == {"run", "replay"}
+    assert commands(parser) == {"run", "replay", "inspect"}
     args = parser.parse_args(["replay", "--model", "m.keras", "--input", "in.jsonl"])
-    assert args.func is cli.cmd_replay and args.engine == "keras"
+    assert args.func is cli.cmd_replay and args.engine is None  # LSTMD_ENGINE decides
     assert parser.parse_args(["run"]).func is cli.cmd_run
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench"])

@@ -228,7 +228,8 @@ def test_replay_and_config_accept_fast() -> None:
 
     args = parser().parse_args(["replay", "--model", "m.keras", "--input", "i", "--engine", "fast"])
     assert args.engine == "fast"
-    assert parser().parse_args(["replay", "--model", "m.keras", "--input", "i"]).engine == "keras"
+    # No flag: LSTMD_ENGINE decides, else keras (tests/test_inspect_and_replay.py).
+    assert parser().parse_args(["replay", "--model", "m.keras", "--input", "i"]).engine is None
     assert "fast" in typing.get_args(Settings.model_fields["engine"].annotation)
 
 

@@ -132,17 +132,25 @@ def test_missing_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_directory_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(UnservableModelError, match="no such file"):
+    with pytest.raises(UnservableModelError, match="is a directory, not a model file"):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["garbage.keras", "garbage.h5", "garbage.txt"])
+@pytest.mark.parametrize("name", ["garbage.keras", "garbage.h5"])
 def test_not_a_keras_model_is_refused(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     path.write_bytes(b"this is not a model\n" * 10)
     with pytest.raises(UnservableModelError, match="not a loadable Keras model") as info:
         load_model(path)
     assert name in str(info.value)
+
+
+def test_another_format_is_refused_saying_how_to_convert(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.txt"
+    path.write_bytes(b"this is not a model\n" * 10)
+    with pytest.raises(UnservableModelError, match=r"\.txt is not a model format lstmd reads") as info:
+        load_model(path)
+    assert "garbage.txt" in str(info.value) and 'model.save("m.keras")' in str(info.value)
 
 
 def test_the_batched_oracle_is_the_oracle() -> None:

@@ -116,3 +116,12 @@ def test_an_evicted_sequence_keeps_its_last_step() -> None:
     changes = {key: SequenceState.restore(v)[0] for _, key, v in proc.store.take_changes("m@0") if v}
     assert changes["a"].n == 0 and changes["a"].last_step == 5
     assert proc.store.committed(0, 10) == []
+
+
+def test_model_ids_name_the_same_model_by_their_hash() -> None:
+    from daemon.core.state import same_model
+
+    assert same_model("a@0123456789ab", "b@0123456789ab")
+    assert same_model("my@model@0123456789ab", "b@0123456789ab")  # a stem may hold "@"
+    assert not same_model("a@0123456789ab", "a@ba9876543210")
+    assert same_model("m@0", "m@0") and not same_model("m", "m@0")

@@ -38,6 +38,20 @@ def test_a_state_of_another_model_is_dropped_announced_and_keeps_its_watermark()
     assert [(o["seq"], o["y"], o["n"]) for o in got] == [("a", [3.0], 3), ("b", [1.0], 1)]
 
 
+def test_a_renamed_model_file_is_the_same_model() -> None:
+    """Identity is the file's content: a state saved as a@<hash> is adopted under
+    b@<hash>; one saved under other content is dropped."""
+    proc, _ = make(model_id="b@0123456789ab")
+    one = np.array([1.0], np.float32)
+    renamed = SequenceState(tensors=[one], n=3, watermark=4)
+    other = SequenceState(tensors=[one], n=2, watermark=5)
+    states = {"r": (renamed, "a@0123456789ab"), "o": (other, "a@ba9876543210")}
+    evicted = adopt(proc.store, proc.model_id, 0, states)
+    assert [(e.key, e.cause) for e in evicted] == [("o", "model_changed")]
+    got = outputs(proc, recs([("r", {"x": [1]}), ("o", {"x": [1]})], start=6))
+    assert [(o["seq"], o["y"], o["n"]) for o in got] == [("r", [2.0], 4), ("o", [1.0], 1)]
+
+
 def test_capacity_eviction_is_announced_in_the_batch() -> None:
     proc, _ = make(model_id="new@1", max_sequences=2)
     out = proc.process(recs([("a", {"x": [1]}), ("b", {"x": [1]}), ("c", {"x": [1]})]))

@@ -40,6 +40,18 @@ EVICTION_CAUSES = ("idle", "capacity", "model_changed", "unreadable")
 UNREADABLE = "unreadable"
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model ids name the same model: the same file content.
+
+    A model id is `<file stem>@<SHA-256 prefix>` (the `model` field of outputs);
+    the stem is only a label, so a renamed file is the same model and its saved
+    states still apply. An id without "@" is compared whole.
+    """
+    if "@" not in a or "@" not in b:
+        return a == b
+    return a.rpartition("@")[2] == b.rpartition("@")[2]
+
+
 class SnapshotError(ValueError):
     """A state record that is not an lstmd snapshot (or of an unknown version)."""
 

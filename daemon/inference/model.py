@@ -19,7 +19,6 @@ import copy
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import keras
 import numpy as np
 
 from daemon.errors import UnservableModelError
+from daemon.inference.formats import KERAS, read_model, refuse_unreadable_path
 from daemon.inference.tolerance import ATOL, RTOL
 
 #: Length of the random sequence of the start-up self-check.
@@ -74,6 +74,10 @@ class ServableModel:
     layer_kinds: list[str]
     output_has_time: tuple[bool, ...] = field(default=())
     state_variables: list[Any] = field(default_factory=list)
+    file_format: str = KERAS
+    translations: tuple[str, ...] = field(default=())
+    """The file's format (daemon.inference.formats) and the Keras 2 config keys
+    rewritten to read it."""
 
     def reset_states(self) -> None:
         """Zero the state variables of every recurrent layer of the stateful copy."""
@@ -106,8 +110,10 @@ def last_step_output(model: ServableModel, prefix: np.ndarray) -> np.ndarray:
 
 
 def load_model(path: str | Path) -> ServableModel:
-    """Load a `.keras` file and make it servable, or raise UnservableModelError.
+    """Load a model file and make it servable, or raise UnservableModelError.
 
+    Formats: a Keras 3 `.keras` file, or a Keras 2 HDF5 `.h5`/`.hdf5` file (see
+    daemon.inference.formats, which also refuses the others, saying how to convert).
     Refused: a file that is missing, unreadable or not a Keras model; no recurrent
     layer (LSTM, GRU, SimpleRNN or another keras.layers.RNN); a Bidirectional layer;
     a recurrent layer with go_backwards=True or wrapped in another layer; more than
@@ -118,25 +124,14 @@ def load_model(path: str | Path) -> ServableModel:
     """
     path = Path(path)
     where = f"model file {str(path)!r}"
-    if not path.is_file():
-        raise UnservableModelError(f"{where}: no such file")
+    refuse_unreadable_path(path, where)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise UnservableModelError(f"{where}: cannot be read: {exc}") from exc
     identity = ModelIdentity(name=path.stem, sha256=hashlib.sha256(data).hexdigest())
-    # Load the very bytes that were hashed (the file may be replaced meanwhile),
-    # from a private copy that keeps the file name and so the format suffix.
-    with tempfile.TemporaryDirectory(prefix="lstmd-model-") as tmp:
-        copy_path = Path(tmp) / path.name
-        try:
-            copy_path.write_bytes(data)
-            loaded = keras.saving.load_model(copy_path, compile=False)
-        except Exception as exc:
-            detail = str(exc).replace(str(copy_path), str(path))
-            raise UnservableModelError(
-                f"{where}: not a loadable Keras model: {type(exc).__name__}: {detail}"
-            ) from exc
+    source = read_model(path, data, where)
+    loaded = source.model
     if not isinstance(loaded, keras.Model):
         raise UnservableModelError(f"{where}: holds a {type(loaded).__name__}, not a model")
 
@@ -188,6 +183,8 @@ def load_model(path: str | Path) -> ServableModel:
         ],
         output_has_time=output_has_time,
         state_variables=state_variables,
+        file_format=source.format,
+        translations=source.translations,
     )
     verify(model, where=where)
     return model

@@ -16,7 +16,15 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import AuthorizationError, KafkaError
 
 from daemon.config import Settings
-from daemon.core.state import UNREADABLE, Eviction, SequenceState, SnapshotError, StateStore, StateTensors
+from daemon.core.state import (
+    UNREADABLE,
+    Eviction,
+    SequenceState,
+    SnapshotError,
+    StateStore,
+    StateTensors,
+    same_model,
+)
 from daemon.kafka.acl import authorization_failure
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -168,7 +176,8 @@ def adopt(
 ) -> list[Eviction]:
     """Install a restored partition's states; returns the evictions to announce.
 
-    A state saved under another model is never applied to this one: it is
+    A state saved under another model (other file content: `same_model`; a
+    renamed file is the same model) is never applied to this one: it is
     dropped (its watermark kept) and announced, and the sequence starts over.
     Installed in the order the keys were last used in (the snapshot's last use,
     then the watermark), so the least recently used state is evicted first after
@@ -180,7 +189,7 @@ def adopt(
         cause = None
         if saved_by == UNREADABLE or (state.tensors is not None and not _fits(state.tensors, state_shapes)):
             cause = "unreadable"  # its tensors are lost, or do not fit this model
-        elif saved_by != model_id and state.n:
+        elif not same_model(saved_by, model_id) and state.n:
             cause = "model_changed"
         if cause is not None:
             evicted.append(Eviction(partition, key, cause, state.n, state.watermark))
