@@ -1,0 +1,79 @@
+"""The layer zoo (issue 10): time-series models with normalizations, rescaling,
+TimeDistributed, a last recurrent layer returning sequences, masking and merges,
+served by both engines through the processor, every prediction the oracle's
+(tests/oracle.py, 1e-5). The fast engine must serve each itself: no fallback."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import orjson
+import pytest
+
+from daemon.core.processor import Processor
+from daemon.core.state import StateStore
+from daemon.inference.engines.factory import make_engine
+from daemon.inference.engines.fast import FastEngine
+from daemon.inference.engines.keras import KerasEngine
+from daemon.inference.model import ServableModel, load_model
+from daemon.ops.metrics import Metrics
+from daemon.replay import FileRecord
+from tests.models import MASK_VALUE, ZOO, built
+from tests.oracle import assert_matches, expected_outputs_many
+
+KINDS = sorted(ZOO)
+MASKED = {"masked", "masked_sequences"}
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, ServableModel]:
+    return {}
+
+
+def _model(loaded: dict[str, ServableModel], kind: str) -> ServableModel:
+    if kind not in loaded:
+        loaded[kind] = load_model(built(kind))
+    return loaded[kind]
+
+
+def _serve(model: ServableModel, engine_name: str, kind: str, seed: int) -> None:
+    """5 interleaved sequences of ~60 events in 3 poll batches, with resets
+    (`start`) and, for the masked models, masked steps (runs of them, and a
+    sequence starting with one); every output checked against the oracle."""
+    engine, reason = make_engine(engine_name, model)
+    assert reason is None
+    assert isinstance(engine, FastEngine if engine_name == "fast" else KerasEngine)
+    proc = Processor(
+        engine, model_id="m@0", n_features=model.n_features, store=StateStore(), metrics=Metrics()
+    )
+    rnd = random.Random(seed)
+    rng = np.random.default_rng(seed)
+    segments: dict[str, list[list[np.ndarray]]] = {f"s{i}": [[]] for i in range(5)}
+    records, where = [], []
+    for offset in range(60):
+        key = rnd.choice(sorted(segments))
+        start = bool(segments[key][-1]) and rnd.random() < 0.1
+        if start:
+            segments[key].append([])
+        x = rng.standard_normal(model.n_features).astype(np.float32)
+        if kind in MASKED and (rnd.random() < 0.3 or offset == 0):
+            x[:] = MASK_VALUE
+        seg = segments[key][-1]
+        seg.append(x)
+        where.append((key, len(segments[key]) - 1, len(seg) - 1))
+        value = {"x": [float(v) for v in x], **({"start": True} if start else {})}
+        records.append(FileRecord("in", 0, offset, 0, key.encode(), orjson.dumps(value)))
+    outputs = [o for batch in (records[:7], records[7:30], records[30:]) for o in proc.process(batch)]
+    assert len(outputs) == len(records) and not any(o.dead_letter for o in outputs)
+    flat = [(key, s) for key, segs in segments.items() for s in range(len(segs))]
+    oracle = expected_outputs_many(built(kind), [np.stack(segments[k][s]) for k, s in flat])
+    expected = dict(zip(flat, oracle, strict=True))
+    got = np.array([orjson.loads(o.value or b"")["y"] for o in outputs])
+    want = np.stack([expected[(key, s)][t] for key, s, t in where])
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keras_engine_serves_the_zoo(loaded: dict[str, ServableModel], kind: str) -> None:
+    _serve(_model(loaded, kind), "keras", kind, seed=1)
