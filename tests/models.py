@@ -292,7 +292,7 @@ def fast_mix(path: Path | str, features: int = 3) -> Path:
 
 
 def layer_norm(path: Path | str, features: int = 2) -> Path:
-    """LSTM -> LayerNormalization -> Dense: servable, not by the fast engine."""
+    """LSTM (return_sequences) -> LayerNormalization -> Dense."""
     _seed()
     model = keras.Sequential(
         [
@@ -306,7 +306,7 @@ def layer_norm(path: Path | str, features: int = 2) -> Path:
 
 
 def time_distributed(path: Path | str, features: int = 2) -> Path:
-    """GRU -> TimeDistributed(Dense): servable, not by the fast engine."""
+    """GRU -> TimeDistributed(Dense)."""
     _seed()
     model = keras.Sequential(
         [
@@ -318,7 +318,43 @@ def time_distributed(path: Path | str, features: int = 2) -> Path:
     return _finish(model, path)
 
 
-SERVABLE.update({"fast_mix": fast_mix, "layer_norm": layer_norm, "time_distributed": time_distributed})
+def unit_norm(path: Path | str, features: int = 2) -> Path:
+    """LSTM -> UnitNormalization -> Dense: servable, not by the fast engine."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.LSTM(4),
+            layers.UnitNormalization(),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def prelu(path: Path | str, features: int = 2) -> Path:
+    """GRU -> TimeDistributed(PReLU) -> Dense: servable, not by the fast engine."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.GRU(3, return_sequences=True),
+            layers.TimeDistributed(layers.PReLU()),
+            layers.Dense(2),
+        ]
+    )
+    return _finish(model, path)
+
+
+SERVABLE.update(
+    {
+        "fast_mix": fast_mix,
+        "layer_norm": layer_norm,
+        "time_distributed": time_distributed,
+        "unit_norm": unit_norm,
+        "prelu": prelu,
+    }
+)
 
 
 # ------------------------------------------------------- the layer zoo (issue 10)

@@ -77,3 +77,8 @@ def _serve(model: ServableModel, engine_name: str, kind: str, seed: int) -> None
 @pytest.mark.parametrize("kind", KINDS)
 def test_keras_engine_serves_the_zoo(loaded: dict[str, ServableModel], kind: str) -> None:
     _serve(_model(loaded, kind), "keras", kind, seed=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_engine_serves_the_zoo(loaded: dict[str, ServableModel], kind: str) -> None:
+    _serve(_model(loaded, kind), "fast", kind, seed=2)
