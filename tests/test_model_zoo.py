@@ -13,6 +13,7 @@ import pytest
 
 from daemon.core.processor import Processor
 from daemon.core.state import StateStore
+from daemon.errors import UnservableModelError
 from daemon.inference.engines.factory import make_engine
 from daemon.inference.engines.fast import FastEngine
 from daemon.inference.engines.keras import KerasEngine
@@ -82,3 +83,11 @@ def test_keras_engine_serves_the_zoo(loaded: dict[str, ServableModel], kind: str
 @pytest.mark.parametrize("kind", KINDS)
 def test_fast_engine_serves_the_zoo(loaded: dict[str, ServableModel], kind: str) -> None:
     _serve(_model(loaded, kind), "fast", kind, seed=2)
+
+
+def test_self_check_masks_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up self-check feeds a masked model masked steps: without the copy's
+    masked-step output (the RNN's h) it refuses the model instead of serving it wrong."""
+    monkeypatch.setattr("daemon.inference.model._carry_masked_output", lambda layer: None)
+    with pytest.raises(UnservableModelError, match="at step 1 differs"):
+        load_model(built("masked"))
