@@ -14,8 +14,10 @@ import pytest
 from daemon.core.processor import Processor
 from daemon.core.state import StateStore
 from daemon.errors import UnservableModelError
+from daemon.inference.engines.contract import parity_guard
 from daemon.inference.engines.factory import make_engine
 from daemon.inference.engines.fast import FastEngine
+from daemon.inference.engines.fast.kernels import RecurrentOp
 from daemon.inference.engines.keras import KerasEngine
 from daemon.inference.model import ServableModel, load_model
 from daemon.ops.metrics import Metrics
@@ -91,3 +93,16 @@ def test_self_check_masks_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("daemon.inference.model._carry_masked_output", lambda layer: None)
     with pytest.raises(UnservableModelError, match="at step 1 differs"):
         load_model(built("masked"))
+
+
+def test_parity_guard_masks_steps(loaded: dict[str, ServableModel]) -> None:
+    """The fast engine's start-up parity guard feeds a masked model masked steps:
+    a fast engine whose recurrent layers ignore the mask is caught."""
+    model = _model(loaded, "masked")
+    assert parity_guard(FastEngine(model), KerasEngine(model), model) is None
+    unmasked = FastEngine(model)
+    for op in unmasked.plan.ops:
+        if isinstance(op, RecurrentOp):
+            op.srcs = op.srcs[:1]  # the data input only: the mask is ignored
+    reason = parity_guard(unmasked, KerasEngine(model), model)
+    assert reason is not None and "differs" in reason

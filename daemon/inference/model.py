@@ -193,6 +193,17 @@ def load_model(path: str | Path) -> ServableModel:
     return model
 
 
+def mask_value(model: ServableModel) -> np.float32 | None:
+    """The mask_value of the model's first `Masking` layer, or None without one.
+
+    Checks that feed random inputs (the self-check, the engines' parity guard)
+    use it to take the masked-step path too."""
+    for layer in _walk_layers(model.stateless):
+        if isinstance(layer, keras.layers.Masking):
+            return np.float32(layer.mask_value)
+    return None
+
+
 def verify(
     model: ServableModel,
     *,
@@ -215,9 +226,9 @@ def verify(
     xs = rng.standard_normal((steps, model.n_features)).astype(np.float32)
     # A model that masks steps is also checked on masked steps (a run of two),
     # the path random inputs never take.
-    masking = [layer for layer in _walk_layers(model.stateless) if isinstance(layer, keras.layers.Masking)]
-    if masking and steps >= 4:
-        xs[1:3] = np.float32(masking[0].mask_value)
+    masked = mask_value(model)
+    if masked is not None and steps >= 4:
+        xs[1:3] = masked
     model.reset_states()
     try:
         for t in range(steps):
