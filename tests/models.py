@@ -447,7 +447,7 @@ def merged(path: Path | str, features: int = 3) -> Path:
     return _finish(model, path)
 
 
-#: The value of a masked step in the masked models' inputs.
+#: The value of a masked step in the masked models' inputs (masked_merged: -1).
 MASK_VALUE = 0.0
 
 
@@ -481,7 +481,41 @@ def masked_sequences(path: Path | str, features: int = 3) -> Path:
     return _finish(model, path)
 
 
+def masked_merged(path: Path | str, features: int = 3) -> Path:
+    """Masking (mask_value -1) feeding two branches merged by Add: a Dense -> LSTM(8)
+    with zero_output_for_mask=True (masked steps output zeros) and a Dense(8);
+    then an RNN over stacked GRU and LSTM cells (nested states) -> Dense(1)."""
+    _seed()
+    inp = keras.Input(shape=(None, features))
+    masked = layers.Masking(mask_value=-1.0)(inp)
+    seq = layers.LSTM(8, return_sequences=True, zero_output_for_mask=True)(layers.Dense(4)(masked))
+    added = layers.Add()([seq, layers.Dense(8)(masked)])
+    last = layers.RNN([layers.GRUCell(4), layers.LSTMCell(3)])(added)
+    return _finish(keras.Model(inp, layers.Dense(1)(last)), path)
+
+
+def global_normalized(path: Path | str, features: int = 3) -> Path:
+    """Normalization(axis=None) (one adapted mean and variance for all features) ->
+    LSTM(8) -> Rescaling with per-unit scale and offset -> BatchNormalization -> Dense(1)."""
+    _seed()
+    norm = layers.Normalization(axis=None)
+    norm.adapt(_training_data(features))
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            norm,
+            layers.LSTM(8),
+            layers.Rescaling([0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0], offset=[0.1] * 8),
+            layers.BatchNormalization(),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
 ZOO: dict[str, Callable[[Path], Path]] = {
+    "masked_merged": masked_merged,
+    "global_normalized": global_normalized,
     "normalized": normalized,
     "scaled_sequences": scaled_sequences,
     "batch_normalized": batch_normalized,

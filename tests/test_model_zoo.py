@@ -19,14 +19,13 @@ from daemon.inference.engines.factory import make_engine
 from daemon.inference.engines.fast import FastEngine
 from daemon.inference.engines.fast.kernels import RecurrentOp
 from daemon.inference.engines.keras import KerasEngine
-from daemon.inference.model import ServableModel, load_model
+from daemon.inference.model import ServableModel, load_model, mask_value
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord
-from tests.models import MASK_VALUE, ZOO, built
+from tests.models import ZOO, built
 from tests.oracle import assert_matches, expected_outputs_many
 
 KINDS = sorted(ZOO)
-MASKED = {"masked", "masked_sequences"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +51,7 @@ def _serve(model: ServableModel, engine_name: str, kind: str, seed: int) -> None
     )
     rnd = random.Random(seed)
     rng = np.random.default_rng(seed)
+    masked = mask_value(model)
     segments: dict[str, list[list[np.ndarray]]] = {f"s{i}": [[]] for i in range(5)}
     records, where = [], []
     for offset in range(60):
@@ -60,8 +60,8 @@ def _serve(model: ServableModel, engine_name: str, kind: str, seed: int) -> None
         if start:
             segments[key].append([])
         x = rng.standard_normal(model.n_features).astype(np.float32)
-        if kind in MASKED and (rnd.random() < 0.3 or offset == 0):
-            x[:] = MASK_VALUE
+        if masked is not None and (rnd.random() < 0.3 or offset == 0):
+            x[:] = masked
         seg = segments[key][-1]
         seg.append(x)
         where.append((key, len(segments[key]) - 1, len(seg) - 1))
