@@ -12,7 +12,16 @@ from daemon.inference.model import ServableModel
 from tests.fakes import Slot
 
 #: The test models (tests/models.py) every engine serves.
-KINDS = ["lstm_dense", "stacked_lstm_gru", "three_kinds", "multi_output", "exotic", "fast_mix"]
+KINDS = [
+    "lstm_dense",
+    "stacked_lstm_gru",
+    "three_kinds",
+    "multi_output",
+    "exotic",
+    "fast_mix",
+    "layer_norm",
+    "time_distributed",
+]
 
 
 @dataclass

@@ -292,7 +292,7 @@ def fast_mix(path: Path | str, features: int = 3) -> Path:
 
 
 def layer_norm(path: Path | str, features: int = 2) -> Path:
-    """LSTM -> LayerNormalization -> Dense: servable, not by the fast engine."""
+    """LSTM (return_sequences) -> LayerNormalization -> Dense."""
     _seed()
     model = keras.Sequential(
         [
@@ -306,7 +306,7 @@ def layer_norm(path: Path | str, features: int = 2) -> Path:
 
 
 def time_distributed(path: Path | str, features: int = 2) -> Path:
-    """GRU -> TimeDistributed(Dense): servable, not by the fast engine."""
+    """GRU -> TimeDistributed(Dense)."""
     _seed()
     model = keras.Sequential(
         [
@@ -318,4 +318,209 @@ def time_distributed(path: Path | str, features: int = 2) -> Path:
     return _finish(model, path)
 
 
-SERVABLE.update({"fast_mix": fast_mix, "layer_norm": layer_norm, "time_distributed": time_distributed})
+def unit_norm(path: Path | str, features: int = 2) -> Path:
+    """LSTM -> UnitNormalization -> Dense: servable, not by the fast engine."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.LSTM(4),
+            layers.UnitNormalization(),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def prelu(path: Path | str, features: int = 2) -> Path:
+    """GRU -> TimeDistributed(PReLU) -> Dense: servable, not by the fast engine."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.GRU(3, return_sequences=True),
+            layers.TimeDistributed(layers.PReLU()),
+            layers.Dense(2),
+        ]
+    )
+    return _finish(model, path)
+
+
+SERVABLE.update(
+    {
+        "fast_mix": fast_mix,
+        "layer_norm": layer_norm,
+        "time_distributed": time_distributed,
+        "unit_norm": unit_norm,
+        "prelu": prelu,
+    }
+)
+
+
+# ------------------------------------------------------- the layer zoo (issue 10)
+#
+# Realistic small time-series models (3 features, LSTM(8)) built around the
+# per-step layers both engines serve: normalizations, rescaling, TimeDistributed,
+# a last recurrent layer returning sequences, masking and merges of branches.
+
+
+def _training_data(features: int = 3, seed: int = SEED) -> np.ndarray:
+    """(64, 5, features) float32 with per-feature offsets and scales, to adapt on."""
+    rng = np.random.default_rng(seed)
+    scale = np.linspace(0.5, 3.0, features, dtype=np.float32)
+    offset = np.linspace(-2.0, 4.0, features, dtype=np.float32)
+    return (rng.standard_normal((64, 5, features)).astype(np.float32) * scale + offset).astype(np.float32)
+
+
+def normalized(path: Path | str, features: int = 3) -> Path:
+    """The issue's model: Normalization (adapted) -> LSTM(8) -> LayerNormalization -> Dense(1)."""
+    _seed()
+    norm = layers.Normalization()
+    norm.adapt(_training_data(features))
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            norm,
+            layers.LSTM(8),
+            layers.LayerNormalization(),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def scaled_sequences(path: Path | str, features: int = 3) -> Path:
+    """Normalization with mean and variance given, Rescaling, a last GRU with
+    return_sequences=True, LayerNormalization (axis=2, no center, epsilon 0.01),
+    TimeDistributed(Dense(2)) and an adapted Normalization(invert=True) on the
+    output: the output has a time axis."""
+    _seed()
+    target = layers.Normalization(invert=True)
+    target.adapt(_training_data(2, seed=SEED + 1))
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.Normalization(mean=[1.0, -2.0, 0.5][:features], variance=[4.0, 0.25, 1.0][:features]),
+            layers.Rescaling(0.5, offset=0.1),
+            layers.GRU(8, return_sequences=True),
+            layers.LayerNormalization(axis=2, center=False, epsilon=1e-2),
+            layers.TimeDistributed(layers.Dense(2, activation="tanh")),
+            target,
+        ]
+    )
+    return _finish(model, path)
+
+
+def batch_normalized(path: Path | str, features: int = 3) -> Path:
+    """BatchNormalization (moving statistics) before and after a stacked LSTM whose
+    last layer returns sequences, TimeDistributed(Dense(1)) and a Rescaling."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.BatchNormalization(),
+            layers.LSTM(8, return_sequences=True),
+            layers.SimpleRNN(4, return_sequences=True),
+            layers.BatchNormalization(center=False, epsilon=0.01),
+            layers.TimeDistributed(layers.Dense(1)),
+            layers.Rescaling(10.0),
+        ]
+    )
+    return _finish(model, path)
+
+
+def merged(path: Path | str, features: int = 3) -> Path:
+    """Branches of the one input merged element-wise: Add, Multiply, Average and a
+    Concatenate on the last axis of two heads (per step and last step)."""
+    _seed()
+    inp = keras.Input(shape=(None, features))
+    norm = layers.LayerNormalization()(inp)
+    skip = layers.Dense(8)(inp)
+    seq = layers.LSTM(8, return_sequences=True)(norm)
+    added = layers.Add()([seq, skip])
+    gated = layers.Multiply()([added, layers.Dense(8, activation="sigmoid")(inp)])
+    mean = layers.Average()([gated, seq, skip])
+    last = layers.GRU(4)(mean)
+    both = layers.Concatenate()([last, layers.Dense(2)(last)])
+    per_step = layers.Concatenate(axis=-1)([layers.Dense(2)(mean), inp])
+    model = keras.Model(inp, [layers.Dense(1)(both), per_step])
+    return _finish(model, path)
+
+
+#: The value of a masked step in the masked models' inputs (masked_merged: -1).
+MASK_VALUE = 0.0
+
+
+def masked(path: Path | str, features: int = 3) -> Path:
+    """Masking (steps of all zeros) -> LSTM(8) -> Dense(1)."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.Masking(mask_value=MASK_VALUE),
+            layers.LSTM(8),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def masked_sequences(path: Path | str, features: int = 3) -> Path:
+    """Masking -> GRU(8, return_sequences=True) -> SimpleRNN(4, return_sequences=True)
+    -> Dense(2): the mask flows through two recurrent layers to a per-step head."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.Masking(mask_value=MASK_VALUE),
+            layers.GRU(8, return_sequences=True),
+            layers.SimpleRNN(4, return_sequences=True),
+            layers.Dense(2),
+        ]
+    )
+    return _finish(model, path)
+
+
+def masked_merged(path: Path | str, features: int = 3) -> Path:
+    """Masking (mask_value -1) feeding two branches merged by Add: a Dense -> LSTM(8)
+    with zero_output_for_mask=True (masked steps output zeros) and a Dense(8);
+    then an RNN over stacked GRU and LSTM cells (nested states) -> Dense(1)."""
+    _seed()
+    inp = keras.Input(shape=(None, features))
+    masked = layers.Masking(mask_value=-1.0)(inp)
+    seq = layers.LSTM(8, return_sequences=True, zero_output_for_mask=True)(layers.Dense(4)(masked))
+    added = layers.Add()([seq, layers.Dense(8)(masked)])
+    last = layers.RNN([layers.GRUCell(4), layers.LSTMCell(3)])(added)
+    return _finish(keras.Model(inp, layers.Dense(1)(last)), path)
+
+
+def global_normalized(path: Path | str, features: int = 3) -> Path:
+    """Normalization(axis=None) (one adapted mean and variance for all features) ->
+    LSTM(8) -> Rescaling with per-unit scale and offset -> BatchNormalization -> Dense(1)."""
+    _seed()
+    norm = layers.Normalization(axis=None)
+    norm.adapt(_training_data(features))
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            norm,
+            layers.LSTM(8),
+            layers.Rescaling([0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0], offset=[0.1] * 8),
+            layers.BatchNormalization(),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+ZOO: dict[str, Callable[[Path], Path]] = {
+    "masked_merged": masked_merged,
+    "global_normalized": global_normalized,
+    "normalized": normalized,
+    "scaled_sequences": scaled_sequences,
+    "batch_normalized": batch_normalized,
+    "merged": merged,
+    "masked": masked,
+    "masked_sequences": masked_sequences,
+}
+SERVABLE.update(ZOO)

@@ -32,8 +32,8 @@ from tests.models import built
 from tests.oracle import assert_matches, expected_outputs
 
 FALLBACK = {
-    "layer_norm": ("layer_normalization", "LayerNormalization"),
-    "time_distributed": ("time_distributed", "TimeDistributed"),
+    "unit_norm": ("unit_normalization", "UnitNormalization"),
+    "prelu": ("p_re_lu", "PReLU"),
 }
 
 
@@ -211,11 +211,11 @@ def test_build_processor_logs_the_fallback() -> None:
     from daemon.cli import build_processor
 
     with structlog.testing.capture_logs() as logs:
-        processor = build_processor(built("layer_norm"), "fast", Metrics())
+        processor = build_processor(built("unit_norm"), "fast", Metrics())
     assert processor.engine.name == "keras"
     refused = [e for e in logs if e["event"] == "fast_engine_refused"]
     assert len(refused) == 1 and refused[0]["log_level"] == "warning"
-    assert "LayerNormalization" in refused[0]["reason"]
+    assert "UnitNormalization" in refused[0]["reason"]
     with structlog.testing.capture_logs() as logs:
         processor = build_processor(built("lstm_dense"), "fast", Metrics())
     assert processor.engine.name == "fast"

@@ -190,6 +190,17 @@ def load_model(path: str | Path) -> ServableModel:
     return model
 
 
+def mask_value(model: ServableModel) -> np.float32 | None:
+    """The mask_value of the model's first `Masking` layer, or None without one.
+
+    Checks that feed random inputs (the self-check, the engines' parity guard)
+    use it to take the masked-step path too."""
+    for layer in _walk_layers(model.stateless):
+        if isinstance(layer, keras.layers.Masking):
+            return np.float32(layer.mask_value)
+    return None
+
+
 def verify(
     model: ServableModel,
     *,
@@ -210,6 +221,11 @@ def verify(
     where = where or f"model {model.identity}"
     rng = np.random.default_rng(seed)
     xs = rng.standard_normal((steps, model.n_features)).astype(np.float32)
+    # A model that masks steps is also checked on masked steps (a run of two),
+    # the path random inputs never take.
+    masked = mask_value(model)
+    if masked is not None and steps >= 4:
+        xs[1:3] = masked
     model.reset_states()
     try:
         for t in range(steps):
@@ -377,7 +393,86 @@ def _rebuild(
         raise UnservableModelError(
             f"{where}: cannot copy the weights into the {kind} copy: {type(exc).__name__}: {exc}"
         ) from exc
+    _finalize_states(clone, where, kind)
+    if stateful:
+        for layer in _walk_layers(clone):
+            if isinstance(layer, keras.layers.RNN):
+                _carry_masked_output(layer)
     return clone
+
+
+#: Cells whose output at a step is their first state (h): a masked step's output
+#: is then the layer's h, which the masked step leaves unchanged.
+_H_CELLS = (keras.layers.LSTMCell, keras.layers.GRUCell, keras.layers.SimpleRNNCell)
+
+
+def _carry_masked_output(layer: keras.layers.RNN) -> None:
+    """Make the one-step output of a masked step what the whole sequence gives.
+
+    Keras keeps an RNN's states through a masked step (all features equal to
+    a `Masking` layer's mask_value) and outputs the previous step's output;
+    but the previous step of a one-step call is not there, so the batch-1
+    copy outputs zeros (keras/src/backend/tensorflow/rnn.py: `prev_output` of
+    step 0). The previous output of an LSTM, GRU or SimpleRNN cell (of the last
+    cell of a stack) is its h, which the copy holds in a state variable: the
+    layer's call is wrapped to output that h on a masked step. A cell of
+    another kind fails the self-check's trace if a mask reaches it. With
+    `zero_output_for_mask=True` Keras outputs zeros, as the copy does.
+    """
+    if layer.zero_output_for_mask:
+        return
+    call = layer.call
+
+    def masked_call(
+        sequences: Any, initial_state: Any = None, mask: Any = None, training: Any = False
+    ) -> Any:
+        if mask is None:
+            return call(sequences, initial_state=initial_state, mask=mask, training=training)
+        cell, states = layer.cell, layer.states
+        if isinstance(cell, keras.layers.StackedRNNCells):
+            cell, states = cell.cells[-1], states[-1]
+        if initial_state is not None or not isinstance(cell, _H_CELLS):
+            raise NotImplementedError(
+                f"recurrent layer {layer.name!r} receives a mask; lstmd serves masked "
+                "LSTM, GRU and SimpleRNN cells without an initial_state only"
+            )
+        prev = keras.ops.convert_to_tensor(keras.tree.flatten(states)[0])  # read before the call assigns
+        out = call(sequences, initial_state=initial_state, mask=mask, training=training)
+        rest: tuple[Any, ...] = ()
+        if layer.return_state:
+            out, *more = out
+            rest = tuple(more)
+        keep = keras.ops.expand_dims(keras.ops.cast(mask[:, -1], "bool"), -1)  # (1, 1): this step unmasked
+        if layer.return_sequences:
+            out = keras.ops.where(keras.ops.expand_dims(keep, 1), out, keras.ops.expand_dims(prev, 1))
+        else:
+            out = keras.ops.where(keep, out, prev)
+        return (out, *rest) if rest else out
+
+    layer.call = masked_call
+
+
+def _finalize_states(model: keras.Model, where: str, kind: str) -> None:
+    """Recompute what layers derive from their non-trainable variables.
+
+    `set_weights` assigns the variables only. An adapted `Normalization` computes
+    the `mean` and `variance` tensors its call uses from its `adapt_mean` and
+    `adapt_variance` variables in `finalize_state()`, which Keras calls after
+    `adapt()` and after loading a file but not after `set_weights`: without this
+    the copy would normalize with the initial zeros and ones. Every preprocessing
+    layer with such derived state (Normalization, Discretization, the lookups)
+    has the same hook.
+    """
+    for layer in _walk_layers(model):
+        finalize = getattr(layer, "finalize_state", None)
+        if callable(finalize):
+            try:
+                finalize()
+            except Exception as exc:
+                raise UnservableModelError(
+                    f"{where}: cannot finalize layer {layer.name!r} of the {kind} copy: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
 
 
 def _rewrite_config(

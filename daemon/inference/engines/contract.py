@@ -20,7 +20,7 @@ import numpy as np
 
 from daemon.core.engine import Engine, StateSlot
 from daemon.core.state import StateTensors
-from daemon.inference.model import ServableModel
+from daemon.inference.model import ServableModel, mask_value
 from daemon.inference.tolerance import describe_difference
 
 __all__ = [
@@ -82,10 +82,12 @@ def parity_guard(
     `sequences` interleaved sequences are stepped in `calls` calls of 1 to 6
     events each (a sequence may appear several times in one call), with random
     resets and one sequence restarted from a copy of another's state: ~35
-    events. Every output and, at the end, every state must agree to
+    events; for a model with a Masking layer, about a quarter of them masked.
+    Every output and, at the end, every state must agree to
     ATOL + RTOL * |reference| (daemon/inference/tolerance.py). Otherwise returns what differed.
     """
     rng = np.random.default_rng(seed)
+    masked = mask_value(model)
     ours = [_GuardSlot() for _ in range(sequences)]
     theirs = [_GuardSlot() for _ in range(sequences)]
     events = 0
@@ -99,6 +101,8 @@ def parity_guard(
             ours[1].tensors = [np.array(a) for a in theirs[0].tensors]
             theirs[1].tensors = [np.array(a) for a in theirs[0].tensors]
         xs = rng.standard_normal((len(picks), model.n_features)).astype(np.float32)
+        if masked is not None:
+            xs[rng.random(len(picks)) < 0.25] = masked
         try:
             got = candidate.step([ours[k] for k in picks], xs)
         except Exception as exc:

@@ -4,23 +4,36 @@
 computes one time step of N sequences as a few float32 matrix products: the
 slots' states are stacked into (N, units) matrices, every layer is applied to
 the whole wave, and the new states are split back into fresh per-slot arrays.
-It serves a model whose graph is a tree of single-input layers from the one
-input (a Sequential chain, or a functional model whose output heads branch off
-anywhere, nested models included) made of:
+It serves a model whose graph, from the one input, is made of layers with one
+input and of merges of branches that all come from that input (a Sequential
+chain, or a functional model whose branches split and merge anywhere, nested
+models included), each a register of (N, width) values per wave, made of:
 
 * recurrent layers: `LSTM`, `GRU` (`reset_after` True or False), `SimpleRNN`, and
   `RNN` over an `LSTMCell`, `GRUCell`, `SimpleRNNCell` or a stack of them, with
-  or without biases, with any activations of `ACTIVATIONS`;
+  or without biases, with any activations of `ACTIVATIONS`, returning sequences
+  or not (a one-step sequence is the step's output);
 * `Dense` (any activation of `ACTIVATIONS`), `Activation`;
+* per-feature layers: `Normalization` (adapted, or mean and variance given;
+  `invert` either way), `Rescaling`, `LayerNormalization` and
+  `BatchNormalization` (moving statistics) on the feature axis only;
+* `TimeDistributed` over any of the per-step layers above;
+* merges: `Add`, `Subtract`, `Multiply`, `Average`, `Maximum`, `Minimum` of
+  inputs of one shape, `Concatenate` on the feature axis;
+* one `Masking` layer: a recurrent layer that receives its mask keeps every
+  state of a masked row and outputs its previous output, its h (zeros with
+  `zero_output_for_mask`), as Keras does; the other layers ignore the mask at
+  inference, as Keras's do;
 * the layers that are the identity at inference: `Dropout`, `SpatialDropout1D`,
   `GaussianNoise`, `GaussianDropout`, `AlphaDropout`, `ActivityRegularization`,
   `Identity`; and `InputLayer`.
 
-Anything else (another layer or operation, a layer taking several inputs or a
-mask, `return_state`, a quantized, LoRA or non-float32 layer, an activation
-that is not one of Keras's built-ins listed in `ACTIVATIONS`) raises
-`UnsupportedModel`, whose message names the layer and its class: `make_engine`
-(daemon/engines.py) then falls back to the Keras engine.
+Anything else (another layer or operation, a recurrent layer called with an
+initial state, a mask from anything but a Masking layer, `return_state`, a
+quantized, LoRA or non-float32 layer, an activation that is not one of Keras's
+built-ins listed in `ACTIVATIONS`) raises `UnsupportedModel`, whose message
+names the layer and its class: `make_engine` (engines/factory.py) then falls
+back to the Keras engine.
 
 Why NumPy and not a compiled TensorFlow function. Measured on the 2-core
 machine this was written on (medians of 3 runs of 300-2000 calls; an LSTM step

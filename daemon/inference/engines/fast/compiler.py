@@ -7,21 +7,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 
 from daemon.inference.engines.fast.activations import numpy_activation
 from daemon.inference.engines.fast.kernels import (
     ActivationOp,
+    AffineOp,
+    BatchNormOp,
     Cell,
     DenseOp,
     GRUKernel,
+    LayerNormOp,
     LSTMKernel,
+    MaskedValuesOp,
+    MaskOp,
+    MergeOp,
+    NormalizationOp,
     Op,
     RecurrentOp,
     SimpleRNNKernel,
     describe,
     weights,
 )
-from daemon.inference.engines.fast.types import UnsupportedModel
+from daemon.inference.engines.fast.types import Array, UnsupportedModel
 from daemon.inference.model import ServableModel
 
 _CELLS: dict[type, Callable[[Any, str], Cell]] = {
@@ -46,6 +54,15 @@ _IDENTITIES = tuple(
     )
     if isinstance(cls, type)
 )
+
+_MERGES: dict[type, str] = {
+    keras.layers.Add: "add",
+    keras.layers.Subtract: "subtract",
+    keras.layers.Multiply: "multiply",
+    keras.layers.Average: "average",
+    keras.layers.Maximum: "maximum",
+    keras.layers.Minimum: "minimum",
+}
 
 
 @dataclass
@@ -72,6 +89,8 @@ class _Compiler:
             self.state_index[id(layer)] = k
             k += len(keras.tree.flatten(layer.states))
         self.seen_rnns: set[int] = set()
+        #: The register of the (one) Masking layer's mask, once compiled.
+        self.mask: int | None = None
 
     def plan(self) -> Plan:
         net = self.model.stateful
@@ -104,28 +123,48 @@ class _Compiler:
         what = describe(layer)
         if isinstance(layer, keras.layers.InputLayer):
             raise UnsupportedModel(f"{what} is a second input of the model")
-        ins = list(node.input_tensors)
-        if len(ins) != 1:
+        if not isinstance(layer, keras.layers.Layer):
             raise UnsupportedModel(
-                f"{what} takes {len(ins)} tensor inputs; the fast engine computes chains "
-                "of single-input layers"
+                f"operation {layer.name!r} ({type(layer).__name__}) is not supported by the fast engine"
             )
+        # The data inputs are the call's positional arguments (a merge's is a
+        # list); a mask Keras passes along is a keyword argument, handled below.
+        args = keras.tree.flatten(node.arguments.args)
+        ins = [a for a in args if isinstance(a, keras.KerasTensor)]
+        if len(ins) != len(args) or not ins:
+            raise UnsupportedModel(f"{what} is called with arguments that are not tensors")
+        masked = False
         for key, value in node.arguments.kwargs.items():
-            if key == "training" or (key == "mask" and value is None):
+            if key == "training" or value is None:
                 continue
-            if value is not None:
-                raise UnsupportedModel(f"{what} is called with {key}=; the fast engine does not support it")
-        src = self.tensor(ins[0], env)
+            if key == "mask":
+                masked = True
+                continue
+            raise UnsupportedModel(f"{what} is called with {key}=; the fast engine does not support it")
+        srcs = [self.tensor(x, env) for x in ins]
         dst: int
         if isinstance(layer, keras.Model):
-            outs = self.graph(layer, src)
+            if len(srcs) != 1:
+                raise UnsupportedModel(f"{what} is a nested model with {len(srcs)} inputs")
+            if masked:
+                raise UnsupportedModel(f"{what} is a nested model receiving a mask")
+            outs = self.graph(layer, srcs[0])
             if len(outs) != len(node.output_tensors):
                 raise UnsupportedModel(f"{what}: {len(outs)} outputs for {len(node.output_tensors)} tensors")
             dst = outs[tensor_index]
         else:
             if len(node.output_tensors) != 1:
                 raise UnsupportedModel(f"{what} has {len(node.output_tensors)} outputs (return_state?)")
-            dst = self.layer(layer, src, what)
+            if len(srcs) != 1:
+                dst = self.merge(layer, srcs, [len(x.shape) for x in ins], what)
+            else:
+                rank = len(ins[0].shape)
+                if isinstance(layer, _RNN_LAYERS):
+                    dst = self.recurrent(layer, srcs[0], what, masked=masked)
+                else:
+                    # Per-step layers ignore a mask at inference (a BatchNormalization
+                    # reads it only when training); Keras passes it on unchanged.
+                    dst = self.layer(layer, srcs[0], what, rank)
         env[id(t)] = dst
         return dst
 
@@ -135,8 +174,10 @@ class _Compiler:
         self.widths[reg] = width
         return reg
 
-    def layer(self, layer: Any, src: int, what: str) -> int:
+    def layer(self, layer: Any, src: int, what: str, rank: int) -> int:
+        """Compile a per-step layer whose input, of rank `rank`, is in `src`."""
         kind = type(layer)
+        width = self.widths[src]
         if getattr(layer, "quantization_mode", None) is not None:
             raise UnsupportedModel(f"{what} is quantized; the fast engine computes in float32")
         if getattr(layer, "lora_enabled", False):
@@ -150,24 +191,115 @@ class _Compiler:
         if kind is keras.layers.Dense:
             kernel = weights(layer.kernel, what)
             bias = weights(layer.bias, what) if layer.use_bias else None
-            if kernel.shape[0] != self.widths[src]:
-                raise UnsupportedModel(
-                    f"{what} has an input of {kernel.shape[0]}, expected {self.widths[src]}"
-                )
+            if kernel.shape[0] != width:
+                raise UnsupportedModel(f"{what} has an input of {kernel.shape[0]}, expected {width}")
             dst = self.new_register(int(kernel.shape[1]))
             act = numpy_activation(layer.activation, what)
             self.ops.append(DenseOp(src, dst, kernel, bias, act))
             return dst
         if kind is keras.layers.Activation:
-            dst = self.new_register(self.widths[src])
+            dst = self.new_register(width)
             act = numpy_activation(layer.activation, what)
-            self.ops.append(ActivationOp(src, dst, self.widths[src], act))
+            self.ops.append(ActivationOp(src, dst, width, act))
             return dst
-        if kind in _RNN_LAYERS:
-            return self.recurrent(layer, src, what)
+        if kind is keras.layers.TimeDistributed:
+            # The inner layer sees each step as a row: the same computation.
+            inner = layer.layer
+            if isinstance(inner, (*_RNN_LAYERS, keras.Model)):
+                raise UnsupportedModel(f"{what} wraps {describe(inner)}")
+            return self.layer(inner, src, f"{describe(inner)} in {what}", rank - 1)
+        if kind is keras.layers.Rescaling:
+            scale = _per_feature(layer.scale, width, what, "scale")
+            offset = _per_feature(layer.offset, width, what, "offset")
+            dst = self.new_register(width)
+            self.ops.append(AffineOp(src, dst, width, scale, offset))
+            return dst
+        if kind is keras.layers.Normalization:
+            return self.normalization(layer, src, what)
+        if kind is keras.layers.BatchNormalization:
+            if layer.axis not in (-1, rank - 1):
+                raise UnsupportedModel(f"{what} normalizes axis {layer.axis}, not the feature axis")
+            mean = weights(layer.moving_mean, what)
+            variance = weights(layer.moving_variance, what)
+            # tf.nn.batch_normalization: inv = rsqrt(var + eps) * gamma; x * inv + (beta - mean * inv).
+            inv = (np.float32(1.0) / np.sqrt(variance + np.float32(layer.epsilon))).astype(np.float32)
+            if layer.scale:
+                inv = inv * weights(layer.gamma, what)
+            shift = -mean * inv
+            if layer.center:
+                shift = weights(layer.beta, what) - mean * inv
+            dst = self.new_register(width)
+            self.ops.append(BatchNormOp(src, dst, width, _f32(inv, width, what), _f32(shift, width, what)))
+            return dst
+        if kind is keras.layers.LayerNormalization:
+            axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
+            if sorted(a % rank for a in axes) != [rank - 1]:
+                raise UnsupportedModel(f"{what} normalizes axes {layer.axis}, not only the feature axis")
+            if getattr(layer, "rms_scaling", False):
+                raise UnsupportedModel(f"{what} has rms_scaling=True; the fast engine does not support it")
+            gamma = _f32(weights(layer.gamma, what), width, what) if layer.gamma is not None else None
+            beta = _f32(weights(layer.beta, what), width, what) if layer.beta is not None else None
+            dst = self.new_register(width)
+            self.ops.append(LayerNormOp(src, dst, width, gamma, beta, float(layer.epsilon)))
+            return dst
+        if kind is keras.layers.Masking:
+            if self.mask is not None:
+                raise UnsupportedModel(f"{what} is a second Masking; the fast engine serves one mask")
+            self.mask = self.new_register(1)
+            self.ops.append(MaskOp(src, self.mask, float(layer.mask_value)))
+            dst = self.new_register(width)
+            self.ops.append(MaskedValuesOp(src, self.mask, dst, width))
+            return dst
         raise UnsupportedModel(f"{what} is not supported by the fast engine")
 
-    def recurrent(self, layer: Any, src: int, what: str) -> int:
+    def normalization(self, layer: Any, src: int, what: str) -> int:
+        width = self.widths[src]
+        if layer.mean is None or layer.variance is None:
+            raise UnsupportedModel(f"{what} has no mean and variance (not adapted nor given)")
+        mean = np.asarray(keras.ops.convert_to_numpy(layer.mean))
+        variance = np.asarray(keras.ops.convert_to_numpy(layer.variance))
+        # The broadcast shape (1, ..., 1, width or 1): the statistics are per feature.
+        for name, arr in (("mean", mean), ("variance", variance)):
+            if arr.dtype != np.float32 or any(d != 1 for d in arr.shape[:-1]):
+                raise UnsupportedModel(f"{what} has a {name} of shape {arr.shape} ({arr.dtype})")
+        # max(sqrt(variance), epsilon) as Keras computes it at each call, in float32.
+        denominator = np.maximum(np.sqrt(variance), np.float32(keras.backend.epsilon()))
+        dst = self.new_register(width)
+        self.ops.append(
+            NormalizationOp(
+                src,
+                dst,
+                width,
+                _f32(mean.reshape(-1), width, what),
+                _f32(denominator.reshape(-1), width, what),
+                bool(layer.invert),
+            )
+        )
+        return dst
+
+    def merge(self, layer: Any, srcs: list[int], ranks: list[int], what: str) -> int:
+        widths = [self.widths[r] for r in srcs]
+        kind = type(layer)
+        if kind is keras.layers.Concatenate:
+            if len(set(ranks)) != 1 or layer.axis not in (-1, ranks[0] - 1):
+                raise UnsupportedModel(f"{what} concatenates on axis {layer.axis}, not the feature axis")
+            dst = self.new_register(sum(widths))
+            self.ops.append(MergeOp(tuple(srcs), dst, "concatenate", sum(widths)))
+            return dst
+        name = _MERGES.get(kind)
+        if name is None:
+            raise UnsupportedModel(
+                f"{what} takes {len(srcs)} tensor inputs and is not a merge the fast engine supports"
+            )
+        if len(set(widths)) != 1 or len(set(ranks)) != 1:
+            raise UnsupportedModel(
+                f"{what} merges inputs of widths {widths} (ranks {ranks}); it needs equal shapes"
+            )
+        dst = self.new_register(widths[0])
+        self.ops.append(MergeOp(tuple(srcs), dst, name, widths[0]))
+        return dst
+
+    def recurrent(self, layer: Any, src: int, what: str, *, masked: bool = False) -> int:
         if id(layer) in self.seen_rnns:
             raise UnsupportedModel(f"{what} is applied twice in the model")
         self.seen_rnns.add(id(layer))
@@ -177,6 +309,9 @@ class _Compiler:
             raise UnsupportedModel(f"{what} has return_state=True; the fast engine does not support it")
         if id(layer) not in self.state_index:
             raise UnsupportedModel(f"{what} is not among the model's stateful recurrent layers")
+        if masked and self.mask is None:
+            # Only a Masking layer makes masks among the layers compiled here.
+            raise UnsupportedModel(f"{what} receives a mask that is not a Masking layer's")
         cell = layer.cell
         raw = list(cell.cells) if type(cell) is keras.layers.StackedRNNCells else [cell]
         cells: list[Cell] = []
@@ -198,8 +333,29 @@ class _Compiler:
         if n_states != have:
             raise UnsupportedModel(f"{what} has {have} states, expected {n_states}")
         dst = self.new_register(width)
-        self.ops.append(RecurrentOp(src, dst, cells, start))
+        mask = self.mask if masked else None
+        self.ops.append(RecurrentOp(src, dst, cells, start, mask, bool(layer.zero_output_for_mask)))
         return dst
+
+
+def _f32(arr: Any, width: int, what: str) -> Array:
+    """A per-feature float32 vector of `width` values (a single value is broadcast)."""
+    out = np.asarray(arr, dtype=np.float32).reshape(-1)
+    if out.size == 1:
+        out = np.full(width, out[0], dtype=np.float32)
+    if out.shape != (width,):
+        raise UnsupportedModel(f"{what} has {out.size} per-feature values for {width} features")
+    return np.ascontiguousarray(out)
+
+
+def _per_feature(value: Any, width: int, what: str, name: str) -> Array | None:
+    """A Rescaling's scale or offset as a float32 vector; None for the neutral one."""
+    if isinstance(value, int | float) and value == (1 if name == "scale" else 0):
+        return None
+    try:
+        return _f32(value, width, what)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedModel(f"{what} has a {name} the fast engine cannot read: {exc}") from exc
 
 
 def compile_model(model: ServableModel) -> Plan:

@@ -91,7 +91,7 @@ class FastEngine:
         states_out = list(states_in)
         regs: list[Array] = [x] * self.plan.n_registers
         for op in self.plan.ops:
-            regs[op.dst] = op.run(regs[op.src], states_in, states_out)
+            regs[op.dst] = op.run([regs[r] for r in op.srcs], states_in, states_out)
         outs = [regs[r].reshape(len(slots), -1) for r, _ in self.plan.outputs]
         y: Array = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
         # A fresh read-only copy of each row of each state matrix: frombuffer over

@@ -6,7 +6,7 @@ package docstring); every kernel computes a whole wave, (N, width) in and out.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
 import numpy as np
@@ -186,28 +186,30 @@ class SimpleRNNKernel(Cell):
 
 
 class Op:
-    """One layer application: registers[dst] = run(registers[src], ...); a
-    recurrent one reads its states from `states_in` and leaves the new ones in
+    """One layer application: registers[dst] = run([registers[s] for s in srcs], ...);
+    a recurrent one reads its states from `states_in` and leaves the new ones in
     `states_out` (lists over the model's state variables). The result may live
-    in the op's scratch buffers: it is valid until the op runs again."""
+    in the op's scratch buffers: it is valid until the op runs again, and an op
+    never writes into its inputs (another op may read them)."""
 
-    def __init__(self, src: int, dst: int) -> None:
-        self.src = src
+    def __init__(self, srcs: tuple[int, ...], dst: int) -> None:
+        self.srcs = srcs
         self.dst = dst
 
-    def run(self, x: Array, states_in: list[Array], states_out: list[Array]) -> Array:
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
         raise NotImplementedError
 
 
 class DenseOp(Op):
     def __init__(self, src: int, dst: int, kernel: Array, bias: Array | None, act: Activation) -> None:
-        super().__init__(src, dst)
+        super().__init__((src,), dst)
         self.kernel = kernel
         self.bias = bias
         self.act = act
         self.scratch = Scratch(int(kernel.shape[1]))
 
-    def run(self, x: Array, states_in: list[Array], states_out: list[Array]) -> Array:
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        (x,) = xs
         (y,) = self.scratch.take(x.shape[0])
         np.matmul(x, self.kernel, out=y)
         if self.bias is not None:
@@ -217,27 +219,217 @@ class DenseOp(Op):
 
 class ActivationOp(Op):
     def __init__(self, src: int, dst: int, width: int, act: Activation) -> None:
-        super().__init__(src, dst)
+        super().__init__((src,), dst)
         self.act = act
         self.scratch = Scratch(width)
 
-    def run(self, x: Array, states_in: list[Array], states_out: list[Array]) -> Array:
-        (y,) = self.scratch.take(x.shape[0])
-        np.copyto(y, x)  # activations overwrite their input; x may be read by another op
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        (y,) = self.scratch.take(xs[0].shape[0])
+        np.copyto(y, xs[0])  # activations overwrite their input; x may be read by another op
         return self.act(y)
 
 
+class AffineOp(Op):
+    """y = x * scale + offset, per feature (either may be None: 1 and 0).
+
+    `Rescaling` as Keras computes it; `Normalization` and `BatchNormalization` at
+    inference are also per-feature affine maps, but Keras computes them in a
+    different order of operations, so they have their own ops (exactness to
+    ~1e-7, not just 1e-5)."""
+
+    def __init__(self, src: int, dst: int, width: int, scale: Array | None, offset: Array | None) -> None:
+        super().__init__((src,), dst)
+        self.scale = scale
+        self.offset = offset
+        self.scratch = Scratch(width)
+
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        (y,) = self.scratch.take(xs[0].shape[0])
+        if self.scale is not None:
+            np.multiply(xs[0], self.scale, out=y)
+        else:
+            np.copyto(y, xs[0])
+        if self.offset is not None:
+            y += self.offset
+        return y
+
+
+class NormalizationOp(Op):
+    """Keras's `Normalization`: (x - mean) / max(sqrt(variance), epsilon), or with
+    invert=True mean + x * max(sqrt(variance), epsilon); `denominator` is
+    max(sqrt(variance), epsilon), computed once in float32 as Keras computes it
+    at every call."""
+
+    def __init__(self, src: int, dst: int, width: int, mean: Array, denominator: Array, invert: bool) -> None:
+        super().__init__((src,), dst)
+        self.mean = mean
+        self.denominator = denominator
+        self.invert = invert
+        self.scratch = Scratch(width)
+
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        (y,) = self.scratch.take(xs[0].shape[0])
+        if self.invert:
+            np.multiply(xs[0], self.denominator, out=y)
+            y += self.mean
+        else:
+            np.subtract(xs[0], self.mean, out=y)
+            y /= self.denominator
+        return y
+
+
+class BatchNormOp(Op):
+    """`BatchNormalization` at inference, as TensorFlow's `tf.nn.batch_normalization`:
+    inv = rsqrt(variance + epsilon) * gamma; y = x * inv + (beta - mean * inv)."""
+
+    def __init__(self, src: int, dst: int, width: int, inv: Array, shift: Array) -> None:
+        super().__init__((src,), dst)
+        self.inv = inv
+        self.shift = shift
+        self.scratch = Scratch(width)
+
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        (y,) = self.scratch.take(xs[0].shape[0])
+        np.multiply(xs[0], self.inv, out=y)
+        y += self.shift
+        return y
+
+
+class LayerNormOp(Op):
+    """`LayerNormalization` over the feature axis, as keras/src/ops/nn.py computes it:
+    mean and (biased) variance of each row, inv = rsqrt(variance + epsilon) * gamma,
+    y = x * inv + (beta - mean * inv)."""
+
+    def __init__(
+        self, src: int, dst: int, width: int, gamma: Array | None, beta: Array | None, epsilon: float
+    ) -> None:
+        super().__init__((src,), dst)
+        self.gamma = gamma
+        self.beta = beta
+        self.epsilon = np.float32(epsilon)
+        self.scratch = Scratch(width, width)
+
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        x = xs[0]
+        y, t = self.scratch.take(x.shape[0])
+        mean = x.mean(axis=1, keepdims=True, dtype=np.float32)
+        np.subtract(x, mean, out=t)
+        np.square(t, out=t)
+        var = t.mean(axis=1, keepdims=True, dtype=np.float32)
+        var += self.epsilon
+        inv = np.sqrt(var, out=var)
+        np.divide(np.float32(1.0), inv, out=inv)
+        if self.gamma is not None:
+            inv = inv * self.gamma  # (N, 1) -> (N, width)
+        # y = x * inv + (beta - mean * inv), Keras's order of operations.
+        res = -mean * inv
+        if self.beta is not None:
+            res = res + self.beta
+        np.multiply(x, inv, out=y)
+        y += res
+        return y
+
+
+class MergeOp(Op):
+    """Element-wise merges of equal-width registers (`Add`, `Subtract`,
+    `Multiply`, `Average`, `Maximum`, `Minimum`) in Keras's order (left to
+    right; `Average` divides the sum by the count), and `Concatenate` on the
+    feature axis."""
+
+    _UFUNCS: ClassVar[dict[str, Any]] = {
+        "add": np.add,
+        "subtract": np.subtract,
+        "multiply": np.multiply,
+        "average": np.add,
+        "maximum": np.maximum,
+        "minimum": np.minimum,
+    }
+
+    def __init__(self, srcs: tuple[int, ...], dst: int, kind: str, width: int) -> None:
+        super().__init__(srcs, dst)
+        self.kind = kind
+        self.scratch = Scratch(width)
+
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        (y,) = self.scratch.take(xs[0].shape[0])
+        if self.kind == "concatenate":
+            np.concatenate(xs, axis=1, out=y)
+            return y
+        ufunc = self._UFUNCS[self.kind]
+        ufunc(xs[0], xs[1], out=y)
+        for x in xs[2:]:
+            ufunc(y, x, out=y)
+        if self.kind == "average":
+            y /= np.float32(len(xs))
+        return y
+
+
+class MaskOp(Op):
+    """`Masking`'s mask: (N, 1) booleans, True where a feature differs from
+    mask_value (the step is kept)."""
+
+    def __init__(self, src: int, dst: int, mask_value: float) -> None:
+        super().__init__((src,), dst)
+        self.mask_value = np.float32(mask_value)
+
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        keep: Array = np.any(xs[0] != self.mask_value, axis=1, keepdims=True)
+        return keep
+
+
+class MaskedValuesOp(Op):
+    """`Masking`'s output: x where the step is kept, zeros where it is masked."""
+
+    def __init__(self, src: int, mask: int, dst: int, width: int) -> None:
+        super().__init__((src, mask), dst)
+        self.scratch = Scratch(width)
+
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        x, keep = xs
+        (y,) = self.scratch.take(x.shape[0])
+        y.fill(np.float32(0.0))
+        np.copyto(y, x, where=keep)
+        return y
+
+
 class RecurrentOp(Op):
-    def __init__(self, src: int, dst: int, cells: list[Cell], state: int) -> None:
-        super().__init__(src, dst)
+    """A recurrent layer's step. With a mask register (a `Masking` upstream), a
+    masked row keeps every state of the layer and outputs its previous output,
+    which for these cells is the h state of the (last) cell: zeros when
+    zero_output_for_mask (Keras's masked RNN semantics, see
+    keras/src/backend/tensorflow/rnn.py)."""
+
+    def __init__(
+        self,
+        src: int,
+        dst: int,
+        cells: list[Cell],
+        state: int,
+        mask: int | None = None,
+        zero_masked: bool = False,
+    ) -> None:
+        super().__init__((src,) if mask is None else (src, mask), dst)
         self.cells = cells
         self.state = state  # index of the first state of the first cell
+        self.zero_masked = zero_masked
 
-    def run(self, x: Array, states_in: list[Array], states_out: list[Array]) -> Array:
-        k = self.state
+    def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
+        x = xs[0]
+        k = first = self.state
+        last_h = first
         for cell in self.cells:
             n = cell.n_states
+            last_h = k
             x, new = cell(x, states_in[k : k + n])
             states_out[k : k + n] = new
             k += n
-        return x
+        if len(xs) == 1:
+            return x
+        keep = xs[1]
+        if keep.all():
+            return x
+        for j in range(first, k):
+            states_out[j] = np.where(keep, states_out[j], states_in[j])
+        held = np.float32(0.0) if self.zero_masked else states_in[last_h]
+        out: Array = np.where(keep, x, held)
+        return out
