@@ -63,18 +63,18 @@ def test_inspect_text_says_why_fast_refuses(
     no_lstmd_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     no_lstmd_env.setenv("LSTMD_ENGINE", "fast")
-    assert main(["inspect", str(built("layer_norm"))]) == 0
+    assert main(["inspect", str(built("unit_norm"))]) == 0
     text = capsys.readouterr().out
     lines = dict(line.split(None, 1) for line in text.splitlines())
     assert lines["format"] == "Keras 3 (.keras)"
-    assert lines["layers"].startswith("LSTM, LayerNormalization")
+    assert lines["layers"].startswith("LSTM, UnitNormalization")
     assert lines["engine"].startswith(
         "keras (LSTMD_ENGINE=fast); with LSTMD_ENGINE=fast: keras, fast refused: "
     )
-    assert "'layer_normalization' (LayerNormalization)" in lines["engine"]
+    assert "'unit_normalization' (UnitNormalization)" in lines["engine"]
     assert lines["self-check"].startswith("passed")
     # The flag overrides the variable.
-    assert main(["inspect", "--engine", "keras", str(built("layer_norm"))]) == 0
+    assert main(["inspect", "--engine", "keras", str(built("unit_norm"))]) == 0
     assert "keras (LSTMD_ENGINE=keras)" in capsys.readouterr().out
 
 
