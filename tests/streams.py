@@ -169,7 +169,8 @@ def check_predictions(
     oracle: Callable[[Path, list[np.ndarray]], list[np.ndarray]] = expected_outputs_many,
 ) -> None:
     """Every event with an x has a prediction equal to the oracle (1e-5) carrying its
-    partition and offset; with exactly_once, one and only one. Segments in
+    partition and offset; with exactly_once, one and only one; repeated ones (at-least-
+    once) bit-identical to each other. Segments in
     `unchecked` (key, segment) still need their predictions, but not their values.
     `oracle` evaluates the model file: tests/oracle.py's with Keras 3, or for a
     Keras 2 file tests/keras2_models.py's with Keras 2."""
@@ -192,6 +193,12 @@ def check_predictions(
             oracle(model_path, [np.asarray(stream.segments[seg], dtype=np.float32) for seg in checked]),
             strict=True,
         )
+    )
+    differing = [src for src, preds in by_source.items() if len({orjson.dumps(p["y"]) for p in preds}) > 1]
+    repeated = sum(1 for preds in by_source.values() if len(preds) > 1)
+    assert not differing, (
+        f"{len(differing)} of {repeated} repeated predictions differ from their first copy "
+        f"(repeats must be bit-identical), e.g. {differing[:5]}"
     )
     for source, i in wanted.items():
         preds = by_source[source]

@@ -40,7 +40,9 @@ from daemon.errors import LstmdError
 
 # The broker the whole test suite, demo and benchmarks run against; bump it
 # deliberately. Kafka 4.x is KRaft-only (no ZooKeeper) and needs Java 17+.
-KAFKA_VERSION = "4.1.1"
+# LOCALKAFKA_VERSION picks another 4.x release (e.g. the newest) for a run of the
+# real-broker suite against it; each version has its own cache directory.
+KAFKA_VERSION = os.environ.get("LOCALKAFKA_VERSION") or "4.1.1"
 SCALA_VERSION = "2.13"
 # Kafka 4 logs through log4j2; these bind SLF4J to it in the broker's classpath.
 LOG4J_VERSION = "2.24.3"
