@@ -176,19 +176,60 @@ def go_backwards(path: Path | str, features: int = 2) -> Path:
     return _finish(model, path)
 
 
-def conv_before_lstm(path: Path | str, features: int = 2) -> Path:
-    """A causal Conv1D (kernel 3) before the LSTM: it builds for one step but
-    its output depends on previous inputs outside the recurrent state."""
+def conv_same_before_lstm(path: Path | str, features: int = 2) -> Path:
+    """A Conv1D with padding="same" (kernel 3) before the LSTM: its output at a
+    step reads the next input."""
     _seed()
     model = keras.Sequential(
         [
             keras.Input(shape=(None, features)),
-            layers.Conv1D(4, 3, padding="causal"),
+            layers.Conv1D(4, 3, padding="same"),
             layers.LSTM(3),
             layers.Dense(1),
         ]
     )
     return _finish(model, path)
+
+
+def conv_valid_before_lstm(path: Path | str, features: int = 2) -> Path:
+    """A Conv1D with padding="valid" (kernel 2) before the LSTM: it shortens the sequence."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.Conv1D(4, 2, padding="valid"),
+            layers.LSTM(3),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def causal_conv_lstm(path: Path | str, features: int = 2) -> Path:
+    """Conv1D(causal, kernel 3, dilation 2) -> LSTM -> Dense: 4 past inputs as state."""
+    _seed()
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(None, features)),
+            layers.Conv1D(5, 3, padding="causal", dilation_rate=2, activation="relu"),
+            layers.LSTM(4),
+            layers.Dense(1),
+        ]
+    )
+    return _finish(model, path)
+
+
+def tcn(path: Path | str, features: int = 3) -> Path:
+    """A two-layer TCN-like stack, no recurrent layer: causal Conv1D (kernel 2,
+    dilation 1) -> causal Conv1D (kernel 3, dilation 2) plus a residual
+    one-step Conv1D of the input, a per-step Dense head (outputs with time)."""
+    _seed()
+    inp = keras.Input(shape=(None, features))
+    h = layers.Conv1D(4, 2, padding="causal", activation="relu")(inp)
+    h = layers.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="tanh")(h)
+    skip = layers.Conv1D(4, 1)(inp)
+    out = layers.Dense(2)(layers.Add()([h, skip]))
+    return _finish(keras.Model(inp, out), path)
 
 
 def pooling_over_time(path: Path | str, features: int = 2) -> Path:
@@ -243,7 +284,8 @@ UNSERVABLE: dict[str, Callable[[Path], Path]] = {
     "dense_only": dense_only,
     "bidirectional": bidirectional,
     "go_backwards": go_backwards,
-    "conv_before_lstm": conv_before_lstm,
+    "conv_same_before_lstm": conv_same_before_lstm,
+    "conv_valid_before_lstm": conv_valid_before_lstm,
     "pooling_over_time": pooling_over_time,
     "two_inputs": two_inputs,
     "flat_input": flat_input,
@@ -514,6 +556,8 @@ def global_normalized(path: Path | str, features: int = 3) -> Path:
 
 
 ZOO: dict[str, Callable[[Path], Path]] = {
+    "causal_conv_lstm": causal_conv_lstm,
+    "tcn": tcn,
     "masked_merged": masked_merged,
     "global_normalized": global_normalized,
     "normalized": normalized,

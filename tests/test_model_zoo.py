@@ -12,11 +12,12 @@ import orjson
 import pytest
 
 from daemon.core.processor import Processor
-from daemon.core.state import StateStore
+from daemon.core.state import SequenceState, StateStore
 from daemon.errors import UnservableModelError
 from daemon.inference.engines.contract import parity_guard
 from daemon.inference.engines.factory import make_engine
 from daemon.inference.engines.fast import FastEngine
+from daemon.inference.engines.fast.conv import CausalConvOp
 from daemon.inference.engines.fast.kernels import RecurrentOp
 from daemon.inference.engines.keras import KerasEngine
 from daemon.inference.model import ServableModel, load_model, mask_value
@@ -106,3 +107,38 @@ def test_parity_guard_masks_steps(loaded: dict[str, ServableModel]) -> None:
             op.srcs = op.srcs[:1]  # the data input only: the mask is ignored
     reason = parity_guard(unmasked, KerasEngine(model), model)
     assert reason is not None and "differs" in reason
+
+
+def test_causal_conv_buffers_are_states(loaded: dict[str, ServableModel]) -> None:
+    """A causal Conv1D's last (kernel_size - 1) * dilation_rate inputs are one state
+    tensor of the sequence (flattened, after the layer's position in the model),
+    reported by state_shapes; a one-step Conv1D has none. The fast engine applies
+    the buffer with its own op (no fallback)."""
+    conv = _model(loaded, "causal_conv_lstm")
+    assert conv.state_shapes == [(4 * 2,), (4,), (4,)]  # Conv1D(k3, d2) on 2 features; LSTM(4)
+    assert [type(layer).__name__ for layer in conv.stateful_layers] == ["Conv1D", "LSTM"]
+    stack = _model(loaded, "tcn")
+    assert stack.state_shapes == [(1 * 3,), (4 * 4,)]  # k2 d1 on 3 features; k3 d2 on 4 filters
+    for model, buffers in ((conv, 1), (stack, 2)):
+        ops = FastEngine(model).plan.ops
+        assert sum(isinstance(op, CausalConvOp) for op in ops) == buffers
+
+
+@pytest.mark.parametrize("kind", ["causal_conv_lstm", "tcn"])
+def test_causal_conv_state_survives_a_snapshot(loaded: dict[str, ServableModel], kind: str) -> None:
+    """A sequence snapshotted mid-way (its conv buffers with its recurrent states)
+    and restored continues as if uninterrupted, in either engine, from either
+    engine's snapshot: the oracle's outputs on the whole sequence."""
+    model = _model(loaded, kind)
+    x = np.random.default_rng(3).standard_normal((9, model.n_features)).astype(np.float32)
+    want = expected_outputs_many(built(kind), [x])[0]
+    for first, second in (("fast", "keras"), ("keras", "fast"), ("fast", "fast")):
+        a, b = make_engine(first, model)[0], make_engine(second, model)[0]
+        assert (a.name, b.name) == (first, second)
+        state = SequenceState()
+        got = [a.step([state], x[t : t + 1])[0] for t in range(5)]
+        state.n = 5
+        restored, _ = SequenceState.restore(state.snapshot("m@0"))
+        assert [t.shape for t in restored.tensors or []] == model.state_shapes
+        got += [b.step([restored], x[t : t + 1])[0] for t in range(5, 9)]
+        assert_matches(np.stack(got), want)

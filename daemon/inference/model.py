@@ -54,12 +54,15 @@ class ServableModel:
 
     `stateless` is the model as trained (batch and time dimensions free);
     `stateful` is its batch-1 stateful copy with input batch_shape (1, 1, n_features),
-    sharing the same weights values. `stateful_layers` are the recurrent layers of
-    the copy in model order; `state_shapes` lists, layer after layer, the shape of
-    each of their state variables without the batch dimension (LSTM(8) gives
-    (8,), (8,); GRU(4) gives (4,)). `state_variables` are those variables, in the
-    same order (an RNN of stacked cells has its states nested: they are flattened
-    here, in `keras.tree.flatten` order). `output_has_time` says, for each model output
+    sharing the same weights values. `stateful_layers` are the layers of the copy
+    that hold a sequence's state, in model order: the recurrent layers and the
+    causal Conv1D layers (kernel reaching past steps); `state_shapes` lists, layer
+    after layer, the shape of each of their state variables without the batch
+    dimension (LSTM(8) gives (8,), (8,); GRU(4) gives (4,); a causal Conv1D of
+    kernel_size 3 and dilation_rate 2 over 5 channels gives (20,): its last 4
+    inputs, oldest first, see `conv_buffer`). `state_variables` are those
+    variables, in the same order (an RNN of stacked cells has its states nested:
+    they are flattened here, in `keras.tree.flatten` order). `output_has_time` says, for each model output
     in `keras.tree.flatten` order, whether it has a time axis (axis 1) of which
     the last step is taken.
     """
@@ -80,7 +83,8 @@ class ServableModel:
     rewritten to read it."""
 
     def reset_states(self) -> None:
-        """Zero the state variables of every recurrent layer of the stateful copy."""
+        """Zero the state variables of the stateful copy (recurrent states, causal
+        Conv1D buffers: zeros are the causal padding)."""
         # Not layer.reset_state(): it does not handle the nested states of stacked cells.
         for var in self.state_variables:
             var.assign(np.zeros(tuple(var.shape), dtype=var.dtype))
@@ -115,7 +119,9 @@ def load_model(path: str | Path) -> ServableModel:
     Formats: a Keras 3 `.keras` file, or a Keras 2 HDF5 `.h5`/`.hdf5` file (see
     daemon.inference.formats, which also refuses the others, saying how to convert).
     Refused: a file that is missing, unreadable or not a Keras model; no recurrent
-    layer (LSTM, GRU, SimpleRNN or another keras.layers.RNN); a Bidirectional layer;
+    layer (LSTM, GRU, SimpleRNN or another keras.layers.RNN) nor causal Conv1D; a
+    Conv1D that is not causal (padding "same" or "valid" with a kernel of more than
+    one step), strided or channels-first (see `_check_conv1d`); a Bidirectional layer;
     a recurrent layer with go_backwards=True or wrapped in another layer; more than
     one input; an input not of shape (batch, time, features) with a known feature
     count; anything that prevents building the batch-1 stateful copy; and a model
@@ -149,11 +155,15 @@ def load_model(path: str | Path) -> ServableModel:
     output_has_time, output_width = _output_layout(stateless, where)
 
     stateful = _rebuild(loaded, where, stateful=True, batch_shape=(1, 1, n_features))
-    stateful_layers = [layer for layer in _walk_layers(stateful) if isinstance(layer, keras.layers.RNN)]
+    stateful_layers = [
+        layer
+        for layer in _walk_layers(stateful)
+        if isinstance(layer, keras.layers.RNN) or conv_buffer(layer) is not None
+    ]
     state_shapes: list[tuple[int, ...]] = []
     state_variables: list[Any] = []
     for layer in stateful_layers:
-        states = keras.tree.flatten(layer.states) if layer.states is not None else []
+        states = layer_states(layer)
         if not states:
             raise UnservableModelError(
                 f"{where}: recurrent layer {layer.name!r} has no state variables in its stateful copy"
@@ -162,7 +172,7 @@ def load_model(path: str | Path) -> ServableModel:
             shape = tuple(var.shape)
             if len(shape) < 2 or shape[0] != 1 or any(d is None for d in shape):
                 raise UnservableModelError(
-                    f"{where}: recurrent layer {layer.name!r} has a state of shape "
+                    f"{where}: layer {layer.name!r} has a state of shape "
                     f"{shape} in its stateful copy, expected (1, ...)"
                 )
             state_shapes.append(tuple(int(d) for d in shape[1:]))
@@ -190,6 +200,33 @@ def load_model(path: str | Path) -> ServableModel:
     return model
 
 
+#: The attribute of a causal Conv1D of the stateful copy holding its input buffer.
+_BUFFER = "_lstmd_input_buffer"
+
+
+def conv_buffer(layer: Any) -> Any:
+    """The input buffer variable of a causal Conv1D of the stateful copy, or None:
+    its last (kernel_size - 1) * dilation_rate inputs, oldest first, flattened
+    to shape (1, that * input channels) like the vector states of the recurrent
+    layers (see `_buffer_causal_conv`)."""
+    return getattr(layer, _BUFFER, None)
+
+
+def layer_states(layer: Any) -> list[Any]:
+    """The state variables of a layer of `ServableModel.stateful_layers`, in the
+    order of `state_variables`: a recurrent layer's states (flattened), or a
+    causal Conv1D's input buffer."""
+    buffer = conv_buffer(layer)
+    if buffer is not None:
+        return [buffer]
+    return list(keras.tree.flatten(layer.states)) if layer.states is not None else []
+
+
+def causal_padding(layer: Any) -> int:
+    """How many past inputs a causal Conv1D reads: (kernel_size - 1) * dilation_rate."""
+    return (int(layer.kernel_size[0]) - 1) * int(layer.dilation_rate[0])
+
+
 def mask_value(model: ServableModel) -> np.float32 | None:
     """The mask_value of the model's first `Masking` layer, or None without one.
 
@@ -214,7 +251,8 @@ def verify(
     stateful copy, from a zero state, and compares each step's y with
     `last_step_output` of the prefix so far. A difference above the tolerance
     means the model is not causal step by step (a layer mixes time steps outside
-    the recurrent state, e.g. a Conv1D or a pooling over time): UnservableModelError.
+    the recurrent states and causal Conv1D buffers, e.g. a pooling over time):
+    UnservableModelError.
     The states are zero again afterwards. This also traces the stateful copy's
     predict function once, so the first real event does not pay for it.
     """
@@ -251,7 +289,7 @@ def verify(
                     f"at a time with its recurrent state carried, its output at step {t} "
                     f"differs from the output of the whole {t + 1}-step prefix by {err:.3g} "
                     f"(tolerance {ATOL:g}); some layer mixes time steps outside "
-                    "the recurrent state (e.g. a Conv1D, a pooling or an attention over time)"
+                    "the recurrent state (e.g. a pooling or an attention over time)"
                 )
     finally:
         model.reset_states()
@@ -308,6 +346,7 @@ def _check_input(model: keras.Model, where: str) -> int:
 
 def _check_layers(layers: list[keras.layers.Layer], where: str) -> list[keras.layers.RNN]:
     rnns: list[keras.layers.RNN] = []
+    buffered = False
     for layer in layers:
         if isinstance(layer, keras.layers.Bidirectional):
             raise UnservableModelError(
@@ -321,6 +360,10 @@ def _check_layers(layers: list[keras.layers.Layer], where: str) -> list[keras.la
                 f"{type(layer).__name__} {layer.name!r}; lstmd only serves unwrapped "
                 "recurrent layers"
             )
+        if isinstance(layer, keras.layers.Conv1D):
+            _check_conv1d(layer, where)
+            if layer.padding == "causal" and causal_padding(layer) > 0:
+                buffered = True
         if isinstance(layer, keras.layers.RNN):
             if layer.go_backwards:
                 raise UnservableModelError(
@@ -328,13 +371,43 @@ def _check_layers(layers: list[keras.layers.Layer], where: str) -> list[keras.la
                     "it reads the sequence from its end and cannot run one event at a time"
                 )
             rnns.append(layer)
-    if not rnns:
+    if not rnns and not buffered:
         kinds = ", ".join(sorted({type(layer).__name__ for layer in layers})) or "none"
         raise UnservableModelError(
-            f"{where}: the model has no recurrent layer (LSTM, GRU, SimpleRNN); "
-            f"its layers are: {kinds}; there is no state to carry between events"
+            f"{where}: the model has no recurrent layer (LSTM, GRU, SimpleRNN) nor causal "
+            f"Conv1D; its layers are: {kinds}; there is no state to carry between events"
         )
     return rnns
+
+
+def _check_conv1d(layer: Any, where: str) -> None:
+    """A Conv1D is served one event at a time when its output at a step reads that
+    step and earlier inputs only: padding="causal" (or a kernel of one step),
+    strides 1, channels last. Its past inputs are then kept as state."""
+    what = f"layer {layer.name!r} (Conv1D)"
+    if int(layer.strides[0]) != 1:
+        raise UnservableModelError(
+            f"{where}: {what} has strides={layer.strides[0]}: it outputs one step per "
+            f"{layer.strides[0]} inputs, not one per event; lstmd serves a Conv1D with strides 1 only"
+        )
+    if layer.data_format != "channels_last":
+        raise UnservableModelError(
+            f"{where}: {what} has data_format={layer.data_format!r}: its axis 1 is not time; "
+            "lstmd serves a Conv1D with data_format='channels_last' only"
+        )
+    reach = (int(layer.kernel_size[0]) - 1) * int(layer.dilation_rate[0])
+    if layer.padding == "causal" or reach == 0:
+        return
+    why = {
+        "same": "centres its kernel, so its output at a step reads later inputs (the future of the sequence)",
+        "valid": f"shortens the sequence by {reach} steps, so its output at a step "
+        "is that of a window ending later and the first events have no output",
+    }.get(str(layer.padding), "does not pad causally")
+    raise UnservableModelError(
+        f"{where}: {what} has padding={layer.padding!r}: it {why}; it is not causal and "
+        "cannot run one event at a time; lstmd serves Conv1D with padding='causal' "
+        "(its last (kernel_size - 1) * dilation_rate inputs kept as state)"
+    )
 
 
 def _needs_stateless_rebuild(model: keras.Model, rnns: list[keras.layers.RNN]) -> bool:
@@ -398,7 +471,58 @@ def _rebuild(
         for layer in _walk_layers(clone):
             if isinstance(layer, keras.layers.RNN):
                 _carry_masked_output(layer)
+            elif (
+                isinstance(layer, keras.layers.Conv1D)
+                and layer.padding == "causal"
+                and causal_padding(layer) > 0
+            ):
+                _buffer_causal_conv(layer)
     return clone
+
+
+def _buffer_causal_conv(layer: Any) -> None:
+    """Make a causal Conv1D of the batch-1 copy compute one step from a buffer.
+
+    Called on a whole sequence, a causal Conv1D pads it with (kernel_size - 1) *
+    dilation_rate zero steps in front and applies its kernel to the window that
+    ends at each step. Called on one step, it would see that step alone after
+    the zeros. The copy's layer therefore keeps its last inputs in a variable,
+    as a stateful RNN keeps its states: its call concatenates that buffer with
+    the step, applies the kernel to the window ("valid": one output step), and
+    keeps the window's newest inputs for the next step. A zero buffer (a reset)
+    is the causal zero padding. The variable is not tracked as a weight of the
+    layer (the copy's weights stay the model's); `conv_buffer` finds it.
+    """
+    pad = causal_padding(layer)
+    channels = int(layer.kernel.shape[1]) * int(getattr(layer, "groups", 1))
+    buffer = keras.Variable(
+        np.zeros((1, pad * channels), dtype=np.float32),
+        trainable=False,
+        dtype="float32",
+        name=f"{layer.name}_input_buffer",
+    )
+    object.__setattr__(layer, _BUFFER, buffer)
+
+    def buffered_call(inputs: Any) -> Any:
+        x = keras.ops.cast(inputs, buffer.dtype)
+        held = keras.ops.reshape(keras.ops.convert_to_tensor(buffer), (1, pad, channels))
+        window = keras.ops.concatenate([held, x], axis=1)
+        outputs = keras.ops.conv(
+            window,
+            layer.kernel,
+            strides=1,
+            padding="valid",
+            dilation_rate=layer.dilation_rate,
+            data_format="channels_last",
+        )
+        if layer.use_bias:
+            outputs = keras.ops.add(outputs, keras.ops.reshape(layer.bias, (1, 1, layer.filters)))
+        if layer.activation is not None:
+            outputs = layer.activation(outputs)
+        buffer.assign(keras.ops.reshape(window[:, -pad:], (1, pad * channels)))
+        return outputs
+
+    layer.call = buffered_call
 
 
 #: Cells whose output at a step is their first state (h): a masked step's output

@@ -23,18 +23,31 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A benchmark model: Input(features) -> LSTM(units) -> Dense(1, activation)."""
+    """A benchmark model. `layers` "lstm": Input(features) -> LSTM(units) ->
+    Dense(1, activation); "norm-lstm-ln": Input(features) -> Normalization
+    (adapted on synthetic data) -> LSTM(units, return_sequences=True) ->
+    LayerNormalization -> TimeDistributed(Dense(1, activation))."""
 
     name: str
     features: int
     units: int
     activation: str
     description: str
+    layers: str = "lstm"
 
 
 MODELS: dict[str, ModelSpec] = {
     "demo": ModelSpec("demo", 1, 32, "sigmoid", "LSTM(32) + Dense(1, sigmoid), 1 feature (the demo's)"),
     "lstm64x16": ModelSpec("lstm64x16", 16, 64, "linear", "LSTM(64) + Dense(1), 16 features"),
+    "normlstm": ModelSpec(
+        "normlstm",
+        4,
+        32,
+        "linear",
+        "Normalization + LSTM(32, return_sequences) + LayerNormalization + "
+        "TimeDistributed(Dense(1)), 4 features",
+        layers="norm-lstm-ln",
+    ),
 }
 
 
@@ -53,7 +66,7 @@ class BenchConfig:
     figure is the throughput, not the count."""
 
     sections: tuple[str, ...] = ("engine", "e2e")
-    models: tuple[str, ...] = ("demo", "lstm64x16")
+    models: tuple[str, ...] = ("demo", "lstm64x16", "normlstm")
     engines: tuple[str, ...] = ("keras", "fast")
     sequences: tuple[int, ...] = (1, 64, 1000)
     rounds: int = 5

@@ -25,15 +25,36 @@ def model_file(spec: ModelSpec) -> Path:
     import keras
 
     keras.utils.set_random_seed(1234)
-    model = keras.Sequential(
-        [
-            keras.Input(shape=(None, spec.features)),
-            keras.layers.LSTM(spec.units),
-            keras.layers.Dense(1, activation=spec.activation),
-        ]
-    )
     rng = np.random.default_rng(1234)
-    model.set_weights([w + rng.normal(0.0, 0.1, size=w.shape).astype(w.dtype) for w in model.get_weights()])
+    if spec.layers == "lstm":
+        model = keras.Sequential(
+            [
+                keras.Input(shape=(None, spec.features)),
+                keras.layers.LSTM(spec.units),
+                keras.layers.Dense(1, activation=spec.activation),
+            ]
+        )
+        model.set_weights(
+            [w + rng.normal(0.0, 0.1, size=w.shape).astype(w.dtype) for w in model.get_weights()]
+        )
+    elif spec.layers == "norm-lstm-ln":
+        # Synthetic readings of distinct offsets and scales per feature, for adapt().
+        data = rng.normal(size=(256, 8, spec.features)) * np.arange(1, spec.features + 1) + 3.0
+        norm = keras.layers.Normalization(axis=-1)
+        norm.adapt(data.astype(np.float32))
+        model = keras.Sequential(
+            [
+                keras.Input(shape=(None, spec.features)),
+                norm,
+                keras.layers.LSTM(spec.units, return_sequences=True),
+                keras.layers.LayerNormalization(),
+                keras.layers.TimeDistributed(keras.layers.Dense(1, activation=spec.activation)),
+            ]
+        )
+        lstm = model.layers[1]
+        lstm.set_weights([w + rng.normal(0.0, 0.1, size=w.shape).astype(w.dtype) for w in lstm.get_weights()])
+    else:
+        raise ValueError(f"bench model {spec.name!r}: unknown layers {spec.layers!r}")
     path = work_dir() / f"{spec.name}.keras"
     model.save(path)
     return path

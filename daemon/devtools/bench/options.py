@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="add the profile section: where the fast run loop's time goes per event",
     )
     p.add_argument(
-        "--models", default="demo,lstm64x16", help="engine section, comma-separated (default: demo,lstm64x16)"
+        "--models",
+        default="demo,lstm64x16,normlstm",
+        help="engine section, comma-separated (default: demo,lstm64x16,normlstm)",
     )
     p.add_argument("--engines", default="keras,fast", help="comma-separated (default: keras,fast)")
     p.add_argument(

@@ -18,6 +18,10 @@ models included), each a register of (N, width) values per wave, made of:
   `invert` either way), `Rescaling`, `LayerNormalization` and
   `BatchNormalization` (moving statistics) on the feature axis only;
 * `TimeDistributed` over any of the per-step layers above;
+* `Conv1D` with padding="causal", any kernel size and dilation, strides 1,
+  groups 1, any activation of `ACTIVATIONS` (a kernel of one step with any
+  padding is a `Dense`): its last (kernel_size - 1) * dilation_rate inputs are a
+  state of the sequence, as in the Keras copy (fast/conv.py);
 * merges: `Add`, `Subtract`, `Multiply`, `Average`, `Maximum`, `Minimum` of
   inputs of one shape, `Concatenate` on the feature axis;
 * one `Masking` layer: a recurrent layer that receives its mask keeps every

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from daemon.inference.engines.fast.activations import numpy_activation
+from daemon.inference.engines.fast.conv import CausalConvOp
 from daemon.inference.engines.fast.kernels import (
     ActivationOp,
     AffineOp,
@@ -30,7 +31,7 @@ from daemon.inference.engines.fast.kernels import (
     weights,
 )
 from daemon.inference.engines.fast.types import Array, UnsupportedModel
-from daemon.inference.model import ServableModel
+from daemon.inference.model import ServableModel, causal_padding, conv_buffer, layer_states
 
 _CELLS: dict[type, Callable[[Any, str], Cell]] = {
     keras.layers.LSTMCell: LSTMKernel,
@@ -82,12 +83,13 @@ class _Compiler:
         self.ops: list[Op] = []
         self.n_registers = 1
         self.widths: dict[int, int] = {0: model.n_features}
-        # Where each recurrent layer's states start in the model's state list.
+        # Where each recurrent layer's states (a causal Conv1D's buffer) start in
+        # the model's state list.
         self.state_index: dict[int, int] = {}
         k = 0
         for layer in model.stateful_layers:
             self.state_index[id(layer)] = k
-            k += len(keras.tree.flatten(layer.states))
+            k += len(layer_states(layer))
         self.seen_rnns: set[int] = set()
         #: The register of the (one) Masking layer's mask, once compiled.
         self.mask: int | None = None
@@ -161,6 +163,8 @@ class _Compiler:
                 rank = len(ins[0].shape)
                 if isinstance(layer, _RNN_LAYERS):
                     dst = self.recurrent(layer, srcs[0], what, masked=masked)
+                elif type(layer) is keras.layers.Conv1D:
+                    dst = self.conv(layer, srcs[0], what, masked=masked)
                 else:
                     # Per-step layers ignore a mask at inference (a BatchNormalization
                     # reads it only when training); Keras passes it on unchanged.
@@ -335,6 +339,41 @@ class _Compiler:
         dst = self.new_register(width)
         mask = self.mask if masked else None
         self.ops.append(RecurrentOp(src, dst, cells, start, mask, bool(layer.zero_output_for_mask)))
+        return dst
+
+    def conv(self, layer: Any, src: int, what: str, *, masked: bool) -> int:
+        """A Conv1D: causal (its buffer a state of the sequence) or of one-step kernel."""
+        if id(layer) in self.seen_rnns:
+            raise UnsupportedModel(f"{what} is applied twice in the model")
+        self.seen_rnns.add(id(layer))
+        if masked:
+            raise UnsupportedModel(f"{what} receives a mask; the fast engine does not support it")
+        if int(layer.strides[0]) != 1 or layer.data_format != "channels_last":
+            raise UnsupportedModel(f"{what} has strides {layer.strides} ({layer.data_format})")
+        if int(getattr(layer, "groups", 1)) != 1:
+            raise UnsupportedModel(f"{what} has groups={layer.groups}; the fast engine does not support it")
+        pad = causal_padding(layer)
+        if pad > 0 and (layer.padding != "causal" or conv_buffer(layer) is None):
+            raise UnsupportedModel(f"{what} has padding={layer.padding!r} and no input buffer")
+        kernel = weights(layer.kernel, what)  # (kernel_size, channels, filters)
+        width = self.widths[src]
+        if kernel.shape[1] != width:
+            raise UnsupportedModel(f"{what} has an input of {kernel.shape[1]}, expected {width}")
+        bias = weights(layer.bias, what) if layer.use_bias else None
+        act = numpy_activation(layer.activation, what)
+        dst = self.new_register(int(kernel.shape[2]))
+        if pad == 0:  # one step: a Dense of the kernel's only tap
+            self.ops.append(DenseOp(src, dst, np.ascontiguousarray(kernel[-1]), bias, act))
+            return dst
+        state = self.state_index.get(id(layer))
+        if state is None:
+            raise UnsupportedModel(f"{what} is not among the model's stateful layers")
+        buffer_shape = tuple(int(d) for d in conv_buffer(layer).shape)
+        if buffer_shape != (1, pad * width):
+            raise UnsupportedModel(
+                f"{what} has a buffer of shape {buffer_shape}, expected (1, {pad * width})"
+            )
+        self.ops.append(CausalConvOp(src, dst, kernel, bias, act, int(layer.dilation_rate[0]), state))
         return dst
 
 
