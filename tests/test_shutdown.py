@@ -90,7 +90,10 @@ def test_sigterm_during_a_rebalance_commits_the_partitions_it_keeps(
     names = topics({"in": 4, "out": 1, "dlq": 1})
     stream = interleaved_stream(n_keys=16, n_events=6000, features=3, seed=46)
     env = daemon_env(kafka.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="20")
-    first = DaemonProcess(env)
+    # The first member hears of the rebalance late (a 10 s heartbeat): until then the
+    # group waits for it, and each of its commits meets the rebalance.
+    slow = env | {"LSTMD_KAFKA_SESSION_TIMEOUT_MS": "40000", "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "10000"}
+    first = DaemonProcess(slow)
     first.wait_for("partition_restored")
     produced: list[tuple[int, int]] = []
     second: DaemonProcess | None = None
@@ -149,7 +152,12 @@ def test_two_pods_with_one_instance_id_end_with_exit_2_naming_it(
     first = DaemonProcess(env)
     first.wait_for("partition_restored")
     second = DaemonProcess(env)
+    second.wait_for("kafka_ready")
+    stream = interleaved_stream(n_keys=4, n_events=400, features=3, seed=47)
     try:
+        for i in range(0, len(stream.events), 20):  # work to commit: the fenced one learns it
+            produce(kafka.bootstrap, names["in"], stream.events[i : i + 20])
+            time.sleep(0.1)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and first.proc.poll() is None and second.proc.poll() is None:
             time.sleep(0.5)

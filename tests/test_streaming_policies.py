@@ -4,17 +4,25 @@ what it carries, and the partition lifecycle the probes read."""
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
+import pytest
+from kafka.errors import FencedInstanceIdError
 
 from daemon.core.state import SequenceState, StateStore
+from daemon.errors import KafkaSetupError
 from daemon.ops.health import Health
+from daemon.streaming import loop as loop_module
 from daemon.streaming.lifecycle import Partitions, Phase
+from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import CheckpointPolicy
 from daemon.streaming.restore import adopt
-from tests.fakes import TP, make, outputs, recs
+from tests.fakes import TP, FakeProducer, make, outputs, recs, settings
 
 
 def policy(store: StateStore, interval_s: float = 1.0, now: list[float] | None = None) -> CheckpointPolicy:
@@ -182,3 +190,28 @@ def test_readiness_follows_the_partition_lifecycle() -> None:
     assert parts.position(1) == 42
     parts.release(1)
     assert parts.owned() == {0} and parts.position(1) is None and parts.phase(1) is None
+
+
+def test_a_static_member_fenced_at_join_ends_with_exit_2_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kafka-python raises FencedInstanceIdError from poll() when a join is fenced (two
+    pods with one LSTMD_GROUP_INSTANCE_ID): a configuration error, not a crash loop."""
+
+    class Fenced:
+        def poll(self, **_: Any) -> dict[Any, Any]:
+            raise FencedInstanceIdError()
+
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: set()
+
+    monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: Fenced())
+    monkeypatch.setattr(loop_module, "ensure_topics", lambda *a: 1)
+    monkeypatch.setattr(loop_module, "make_producer", lambda *a: FakeProducer())
+    monkeypatch.setattr(loop_module, "make_consumer", lambda *a: Fenced())
+    monkeypatch.setattr(loop_module, "make_restore_consumer", lambda *a: Fenced())
+    monkeypatch.setattr(loop_module, "partitions_for_topic", lambda *a, **k: {0})
+    proc, metrics = make()
+    s = settings(tmp_path, group_instance_id="pod-0")
+    with pytest.raises(KafkaSetupError, match="'pod-0' \\(LSTMD_GROUP_INSTANCE_ID\\)"):
+        RunLoop(s, proc, metrics, Health(60), threading.Event()).run()
