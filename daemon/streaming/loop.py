@@ -35,6 +35,7 @@ from daemon.kafka.clients import (
     wait_for_cluster,
 )
 from daemon.kafka.listener import RebalanceEvents
+from daemon.kafka.retry import Backoff
 from daemon.kafka.topics import ensure_topics
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
@@ -54,6 +55,8 @@ HOUSEKEEPING_INTERVAL_S = 1.0
 # One wait for a newly assigned partition's committed position (asked again at the
 # next poll while it is not stable or Kafka does not answer).
 POSITION_TIMEOUT_MS = 200
+# One wait for a committed offset after an abort (the loop waits for it anyway).
+COMMITTED_TIMEOUT_MS = 5000
 # Of the shutdown budget, what is kept for a producer bootstrap already under way
 # (BOOTSTRAP_TIMEOUT_MS) and for closing the clients: retries give up before it.
 SHUTDOWN_RESERVE_S = 7.0
@@ -93,7 +96,6 @@ class RunLoop:
         # Set when the shutdown deadline passes: every retry in hand gives up then.
         self.abandon = threading.Event()
         self._deadline: float | None = None
-        self._rewind: set[int] = set()  # partitions to seek back to their committed offset
         self.policy = CheckpointPolicy(
             self.store,
             processor.model_id,
@@ -271,7 +273,6 @@ class RunLoop:
         # offsets is all that is left; the next owner recomputes from the last
         # checkpoint. On loss nothing more may be committed anyway.
         restorer.cancel([tp.partition])
-        self._rewind.discard(tp.partition)
         self.partitions.release(tp.partition)
         self.policy.release(tp)
         dropped = self.store.drop_partition(tp.partition)
@@ -327,8 +328,7 @@ class RunLoop:
         The consumer reads committed (KIP-447: a transaction still open on the
         partition's offsets makes the broker answer "unstable", and the client waits).
         Only then is the state partition's end read: a transaction committed by the
-        previous owner is then on it, its states and its offsets together. After an
-        abort the consumer is also rewound to that position.
+        previous owner is then on it, its states and its offsets together.
         """
         consumer = clients.consumer
         for p in self.partitions.in_phase(Phase.ASSIGNED):
@@ -340,12 +340,6 @@ class RunLoop:
             except KafkaError as exc:
                 log.info("position_waiting", partition=p, error=str(exc))
                 continue
-            if p in self._rewind:
-                self._rewind.discard(p)
-                if committed is not None:
-                    consumer.seek(tp, committed)
-                else:
-                    consumer.seek_to_beginning(tp)
             if committed is not None:
                 self.policy.assigned(tp, committed)
             self.partitions.restore(p)
@@ -392,12 +386,37 @@ class RunLoop:
     def _recover(self, clients: _Clients) -> None:
         """After an aborted transaction the states in memory include work that was
         never committed: forget them, rewind to the committed offsets, restore."""
-        assigned = set(clients.consumer.assignment())
+        consumer = clients.consumer
+        assigned = set(consumer.assignment())
+        # Rewound before the next poll (as the consumer's own fetches expect), each
+        # committed offset read with a bound and retried until the shutdown deadline.
+        for tp in sorted(assigned):
+            committed = self._committed(consumer, tp)
+            if committed is not None:
+                consumer.seek(tp, committed)
+            else:
+                consumer.seek_to_beginning(tp)
         clients.restorer.cancel(list(clients.restorer.active))
         self.policy.clear()
-        self._rewind |= {tp.partition for tp in assigned}  # to the committed offsets, once read
         self._start_restore(clients.restorer, assigned)
         log.warning("recovering_from_abort", partitions=sorted(tp.partition for tp in assigned))
+
+    def _committed(self, consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
+        backoff = Backoff(self.abandon, beat=self.health.beat)
+        while True:
+            try:
+                committed: int | None = consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
+                return committed
+            except AuthorizationError as exc:
+                raise authorization_failure(self.settings, exc) from None
+            except KafkaError as exc:
+                log.warning(
+                    "position_waiting", partition=tp.partition, error=str(exc), retry_in_s=backoff.delay
+                )
+                if backoff.wait():
+                    raise DeliveryFailed(
+                        f"committed offset of partition {tp.partition} unknown at shutdown"
+                    ) from exc
 
     # -- housekeeping -------------------------------------------------------------
     def _housekeeping(self, consumer: KafkaConsumer) -> None:
