@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from daemon.core.engine import Engine
-from daemon.inference.engines.fast import FastEngine
+from daemon.inference.engines.fast import ACTIVATIONS, FastEngine
 from daemon.inference.engines.fast.kernels import Rows
 from daemon.inference.model import ServableModel, load_model, mask_value
 from tests.engine_runs import KINDS
@@ -216,3 +216,26 @@ def test_self_test_reports_when_no_block_is_identical(
     engine = FastEngine(models("lstm_dense"))
     assert not engine.identical_rows
     assert engine.plan.rows.block == Rows.CANDIDATES[-1]
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activations_and_row_means_do_not_depend_on_the_row_place(name: str) -> None:
+    """What the products' blocks rely on: NumPy's element-wise kernels (SIMD
+    bodies, masked or scalar tails) and a reduction along each row give a row
+    the same bits at any offset in arrays of any length, widths that are not
+    multiples of the SIMD width included. (The self-test checks it again on
+    the serving machine, through the whole plan.)"""
+    act = ACTIVATIONS[name]
+    rng = np.random.default_rng(11)
+    for width in (1, 3, 7, 13, 16, 17, 31, 33, 100):
+        x = (rng.standard_normal((48, width)) * 4).astype(np.float32)
+        alone = np.concatenate([act(x[i : i + 1].copy()) for i in range(len(x))])
+        means = np.concatenate(
+            [x[i : i + 1].mean(axis=1, keepdims=True, dtype=np.float32) for i in range(len(x))]
+        )
+        for n in (2, 5, 8, 9, 17, 33):
+            for offset in (0, 1, 3, 7, 15):
+                part = slice(offset, offset + n)
+                assert act(x[part].copy()).tobytes() == alone[part].tobytes(), (width, n, offset)
+                got = x[part].mean(axis=1, keepdims=True, dtype=np.float32)
+                assert got.tobytes() == means[part].tobytes(), (width, n, offset)
