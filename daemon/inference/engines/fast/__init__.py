@@ -70,7 +70,9 @@ effort) unless `OPENBLAS_NUM_THREADS` is set, which then wins.
 Numerics. Everything stays float32, like Keras's. The weights are Keras's
 (LSTM gates i, f, c, o, whose columns are only regrouped as i, f, o, c; GRU z,
 r, h with both reset_after semantics) and the formulas are term for term those
-of keras/src/layers/rnn/{lstm,gru,simple_rnn}.py at inference (no dropout); the
+of keras/src/layers/rnn/{lstm,gru,simple_rnn}.py at inference (no dropout; the
+LSTM's x @ kernel + h @ recurrent is one product over [x, h], the same terms
+added in another order); the
 sigmoid is computed as 0.5 * tanh(x / 2) + 0.5 (within 1e-7 of TensorFlow's,
 and no overflow for large |x|).
 

@@ -150,16 +150,21 @@ class LSTMKernel(Cell):
         self.kernel = np.ascontiguousarray(kernel)
         self.recurrent = np.ascontiguousarray(recurrent)
         self.bias = np.ascontiguousarray(bias) if bias is not None else None
-        self.x_product = Product(self.kernel, rows)
-        self.h_product = Product(self.recurrent, rows)
-        self.scratch = Scratch(4 * u, 4 * u, u, u)
+        # One product over [x, h] @ [kernel; recurrent] instead of x @ kernel +
+        # h @ recurrent: the same terms, added in another order than Keras's
+        # (parity stays ~1e-7), for half the products: ~10% of a step measured,
+        # each product costing a padded block or a call per row (see `Rows`).
+        self.n_in = int(self.kernel.shape[0])
+        self.product = Product(np.concatenate([self.kernel, self.recurrent]), rows)
+        self.scratch = Scratch(4 * u, 4 * u, u, u, self.n_in + u)
 
     def __call__(self, x: Array, states: list[Array]) -> tuple[Array, list[Array]]:
         h, c = states
         u = self.units
-        z, t, c_new, h_new = self.scratch.take(x.shape[0])
-        self.x_product(x, z)
-        z += self.h_product(h, t)
+        z, t, c_new, h_new, xh = self.scratch.take(x.shape[0])
+        xh[:, : self.n_in] = x
+        xh[:, self.n_in :] = h
+        self.product(xh, z)
         if self.bias is not None:
             z += self.bias
         if self.fused:
