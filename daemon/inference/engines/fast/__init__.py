@@ -74,9 +74,25 @@ effort) unless `OPENBLAS_NUM_THREADS` is set, which then wins.
 Numerics. Everything stays float32, like Keras's. The weights are Keras's
 (LSTM gates i, f, c, o, whose columns are only regrouped as i, f, o, c; GRU z,
 r, h with both reset_after semantics) and the formulas are term for term those
-of keras/src/layers/rnn/{lstm,gru,simple_rnn}.py at inference (no dropout); the
+of keras/src/layers/rnn/{lstm,gru,simple_rnn}.py at inference (no dropout; the
+LSTM's x @ kernel + h @ recurrent is one product over [x, h], the same terms
+added in another order); the
 sigmoid is computed as 0.5 * tanh(x / 2) + 0.5 (within 1e-7 of TensorFlow's,
 and no overflow for large |x|).
+
+Identical repeats. A prediction recomputed after a crash or a rebalance comes
+from the same input and state but usually in another wave; it must be the same
+bits. A plain `x @ w` does not give that: OpenBLAS chooses its kernel, and the
+order of its additions, by the number of rows, so a row of a 1-row and of an
+8-row product differ by up to ~1e-5. Every product therefore goes through
+kernels.py `Product`, which cuts the wave into blocks of a fixed number of rows
+(8, the last block zero-padded); the element-wise ufuncs and the per-row means
+are independent of a row's place already (tests/test_engine_repeats.py checks
+both). Whether a BLAS gives a row the same bits at every place of a block is
+not promised, so `FastEngine.self_test` checks it at start-up through the whole
+plan and falls back to blocks of 4, then of 1 (one matrix-vector product per
+row); the block is logged (`fast_engine_rows`). The cost is in
+docs/performance.md, "Identical repeats: the cost".
 """
 
 from daemon.inference.engines.fast.activations import ACTIVATIONS, numpy_activation

@@ -26,6 +26,7 @@ from daemon.inference.engines.fast.kernels import (
     NormalizationOp,
     Op,
     RecurrentOp,
+    Rows,
     SimpleRNNKernel,
     describe,
     weights,
@@ -33,7 +34,7 @@ from daemon.inference.engines.fast.kernels import (
 from daemon.inference.engines.fast.types import Array, UnsupportedModel
 from daemon.inference.model import ServableModel, causal_padding, conv_buffer, layer_states
 
-_CELLS: dict[type, Callable[[Any, str], Cell]] = {
+_CELLS: dict[type, Callable[[Any, str, Rows], Cell]] = {
     keras.layers.LSTMCell: LSTMKernel,
     keras.layers.GRUCell: GRUKernel,
     keras.layers.SimpleRNNCell: SimpleRNNKernel,
@@ -70,17 +71,20 @@ _MERGES: dict[type, str] = {
 class Plan:
     """The model as a list of operations over registers: register 0 is the
     wave's input; `outputs` lists, per model output in `keras.tree.flatten`
-    order, its register and width."""
+    order, its register and width; `rows` is how all its products cut a wave
+    into rows (the engine's start-up self-test may make it stricter)."""
 
     ops: list[Op]
     n_registers: int
     outputs: list[tuple[int, int]]
+    rows: Rows
 
 
 class _Compiler:
     def __init__(self, model: ServableModel) -> None:
         self.model = model
         self.ops: list[Op] = []
+        self.rows = Rows()
         self.n_registers = 1
         self.widths: dict[int, int] = {0: model.n_features}
         # Where each recurrent layer's states (a causal Conv1D's buffer) start in
@@ -103,7 +107,7 @@ class _Compiler:
                 f"the fast engine computes {width} output values per step, the model has "
                 f"{self.model.output_width}"
             )
-        return Plan(self.ops, self.n_registers, [(r, self.widths[r]) for r in outputs])
+        return Plan(self.ops, self.n_registers, [(r, self.widths[r]) for r in outputs], self.rows)
 
     def graph(self, net: Any, input_register: int) -> list[int]:
         """Compile a (sub)model whose input is in `input_register`; its output registers."""
@@ -199,7 +203,7 @@ class _Compiler:
                 raise UnsupportedModel(f"{what} has an input of {kernel.shape[0]}, expected {width}")
             dst = self.new_register(int(kernel.shape[1]))
             act = numpy_activation(layer.activation, what)
-            self.ops.append(DenseOp(src, dst, kernel, bias, act))
+            self.ops.append(DenseOp(src, dst, kernel, bias, act, self.rows))
             return dst
         if kind is keras.layers.Activation:
             dst = self.new_register(width)
@@ -325,7 +329,7 @@ class _Compiler:
             cell_what = what if len(raw) == 1 else f"{what} cell {c.name!r} ({type(c).__name__})"
             if make is None:
                 raise UnsupportedModel(f"{cell_what} has a cell the fast engine does not support")
-            compiled = make(c, cell_what)
+            compiled = make(c, cell_what, self.rows)
             kernel = getattr(compiled, "kernel", None)
             if kernel is not None and kernel.shape[0] != width:
                 raise UnsupportedModel(f"{cell_what} has an input of {kernel.shape[0]}, expected {width}")

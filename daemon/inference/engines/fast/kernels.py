@@ -2,6 +2,11 @@
 
 The formulas are term for term those of Keras's layers at inference (see the
 package docstring); every kernel computes a whole wave, (N, width) in and out.
+
+Every matrix product goes through a `Product`, so that each row's result
+depends on that row alone, bit for bit, whatever the wave's size and the row's
+place in it (see `Rows`): a prediction recomputed after a crash or a rebalance,
+in another wave, is then identical to the first.
 """
 
 from __future__ import annotations
@@ -48,6 +53,68 @@ class Scratch:
         return [b[:n] for b in self.buffers]
 
 
+class Rows:
+    """How a plan's products cut a wave into rows: blocks of `block` rows.
+
+    OpenBLAS picks its kernel, and with it the order of the additions, by the
+    shape of the product: a row of `x[:1] @ w` and the same row of `x[:8] @ w`
+    differ in the last bits (up to ~1e-5 measured), and so would a repeated
+    prediction computed in another wave. Cut into blocks of one fixed number of
+    rows, the last one zero-padded, every row goes through products of one
+    shape, at one of `block` places in a block. Whether that place can change
+    a row's bits depends on the BLAS build and the processor (blocks of 4 and 8
+    gave identical rows on the machine this was written on, 16 and 32 did
+    not), so the engine checks it at start-up on the model's own weights
+    (engine.py `self_test`) and falls back to `block = 1`: one product per row
+    (a matrix-vector product, what a wave of one computes), the strictest.
+    Shared by every product of a plan, so that the engine switches them all."""
+
+    #: The candidates, fastest first (blocks of 8 measured ~1.5x one plain
+    #: product at 1000 rows, single rows ~2-2.5x; see docs/performance.md).
+    CANDIDATES = (8, 4, 1)
+
+    def __init__(self, block: int = CANDIDATES[0]) -> None:
+        self.block = block
+
+
+class Product:
+    """out = x @ w, cut into `rows.block`-row blocks, each one BLAS product.
+
+    The full blocks are one `np.matmul` over an (N // block, block, k) view:
+    NumPy loops over the blocks in C, calling one BLAS product per block, so
+    the Python cost per call stays constant whatever the wave. The last, short
+    block is copied into a zero-padded block of its own."""
+
+    def __init__(self, w: Array, rows: Rows) -> None:
+        self.w = np.ascontiguousarray(w)
+        self.rows = rows
+        k, m = self.w.shape
+        self.tail_in = np.zeros((0, k), dtype=np.float32)
+        self.tail_out = np.zeros((0, m), dtype=np.float32)
+
+    def __call__(self, x: Array, out: Array) -> Array:
+        """x @ w into `out`, a C-contiguous (N, m) float32 array; returns `out`."""
+        b = self.rows.block
+        n, k = x.shape
+        m = self.w.shape[1]
+        if not out.flags.c_contiguous:
+            raise ValueError("a Product writes into a C-contiguous array")
+        full = n - n % b
+        if full:
+            # Splitting the first axis is always a view, of x and of out.
+            np.matmul(x[:full].reshape(-1, b, k), self.w, out=out[:full].reshape(-1, b, m))
+        if full < n:
+            if self.tail_in.shape[0] != b:
+                self.tail_in = np.zeros((b, k), dtype=np.float32)
+                self.tail_out = np.empty((b, m), dtype=np.float32)
+            rest = n - full
+            self.tail_in[:rest] = x[full:]
+            self.tail_in[rest:] = np.float32(0.0)
+            np.matmul(self.tail_in, self.w, out=self.tail_out)
+            out[full:] = self.tail_out[:rest]
+        return out
+
+
 class Cell:
     """One recurrent cell: (x, its states) -> (output, its new states)."""
 
@@ -60,7 +127,7 @@ class Cell:
 class LSTMKernel(Cell):
     n_states = 2
 
-    def __init__(self, cell: Any, what: str) -> None:
+    def __init__(self, cell: Any, what: str, rows: Rows) -> None:
         u = self.units = int(cell.units)
         self.act = numpy_activation(cell.activation, what)
         self.rec = numpy_activation(cell.recurrent_activation, f"{what} (recurrent)")
@@ -83,14 +150,21 @@ class LSTMKernel(Cell):
         self.kernel = np.ascontiguousarray(kernel)
         self.recurrent = np.ascontiguousarray(recurrent)
         self.bias = np.ascontiguousarray(bias) if bias is not None else None
-        self.scratch = Scratch(4 * u, 4 * u, u, u)
+        # One product over [x, h] @ [kernel; recurrent] instead of x @ kernel +
+        # h @ recurrent: the same terms, added in another order than Keras's
+        # (parity stays ~1e-7), for half the products: ~10% of a step measured,
+        # each product costing a padded block or a call per row (see `Rows`).
+        self.n_in = int(self.kernel.shape[0])
+        self.product = Product(np.concatenate([self.kernel, self.recurrent]), rows)
+        self.scratch = Scratch(4 * u, 4 * u, u, u, self.n_in + u)
 
     def __call__(self, x: Array, states: list[Array]) -> tuple[Array, list[Array]]:
         h, c = states
         u = self.units
-        z, t, c_new, h_new = self.scratch.take(x.shape[0])
-        np.matmul(x, self.kernel, out=z)
-        z += np.matmul(h, self.recurrent, out=t)
+        z, t, c_new, h_new, xh = self.scratch.take(x.shape[0])
+        xh[:, : self.n_in] = x
+        xh[:, self.n_in :] = h
+        self.product(xh, z)
         if self.bias is not None:
             z += self.bias
         if self.fused:
@@ -113,7 +187,7 @@ class LSTMKernel(Cell):
 
 
 class GRUKernel(Cell):
-    def __init__(self, cell: Any, what: str) -> None:
+    def __init__(self, cell: Any, what: str, rows: Rows) -> None:
         u = self.units = int(cell.units)
         self.reset_after = bool(cell.reset_after)
         self.kernel = weights(cell.kernel, what)
@@ -132,16 +206,19 @@ class GRUKernel(Cell):
         self.recurrent_h = np.ascontiguousarray(recurrent[:, 2 * u :])
         self.act = numpy_activation(cell.activation, what)
         self.rec = numpy_activation(cell.recurrent_activation, f"{what} (recurrent)")
+        self.x_product = Product(self.kernel, rows)
+        self.h_product = Product(self.recurrent, rows)
+        self.rh_product = Product(self.recurrent_h, rows)
         self.scratch = Scratch(3 * u, self.recurrent.shape[1], u, u, u)
 
     def __call__(self, x: Array, states: list[Array]) -> tuple[Array, list[Array]]:
         (h,) = states
         u = self.units
         mx, mi, a, b, h_new = self.scratch.take(x.shape[0])
-        np.matmul(x, self.kernel, out=mx)
+        self.x_product(x, mx)
         if self.bias_in is not None:
             mx += self.bias_in
-        np.matmul(h, self.recurrent, out=mi)
+        self.h_product(h, mi)
         if self.bias_rec is not None:
             mi += self.bias_rec
         zr = mx[:, : 2 * u]
@@ -153,7 +230,7 @@ class GRUKernel(Cell):
             rh = mi[:, 2 * u :]
             rh *= r
         else:
-            rh = np.matmul(np.multiply(r, h, out=a), self.recurrent_h, out=b)
+            rh = self.rh_product(np.multiply(r, h, out=a), b)
         hh = mx[:, 2 * u :]
         hh += rh
         hh = self.act(hh)
@@ -166,21 +243,23 @@ class GRUKernel(Cell):
 
 
 class SimpleRNNKernel(Cell):
-    def __init__(self, cell: Any, what: str) -> None:
+    def __init__(self, cell: Any, what: str, rows: Rows) -> None:
         self.kernel = weights(cell.kernel, what)
         self.recurrent = weights(cell.recurrent_kernel, what)
         self.bias = weights(cell.bias, what) if cell.bias is not None else None
         self.act = numpy_activation(cell.activation, what)
         u = int(cell.units)
+        self.x_product = Product(self.kernel, rows)
+        self.h_product = Product(self.recurrent, rows)
         self.scratch = Scratch(u, u)
 
     def __call__(self, x: Array, states: list[Array]) -> tuple[Array, list[Array]]:
         (h,) = states
         y, t = self.scratch.take(x.shape[0])
-        np.matmul(x, self.kernel, out=y)
+        self.x_product(x, y)
         if self.bias is not None:
             y += self.bias
-        y += np.matmul(h, self.recurrent, out=t)
+        y += self.h_product(h, t)
         out = self.act(y)
         return out, [out]
 
@@ -201,9 +280,12 @@ class Op:
 
 
 class DenseOp(Op):
-    def __init__(self, src: int, dst: int, kernel: Array, bias: Array | None, act: Activation) -> None:
+    def __init__(
+        self, src: int, dst: int, kernel: Array, bias: Array | None, act: Activation, rows: Rows
+    ) -> None:
         super().__init__((src,), dst)
         self.kernel = kernel
+        self.product = Product(kernel, rows)
         self.bias = bias
         self.act = act
         self.scratch = Scratch(int(kernel.shape[1]))
@@ -211,7 +293,7 @@ class DenseOp(Op):
     def run(self, xs: list[Array], states_in: list[Array], states_out: list[Array]) -> Array:
         (x,) = xs
         (y,) = self.scratch.take(x.shape[0])
-        np.matmul(x, self.kernel, out=y)
+        self.product(x, y)
         if self.bias is not None:
             y += self.bias
         return self.act(y)
