@@ -17,7 +17,7 @@ Then, in each of `scale_rounds` rounds, in turn:
 
 A row per model and contender: states/s, seconds for all the states (medians
 of the rounds), the ratio to the raw read of the same model, the record size,
-and whether the issue's target (`restore_states` within `restore_target_s`) held.
+and whether the issue's target (100 k states within `restore_target_s`) held.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ import numpy as np
 from daemon.devtools.bench.broker import BROKER, create_topics_for_bench, unique
 from daemon.devtools.bench.config import MODELS, BenchConfig, Log, Row
 from daemon.devtools.bench.files import model_file
+
+#: Issue 12's target: this many open sequences restored within `restore_target_s`.
+TARGET_STATES = 100_000
 
 
 def _settings(bootstrap: str, group: str, model_path: Any) -> Any:
@@ -176,7 +179,11 @@ class RestoreSection:
                     "note": "",
                 }
                 if contender == "restorer":
-                    row["target"] = f"{config.restore_states:,} states within {config.restore_target_s:g} s"
-                    row["target_met"] = seconds <= config.restore_target_s
+                    # The issue's count; another count is scaled to it linearly (said so).
+                    projected = seconds * TARGET_STATES / max(1, count)
+                    row["target"] = f"{TARGET_STATES:,} states within {config.restore_target_s:g} s" + (
+                        "" if count == TARGET_STATES else f" (extrapolated from {count:,}: {projected:.1f} s)"
+                    )
+                    row["target_met"] = projected <= config.restore_target_s
                 rows.append(row)
         return rows
