@@ -277,6 +277,7 @@ def test_scale_and_keras_overhead_structure() -> None:
     assert [(r["engine"], r["interleaved"]) for r in overhead] == [
         ("engine", 1),
         ("loop", 1),
+        ("loop + read back", 1),
         ("engine", 3),
         ("loop", 3),
         ("loop, no swap", 3),
@@ -286,6 +287,11 @@ def test_scale_and_keras_overhead_structure() -> None:
     for r in (r for r in overhead if r["engine"] == "engine"):
         assert r["overhead"] > -1.0 and isinstance(r["target_met"], bool) and len(r["overhead_each"]) == 2
         assert r["profile"] and all(p["us_per_event"] >= 0 and 0 <= p["share"] <= 1 for p in r["profile"])
+        parts = {b["part"]: b for b in r["breakdown"]}
+        assert (
+            parts["KerasEngine.step (all)"]["share"] == 1.0 and parts["predict_on_batch"]["us_per_event"] > 0
+        )
+        assert parts["state read-back"]["us_per_event"] > 0
     assert all(r["vs_loop"] == 1.0 for r in overhead if r["engine"] == "loop")
     table = bench.format_table(report)
     assert "interleaved" in table and "vs baseline" in table and "overhead" in table

@@ -11,13 +11,16 @@ in each of `scale_rounds` rounds, contenders alternating within a round:
   it assigns the sequence's state into the state variables before the event
   and reads them back after it, as the engine does (the fair comparison);
 * `loop, no swap` (N > 1 only): predict_on_batch alone, the states left in the
-  variables (wrong results across sequences: the floor, for reference).
+  variables (wrong results across sequences: the floor, for reference);
+* `loop + read back` (N = 1 only): predict_on_batch and the state read back
+  after each event, as the engine does for its resident sequence.
 
 N is 1 and `overhead_sequences`. A row per model, N and contender: events/s
 and microseconds per event (medians), and for the engine its overhead over the
 fair loop (time per event / the loop's - 1) against the issue's target
-(`overhead_target`, 20 %), and a short profile (cProfile of one more engine
-run: the functions with the most own time, per event).
+(`overhead_target`, 20 %), and two short profiles of one more engine run each
+(cProfile): the functions with the most own time, and the cumulative time of
+the engine's parts (`BREAKDOWN`), per event.
 """
 
 from __future__ import annotations
@@ -58,9 +61,11 @@ def engine_run(model: Any, engine: Any, xs: np.ndarray) -> Callable[[], float]:
     return run
 
 
-def loop_run(model: Any, xs: np.ndarray, swap: bool) -> Callable[[], float]:
+def loop_run(model: Any, xs: np.ndarray, swap: bool, read_back: bool = False) -> Callable[[], float]:
     """The bare predict_on_batch loop over the same events, with or without the
-    state swap of each event's sequence."""
+    state swap of each event's sequence (`swap`: assign before, read back after),
+    or with the read-back alone (`read_back`: what keeps a resident sequence's
+    state current)."""
     stateful = model.stateful
     variables = list(model.state_variables)
     shapes = [(1, *s) for s in model.state_shapes]
@@ -70,7 +75,11 @@ def loop_run(model: Any, xs: np.ndarray, swap: bool) -> Callable[[], float]:
 
     def run() -> float:
         started = time.perf_counter()
-        if not swap:
+        if read_back and not swap:
+            for i, x in enumerate(events):
+                stateful.predict_on_batch(x)
+                states[i % n] = [np.array(var.numpy(), dtype=np.float32) for var in variables]
+        elif not swap:
             for x in events:
                 stateful.predict_on_batch(x)
         else:
@@ -105,6 +114,39 @@ def profile(run: Callable[[], float], events: int) -> list[dict[str, Any]]:
     ]
 
 
+# Where an engine step's time goes: (label, file suffix, function) whose cumulative
+# time per event `breakdown` reports.
+BREAKDOWN = (
+    ("predict_on_batch", "keras/src/backend/tensorflow/trainer.py", "predict_on_batch"),
+    ("state assign (swap)", "daemon/inference/engines/keras.py", "_assign"),
+    ("state read-back", "daemon/inference/engines/keras.py", "_read"),
+    ("check_batch", "daemon/inference/engines/contract.py", "check_batch"),
+    ("flatten_step_outputs", "daemon/inference/model.py", "flatten_step_outputs"),
+    ("KerasEngine.step (all)", "daemon/inference/engines/keras.py", "step"),
+)
+
+
+def breakdown(run: Callable[[], float], events: int) -> list[dict[str, Any]]:
+    """Cumulative time per event of the engine's parts (`BREAKDOWN`) in one
+    profiled run (cProfile inflates Python calls: compare shares, not totals)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    entries: dict[Any, Any] = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    whole = next(
+        (v[3] for f, v in entries.items() if f[0].endswith(BREAKDOWN[-1][1]) and f[2] == BREAKDOWN[-1][2]),
+        0.0,
+    )
+    out = []
+    for label, suffix, name in BREAKDOWN:
+        cum = sum(v[3] for f, v in entries.items() if f[0].endswith(suffix) and f[2] == name)
+        out.append(
+            {"part": label, "us_per_event": cum / events * 1e6, "share": cum / whole if whole else None}
+        )
+    return out
+
+
 class OverheadSection:
     """The keras engine over the bare loop it wraps (see the module docstring)."""
 
@@ -130,6 +172,8 @@ class OverheadSection:
                 }
                 if n > 1:
                     contenders["loop, no swap"] = loop_run(model, xs, swap=False)
+                else:  # the engine reads a resident state back after every event too
+                    contenders["loop + read back"] = loop_run(model, xs, swap=False, read_back=True)
                 for run in contenders.values():  # warm-up: traced, allocated
                     run()
                 times: dict[str, list[float]] = {c: [] for c in contenders}
@@ -162,5 +206,6 @@ class OverheadSection:
                         row["target"] = f"at most {config.overhead_target:.0%} over the loop"
                         row["target_met"] = overhead <= config.overhead_target
                         row["profile"] = profile(contenders["engine"], events)
+                        row["breakdown"] = breakdown(contenders["engine"], events)
                     rows.append(row)
         return rows

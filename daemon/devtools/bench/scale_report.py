@@ -145,10 +145,12 @@ def format_scale(report: dict[str, Any]) -> list[str]:
             "overhead = engine time per event / the loop's - 1"
         )
         for r in overhead:
-            if r.get("profile") and not r.get("target_met", True):
-                out.append(f"profile of the engine, {r['model']} x{r['interleaved']} (own time, cProfile):")
-                for p in r["profile"]:
-                    out.append(
-                        f"  {p['us_per_event']:8.1f} us/event {p['share'] * 100:5.1f}%  {p['function']}"
-                    )
+            if r.get("breakdown") and not r.get("target_met", True):
+                out.append(
+                    f"where the engine's time goes, {r['model']} x{r['interleaved']} "
+                    "(cumulative, cProfile; its overhead inflates Python calls):"
+                )
+                for b in r["breakdown"]:
+                    share = "" if b["share"] is None else f"{b['share'] * 100:5.1f}%"
+                    out.append(f"  {b['us_per_event']:8.1f} us/event {share:>6}  {b['part']}")
     return out
