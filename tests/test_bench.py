@@ -242,3 +242,120 @@ def test_summary_ratios() -> None:
     assert s["fast_vs_passthrough"] == 0.8 and s["fast_vs_keras"] == 8.0
     assert s["fast_vs_peer"] == 80.0 / 120.0 and s["fast_vs_peer_broker_timed"] == 0.5
     assert s["passthrough_vs_peer_broker_timed"] == 0.75
+
+
+# -- at scale (issue 12): the sections' machinery at tiny sizes, never their speeds ----------
+
+TINY_SCALE = bench.BenchConfig(
+    sections=("scale", "keras-overhead"),
+    models=("demo",),
+    scale_rounds=2,
+    scale_sequences=40,
+    scale_baseline_sequences=4,
+    scale_events=60,
+    scale_batch=25,
+    overhead_sequences=3,
+    overhead_events=6,
+)
+
+
+def test_scale_and_keras_overhead_structure() -> None:
+    messages: list[str] = []
+    report = bench.run(TINY_SCALE, log=messages.append)
+    scale = [r for r in report["rows"] if r["section"] == "scale"]
+    assert [r["interleaved"] for r in scale] == [4, 40]
+    for r in scale:
+        assert r["engine"] == "fast" and r["model"] == "demo" and r["note"] == ""
+        assert r["open_sequences"] == r["interleaved"]  # one state per sequence, none evicted
+        assert r["events"] == 60 and r["batch"] == 25 and r["rounds"] == 2
+        assert r["events_per_s"] > 0 and len(r["events_per_s_each"]) == 2
+        assert 0 < r["batch_p50_ms"] <= r["batch_p99_ms"]
+        assert r["vs_baseline"] is not None and r["vs_baseline"] > 0
+        assert "vs_keras" not in r  # its own ratio, not add_ratios'
+    assert scale[0]["vs_baseline"] == 1.0
+    overhead = [r for r in report["rows"] if r["section"] == "keras-overhead"]
+    assert [(r["engine"], r["interleaved"]) for r in overhead] == [
+        ("engine", 1),
+        ("loop", 1),
+        ("loop + read back", 1),
+        ("engine", 3),
+        ("loop", 3),
+        ("loop, no swap", 3),
+    ]
+    for r in overhead:
+        assert r["events"] == 6 and r["events_per_s"] > 0 and r["us_per_event"] > 0 and r["vs_loop"] > 0
+    for r in (r for r in overhead if r["engine"] == "engine"):
+        assert r["overhead"] > -1.0 and isinstance(r["target_met"], bool) and len(r["overhead_each"]) == 2
+        assert r["profile"] and all(p["us_per_event"] >= 0 and 0 <= p["share"] <= 1 for p in r["profile"])
+        parts = {b["part"]: b for b in r["breakdown"]}
+        assert (
+            parts["KerasEngine.step (all)"]["share"] == 1.0 and parts["predict_on_batch"]["us_per_event"] > 0
+        )
+        assert parts["state read-back"]["us_per_event"] > 0
+    assert all(r["vs_loop"] == 1.0 for r in overhead if r["engine"] == "loop")
+    table = bench.format_table(report)
+    assert "interleaved" in table and "vs baseline" in table and "overhead" in table
+    assert "vs keras" not in table  # no throughput rows of the engine or e2e sections
+    json.dumps(report)
+    assert any("keras-overhead demo x3 round 2/2" in m for m in messages)
+
+
+def test_memory_paths_and_rows() -> None:
+    from daemon.devtools.bench.memory import measure_here, measure_in_child, memory_row
+
+    restored = measure_in_child("restored", "demo", 20_000, 500, 0)  # a fresh process
+    processed = measure_here("processed", "demo", 60, batch=25)
+    for how, m in (("restored", restored), ("processed", processed)):
+        row = memory_row(how, "demo", m)
+        assert row["section"] == "memory" and row["engine"] == how
+        assert row["tensor_bytes_per_sequence"] == 2 * 32 * 4  # LSTM(32): h and c, float32
+        assert row["record_bytes"] > row["tensor_bytes_per_sequence"]  # a header too
+        assert m["rss_before"] > 0 and m["rss_after"] > 0
+    row = memory_row("restored", "demo", restored)
+    assert row["open_sequences"] == 20_000 and row["bytes_per_sequence"] > 0 and row["vs_tensor_bytes"] > 0
+    report = {"rows": [row], "meta": {}}
+    from daemon.devtools.bench.scale_report import format_scale
+
+    assert any("bytes/seq" in line for line in format_scale(report))
+
+
+def test_restore_snapshots_are_what_the_restorer_adopts() -> None:
+    from daemon.core.state import SequenceState, StateStore
+    from daemon.devtools.bench.restore import snapshots
+    from daemon.streaming.restore import adopt
+
+    records = snapshots([(3,), (3,)], "m@abc", 5, seed=0)
+    states = {f"s{i}": SequenceState.restore(raw) for i, raw in enumerate(records)}
+    store = StateStore(0)
+    assert adopt(store, "m@abc", 0, states, [(3,), (3,)]) == []
+    assert len(store) == 5 and store.state_bytes() == 5 * 2 * 3 * 4
+
+
+def test_scale_options() -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    config = bench.config_from_args(
+        parser.parse_args(
+            ["--sections", "engine", "--scale", "--memory-counts", "10,20", "--scale-rounds", "2"]
+        )
+    )
+    assert config.sections == ("engine", "restore", "memory", "scale", "keras-overhead")
+    assert config.memory_counts == (10, 20) and config.scale_rounds == 2
+    with pytest.raises(ValueError):
+        bench.config_from_args(parser.parse_args(["--memory-counts", "0"]))
+
+
+@pytest.mark.kafka
+def test_restore_structure(kafka: LocalKafka) -> None:
+    config = bench.BenchConfig(
+        sections=("restore",), models=("demo",), restore_states=30, scale_rounds=1, bootstrap=kafka.bootstrap
+    )
+    report = bench.run(config)
+    rows = report["rows"]
+    assert [r["engine"] for r in rows] == ["raw read", "restorer"]
+    for r in rows:
+        assert r["states"] == 30 and r["states_per_s"] > 0 and r["seconds"] > 0 and r["record_bytes"] > 256
+        assert r["vs_raw_read"] is not None and r["vs_raw_read"] > 0
+    assert rows[0]["vs_raw_read"] == 1.0
+    assert "extrapolated from 30" in rows[1]["target"] and isinstance(rows[1]["target_met"], bool)
+    assert "states/s" in bench.format_table(report)

@@ -85,6 +85,18 @@ class BenchConfig:
     bootstrap: str | None = None  # a running broker; None: a LocalKafka for the run
     peer_python: str | None = None  # an interpreter with quixstreams; None: found or made
     profile_interval_s: float = 0.001
+    # At scale (sections restore, memory, scale, keras-overhead; see scale.py).
+    scale_rounds: int = 3  # rounds of the restore, scale and keras-overhead sections
+    restore_states: int = 100_000  # open sequences written to the state partition
+    restore_target_s: float = 10.0  # issue 12: 100 k states restored within 10 s
+    memory_counts: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    scale_sequences: int = 100_000  # interleaved sequences (the baseline: scale_baseline_sequences)
+    scale_baseline_sequences: int = 1_000
+    scale_events: int = 200_000  # timed per round (after one untimed event per sequence)
+    scale_batch: int = 500  # records per Processor.process call (max.poll.records)
+    overhead_sequences: int = 64  # the keras-overhead section's "many" interleaved sequences
+    overhead_events: int = 400  # per round and contender
+    overhead_target: float = 0.20  # issue 12: the keras engine costs at most 20 % more
 
 
 class Section(Protocol):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from daemon.devtools.bench.config import BenchConfig
 from daemon.devtools.bench.report import format_table
 from daemon.devtools.bench.runner import SECTIONS, check, run
+from daemon.devtools.bench.scale_report import SCALE_SECTIONS
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -43,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--profile",
         action="store_true",
         help="add the profile section: where the fast run loop's time goes per event",
+    )
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="add the at-scale sections: restore, memory, scale, keras-overhead",
     )
     p.add_argument(
         "--models",
@@ -101,6 +107,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--bootstrap", help="end to end: a running broker (default: a local one)")
     p.add_argument("--peer-python", help="peer: an interpreter that has quixstreams")
+    p.add_argument(
+        "--scale-rounds",
+        type=int,
+        default=3,
+        help="restore, scale, keras-overhead: rounds per configuration (default: 3)",
+    )
+    p.add_argument(
+        "--restore-states",
+        type=int,
+        default=100_000,
+        help="restore: open sequences in the state partition (default: 100000)",
+    )
+    p.add_argument(
+        "--memory-counts",
+        default="10000,100000,1000000",
+        help="memory: open sequence counts, a fresh process each (default: 10000,100000,1000000)",
+    )
+    p.add_argument(
+        "--scale-sequences",
+        type=int,
+        default=100_000,
+        help="scale: interleaved sequences, against 1000 as the baseline (default: 100000)",
+    )
+    p.add_argument(
+        "--scale-events",
+        type=int,
+        default=200_000,
+        help="scale: events per round and sequence count (default: 200000)",
+    )
+    p.add_argument(
+        "--overhead-events",
+        type=int,
+        default=400,
+        help="keras-overhead: events per round and contender (default: 400)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -112,6 +153,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         for name, wanted in (("peer", args.peer), ("profile", args.profile))
         if wanted and name not in sections
     )
+    if args.scale:
+        extra += tuple(name for name in SCALE_SECTIONS if name not in sections + extra)
     config = BenchConfig(
         sections=sections + extra,
         models=parse_list(args.models),
@@ -128,6 +171,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         e2e_max_poll_records=max(1, args.e2e_max_poll_records),
         bootstrap=args.bootstrap or None,
         peer_python=args.peer_python or None,
+        scale_rounds=max(1, args.scale_rounds),
+        restore_states=max(1, args.restore_states),
+        memory_counts=parse_ints(args.memory_counts),
+        scale_sequences=max(1, args.scale_sequences),
+        scale_events=max(1, args.scale_events),
+        overhead_events=max(1, args.overhead_events),
     )
     check(config)
     return config

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from daemon.devtools.bench.config import E2E_MODEL, MODELS, BenchConfig, Row
+from daemon.devtools.bench.scale_report import SCALE_SECTIONS, format_scale
 
 
 def add_ratios(rows: list[Row]) -> None:
@@ -140,7 +141,7 @@ def _aligned(lines: list[Sequence[str]], right: set[int]) -> list[str]:
 def format_table(report: dict[str, Any]) -> str:
     """The rows as an aligned text table, the engines of one configuration together;
     then the end-to-end ratios and the profile, if they were run."""
-    rows = [r for r in report["rows"] if r["section"] != "profile"]
+    rows = [r for r in report["rows"] if r["section"] != "profile" and r["section"] not in SCALE_SECTIONS]
     meta = report["meta"]
     cfg = meta["config"]
     out: list[str] = []
@@ -245,6 +246,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"peer parity: {r['parity_compared']:,} of its predictions compared with lstmd "
                 f"fast's for the same inputs: max |y difference| {r['parity_max_abs_dy']:.1e}"
             )
+    out += format_scale(report)
     notes = {r["note"] for r in report["rows"] if r.get("note")}
     out.extend(f"note: {note}" for note in sorted(notes))
     out.append(

@@ -367,7 +367,7 @@ class _Compiler:
         act = numpy_activation(layer.activation, what)
         dst = self.new_register(int(kernel.shape[2]))
         if pad == 0:  # one step: a Dense of the kernel's only tap
-            self.ops.append(DenseOp(src, dst, np.ascontiguousarray(kernel[-1]), bias, act))
+            self.ops.append(DenseOp(src, dst, np.ascontiguousarray(kernel[-1]), bias, act, self.rows))
             return dst
         state = self.state_index.get(id(layer))
         if state is None:
@@ -377,7 +377,9 @@ class _Compiler:
             raise UnsupportedModel(
                 f"{what} has a buffer of shape {buffer_shape}, expected (1, {pad * width})"
             )
-        self.ops.append(CausalConvOp(src, dst, kernel, bias, act, int(layer.dilation_rate[0]), state))
+        self.ops.append(
+            CausalConvOp(src, dst, kernel, bias, act, int(layer.dilation_rate[0]), state, self.rows)
+        )
         return dst
 
 

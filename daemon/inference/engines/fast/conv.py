@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from daemon.inference.engines.fast.kernels import Op, Scratch
+from daemon.inference.engines.fast.kernels import Op, Product, Rows, Scratch
 from daemon.inference.engines.fast.types import Activation, Array
 
 
@@ -31,6 +31,7 @@ class CausalConvOp(Op):
         act: Activation,
         dilation: int,
         state: int,
+        rows: Rows,
     ) -> None:
         super().__init__((src,), dst)
         taps, channels, filters = (int(d) for d in kernel.shape)
@@ -40,6 +41,8 @@ class CausalConvOp(Op):
         self.pad = (taps - 1) * dilation
         self.state = state
         self.kernel = np.ascontiguousarray(kernel.reshape(taps * channels, filters))
+        # Row blocks, like every product of the engine: a row's bits never depend on its wave.
+        self.product = Product(self.kernel, rows)
         self.bias = bias
         self.act = act
         self.scratch = Scratch((self.pad + 1) * channels, filters)
@@ -56,7 +59,7 @@ class CausalConvOp(Op):
         else:
             rows = window.reshape(n, self.pad + 1, self.channels)
             taps = rows[:, :: self.dilation].reshape(n, self.taps * self.channels)
-        np.matmul(taps, self.kernel, out=y)
+        self.product(np.ascontiguousarray(taps), y)
         if self.bias is not None:
             y += self.bias
         # The newest `pad` inputs, oldest first: the engine copies them out per slot.
