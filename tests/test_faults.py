@@ -44,9 +44,14 @@ def outputs_so_far(bootstrap: str, topic: str) -> int:
     return len({k for r in consume(bootstrap, topic, at_least=0, timeout=2.0) if (k := prediction_source(r))})
 
 
-@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+@pytest.mark.parametrize(
+    ("delivery", "engine"),
+    # The fast engine too: its repeats, recomputed in waves of other sizes after each
+    # kill, must be bit-identical (check_predictions compares every copy).
+    [("at-least-once", "keras"), ("exactly-once", "keras"), ("at-least-once", "fast")],
+)
 def test_kill_9_five_times_mid_stream(
-    kafka: LocalKafka, topics: TopicFactory, model: Path, delivery: str
+    kafka: LocalKafka, topics: TopicFactory, model: Path, delivery: str, engine: str
 ) -> None:
     names = topics({"in": 2, "out": 2, "dlq": 1})
     stream = interleaved_stream(n_keys=16, n_events=2500, features=3, seed=21)
@@ -54,6 +59,7 @@ def test_kill_9_five_times_mid_stream(
     # A killed member holds its partitions until its session expires: keep it short.
     extra = {
         "LSTMD_DELIVERY": delivery,
+        "LSTMD_ENGINE": engine,
         "LSTMD_KAFKA_MAX_POLL_RECORDS": "40",
         "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "3000",
         "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
