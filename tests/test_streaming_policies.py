@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from kafka.errors import FencedInstanceIdError
+from kafka.errors import FencedInstanceIdError, RebalanceInProgressError
 
 from daemon.core.state import SequenceState, StateStore
 from daemon.errors import KafkaSetupError
@@ -22,7 +22,7 @@ from daemon.streaming.lifecycle import Partitions, Phase
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import CheckpointPolicy
 from daemon.streaming.restore import adopt
-from tests.fakes import TP, FakeProducer, make, outputs, recs, settings
+from tests.fakes import TP, FakeConsumer, FakeProducer, FakeStateConsumer, make, outputs, recs, settings
 
 
 def policy(store: StateStore, interval_s: float = 1.0, now: list[float] | None = None) -> CheckpointPolicy:
@@ -215,3 +215,66 @@ def test_a_static_member_fenced_at_join_ends_with_exit_2_naming_the_variable(
     s = settings(tmp_path, group_instance_id="pod-0")
     with pytest.raises(KafkaSetupError, match="'pod-0' \\(LSTMD_GROUP_INSTANCE_ID\\)"):
         RunLoop(s, proc, metrics, Health(60), threading.Event()).run()
+
+
+def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the group rebalances: the final checkpoint's commit is deferred
+    (RebalanceInProgressError); the daemon keeps polling, paused, and commits once the
+    rebalance is over, instead of exiting with nothing committed."""
+    rec = recs([("a", {"x": [1]})])[0]
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.listener: Any = None
+            self.assigned: set[Any] = set()
+            self.polls = 0
+            self.refusals = 2  # the group is rebalancing for two commits
+            self.committed_offsets: list[dict[Any, Any]] = []
+
+        def subscribe(self, topics: list[str], listener: Any) -> None:
+            self.listener = listener
+
+        def poll(self, **_: Any) -> dict[Any, list[Any]]:
+            self.polls += 1
+            if self.polls == 1:
+                self.assigned = {TP}
+                self.listener.on_partitions_assigned({TP})
+                return {TP: [rec]}
+            return {}
+
+        def assignment(self) -> set[Any]:
+            return self.assigned
+
+        def commit(self, offsets: dict[Any, Any]) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise RebalanceInProgressError()
+            self.committed_offsets.append({tp: o.offset for tp, o in offsets.items()})
+
+        def group_metadata(self) -> Any:
+            return FakeConsumer().group_metadata()
+
+        def committed(self, tp: Any, timeout_ms: int = 0) -> None:
+            return None
+
+        def __getattr__(self, name: str) -> Any:  # pause, close, highwater, seek, ...
+            return lambda *a, **k: None
+
+    class StateTopic(FakeStateConsumer):
+        def close(self) -> None: ...
+
+    consumer = Consumer()
+    monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: StateTopic([]))
+    monkeypatch.setattr(loop_module, "ensure_topics", lambda *a: 1)
+    monkeypatch.setattr(loop_module, "make_producer", lambda *a: FakeProducer())
+    monkeypatch.setattr(loop_module, "make_consumer", lambda *a: consumer)
+    monkeypatch.setattr(loop_module, "make_restore_consumer", lambda *a: StateTopic([]))
+    monkeypatch.setattr(loop_module, "partitions_for_topic", lambda *a, **k: {0})
+    proc, metrics = make()
+    stop = threading.Event()
+    rl = RunLoop(settings(tmp_path), proc, metrics, Health(60), stop, on_batch=lambda n: stop.set())
+    rl.run()
+    assert consumer.committed_offsets == [{TP: 1}]  # committed after the rebalance
+    assert consumer.polls >= 3  # polled (paused) while the commit was deferred
