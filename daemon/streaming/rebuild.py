@@ -176,10 +176,10 @@ class Replay:
         missing (deleted while the rebuild read), the sequence is lost rather than
         rebuilt from the middle.
         """
-        spans, end = self.plan.spans, self.plan.end
+        spans, start, end = self.plan.spans, self.plan.start, self.plan.end
         wanted = []
         for rec in records:
-            if rec.offset >= end:
+            if not start <= rec.offset < end:
                 continue
             self.read += 1
             key = rec.key
