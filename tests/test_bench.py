@@ -339,7 +339,7 @@ def test_scale_options() -> None:
             ["--sections", "engine", "--scale", "--memory-counts", "10,20", "--scale-rounds", "2"]
         )
     )
-    assert config.sections == ("engine", "restore", "memory", "scale", "keras-overhead")
+    assert config.sections == ("engine", "restore", "memory", "scale", "keras-overhead", "rebuild")
     assert config.memory_counts == (10, 20) and config.scale_rounds == 2
     with pytest.raises(ValueError):
         bench.config_from_args(parser.parse_args(["--memory-counts", "0"]))
@@ -359,3 +359,28 @@ def test_restore_structure(kafka: LocalKafka) -> None:
     assert rows[0]["vs_raw_read"] == 1.0
     assert "extrapolated from 30" in rows[1]["target"] and isinstance(rows[1]["target_met"], bool)
     assert "states/s" in bench.format_table(report)
+
+
+def test_rebuild_section_structure() -> None:
+    config = bench.BenchConfig(
+        sections=("rebuild",),
+        scale_rounds=1,
+        rebuild_sequences=30,
+        rebuild_steps=4,
+        rebuild_keras_sequences=3,
+        rebuild_keras_steps=2,
+    )
+    report = bench.run(config)
+    rows = report["rows"]
+    assert [(r["engine"], r["contender"], r["events"], r["extrapolated"]) for r in rows] == [
+        ("keras", "live", 6, True),
+        ("keras", "rebuild", 6, True),
+        ("fast", "live", 120, False),
+        ("fast", "rebuild", 120, False),
+    ]
+    for r in rows:
+        assert r["events_per_s"] > 0 and r["target_events"] == 120
+        assert r["target_seconds"] == pytest.approx(120 / r["events_per_s"])
+    assert [r["vs_live"] for r in rows if r["contender"] == "live"] == [1.0, 1.0]
+    table = bench.format_table(report)
+    assert "s for target" in table and "(extrapolated)" in table

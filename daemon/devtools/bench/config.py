@@ -97,6 +97,12 @@ class BenchConfig:
     overhead_sequences: int = 64  # the keras-overhead section's "many" interleaved sequences
     overhead_events: int = 400  # per round and contender
     overhead_target: float = 0.20  # issue 12: the keras engine costs at most 20 % more
+    # Rebuild after a model change (section rebuild): open sequences x steps replayed;
+    # the keras engine on a smaller size, its full-size time extrapolated.
+    rebuild_sequences: int = 10_000
+    rebuild_steps: int = 100
+    rebuild_keras_sequences: int = 100
+    rebuild_keras_steps: int = 20
 
 
 class Section(Protocol):

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale",
         action="store_true",
-        help="add the at-scale sections: restore, memory, scale, keras-overhead",
+        help="add the at-scale sections: restore, memory, scale, keras-overhead, rebuild",
     )
     p.add_argument(
         "--models",
@@ -142,6 +142,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=400,
         help="keras-overhead: events per round and contender (default: 400)",
     )
+    p.add_argument(
+        "--rebuild-sequences",
+        type=int,
+        default=10_000,
+        help="rebuild: open sequences rebuilt after a model change (default: 10000)",
+    )
+    p.add_argument(
+        "--rebuild-steps",
+        type=int,
+        default=100,
+        help="rebuild: steps per sequence replayed (default: 100)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -177,6 +189,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         scale_sequences=max(1, args.scale_sequences),
         scale_events=max(1, args.scale_events),
         overhead_events=max(1, args.overhead_events),
+        rebuild_sequences=max(1, args.rebuild_sequences),
+        rebuild_steps=max(1, args.rebuild_steps),
     )
     check(config)
     return config

@@ -15,6 +15,7 @@ from daemon.devtools.bench.memory import MemorySection
 from daemon.devtools.bench.overhead import OverheadSection
 from daemon.devtools.bench.peer import PeerSection
 from daemon.devtools.bench.profile import ProfileSection
+from daemon.devtools.bench.rebuild import RebuildSection
 from daemon.devtools.bench.report import add_ratios, meta, summary
 from daemon.devtools.bench.restore import RestoreSection
 from daemon.devtools.bench.scale import ScaleSection
@@ -29,6 +30,7 @@ SECTIONS: dict[str, Section] = {
     "memory": MemorySection(),
     "scale": ScaleSection(),
     "keras-overhead": OverheadSection(),
+    "rebuild": RebuildSection(),
 }
 
 
