@@ -7,6 +7,7 @@ tests import them from here, never from another test module.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,8 +193,11 @@ class FakeInputConsumer:
     """An input partition (offsets from `beginning`) read by assignment: `records`
     may be shorter than the offsets (deleted ones are None), polled `max_records` at a time."""
 
-    def __init__(self, records: list[Rec | None], beginning: int = 0, fail_beginnings: int = 0) -> None:
+    def __init__(
+        self, records: list[Rec | None], beginning: int = 0, fail_beginnings: int = 0, poll_s: float = 0.0
+    ) -> None:
         self.records = records
+        self.poll_s = poll_s  # each poll takes this long (a slice then holds few polls)
         self.beginning = beginning
         self.fail_beginnings = fail_beginnings
         self.assigned: list[TopicPartition] = []
@@ -220,6 +224,8 @@ class FakeInputConsumer:
 
     def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Any]]:
         self.polls += 1
+        if self.poll_s:
+            time.sleep(self.poll_s)
         out: dict[TopicPartition, list[Any]] = {}
         for tp in self.assigned:
             at = self.positions[tp]

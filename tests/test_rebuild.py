@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import orjson
 import pytest
+from kafka import TopicPartition
 
 from daemon.config import load_settings
 from daemon.core.processor import Processor
@@ -22,6 +23,7 @@ from daemon.errors import ConfigError
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord as Rec
+from daemon.streaming import rebuild
 from daemon.streaming.lifecycle import Phase
 from daemon.streaming.loop import RunLoop, _Clients
 from daemon.streaming.rebuild import Plan, Rebuilder, Replay, Span, plan, replay_processor, stale
@@ -247,6 +249,42 @@ def test_the_run_loop_checkpoints_the_rebuilt_states_before_serving(tmp_path: Pa
     expected.process(records)
     for key in "abd":
         assert described(live.store.get(0, key)) == described(expected.store.get(0, key))
+
+
+def test_a_partition_revoked_mid_rebuild_writes_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = recs(EVENTS * 40)  # 600 records; a slice reads about two polls of 100
+    monkeypatch.setattr(rebuild, "RESTORE_SLICE_S", 0.05)
+    monkeypatch.setattr(rebuild, "MAX_POLL_RECORDS", 100)
+    old = processor(A, 1.0)
+    old.process(records)
+    live = processor(B, 2.0)
+    s = settings(tmp_path)
+    loop = RunLoop(s, live, live.metrics, Health(60), threading.Event())
+    producer = FakeProducer()
+    consumer = FakeInputConsumer(list(records), poll_s=0.03)
+    clients = _Clients(
+        consumer=cast(Any, FakeConsumer()),
+        checkpointer=checkpointer(s, lambda: producer),
+        restorer=cast(Any, type("R", (), {"cancel": lambda self, ps: None})()),
+        rebuilder=rebuilder(tmp_path, consumer, live),
+        listener=cast(Any, None),
+    )
+    loop.partitions.assign([0])
+    loop.partitions.restore(0)
+    loop._adopt(clients, 0, saved(old))
+    loop._rebuild(clients)
+    replay = clients.rebuilder.active[0].replay
+    assert replay is not None and 0 < replay.read < 600  # under way
+    loop._release(TopicPartition("in", 0), clients, "revoked")
+    assert not clients.rebuilder.active and consumer.assigned == []
+    assert loop.partitions.phase(0) is None and len(live.store) == 0
+    loop._flush(clients)
+    loop._rebuild(clients)
+    # Nothing of the partition is written: its next owner restores the old model's
+    # states and rebuilds again.
+    assert producer.sent == []
 
 
 def test_reset_keeps_announcing_model_changed(tmp_path: Path) -> None:
