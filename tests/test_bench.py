@@ -369,6 +369,7 @@ def test_rebuild_section_structure() -> None:
         rebuild_steps=4,
         rebuild_keras_sequences=3,
         rebuild_keras_steps=2,
+        rebuild_broker_sequences=0,  # the Rebuilder over a broker: tests/test_model_change.py
     )
     report = bench.run(config)
     rows = report["rows"]

@@ -103,6 +103,7 @@ class BenchConfig:
     rebuild_steps: int = 100
     rebuild_keras_sequences: int = 100
     rebuild_keras_steps: int = 20
+    rebuild_broker_sequences: int = 1_000  # x rebuild_steps through the Rebuilder and a broker; 0: none
 
 
 class Section(Protocol):

@@ -154,6 +154,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=100,
         help="rebuild: steps per sequence replayed (default: 100)",
     )
+    p.add_argument(
+        "--rebuild-broker-sequences",
+        type=int,
+        default=1_000,
+        help="rebuild: sequences rebuilt by the Rebuilder from a broker topic; 0: none (default: 1000)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -191,6 +197,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         overhead_events=max(1, args.overhead_events),
         rebuild_sequences=max(1, args.rebuild_sequences),
         rebuild_steps=max(1, args.rebuild_steps),
+        rebuild_broker_sequences=max(0, args.rebuild_broker_sequences),
     )
     check(config)
     return config

@@ -16,13 +16,18 @@ Contenders, per engine of `BenchConfig.engines`, in each of `scale_rounds` round
   `replay_processor` (predictions withheld), fed the same batches, then
   `finish` (timed from the plan to the rebuilt states).
 
+* `rebuilder + Kafka` (fast engine only): the daemon's own `Rebuilder`, with the
+  consumer the daemon gives it (`make_restore_consumer`: no group,
+  read_committed), over `rebuild_broker_sequences` x `rebuild_steps` records
+  produced once to one partition of a topic on the run's broker (broker.py):
+  `begin` and `step()` until the partition is rebuilt, timed (making the
+  consumer is not; its first connection is). Its ratio is to the fast live row.
+
 The keras engine steps one sequence per model call: it is measured on
-`rebuild_keras_sequences` x `rebuild_keras_steps` and its time for the full
-size extrapolated from its rate (the row says so). A row per engine and
-contender: events/s, seconds (for the full size: measured or extrapolated), the
-ratio to the live row of the same engine. Reading the input partition from
-Kafka comes on top: kafka-python reads 30 to 100 k records/s (see the restore
-section for the same consumer on the state topic).
+`rebuild_keras_sequences` x `rebuild_keras_steps`, and any size other than the
+target's has its time for the target extrapolated from its rate (the row says
+so). A row per engine and contender: events/s, seconds for the target (measured
+or extrapolated), the ratio to the live row of the same engine.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from daemon.devtools.bench.broker import stream_value
+from daemon.devtools.bench.broker import BROKER, create_topics_for_bench, stream_value, unique
 from daemon.devtools.bench.config import E2E_MODEL, MODELS, BenchConfig, Log, Row
 from daemon.devtools.bench.files import model_file
 
@@ -112,6 +117,72 @@ def _rebuild(model: Any, engine: Any, sequences: int, steps: int) -> tuple[float
     return took, done.rebuilt
 
 
+def _settings(bootstrap: str, topic: str, model_path: Any) -> Any:
+    from daemon.config import Settings
+
+    return Settings(
+        kafka_bootstrap_servers=bootstrap,
+        input_topic=topic,
+        output_topic=f"{topic}.out",
+        group_id=f"{topic}.group",
+        model_path=model_path,
+        log_level="WARNING",
+    )
+
+
+def _produce(bootstrap: str, topic: str, sequences: int, steps: int) -> None:
+    """The interleaved partition, in order to partition 0 (offset i = record i)."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks=1,
+        enable_idempotence=False,
+        max_in_flight_requests_per_connection=1,  # offsets in the order sent
+        linger_ms=20,
+        batch_size=512 << 10,
+    )
+    try:
+        for batch in batches(sequences, steps):
+            for rec in batch:
+                producer.send(topic, key=rec.key, value=rec.value, partition=0)
+        producer.flush(timeout=300)
+    finally:
+        producer.close(timeout=30)
+
+
+def _rebuilder(settings: Any, model: Any, engine: Any, sequences: int, steps: int) -> float:
+    """Seconds of the daemon's Rebuilder over the topic: begin + step() until rebuilt."""
+    from daemon.core.processor import Processor
+    from daemon.core.state import StateStore
+    from daemon.kafka.clients import make_restore_consumer
+    from daemon.ops.metrics import Metrics
+    from daemon.streaming.rebuild import Rebuilder
+
+    live = Processor(
+        engine,
+        model_id=str(model.identity),
+        n_features=model.n_features,
+        store=StateStore(0),
+        metrics=Metrics(),
+    )
+    consumer = make_restore_consumer(settings)
+    try:
+        rebuilder = Rebuilder(lambda: consumer, settings, Metrics(), live)
+        restored = {k: (s, "old@0") for k, s in saved_states(sequences, steps).items()}
+        started = time.perf_counter()
+        rebuilder.begin(0, restored)
+        done: list[Any] = []
+        while not done:
+            done = rebuilder.step()
+        took = time.perf_counter() - started
+        if done[0].replayed != sequences * steps or done[0].rebuilt != sequences:
+            raise RuntimeError(f"rebuilt {done[0].rebuilt} of {sequences}, replayed {done[0].replayed}")
+        return took
+    finally:
+        consumer.close()
+
+
 class RebuildSection:
     """Rebuild throughput and the time to rebuild 10 k x 100 (see the module docstring)."""
 
@@ -133,6 +204,7 @@ class RebuildSection:
                 seqs, steps = config.rebuild_sequences, config.rebuild_steps
             events = seqs * steps
             rates: dict[str, list[float]] = {"live": [], "rebuild": []}
+            sizes = dict.fromkeys(rates, (seqs, steps))
             for i in range(config.scale_rounds):
                 log(
                     f"bench: rebuild {engine.name} round {i + 1}/{config.scale_rounds}: "
@@ -141,8 +213,25 @@ class RebuildSection:
                 rates["live"].append(events / _live(model, engine, seqs, steps))
                 took, _ = _rebuild(model, engine, seqs, steps)
                 rates["rebuild"].append(events / took)
+            if requested == "fast" and config.rebuild_broker_sequences:
+                seqs, steps = config.rebuild_broker_sequences, config.rebuild_steps
+                sizes["rebuilder + Kafka"] = (seqs, steps)
+                bootstrap = BROKER.bootstrap(config, log)
+                topic = unique("bench-rebuild-in")
+                create_topics_for_bench(bootstrap, {topic: 1})
+                log(f"bench: rebuild: producing {seqs * steps:,} records to {topic} ...")
+                _produce(bootstrap, topic, seqs, steps)
+                settings = _settings(bootstrap, topic, model_file(spec))
+                rates["rebuilder + Kafka"] = []
+                for i in range(config.scale_rounds):
+                    log(f"bench: rebuild round {i + 1}/{config.scale_rounds}: Rebuilder over {topic} ...")
+                    rates["rebuilder + Kafka"].append(
+                        seqs * steps / _rebuilder(settings, model, engine, seqs, steps)
+                    )
             base = statistics.median(rates["live"])
-            for contender in ("live", "rebuild"):
+            for contender in rates:
+                seqs, steps = sizes[contender]
+                events = seqs * steps
                 rate = statistics.median(rates[contender])
                 rows.append(
                     {

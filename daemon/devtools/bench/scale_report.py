@@ -170,9 +170,10 @@ def format_scale(report: dict[str, Any]) -> list[str]:
             )
         out += _aligned(lines)
         out.append(
-            "rebuild: the demo model, no broker (reading the input partition from Kafka comes on top); "
+            "rebuild: the demo model; "
             f"live = a publishing Processor over the same records; rebuild = plan + Replay.feed per "
-            f"5000 records + finish; medians of {rebuild[0]['rounds']} rounds; target = "
+            f"5000 records + finish; rebuilder + Kafka = the daemon's Rebuilder reading a topic on the "
+            f"broker, begin + step() until done; medians of {rebuild[0]['rounds']} rounds; target = "
             f"{rebuild[0]['target_events']:,} events (10 k open sequences x 100 steps)"
         )
     return out
