@@ -212,6 +212,11 @@ class FakeInputConsumer:
             raise KafkaTimeoutError("no leader")
         return dict.fromkeys(tps, self.beginning)
 
+    def end_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, len(self.records))
+
     def assign(self, tps: list[TopicPartition]) -> None:
         self.assigned = list(tps)
         self.positions = {tp: self.positions.get(tp, self.beginning) for tp in tps}

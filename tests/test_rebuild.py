@@ -137,6 +137,11 @@ def test_a_sequence_whose_first_input_is_gone_is_dropped_as_history_expired() ->
         ("old", "history_expired", 5, 90),
     ]
     assert (p.start, p.end, list(p.spans)) == (50, 96, [b"new"])
+    # A watermark at or past the partition's end: its inputs are not there (a topic
+    # recreated); the read would never reach it.
+    recreated = plan(2, states(new=(50, 95), gone=(60, 120)), beginning=0, budget=1000, end_offset=100)
+    assert [(e.key, e.cause) for e in recreated.dropped] == [("gone", "history_expired")]
+    assert (recreated.start, recreated.end) == (50, 96)
 
 
 def test_the_budget_drops_the_oldest_sequences() -> None:

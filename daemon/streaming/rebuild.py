@@ -53,7 +53,7 @@ MIN_POLL_RECORDS = 100
 MAX_POLL_RECORDS = 5000
 # The first slice's guess of the seconds per record read (then measured).
 INITIAL_COST_S = 50e-6
-# One wait for the input partition's first offset (asked again at the next step).
+# One wait for the input partition's first and end offsets (asked again at the next step).
 BEGINNING_TIMEOUT_MS = 1000
 
 Restored = dict[str, tuple[SequenceState, str]]
@@ -90,13 +90,22 @@ class Plan:
     dropped: list[Eviction]
 
 
-def plan(partition: int, states: Mapping[str, SequenceState], beginning: int, budget: int) -> Plan:
+def plan(
+    partition: int,
+    states: Mapping[str, SequenceState],
+    beginning: int,
+    budget: int,
+    end_offset: int | None = None,
+) -> Plan:
     """The read that rebuilds `states` (open sequences of another model) from an input
-    partition whose first offset is `beginning`, reading at most `budget` records.
+    partition whose first offset is `beginning` (and whose end, if known, is
+    `end_offset`), reading at most `budget` records.
 
     A sequence whose first input is before `beginning` (or unknown) cannot be rebuilt
-    exactly: `history_expired`. Of the others, the read ends after the last watermark
-    (the newest input any of them includes) and starts no earlier than `budget`
+    exactly: `history_expired`; so is one whose watermark is not below the end (its
+    inputs are not in the topic: it was recreated), or the read would never end.
+    Of the others, the read ends after the last watermark (the newest input any of
+    them includes) and starts no earlier than `budget`
     offsets before that end (offsets bound the records read from above); a sequence
     that began before that is `rebuild_budget`. The oldest sequences are the ones
     dropped: they would cost the most to replay.
@@ -104,7 +113,11 @@ def plan(partition: int, states: Mapping[str, SequenceState], beginning: int, bu
     dropped: list[Eviction] = []
     replayable: dict[str, SequenceState] = {}
     for key, state in sorted(states.items()):
-        if state.first_offset == NO_OFFSET or state.first_offset < beginning:
+        if (
+            state.first_offset == NO_OFFSET
+            or state.first_offset < beginning
+            or (end_offset is not None and state.watermark >= end_offset)
+        ):
             dropped.append(Eviction(partition, key, "history_expired", state.n, state.watermark))
         else:
             replayable[key] = state
@@ -308,6 +321,7 @@ class Rebuilder:
             return True
         try:
             beginnings = self.consumer.beginning_offsets(unplanned, timeout_ms=BEGINNING_TIMEOUT_MS)
+            ends = self.consumer.end_offsets(unplanned, timeout_ms=BEGINNING_TIMEOUT_MS)
         except AuthorizationError:
             raise  # permanent: see refusals
         except KafkaError as exc:
@@ -318,7 +332,7 @@ class Rebuilder:
         for tp in unplanned:
             r = self.active[tp.partition]
             r.replay = Replay(
-                plan(tp.partition, r.saved, beginnings[tp], self.budget),
+                plan(tp.partition, r.saved, beginnings[tp], self.budget, ends[tp]),
                 r.saved,
                 replay_processor(self.processor),
             )
