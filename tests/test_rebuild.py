@@ -292,6 +292,46 @@ def test_a_partition_revoked_mid_rebuild_writes_nothing_of_it(
     assert producer.sent == []
 
 
+class PausingConsumer(FakeConsumer):
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("in", 0)}
+
+    def pause(self, *tps: TopicPartition) -> None: ...
+
+
+def test_sigterm_mid_rebuild_stops_without_writing_any_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = recs(EVENTS * 40)
+    monkeypatch.setattr(rebuild, "RESTORE_SLICE_S", 0.05)
+    monkeypatch.setattr(rebuild, "MAX_POLL_RECORDS", 100)
+    old = processor(A, 1.0)
+    old.process(records)
+    live = processor(B, 2.0)
+    s = settings(tmp_path)
+    loop = RunLoop(s, live, live.metrics, Health(60), threading.Event())
+    producer = FakeProducer()
+    consumer = FakeInputConsumer(list(records), poll_s=0.03)
+    clients = _Clients(
+        consumer=cast(Any, PausingConsumer()),
+        checkpointer=checkpointer(s, lambda: producer),
+        restorer=cast(Any, None),
+        rebuilder=rebuilder(tmp_path, consumer, live),
+        listener=cast(Any, None),
+    )
+    loop.partitions.assign([0])
+    loop.partitions.restore(0)
+    loop._adopt(clients, 0, saved(old))
+    loop._rebuild(clients)
+    replay = clients.rebuilder.active[0].replay
+    assert replay is not None and 0 < replay.read < 600  # under way
+    polls = consumer.polls
+    loop.stop.set()
+    loop._shut_down(clients)  # the final checkpoint: nothing pending, returns at once
+    assert consumer.polls == polls and producer.sent == [] and len(live.store) == 0
+    assert loop.partitions.phase(0) is Phase.REBUILDING  # never served, never written
+
+
 def test_reset_keeps_announcing_model_changed(tmp_path: Path) -> None:
     old = processor(A, 1.0)
     old.process(recs(EVENTS))
