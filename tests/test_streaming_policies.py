@@ -207,6 +207,7 @@ def test_a_static_member_fenced_at_join_ends_with_exit_2_naming_the_variable(
 
     monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: Fenced())
     monkeypatch.setattr(loop_module, "ensure_topics", lambda *a: 1)
+    monkeypatch.setattr(loop_module, "outputs_aligned", lambda *a: True)
     monkeypatch.setattr(loop_module, "make_producer", lambda *a: FakeProducer())
     monkeypatch.setattr(loop_module, "make_consumer", lambda *a: Fenced())
     monkeypatch.setattr(loop_module, "make_restore_consumer", lambda *a: Fenced())
@@ -268,6 +269,7 @@ def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(
     consumer = Consumer()
     monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: StateTopic([]))
     monkeypatch.setattr(loop_module, "ensure_topics", lambda *a: 1)
+    monkeypatch.setattr(loop_module, "outputs_aligned", lambda *a: True)
     monkeypatch.setattr(loop_module, "make_producer", lambda *a: FakeProducer())
     monkeypatch.setattr(loop_module, "make_consumer", lambda *a: consumer)
     monkeypatch.setattr(loop_module, "make_restore_consumer", lambda *a: StateTopic([]))

@@ -7,6 +7,7 @@ format (`snapshot` / `restore`) that checkpointing writes to the state topic.
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from collections import OrderedDict
@@ -138,7 +139,7 @@ class SequenceState:
             tensors: StateTensors = []
             pos = 0
             for shape in header["shapes"]:
-                count = int(np.prod(shape))
+                count = math.prod(shape)  # not np.prod: a quarter of a restore's time
                 arr = np.frombuffer(body[pos : pos + 4 * count], dtype="<f4").reshape(shape)
                 tensors.append(arr.astype(np.float32))
                 pos += 4 * count

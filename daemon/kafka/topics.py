@@ -78,6 +78,14 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     return partitions
 
 
+def outputs_aligned(admin: KafkaAdminClient, settings: Settings, partitions: int) -> bool:
+    """Whether the output and dead-letter topics have the input's partition count: then
+    input partition p's outputs can go to their partition p, which keeps each key on
+    one output partition without hashing the key for every record."""
+    topics = (settings.output_topic, settings.dead_letter_topic)
+    return all(_partitions(admin, topic) == partitions for topic in topics)
+
+
 def _create_topics(admin: KafkaAdminClient, settings: Settings, missing: dict[str, dict[str, Any]]) -> None:
     """Create the missing topics; one created meanwhile by someone else is fine.
 

@@ -106,6 +106,11 @@ class Metrics:
         self.produce_errors = Counter(
             "lstmd_produce_errors", "Failed attempts to publish a batch of output records.", registry=r
         )
+        self.backpressure = Counter(
+            "lstmd_backpressure_pauses",
+            "Times the loop paused its partitions because too many outputs awaited acknowledgement.",
+            registry=r,
+        )
         self.evictions = Counter(
             "lstmd_evictions",
             "Sequence states dropped before their end (announced), by cause.",

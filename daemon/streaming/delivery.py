@@ -3,13 +3,18 @@
 What a checkpoint carries and when one is due is the policy's (policy.py);
 this module publishes it:
 
-* at-least-once: outputs (predictions, dead letters, eviction notices) are
-  published and acknowledged, then the state records, then the input offsets are
-  committed. Between checkpoints each poll batch's outputs are published alone.
-  A crash before the commit repeats outputs with identical values (the restored
-  state is either the old one, so the inputs are recomputed from the same state,
-  or the new one, whose watermark makes the repeated inputs skip); nothing is
-  lost and no input advances a state twice.
+* at-least-once, pipelined: each poll batch's outputs (predictions, dead
+  letters, eviction notices) are sent and the loop polls on; acknowledgements
+  arrive on the producer's IO thread. A checkpoint waits only for the
+  acknowledgements of what it covers (everything sent before it), resends what
+  failed in each key's order, then writes the state records, then commits the
+  input offsets: an offset is never committed before every output and state
+  record it covers is acknowledged. The records in flight are bounded
+  (`backlogged`): past the bound the run loop pauses its partitions rather than
+  block in `send`. A crash before the commit repeats outputs with identical
+  values (the restored state is either the old one, so the inputs are recomputed
+  from the same state, or the new one, whose watermark makes the repeated inputs
+  skip); nothing is lost and no input advances a state twice.
 * exactly-once: outputs, state records and offsets go in one Kafka transaction
   per poll batch (KIP-447: offsets sent with the consumer's group metadata, so a
   process that lost its partitions cannot commit). Any failure aborts the
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -78,6 +84,9 @@ RECORD_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError, OutOfOrder
 ABORT_CAUSES = ("timeout", "fenced", "refused", "unavailable", "other")
 # Sources of oversized dead letters kept to recognise them when their batch is redone.
 MAX_OVERSIZED_REMEMBERED = 10_000
+# Output bytes in flight (sent, not yet acknowledged) past which the run loop stops
+# fetching: well below kafka-python's buffer (32 MiB), so `send` never blocks on it.
+MAX_IN_FLIGHT_BYTES = 8 << 20
 
 
 class DeliveryFailed(Exception):
@@ -119,6 +128,15 @@ class Checkpointer:
         # Sources (partition, offset) of dead letters the topic refused for their size
         # (see `_note_oversized`).
         self._oversized: set[tuple[int, int]] = set()
+        # At-least-once, between checkpoints: outputs sent, in send order, until reaped.
+        self._in_flight: deque[tuple[OutputRecord, Future]] = deque()
+        self._in_flight_bytes = 0
+        # Reaped outputs to send again (a failure, and every later record of its key).
+        self._broken: set[tuple[str, bytes | str | None]] = set()
+        self._resend: list[tuple[OutputRecord, Future]] = []
+        # Input partition p's outputs go to partition p of the output and dead-letter
+        # topics (set by the run loop when their partition counts equal the input's).
+        self.same_partitions = False
         for kind in ("state", "tombstone"):  # every label value starts at 0
             metrics.state_records.labels(kind=kind)
         for cause in ABORT_CAUSES:
@@ -181,11 +199,94 @@ class Checkpointer:
             if self.transactional:
                 self._transaction(consumer, cp)
                 return True
-            self._publish(cp.outputs, [])
+            self.send(cp.outputs)
+            self._publish([], [], settled=self._settle())
             self._publish([], cp.states, owner=lambda: _member(consumer))
             return self._commit_offsets(consumer, cp.offsets)
         finally:
             self.metrics.checkpoint.observe(time.perf_counter() - started)
+
+    # -- at-least-once between checkpoints --------------------------------------
+    def send(self, outputs: Sequence[OutputRecord]) -> None:
+        """Send without waiting (at-least-once): the next checkpoint settles them."""
+        if not outputs:
+            return
+        for item, future in self._send(outputs, []):
+            assert isinstance(item, OutputRecord)
+            if item.kind is Kind.PREDICTION:
+                # Observed when the broker acknowledges it, on the producer's IO thread.
+                future.add_callback(self._acknowledged, item.source_timestamp_ms / 1000.0)
+            self._in_flight.append((item, future))
+            self._in_flight_bytes += len(item.value or b"")
+
+    def _acknowledged(self, source_ts_s: float, _metadata: object) -> None:
+        self.metrics.end_to_end.observe(time.time() - source_ts_s)
+
+    def backlogged(self) -> bool:
+        """More output bytes in flight than MAX_IN_FLIGHT_BYTES: stop fetching a while."""
+        self._reap()
+        return self._in_flight_bytes > MAX_IN_FLIGHT_BYTES
+
+    def failing(self) -> bool:
+        """An output sent between checkpoints failed: a checkpoint should resend it now."""
+        self._reap()
+        return bool(self._resend)
+
+    def release(self, partition: int) -> None:
+        """The input partition was revoked: none of its outputs is sent again (its next
+        owner recomputes and publishes them from the last commit, in key order, and a
+        late resend from here could land after them)."""
+        self._reap()
+        kept = [(i, f) for i, f in self._in_flight if i.partition != partition]
+        self._in_flight_bytes -= sum(
+            len(i.value or b"") for i, _ in self._in_flight if i.partition == partition
+        )
+        self._in_flight = deque(kept)
+        self._resend = [(i, f) for i, f in self._resend if i.partition != partition]
+        # A key is broken from its first failure on, and that failure is in _resend.
+        self._broken = {_destination(i) for i, _ in self._resend}
+
+    def _reap(self) -> None:
+        """Account for the outputs acknowledged or failed so far, in send order (only
+        the done prefix: what follows an unfinished send waits for it). From a failed
+        output on, every later output of its key is kept to be sent again, so a resend
+        never lands after a later record of its key."""
+        in_flight, predictions = self._in_flight, 0
+        while in_flight and in_flight[0][1].is_done:
+            item, future = in_flight.popleft()
+            self._in_flight_bytes -= len(item.value or b"")
+            where = _destination(item)
+            if not future.succeeded():
+                self._broken.add(where)
+                if _refused_as_too_large(item, future):
+                    self._remember_oversized({(item.partition, item.offset)})
+            if where in self._broken:
+                self._resend.append((item, future))
+            elif item.kind is Kind.PREDICTION:
+                predictions += 1
+        if predictions:
+            self.metrics.predictions.inc(predictions)
+
+    def _settle(self) -> list[tuple[OutputRecord | StateRecord, Future]]:
+        """Wait for every output in flight (a checkpoint covers them all); return, in
+        send order, those to judge again: the failed ones with every later output of
+        their keys, and those still unacknowledged when the wait timed out."""
+        self._wait()
+        self._reap()
+        settled: list[tuple[OutputRecord | StateRecord, Future]] = [*self._resend, *self._in_flight]
+        self._in_flight.clear()
+        self._in_flight_bytes = 0
+        self._resend, self._broken = [], set()
+        return settled
+
+    def _wait(self) -> None:
+        """Flush; a wait that times out is judged by the futures (resent after a backoff)."""
+        try:
+            self._flush()
+        except AuthorizationError as exc:
+            raise self._not_authorized(exc) from None
+        except KafkaError as exc:
+            log.error("flush_slow", error=str(exc), action="resend after a backoff")
 
     def _commit_offsets(self, consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
         """Commit, riding out a coordinator that is moving or a broker that is down."""
@@ -318,6 +419,9 @@ class Checkpointer:
             for item, f in sent
             if isinstance(item, OutputRecord) and _refused_as_too_large(item, f)
         }
+        self._remember_oversized(oversized)
+
+    def _remember_oversized(self, oversized: set[tuple[int, int]]) -> None:
         if oversized:
             if len(self._oversized) > MAX_OVERSIZED_REMEMBERED:
                 self._oversized.clear()  # older ones were long recomputed and sent
@@ -325,7 +429,14 @@ class Checkpointer:
 
     def _send_output(self, item: OutputRecord) -> Future:
         topic = self.settings.dead_letter_topic if item.dead_letter else self.settings.output_topic
-        return self.producer.send(topic, key=item.key, value=item.value, headers=item.headers or None)
+        return self.producer.send(
+            topic,
+            key=item.key,
+            value=item.value,
+            headers=item.headers or None,
+            # Stable key -> partition and no murmur2 per record, when the counts agree.
+            partition=item.partition if self.same_partitions else None,
+        )
 
     def _topic(self, item: OutputRecord | StateRecord) -> str:
         s = self.settings
@@ -376,29 +487,30 @@ class Checkpointer:
         outputs: Sequence[OutputRecord],
         states: Sequence[StateRecord],
         owner: Callable[[], bool] = lambda: True,
+        settled: list[tuple[OutputRecord | StateRecord, Future]] | None = None,
     ) -> None:
         """Send and wait for every acknowledgement, retrying what failed with backoff.
+        `settled`: records already sent and waited for (the pipelined outputs that
+        failed or were not acknowledged in time), in send order, to judge first.
 
         State records are (re)sent only while `owner()` says this process is still a
         member of the group: without transactions that is the only fence there is.
         """
         pending_out, pending_states = list(outputs), list(states)
         backoff = Backoff(self.abandon, beat=self.beat)
-        while pending_out or pending_states:
-            if pending_states and not owner():
-                log.warning(
-                    "checkpoint_abandoned",
-                    states=len(pending_states),
-                    reason="expelled from the group before its state records were written",
-                )
-                raise CheckpointAbandoned("expelled from the group")
-            sent = self._send(pending_out, pending_states)
-            try:
-                self._flush()
-            except AuthorizationError as exc:
-                raise self._not_authorized(exc) from None
-            except KafkaError as exc:
-                log.error("flush_slow", error=str(exc), action="resend after a backoff")
+        while pending_out or pending_states or settled:
+            if settled:
+                sent, settled = settled, None
+            else:
+                if pending_states and not owner():
+                    log.warning(
+                        "checkpoint_abandoned",
+                        states=len(pending_states),
+                        reason="expelled from the group before its state records were written",
+                    )
+                    raise CheckpointAbandoned("expelled from the group")
+                sent = self._send(pending_out, pending_states)
+                self._wait()
             self._note_oversized(sent)
             failed = [(item, f) for item, f in sent if not f.succeeded()]
             resend = self._in_key_order(sent)

@@ -38,13 +38,13 @@ from daemon.kafka.clients import (
 )
 from daemon.kafka.listener import RebalanceEvents
 from daemon.kafka.retry import Backoff
-from daemon.kafka.topics import ensure_topics
+from daemon.kafka.topics import ensure_topics, outputs_aligned
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import Checkpointer, DeliveryFailed, TransactionFailed
 from daemon.streaming.lifecycle import Partitions, Phase
-from daemon.streaming.policy import Checkpoint, CheckpointPolicy
+from daemon.streaming.policy import CheckpointPolicy
 from daemon.streaming.rebuild import Rebuilder
 from daemon.streaming.restore import Restorer, adopt
 
@@ -107,6 +107,7 @@ class RunLoop:
             every_batch=settings.delivery == "exactly-once",
         )
         self._housekeeping_at = 0.0
+        self._throttled = False
         for kind in ("assigned", "revoked", "lost"):  # every label value starts at 0
             metrics.rebalances.labels(kind=kind)
 
@@ -118,6 +119,7 @@ class RunLoop:
             return
         try:
             while not self.stop.is_set():
+                self._throttle(clients)
                 polled = self._poll(clients.consumer)
                 self._apply_rebalance(clients)
                 self._restore(clients)
@@ -191,6 +193,7 @@ class RunLoop:
             return None
         try:
             partitions = ensure_topics(admin, self.settings)
+            aligned = outputs_aligned(admin, self.settings, partitions)
         finally:
             admin.close()
         log.info(
@@ -199,6 +202,7 @@ class RunLoop:
             partitions=partitions,
             state_topic=self.settings.state_topic_name,
             delivery=self.settings.delivery,
+            outputs_by_input_partition=aligned,
         )
         transactional_id = self._transactional_id()
         try:  # first: it may wait for Kafka, and then nothing else is open yet
@@ -212,6 +216,7 @@ class RunLoop:
             )
         except DeliveryFailed:  # asked to stop meanwhile
             return None
+        checkpointer.same_partitions = aligned
         consumer = make_consumer(self.settings)
         restorer = Restorer(make_restore_consumer(self.settings), self.settings, self.metrics)
         # Its consumer reads the input topic like the restore's reads the state topic.
@@ -259,6 +264,22 @@ class RunLoop:
         self.metrics.last_poll.set_to_current_time()
         return polled
 
+    def _throttle(self, clients: _Clients) -> None:
+        """Bounded in flight: while the producer holds more than the checkpointer's bound,
+        every partition is paused, so the loop keeps polling (heartbeats, rebalances,
+        SIGTERM) instead of blocking in `send`; it resumes once acknowledgements
+        caught up. Not one partition at a time: see `_start_restore`."""
+        consumer = clients.consumer
+        if clients.checkpointer.backlogged():
+            if not self._throttled:
+                log.info("backpressure", action="partitions paused until outputs are acknowledged")
+                self.metrics.backpressure.inc()
+            self._throttled = True
+            consumer.pause(*consumer.assignment())
+        elif self._throttled:
+            self._throttled = False
+            consumer.resume(*consumer.assignment())
+
     # -- the partition lifecycle --------------------------------------------------
     def _apply_rebalance(self, clients: _Clients) -> None:
         assigned, revoked, lost = clients.listener.take()
@@ -278,12 +299,13 @@ class RunLoop:
         self.metrics.assigned.set(len(now_assigned))
 
     def _release(self, tp: TopicPartition, clients: _Clients, kind: str) -> None:
-        # Everything polled so far is published: dropping the state and the pending
-        # offsets is all that is left; the next owner recomputes from the last
-        # checkpoint (and a rebuild under way, from the old model's states). On loss
-        # nothing more may be committed anyway.
+        # Everything polled so far is sent: dropping the state, the pending offsets and
+        # any resend of its outputs is all that is left; the next owner recomputes from
+        # the last checkpoint (and a rebuild under way, from the old model's states). On
+        # loss nothing more may be committed anyway.
         clients.restorer.cancel([tp.partition])
         clients.rebuilder.cancel([tp.partition])
+        clients.checkpointer.release(tp.partition)
         self.partitions.release(tp.partition)
         self.policy.release(tp)
         dropped = self.store.drop_partition(tp.partition)
@@ -412,13 +434,13 @@ class RunLoop:
         """Publish `outputs`; when the policy says a checkpoint is due, with the
         changed states and the offsets.
 
-        Between two checkpoints the published outputs are ahead of the committed
-        offsets and states: a crash repeats them, identically, from the last
-        checkpoint.
+        Between two checkpoints the outputs sent are ahead of the committed offsets
+        and states: a crash repeats them, identically, from the last checkpoint. An
+        output that failed meanwhile makes the checkpoint due at once (it resends).
         """
-        if not self.policy.due(outputs, force=force):
-            if outputs:
-                clients.checkpointer.commit(clients.consumer, Checkpoint(outputs=outputs))
+        checkpointer = clients.checkpointer
+        if not self.policy.due(outputs, force=force or checkpointer.failing()):
+            checkpointer.send(outputs)  # acknowledged by the next checkpoint
             return
         cp = self.policy.take(outputs)
         if cp is None:

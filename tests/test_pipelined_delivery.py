@@ -1,0 +1,210 @@
+"""At-least-once, pipelined: outputs are sent without waiting, and a checkpoint
+acknowledges what it covers before it writes states and commits offsets.
+
+A producer whose acknowledgements arrive only when it is flushed (as the broker's
+would, later) shows the order of events; the real-broker crash tests
+(tests/test_faults.py) show nothing is lost with it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+from kafka.errors import KafkaTimeoutError
+from kafka.future import Future
+
+from daemon.core.records import Kind, OutputRecord, StateRecord
+from daemon.kafka.retry import Backoff
+from daemon.ops.health import Health
+from daemon.ops.metrics import Metrics
+from daemon.streaming import delivery
+from daemon.streaming.delivery import Checkpointer
+from daemon.streaming.loop import RunLoop
+from daemon.streaming.policy import Checkpoint
+from tests.fakes import TP, FakeConsumer, make, settings
+
+
+class LateAcks:
+    """Acknowledges what it was sent only when flushed; `fail` decides which fail."""
+
+    def __init__(self, log: list[str], fail: Any = lambda key, value: False) -> None:
+        self.log = log
+        self.fail = fail
+        self.pending: list[tuple[str, bytes | None, bytes | None, Future]] = []
+        self.partitions: list[int | None] = []
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        partition: int | None = None,
+        **_: Any,
+    ) -> Future:
+        future = Future()
+        self.pending.append((topic, key, value, future))
+        self.partitions.append(partition)
+        self.log.append(f"send {topic} {value!r}")
+        return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.log.append("flush")
+        pending, self.pending = self.pending, []
+        for topic, key, value, future in pending:
+            if self.fail(key, value):
+                future.failure(KafkaTimeoutError("lost"))
+            else:
+                future.success(None)
+                self.log.append(f"ack {topic} {value!r}")
+
+    def close(self, timeout: float | None = None) -> None:
+        self.log.append("close")
+
+
+class LoggingConsumer(FakeConsumer):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def commit(self, offsets: dict[Any, Any]) -> None:
+        self.log.append("commit")
+        super().commit(offsets)
+
+
+def out(value: bytes, key: bytes = b"k", partition: int = 0, ts_ms: int = 0) -> OutputRecord:
+    return OutputRecord(
+        Kind.PREDICTION, key=key, value=value, partition=partition, offset=0, source_timestamp_ms=ts_ms
+    )
+
+
+def pipeline(tmp_path: Path, log: list[str], **kw: Any) -> tuple[Checkpointer, list[LateAcks], Metrics]:
+    producers: list[LateAcks] = []
+
+    def make() -> LateAcks:
+        producers.append(LateAcks(log, **kw))
+        return producers[-1]
+
+    metrics = Metrics()
+    return Checkpointer(settings(tmp_path), make, metrics, threading.Event()), producers, metrics  # type: ignore[arg-type]
+
+
+def test_outputs_are_sent_without_waiting_and_acknowledged_before_states_and_offsets(tmp_path: Path) -> None:
+    log: list[str] = []
+    cp, _, metrics = pipeline(tmp_path, log)
+    cp.send([out(b"1")])
+    cp.send([out(b"2")])
+    assert log == ["send out b'1'", "send out b'2'"]  # no flush between poll batches
+    state = StateRecord(0, "k", b"s")
+    assert cp.commit(LoggingConsumer(log), Checkpoint(outputs=[out(b"3")], states=[state], offsets={TP: 3}))  # type: ignore[arg-type]
+    assert log[2:] == [
+        "send out b'3'",
+        "flush",  # the checkpoint waits for every output it covers...
+        "ack out b'1'",
+        "ack out b'2'",
+        "ack out b'3'",
+        "send g.state b's'",  # ...then the states...
+        "flush",
+        "ack g.state b's'",
+        "commit",  # ...then the offsets
+    ]
+    assert metrics.predictions._value.get() == 3
+
+
+def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_commit(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(delivery, "Backoff", _NoWait)
+    log: list[str] = []
+    lost_once: set[bytes] = set()
+
+    def fail(key: bytes | None, value: bytes | None) -> bool:
+        if value == b"a1" and value not in lost_once:
+            lost_once.add(value)
+            return True
+        return False
+
+    cp, producers, _ = pipeline(tmp_path, log, fail=fail)
+    cp.send([out(b"a1", b"a"), out(b"b1", b"b"), out(b"a2", b"a")])
+    producers[0].flush()  # the broker answers between two poll batches
+    assert cp.failing()  # the loop then takes a checkpoint at once
+    assert cp.commit(LoggingConsumer(log), Checkpoint(offsets={TP: 3}))  # type: ignore[arg-type]
+    acked = [entry.split()[-1] for entry in log if entry.startswith("ack")]
+    # a2 was acknowledged before a1 was lost: it goes again after a1; b is not repeated.
+    assert acked == ["b'b1'", "b'a2'", "b'a1'", "b'a2'"]
+    assert log[-1] == "commit" and not cp.failing()
+
+
+def test_outputs_in_flight_are_bounded(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(delivery, "MAX_IN_FLIGHT_BYTES", 10)
+    log: list[str] = []
+    cp, producers, _ = pipeline(tmp_path, log)
+    cp.send([out(b"123456")])
+    assert not cp.backlogged()
+    cp.send([out(b"123456")])
+    assert cp.backlogged()  # 12 bytes unacknowledged
+    producers[0].flush()
+    assert not cp.backlogged()
+
+
+def test_a_revoked_partitions_failed_outputs_are_not_resent(tmp_path: Path) -> None:
+    log: list[str] = []
+    cp, producers, _ = pipeline(tmp_path, log, fail=lambda key, value: value == b"p1")
+    cp.send([out(b"p1", b"one", partition=1), out(b"p0", b"zero", partition=0)])
+    producers[0].flush()
+    assert cp.failing()
+    cp.release(1)  # its next owner recomputes p1 from the last commit
+    assert not cp.failing()
+    assert cp.commit(LoggingConsumer(log), Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
+    assert [e for e in log if e.startswith("send")] == ["send out b'p1'", "send out b'p0'"]
+
+
+def test_end_to_end_latency_is_observed_at_the_acknowledgement(tmp_path: Path) -> None:
+    log: list[str] = []
+    cp, producers, metrics = pipeline(tmp_path, log)
+    cp.send([out(b"1", ts_ms=1)])
+    assert metrics.end_to_end._sum.get() == 0  # sent, not acknowledged
+    producers[0].flush()
+    assert metrics.end_to_end._sum.get() > 1e9  # seconds since the record's timestamp
+
+
+def test_outputs_go_to_their_input_partition_when_the_topics_are_aligned(tmp_path: Path) -> None:
+    log: list[str] = []
+    cp, producers, _ = pipeline(tmp_path, log)
+    cp.send([out(b"1", partition=2)])
+    cp.same_partitions = True
+    cp.send([out(b"2", partition=2)])
+    assert producers[0].partitions == [None, 2]
+
+
+class _NoWait(Backoff):
+    def wait(self) -> bool:  # retry at once
+        return False
+
+
+def test_the_loop_pauses_its_partitions_while_outputs_are_backlogged(tmp_path: Path) -> None:
+    """Paused, the loop still polls (heartbeats, rebalances, SIGTERM) instead of
+    blocking in `send`; it resumes once the acknowledgements caught up."""
+    calls: list[str] = []
+
+    class Consumer:
+        def assignment(self) -> set[Any]:
+            return {TP}
+
+        def pause(self, *tps: Any) -> None:
+            calls.append("pause")
+
+        def resume(self, *tps: Any) -> None:
+            calls.append("resume")
+
+    backlog = iter([False, True, True, False, False])
+    checkpointer = SimpleNamespace(backlogged=lambda: next(backlog))
+    proc, metrics = make()
+    rl = RunLoop(settings(tmp_path), proc, metrics, Health(60), threading.Event())
+    clients = cast(Any, SimpleNamespace(consumer=Consumer(), checkpointer=checkpointer))
+    for _ in range(5):
+        rl._throttle(clients)
+    assert calls == ["pause", "pause", "resume"]
+    assert metrics.backpressure._value.get() == 1
