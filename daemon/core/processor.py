@@ -213,12 +213,15 @@ class Processor:
         ys = self.engine.step([s.state for s in steps], xs)
         per_event = (time.perf_counter() - started) / len(steps)
         now = self.clock()
-        for s, y, previous in zip(steps, ys, before, strict=True):
+        # One NumPy call each for the whole wave, not one per row.
+        finite = np.isfinite(ys).reshape(len(steps), -1).all(axis=1).tolist()
+        rows = ys.tolist()
+        for s, y, ok, previous in zip(steps, rows, finite, before, strict=True):
             self._inference.observe(per_event)
             rec = records[s.index]
             state = s.state
             state.watermark = s.offset
-            if not np.isfinite(y).all():
+            if not ok:
                 # Its x is refused: the tensors stay as they were, so one bad step
                 # cannot poison every later prediction of the sequence. Its markers
                 # are not: `start` has reset already, `end` resets now and its step
@@ -238,7 +241,7 @@ class Processor:
                 key=rec.key,
                 value=codec.encode_prediction(
                     seq=s.event.key,
-                    y=y.tolist(),
+                    y=y,
                     n=state.n,
                     end=s.event.end,
                     partition=s.partition,
