@@ -142,6 +142,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=400,
         help="keras-overhead: events per round and contender (default: 400)",
     )
+    p.add_argument(
+        "--latency-rate", type=int, default=1000, help="latency: events per second (default: 1000)"
+    )
+    p.add_argument(
+        "--latency-seconds", type=float, default=15.0, help="latency: paced seconds per round (default: 15)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -177,6 +183,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         scale_sequences=max(1, args.scale_sequences),
         scale_events=max(1, args.scale_events),
         overhead_events=max(1, args.overhead_events),
+        latency_rate=max(1, args.latency_rate),
+        latency_seconds=max(1.0, args.latency_seconds),
     )
     check(config)
     return config
