@@ -385,3 +385,23 @@ def test_rebuild_section_structure() -> None:
     assert [r["vs_live"] for r in rows if r["contender"] == "live"] == [1.0, 1.0]
     table = bench.format_table(report)
     assert "s for target" in table and "(extrapolated)" in table
+
+
+@pytest.mark.kafka
+def test_latency_section_measures_every_paced_event(kafka: LocalKafka) -> None:
+    """A short steady stream: every paced event has a prediction and a latency."""
+    config = bench.BenchConfig(
+        sections=("latency",),
+        e2e_sequences=5,
+        e2e_partitions=2,
+        latency_rate=100,
+        latency_seconds=2.0,
+        latency_rounds=1,
+        bootstrap=kafka.bootstrap,
+    )
+    report = bench.run(config)
+    (row,) = report["rows"]
+    assert row["section"] == "latency" and row["rounds"] == 1, row["note"]
+    assert row["events"] == 200  # every paced event, none of the warm-up
+    assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"] <= row["latency_max_ms"]
+    assert row["note"].startswith("p50/p99 = per event") and ";" not in row["note"]

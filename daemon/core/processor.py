@@ -220,12 +220,15 @@ class Processor:
         ys = self.engine.step([s.state for s in steps], xs)
         per_event = (time.perf_counter() - started) / len(steps)
         now = self.clock()
-        for s, y, previous in zip(steps, ys, before, strict=True):
+        # One NumPy call each for the whole wave, not one per row.
+        finite = np.isfinite(ys).reshape(len(steps), -1).all(axis=1).tolist()
+        rows = ys.tolist()
+        for s, y, ok, previous in zip(steps, rows, finite, before, strict=True):
             self._inference.observe(per_event)
             rec = records[s.index]
             state = s.state
             state.watermark = s.offset
-            if not np.isfinite(y).all():
+            if not ok:
                 # Its x is refused: the tensors stay as they were, so one bad step
                 # cannot poison every later prediction of the sequence. Its markers
                 # are not: `start` has reset already, `end` resets now and its step
@@ -243,30 +246,27 @@ class Processor:
             if self.publish_from_ms is not None and rec.timestamp < self.publish_from_ms:
                 self.metrics.withheld.inc()
             else:
-                outputs[s.index] = self._prediction(s, rec, y, now)
+                outputs[s.index] = OutputRecord(
+                    kind=Kind.PREDICTION,
+                    key=rec.key,
+                    value=codec.encode_prediction(
+                        seq=s.event.key,
+                        y=y,
+                        n=state.n,
+                        end=s.event.end,
+                        partition=s.partition,
+                        offset=s.offset,
+                        model=self.model_id,
+                        ts=now,
+                        step=s.event.step,
+                    ),
+                    partition=s.partition,
+                    offset=s.offset,
+                    source_timestamp_ms=rec.timestamp,
+                )
             if s.event.end:
                 state.reset()
                 self._resets["end"].inc()
-
-    def _prediction(self, s: _Step, rec: InputRecord, y: np.ndarray, now: float) -> OutputRecord:
-        return OutputRecord(
-            kind=Kind.PREDICTION,
-            key=rec.key,
-            value=codec.encode_prediction(
-                seq=s.event.key,
-                y=y.tolist(),
-                n=s.state.n,
-                end=s.event.end,
-                partition=s.partition,
-                offset=s.offset,
-                model=self.model_id,
-                ts=now,
-                step=s.event.step,
-            ),
-            partition=s.partition,
-            offset=s.offset,
-            source_timestamp_ms=rec.timestamp,
-        )
 
     def _dead_letter(self, rec: InputRecord, error: RecordRejected) -> OutputRecord:
         self.metrics.rejected.labels(reason=error.reason).inc()

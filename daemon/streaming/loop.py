@@ -422,8 +422,8 @@ class RunLoop:
         """The batch applied to the states; its outputs, after the notices pending."""
         outputs = self.policy.take_notices() + self.processor.process(batch)
         self.policy.processed(batch)
-        for rec in batch:
-            self.partitions.advance(rec.partition, rec.offset + 1)
+        for partition, offset in {rec.partition: rec.offset for rec in batch}.items():
+            self.partitions.advance(partition, offset + 1)  # records of a partition come in order
         return outputs
 
     def _flush(self, clients: _Clients) -> None:

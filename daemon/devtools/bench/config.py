@@ -85,6 +85,10 @@ class BenchConfig:
     bootstrap: str | None = None  # a running broker; None: a LocalKafka for the run
     peer_python: str | None = None  # an interpreter with quixstreams; None: found or made
     profile_interval_s: float = 0.001
+    # A steady rate through lstmd fast (section latency; see latency.py).
+    latency_rate: int = 1000  # events per second
+    latency_seconds: float = 15.0  # paced, per round
+    latency_rounds: int = 3
     # At scale (sections restore, memory, scale, keras-overhead; see scale.py).
     scale_rounds: int = 3  # rounds of the restore, scale and keras-overhead sections
     restore_states: int = 100_000  # open sequences written to the state partition

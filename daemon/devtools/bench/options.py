@@ -160,6 +160,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1_000,
         help="rebuild: sequences rebuilt by the Rebuilder from a broker topic; 0: none (default: 1000)",
     )
+    p.add_argument(
+        "--latency-rate", type=int, default=1000, help="latency: events per second (default: 1000)"
+    )
+    p.add_argument(
+        "--latency-seconds", type=float, default=15.0, help="latency: paced seconds per round (default: 15)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -198,6 +204,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         rebuild_sequences=max(1, args.rebuild_sequences),
         rebuild_steps=max(1, args.rebuild_steps),
         rebuild_broker_sequences=max(0, args.rebuild_broker_sequences),
+        latency_rate=max(1, args.latency_rate),
+        latency_seconds=max(1.0, args.latency_seconds),
     )
     check(config)
     return config

@@ -11,6 +11,7 @@ from daemon.devtools.bench.broker import BROKER
 from daemon.devtools.bench.config import ENGINES, MODELS, BenchConfig, Log, Row, Section
 from daemon.devtools.bench.e2e import E2ESection
 from daemon.devtools.bench.engine import EngineSection
+from daemon.devtools.bench.latency import LatencySection
 from daemon.devtools.bench.memory import MemorySection
 from daemon.devtools.bench.overhead import OverheadSection
 from daemon.devtools.bench.peer import PeerSection
@@ -25,6 +26,7 @@ SECTIONS: dict[str, Section] = {
     "e2e": E2ESection(),
     "peer": PeerSection(),
     "profile": ProfileSection(),
+    "latency": LatencySection(),
     # At scale (not in the default run; `--scale` adds them all).
     "restore": RestoreSection(),
     "memory": MemorySection(),
