@@ -31,6 +31,10 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 OnModelChange = Literal["rebuild", "reset"]
 #: Model files lstmd reads: Keras 3 archives and Keras 2 HDF5 (daemon/inference/formats.py).
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+# Default rebuild budgets per partition (LSTMD_REBUILD_MAX_EVENTS unset): under a
+# minute of replay each on the development machine (docs/performance.md).
+FAST_REBUILD_BUDGET = 1_000_000
+KERAS_REBUILD_BUDGET = 50_000
 
 
 class PipelineSettings(BaseSettings):
@@ -85,10 +89,11 @@ class Settings(PipelineSettings):
     # from the input topic through the new model (bounded per partition); `reset`
     # drops and announces them instead (they start over at their next input).
     on_model_change: OnModelChange = "rebuild"
-    rebuild_max_events: int = Field(
-        default=1_000_000,
+    rebuild_max_events: int | None = Field(
+        default=None,
         ge=1,
-        description="input records read per partition to rebuild its sequences, at most",
+        description="input records read per partition to rebuild its sequences, at most "
+        "(default: 1000000 with the fast engine, 50000 with keras)",
     )
     # Warm start: inputs timestamped before this advance the states without a prediction.
     publish_from: AwareDatetime | None = Field(default=None, description="RFC 3339, with a time zone")
@@ -197,6 +202,16 @@ class Settings(PipelineSettings):
     @property
     def state_topic_name(self) -> str:
         return self.state_topic or f"{self.group_id}.state"
+
+    @property
+    def rebuild_budget(self) -> int:
+        """LSTMD_REBUILD_MAX_EVENTS, or a default for the engine: the budget is really
+        one of time (a partition does not serve while it rebuilds), and the keras
+        engine steps ~1 ms per event where the fast one takes ~30 us: about a minute
+        of replay either way, at most."""
+        if self.rebuild_max_events is not None:
+            return self.rebuild_max_events
+        return KERAS_REBUILD_BUDGET if self.engine == "keras" else FAST_REBUILD_BUDGET
 
     @property
     def publish_from_ms(self) -> int | None:

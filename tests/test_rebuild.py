@@ -403,7 +403,17 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
 
 def test_model_change_defaults(env: pytest.MonkeyPatch) -> None:
     s = load_settings()
-    assert (s.on_model_change, s.rebuild_max_events, s.publish_from_ms) == ("rebuild", 1_000_000, None)
+    # keras (the default engine) steps ~1 ms per event: a budget of about a minute
+    assert (s.on_model_change, s.engine, s.rebuild_budget, s.publish_from_ms) == (
+        "rebuild",
+        "keras",
+        50_000,
+        None,
+    )
+    env.setenv("LSTMD_ENGINE", "fast")
+    assert load_settings().rebuild_budget == 1_000_000
+    env.setenv("LSTMD_REBUILD_MAX_EVENTS", "7")
+    assert load_settings().rebuild_budget == 7
 
 
 def test_publish_from_is_an_rfc_3339_time_with_a_zone(env: pytest.MonkeyPatch) -> None:

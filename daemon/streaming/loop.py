@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -367,7 +368,7 @@ class RunLoop:
                 partition=p,
                 states=len(done.states),
                 rebuilt=done.rebuilt,
-                dropped={ev.key: ev.cause for ev in done.evictions},
+                dropped=dict(Counter(ev.cause for ev in done.evictions)),  # each is announced
                 events_read=done.read,
                 events_replayed=done.replayed,
                 seconds=round(done.seconds, 3),

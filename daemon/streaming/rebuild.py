@@ -268,7 +268,7 @@ class Rebuilder:
         self._consumer: KafkaConsumer | None = None
         self.settings = settings
         self.topic = settings.input_topic
-        self.budget = settings.rebuild_max_events
+        self.budget = settings.rebuild_budget
         self.metrics = metrics
         self.processor = processor
         self.active: dict[int, _Rebuilding] = {}
