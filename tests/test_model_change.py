@@ -137,7 +137,7 @@ def test_a_model_upgrade_rebuilds_every_open_sequence(
     # Every open sequence rebuilt but the expired one, by one rebuild per partition.
     assert sorted(ev["partition"] for ev in rebuilt) == [0, 1]
     assert sum(ev["rebuilt"] for ev in rebuilt) == len(opened) - 1
-    assert {k: c for ev in rebuilt for k, c in ev["dropped"].items()} == {expired_seg[0]: "history_expired"}
+    assert [ev["dropped"] for ev in rebuilt if ev["dropped"]] == [{"history_expired": 1}]  # counts per cause
 
     by_source: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for v in values:
