@@ -64,24 +64,30 @@ class Interleaved:
                 segment[key] += 1
             self.records.append(FileRecord("in", 0, offset, 0, key.encode(), orjson.dumps(value)))
 
-    def expected(self, model_path: Path) -> np.ndarray:
-        """Each event's y as the Keras 2 model computes it for its prefix alone."""
-        keys = sorted(self.segments)
-        rows = keras2_models.expected_outputs(model_path, [np.stack(self.segments[k]) for k in keys])
-        by_segment = dict(zip(keys, rows, strict=True))
+    def sequences(self) -> list[np.ndarray]:
+        """The segments' inputs, in the order `expected` takes their oracle rows."""
+        return [np.stack(self.segments[k]) for k in sorted(self.segments)]
+
+    def expected(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Each event's y, from the Keras 2 model's rows for each of `sequences()`."""
+        by_segment = dict(zip(sorted(self.segments), rows, strict=True))
         return np.stack([by_segment[(key, seg)][t] for key, seg, t in self.where])
 
 
 @pytest.fixture(scope="module")
 def served() -> dict[str, tuple[ServableModel, Interleaved, np.ndarray]]:
-    """Each servable Keras 2 file loaded by lstmd, a stream for it, and the Keras 2 oracle's outputs."""
-    out = {}
-    for name in SERVABLE:
-        path = keras2_models.fixture(name)
-        model = load_model(path)
-        stream = Interleaved(model.n_features)
-        out[name] = (model, stream, stream.expected(path))
-    return out
+    """Each servable Keras 2 file loaded by lstmd, a stream for it, and the Keras 2
+    oracle's outputs (the three files' in one tf_keras subprocess)."""
+    paths = [keras2_models.fixture(name) for name in SERVABLE]
+    models = [load_model(path) for path in paths]
+    streams = [Interleaved(model.n_features) for model in models]
+    rows = keras2_models.expected_outputs_of(
+        [(path, stream.sequences()) for path, stream in zip(paths, streams, strict=True)]
+    )
+    return {
+        name: (model, stream, stream.expected(answer))
+        for name, model, stream, answer in zip(SERVABLE, models, streams, rows, strict=True)
+    }
 
 
 @pytest.mark.parametrize("engine_name", ["keras", "fast"])
