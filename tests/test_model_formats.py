@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -181,24 +182,38 @@ def test_a_keras3_config_is_left_as_it_is() -> None:
 # ------------------------------------------------------------------ refused
 
 
-@pytest.mark.parametrize(
-    ("name", "says"),
-    [
-        ("bidirectional.h5", ["layer 'bidirectional' is Bidirectional", "future of the sequence"]),
-        (
-            "saved_model_dir",
-            ["TensorFlow SavedModel directory", 'model.save("m.h5")', 'model.save("m.keras")'],
-        ),
-        ("notes.txt", [".txt is not a model format lstmd reads", 'model.save("m.keras")']),
-    ],
-)
-def test_unservable_files_exit_2_saying_why(tmp_path: Path, name: str, says: list[str]) -> None:
-    path = keras2_models.fixture(name) if name != "notes.txt" else tmp_path / name
-    if name == "notes.txt":
-        path.write_text("not a model\n")
-    events = tmp_path / "events.jsonl"
+Refusal = subprocess.CompletedProcess[bytes]
+
+REFUSED = [
+    ("bidirectional.h5", ["layer 'bidirectional' is Bidirectional", "future of the sequence"]),
+    (
+        "saved_model_dir",
+        ["TensorFlow SavedModel directory", 'model.save("m.h5")', 'model.save("m.keras")'],
+    ),
+    ("notes.txt", [".txt is not a model format lstmd reads", 'model.save("m.keras")']),
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Refusal]]:
+    """`lstmd replay` of each refused file (REFUSED), two processes at a time: the path and the process."""
+    tmp = tmp_path_factory.mktemp("refused")
+    (tmp / "notes.txt").write_text("not a model\n")
+    events = tmp / "events.jsonl"
     events.write_bytes(b'{"key": "a", "value": {"x": [1.0, 2.0]}}\n')
-    proc = lstmd("replay", "--model", str(path), "--input", str(events))
+    paths = {name: keras2_models.fixture(name) if name != "notes.txt" else tmp / name for name, _ in REFUSED}
+    with ThreadPoolExecutor(2) as pool:
+        procs = pool.map(
+            lambda path: lstmd("replay", "--model", str(path), "--input", str(events)), paths.values()
+        )
+        return {name: (paths[name], proc) for name, proc in zip(paths, procs, strict=True)}
+
+
+@pytest.mark.parametrize(("name", "says"), REFUSED)
+def test_unservable_files_exit_2_saying_why(
+    refusals: dict[str, tuple[Path, Refusal]], name: str, says: list[str]
+) -> None:
+    path, proc = refusals[name]
     err = proc.stderr.decode()
     assert proc.returncode == 2, err[-2000:]
     assert str(path) in err
