@@ -40,6 +40,7 @@ def no_lstmd_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 # ------------------------------------------------------------------ inspect
 
 
+@pytest.mark.slow
 def test_inspect_json_describes_a_keras2_model() -> None:
     proc = lstmd("inspect", "--json", str(keras2_models.fixture("stateful_recipe.h5")))
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
@@ -79,6 +80,7 @@ def test_inspect_text_says_why_fast_refuses(
     assert "keras (LSTMD_ENGINE=keras)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_inspect_refuses_a_model_with_exit_2_and_the_message_run_gives() -> None:
     model = str(keras2_models.fixture("bidirectional.h5"))
     with ThreadPoolExecutor(1) as pool:  # the two processes side by side
@@ -102,6 +104,7 @@ def test_inspect_refuses_a_model_with_exit_2_and_the_message_run_gives() -> None
 # ------------------------------------------------------------------ replay's settings
 
 
+@pytest.mark.slow
 def test_replay_reads_the_pipeline_variables_and_its_flags_override_them(tmp_path: Path) -> None:
     model = keras2_models.fixture("stateful_recipe.h5")
     xs = np.random.default_rng(4).normal(size=(5, 1)).round(4).astype(np.float32)

@@ -209,6 +209,7 @@ def refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
         return {name: (paths[name], proc) for name, proc in zip(paths, procs, strict=True)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "says"), REFUSED)
 def test_unservable_files_exit_2_saying_why(
     refusals: dict[str, tuple[Path, Refusal]], name: str, says: list[str]
