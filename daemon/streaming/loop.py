@@ -406,10 +406,8 @@ class RunLoop:
         consumer = clients.consumer
         for p in self.partitions.in_phase(Phase.ASSIGNED):
             tp = TopicPartition(self.settings.input_topic, p)
-            try:
-                committed = consumer.committed(tp, timeout_ms=POSITION_TIMEOUT_MS)
-            except AuthorizationError as exc:
-                raise authorization_failure(self.settings, exc) from None
+            try:  # asked again at the next poll while Kafka does not answer
+                committed = self._committed(consumer, tp, POSITION_TIMEOUT_MS)
             except KafkaError as exc:
                 log.info("position_waiting", partition=p, error=str(exc))
                 continue
@@ -464,7 +462,7 @@ class RunLoop:
         # Rewound before the next poll (as the consumer's own fetches expect), each
         # committed offset read with a bound and retried until the shutdown deadline.
         for tp in sorted(assigned):
-            committed = self._committed(consumer, tp)
+            committed = self._committed(consumer, tp, retry=Backoff(self.abandon, beat=self.health.beat))
             if committed is not None:
                 consumer.seek(tp, committed)
             else:
@@ -475,19 +473,29 @@ class RunLoop:
         self._start_restore(clients.restorer, assigned)
         log.warning("recovering_from_abort", partitions=sorted(tp.partition for tp in assigned))
 
-    def _committed(self, consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
-        backoff = Backoff(self.abandon, beat=self.health.beat)
+    def _committed(
+        self,
+        consumer: KafkaConsumer,
+        tp: TopicPartition,
+        timeout_ms: int = COMMITTED_TIMEOUT_MS,
+        retry: Backoff | None = None,
+    ) -> int | None:
+        """The partition's committed offset (None: none yet). A missing ACL ends the
+        daemon; another Kafka error is retried with `retry` until the shutdown
+        deadline, or raised if there is none (the caller asks again later)."""
         while True:
             try:
-                committed: int | None = consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
+                committed: int | None = consumer.committed(tp, timeout_ms=timeout_ms)
                 return committed
             except AuthorizationError as exc:
                 raise authorization_failure(self.settings, exc) from None
             except KafkaError as exc:
+                if retry is None:
+                    raise
                 log.warning(
-                    "position_waiting", partition=tp.partition, error=str(exc), retry_in_s=backoff.delay
+                    "position_waiting", partition=tp.partition, error=str(exc), retry_in_s=retry.delay
                 )
-                if backoff.wait():
+                if retry.wait():
                     raise DeliveryFailed(
                         f"committed offset of partition {tp.partition} unknown at shutdown"
                     ) from exc
