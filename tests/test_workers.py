@@ -276,7 +276,9 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_timeout(
     assert [p.returncode for p in sup.procs] == [-signal.SIGKILL, -signal.SIGKILL]
 
 
-def test_a_startup_error_is_printed_once_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_startup_error_is_printed_once_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sup = _supervisor(tmp_path, "startup-error", workers=3)
     sup.start()
     assert sup.run() == 2

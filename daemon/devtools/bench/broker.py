@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import atexit
 import math
+import signal
+import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -140,3 +143,65 @@ def broker_rate(
         return total, (counted / ((t1 - t0) / 1000.0) if t1 > t0 else None)
     finally:
         consumer.close()
+
+
+class EndOffsets:
+    """The number of records in a topic, asked of the broker (no group, no fetch)."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        self.tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def __call__(self) -> int:
+        return sum(self.consumer.end_offsets(self.tps).values())
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> EndOffsets:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def run_until_outputs(
+    command: list[str],
+    log_path: Path,
+    outputs: tuple[str, str, int],
+    target: int,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+) -> str:
+    """Run a contender in its own process (the peer, lstmd as a pod runs it) until
+    `target` records are in its output topic (`outputs`: bootstrap, topic,
+    partitions), then stop it with SIGTERM. Returns what went wrong ("" if
+    nothing); the process's output goes to `log_path`."""
+    error = ""
+    counted = EndOffsets(*outputs)
+    with counted, log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while counted() < target:
+                if proc.poll() is not None:
+                    tail = log_path.read_text(errors="replace")[-500:]
+                    error = f"exited with code {proc.returncode}: {tail}"
+                    break
+                if time.monotonic() > deadline:
+                    error = f"timed out after {timeout_s:.0f} s"
+                    break
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return error
