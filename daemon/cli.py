@@ -142,6 +142,9 @@ def _supervise(settings: Settings, workers: int) -> int:
             server.stop()
     finally:
         supervisor.cleanup()
+    if supervisor.startup_errors:  # as one process says it: `lstmd: ...`, last, exit 2
+        print("\n".join(f"lstmd: {message}" for message in supervisor.startup_errors), file=sys.stderr)
+        return code
     log.info("stopped", code=code)
     return code
 

@@ -250,6 +250,8 @@ class Supervisor:
         self.directory = directory or Path(tempfile.mkdtemp(prefix="lstmd-workers-"))
         self.stop = threading.Event()
         self.procs: list[subprocess.Popen[bytes]] = []
+        #: The workers' start-up errors, each once (after `run` returned EXIT_STARTUP).
+        self.startup_errors: list[str] = []
         self.health = WorkersHealth(
             self.directory, workers, stale_after_s=settings.kafka_max_poll_interval_ms / 1000
         )
@@ -325,10 +327,12 @@ class Supervisor:
                 if message not in messages:
                     messages.append(message)
         if messages:
-            for message in messages:
-                print(f"lstmd: {message}", file=sys.stderr)
+            self.startup_errors = messages
             return EXIT_STARTUP
-        codes = [p.returncode for p in self.procs]
+        # Stopped by the SIGTERM itself: still starting, before its handler was installed.
+        codes = [
+            0 if c == -signal.SIGTERM and not unexpected else c for c in (p.returncode for p in self.procs)
+        ]
         if unexpected or killed or any(codes):
             log.error("workers_failed", codes=codes)
             return EXIT_ERROR

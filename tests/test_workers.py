@@ -159,9 +159,9 @@ i = int(sys.argv[1])
 m.events_consumed.inc(10 + i)
 m.assigned.set(2)
 m.active_sequences.set(5)
-m.lag.labels(partition="0").set(100)  # both owned partition 0 once ...
+m.lag.labels(partition="0").set(500 if i == 0 else 100)  # worker 0 owned partition 0 ...
 if i == 0:
-    m.lag.remove("0")  # ... worker 0 released it
+    m.lag.remove("0")  # ... and released it: worker 1 owns it now
 m.lag.labels(partition=str(i + 1)).set(7 * (i + 1))
 m.last_poll.set(1000 + i)
 """
@@ -176,7 +176,7 @@ def test_metrics_of_the_workers_aggregate(tmp_path: Path) -> None:
     assert "lstmd_events_consumed_total 21.0" in lines
     assert "lstmd_assigned_partitions 4.0" in lines
     assert "lstmd_active_sequences 10.0" in lines
-    assert 'lstmd_consumer_lag{partition="0"} 100.0' in lines  # its new owner's value
+    assert 'lstmd_consumer_lag{partition="0"} 100.0' in lines  # its new owner's, not the stale 500
     assert 'lstmd_consumer_lag{partition="1"} 7.0' in lines
     assert 'lstmd_consumer_lag{partition="2"} 14.0' in lines
     assert "lstmd_last_poll_timestamp_seconds 1000.0" in lines  # the stalest worker
@@ -285,3 +285,20 @@ def test_a_startup_error_is_printed_once_and_exits_2(
     err = capsys.readouterr().err
     assert err.count("lstmd: LSTMD_MODEL_PATH: cannot serve it") == 1
     assert startup_error_path(sup.directory, 0).exists()
+
+
+def test_a_worker_stopped_before_its_handler_is_installed_is_a_clean_stop(tmp_path: Path) -> None:
+    """SIGTERM during start-up: a worker still importing dies of the signal itself,
+    with nothing in hand; the pod still exits 0."""
+    directory = tmp_path / "workers"
+    directory.mkdir()
+    sup = Supervisor(
+        settings(tmp_path),
+        2,
+        command=[sys.executable, "-c", "import time; time.sleep(30)"],
+        directory=directory,
+    )
+    sup.start()
+    sup.stop.set()
+    assert sup.run() == 0
+    assert [p.returncode for p in sup.procs] == [-signal.SIGTERM, -signal.SIGTERM]
