@@ -246,6 +246,9 @@ def test_summary_ratios() -> None:
     assert s["fast_vs_peer"] == 80.0 / 120.0 and s["fast_vs_peer_broker_timed"] == 0.5
     assert s["passthrough_vs_peer_broker_timed"] == 0.75
     assert s["pod_vs_peer_broker_timed"] == 1.25 and s["pod_1_vs_passthrough_broker_timed"] == 96.0 / 90.0
+    assert s["pod_vs_peer_per_cpu_second"] is None  # no CPU figures in these rows
+    rows[3]["cpu_us_per_event"], rows[5]["cpu_us_per_event"] = 60.0, 80.0
+    assert bench.summary(rows)["pod_1_vs_peer_per_cpu_second"] == 0.75
 
 
 # -- at scale (issue 12): the sections' machinery at tiny sizes, never their speeds ----------

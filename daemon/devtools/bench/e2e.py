@@ -77,6 +77,7 @@ class Round:
     broker_events_per_s: float | None = None
     outputs: int = 0
     topic: str = ""  # where the outputs went
+    cpu_us_per_event: float | None = None  # a contender in its own process: its CPU per event
 
     def window(self) -> tuple[int, float] | None:
         """Inputs of batches 2..K and the time from the end of batch 1 to the end of batch K."""
@@ -175,7 +176,7 @@ def _pod(settings: Any, workers: str | None, target: int, config: BenchConfig) -
     """`python -m daemon run` until `target` outputs are in (timed by the broker)."""
     logs = Path(tempfile.mkdtemp(prefix="lstmd-pod-", dir=work_dir()))
     try:
-        error = run_until_outputs(
+        run = run_until_outputs(
             [sys.executable, "-m", "daemon", "run"],
             logs / "lstmd.log",
             (settings.kafka_bootstrap_servers, settings.output_topic, config.e2e_partitions),
@@ -185,7 +186,9 @@ def _pod(settings: Any, workers: str | None, target: int, config: BenchConfig) -
         )
     finally:
         shutil.rmtree(logs, ignore_errors=True)
-    return Round([], error=f"lstmd run {error}" if error else "")
+    round_ = Round([], error=f"lstmd run {run.error}" if run.error else "")
+    round_.cpu_us_per_event = run.cpu_us_per_event
+    return round_
 
 
 class Engines:
@@ -324,6 +327,9 @@ def e2e_row(
         if cycles
         else None,
         "broker_events_per_s": statistics.median(broker) if broker else None,
+        "cpu_us_per_event": statistics.median(cpu)
+        if (cpu := [r.cpu_us_per_event for r in rounds if r.cpu_us_per_event])
+        else None,
         "note": "; ".join([n for n in (note, *errors) if n]),
     }
 

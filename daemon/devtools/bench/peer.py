@@ -206,15 +206,15 @@ class PeerSection:
             "weights": str(weights),
             "model": model_id,
         }
-        round_ = Round([])
-        error = run_until_outputs(
+        run = run_until_outputs(
             [python, str(script), json.dumps(args)],
             state_dir / "peer.log",
             (bootstrap, output, config.e2e_partitions),
             config.e2e_events,
             config.e2e_timeout_s,
         )
-        round_.error = f"the peer {error}" if error else ""
+        round_ = Round([], error=f"the peer {run.error}" if run.error else "")
+        round_.cpu_us_per_event = run.cpu_us_per_event
         shutil.rmtree(state_dir, ignore_errors=True)
         round_.topic = output
         if not round_.error:
