@@ -133,7 +133,7 @@ def test_e2e_and_profile_structure(kafka: LocalKafka) -> None:
         e2e_partitions=2,
         e2e_rounds=1,
         e2e_max_poll_records=10,
-        e2e_pod=False,  # `lstmd run` as a subprocess: tests/test_workers_kafka.py runs it
+        e2e_pod=False,  # `lstmd run` as a subprocess: tests/test_kafka_e2e.py runs it with two workers
         bootstrap=kafka.bootstrap,
     )
     messages: list[str] = []

@@ -30,7 +30,6 @@ from daemon.workers import (
     status_path,
     worker_settings,
 )
-from tests import models
 from tests.fakes import make, settings
 
 # -- the CPU quota -------------------------------------------------------------------
@@ -283,26 +282,6 @@ def test_a_startup_error_is_reported_once_and_exits_2(tmp_path: Path) -> None:
     assert sup.run() == 2
     assert sup.startup_errors == ["LSTMD_MODEL_PATH: cannot serve it"]
     assert startup_error_path(sup.directory, 0).exists()
-
-
-def test_lstmd_run_with_workers_refuses_an_unservable_model_once_with_exit_2() -> None:
-    """The workers load the model; the pod says why it cannot serve it once, last, as one process does."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")} | {
-        "LSTMD_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
-        "LSTMD_INPUT_TOPIC": "in",
-        "LSTMD_OUTPUT_TOPIC": "out",
-        "LSTMD_GROUP_ID": "g",
-        "LSTMD_HTTP_PORT": "0",
-        "LSTMD_WORKERS": "2",
-        "LSTMD_MODEL_PATH": str(models.built("bidirectional")),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "daemon", "run"], env=env, capture_output=True, text=True, timeout=180
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("lstmd: ") and "Bidirectional" in last
-    assert proc.stderr.count("lstmd: ") == 1
 
 
 def test_a_worker_stopped_before_its_handler_is_installed_is_a_clean_stop(tmp_path: Path) -> None:
