@@ -27,9 +27,11 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# The fast loop: lint and every test that needs no broker and no Java (about 2 minutes).
+# The fast loop: lint and every test that needs no broker, no Java and no command-line
+# process of its own (marker slow: each imports TensorFlow anew); about 2 minutes.
+# `make test` runs them all.
 unit: lint
-	$(BIN)/python -m pytest -q -m "not kafka"
+	$(BIN)/python -m pytest -q -m "not kafka and not slow"
 
 test: venv kafka lint check
 	$(BIN)/python -m pytest -q

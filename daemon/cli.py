@@ -57,6 +57,7 @@ def build_processor(
     max_sequences: int = 0,
     max_record_bytes: int = 1 << 20,
     reset_on_gap: bool = False,
+    publish_from_ms: int | None = None,
 ) -> Processor:
     """Load the model and its engine: shared by `run` and `replay` so both behave alike."""
     from daemon.inference.engines.factory import make_engine  # TensorFlow loads here, not at import
@@ -93,6 +94,7 @@ def build_processor(
         max_record_bytes=max_record_bytes,
         reset_on_gap=reset_on_gap,
         state_shapes=model.state_shapes,
+        publish_from_ms=publish_from_ms,
     )
 
 
@@ -191,6 +193,7 @@ def _serve(settings: Settings, role: WorkerRole | None) -> int:
             max_sequences=settings.max_sequences,
             max_record_bytes=settings.max_record_bytes,
             reset_on_gap=settings.step_gap == "reset",
+            publish_from_ms=settings.publish_from_ms,
         )
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)

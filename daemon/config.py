@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AwareDatetime, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.errors import ConfigError
@@ -27,8 +27,14 @@ Delivery = Literal["at-least-once", "exactly-once"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+#: What a restored open sequence saved under another model becomes (daemon/streaming/rebuild.py).
+OnModelChange = Literal["rebuild", "reset"]
 #: Model files lstmd reads: Keras 3 archives and Keras 2 HDF5 (daemon/inference/formats.py).
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+# Default rebuild budgets per partition (LSTMD_REBUILD_MAX_EVENTS unset): under a
+# minute of replay each on the development machine (docs/performance.md).
+FAST_REBUILD_BUDGET = 1_000_000
+KERAS_REBUILD_BUDGET = 50_000
 
 
 class PipelineSettings(BaseSettings):
@@ -78,6 +84,19 @@ class Settings(PipelineSettings):
     shutdown_timeout_s: float = Field(
         default=20.0, gt=0, le=600, description="SIGTERM to exit, at most; the final checkpoint's budget"
     )
+
+    # A model upgrade keeps open sequences exact by default: their inputs are replayed
+    # from the input topic through the new model (bounded per partition); `reset`
+    # drops and announces them instead (they start over at their next input).
+    on_model_change: OnModelChange = "rebuild"
+    rebuild_max_events: int | None = Field(
+        default=None,
+        ge=1,
+        description="input records read per partition to rebuild its sequences, at most "
+        "(default: 1000000 with the fast engine, 50000 with keras)",
+    )
+    # Warm start: inputs timestamped before this advance the states without a prediction.
+    publish_from: AwareDatetime | None = Field(default=None, description="RFC 3339, with a time zone")
 
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism | None = None
@@ -186,6 +205,21 @@ class Settings(PipelineSettings):
     @property
     def state_topic_name(self) -> str:
         return self.state_topic or f"{self.group_id}.state"
+
+    @property
+    def rebuild_budget(self) -> int:
+        """LSTMD_REBUILD_MAX_EVENTS, or a default for the engine: the budget is really
+        one of time (a partition does not serve while it rebuilds), and the keras
+        engine steps ~1 ms per event where the fast one takes ~30 us: about a minute
+        of replay either way, at most."""
+        if self.rebuild_max_events is not None:
+            return self.rebuild_max_events
+        return KERAS_REBUILD_BUDGET if self.engine == "keras" else FAST_REBUILD_BUDGET
+
+    @property
+    def publish_from_ms(self) -> int | None:
+        """LSTMD_PUBLISH_FROM as a Kafka record timestamp (ms since the epoch), for the core."""
+        return None if self.publish_from is None else int(self.publish_from.timestamp() * 1000)
 
     def sasl_password(self) -> str | None:
         """The SASL password, read from its file if given that way (Kubernetes secrets)."""

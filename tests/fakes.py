@@ -7,6 +7,7 @@ tests import them from here, never from another test module.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +176,68 @@ class FakeStateConsumer:
                 for i, (k, v) in enumerate(self.records)
             ]
         }
+
+
+class ScaledSumEngine(SumEngine):
+    """SumEngine under another model: each step adds `scale * x` (other weights)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def step(self, slots: Sequence[object], xs: np.ndarray) -> np.ndarray:
+        return super().step(slots, xs * np.float32(self.scale))
+
+
+class FakeInputConsumer:
+    """An input partition (offsets from `beginning`) read by assignment: `records`
+    may be shorter than the offsets (deleted ones are None), polled `max_records` at a time."""
+
+    def __init__(
+        self, records: list[Rec | None], beginning: int = 0, fail_beginnings: int = 0, poll_s: float = 0.0
+    ) -> None:
+        self.records = records
+        self.poll_s = poll_s  # each poll takes this long (a slice then holds few polls)
+        self.beginning = beginning
+        self.fail_beginnings = fail_beginnings
+        self.assigned: list[TopicPartition] = []
+        self.positions: dict[TopicPartition, int] = {}
+        self.polls = 0
+
+    def beginning_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
+        if self.fail_beginnings:
+            self.fail_beginnings -= 1
+            raise KafkaTimeoutError("no leader")
+        return dict.fromkeys(tps, self.beginning)
+
+    def end_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, len(self.records))
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.assigned = list(tps)
+        self.positions = {tp: self.positions.get(tp, self.beginning) for tp in tps}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = max(offset, self.beginning)  # out of range: auto reset to earliest
+
+    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
+        return self.positions[tp]
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Any]]:
+        self.polls += 1
+        if self.poll_s:
+            time.sleep(self.poll_s)
+        out: dict[TopicPartition, list[Any]] = {}
+        for tp in self.assigned:
+            at = self.positions[tp]
+            chunk = [r for r in self.records[at : at + max_records] if r is not None]
+            self.positions[tp] = min(len(self.records), at + max_records)
+            if chunk:
+                out[tp] = chunk
+        return out
+
+    def close(self) -> None: ...

@@ -4,11 +4,18 @@ Each fixture is written by tf_keras in a subprocess of its own, never in the
 test process: there Keras 3 is imported, and `tf.keras` (and TensorFlow's
 Keras globals) resolve to one Keras or the other depending on import order
 and TF_USE_LEGACY_KERAS. A subprocess keeps the files exactly what a tf.keras
-2.x user writes. The files are written once per test session (`written`).
+2.x user writes.
 
 `expected_outputs` is the oracle of tests/oracle.py for these files, evaluated
 by the Keras 2 model itself (loaded with tf_keras.models.load_model, in a
 subprocess), never by the copy lstmd builds from the file.
+
+Both are kept on disk outside the work tree (`cache_root`, like the Kafka jars):
+the files under a key of the writer's source and the versions of Python,
+TensorFlow, tf_keras, h5py and NumPy; each oracle answer under a key of the
+oracle's source, those versions, the model file's bytes and the inputs' bytes.
+A fresh machine (or a new version of any of them) writes and evaluates them once;
+a test session copies the files into a directory of its own (`written`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from functools import cache
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +100,6 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-model = keras.models.load_model(sys.argv[1], compile=False)
-seqs = np.load(sys.argv[2])
-xs = [seqs[f"arr_{i}"] for i in range(len(seqs.files))]
-shape = model.inputs[0].shape
-stateful = [l for l in model.layers if getattr(l, "stateful", False)]
-
 def last(out):
     parts = []
     for o in tf.nest.flatten(out):  # keras.tree.flatten's order
@@ -104,24 +107,31 @@ def last(out):
         parts.append((a[:, -1] if a.ndim == 3 else a).reshape(a.shape[0], -1))
     return np.concatenate(parts, axis=1)
 
-results = []
-for x in xs:
-    if shape[1] is None:
-        # Stateless: the model applied to each prefix on its own.
-        rows = []
-        for t in range(len(x)):
-            for layer in stateful:
-                layer.reset_states()
-            rows.append(last(model(x[None, : t + 1], training=False))[0])
-    else:
-        # A model saved for one step at a time (the stateful recipe) takes no
-        # longer prefix: from a reset state it is fed the prefix step by step,
-        # the way it was trained, and its output at step t is that of x[: t + 1].
-        assert shape[1] == 1 and stateful, shape
-        model.reset_states()
-        rows = [last(model(x[None, t : t + 1], training=False))[0] for t in range(len(x))]
-    results.append(np.stack(rows) if rows else np.zeros((0, 0)))
-np.savez(sys.argv[3], *results)
+# Arguments: (model file, inputs .npz, outputs .npz) triples.
+for model_path, inputs, outputs in zip(*[iter(sys.argv[1:])] * 3, strict=True):
+    model = keras.models.load_model(model_path, compile=False)
+    seqs = np.load(inputs)
+    xs = [seqs[f"arr_{i}"] for i in range(len(seqs.files))]
+    shape = model.inputs[0].shape
+    stateful = [l for l in model.layers if getattr(l, "stateful", False)]
+    results = []
+    for x in xs:
+        if shape[1] is None:
+            # Stateless: the model applied to each prefix on its own.
+            rows = []
+            for t in range(len(x)):
+                for layer in stateful:
+                    layer.reset_states()
+                rows.append(last(model(x[None, : t + 1], training=False))[0])
+        else:
+            # A model saved for one step at a time (the stateful recipe) takes no
+            # longer prefix: from a reset state it is fed the prefix step by step,
+            # the way it was trained, and its output at step t is that of x[: t + 1].
+            assert shape[1] == 1 and stateful, shape
+            model.reset_states()
+            rows = [last(model(x[None, t : t + 1], training=False))[0] for t in range(len(x))]
+        results.append(np.stack(rows) if rows else np.zeros((0, 0)))
+    np.savez(outputs, *results)
 """
 
 
@@ -135,14 +145,48 @@ def _run(script: str, *args: str) -> None:
         raise RuntimeError(f"the tf_keras subprocess failed:\n{proc.stderr.decode()[-3000:]}")
 
 
+def cache_root() -> Path:
+    """Where written files and oracle answers are kept: outside the work tree."""
+    return Path.home() / ".cache" / "lstmd" / "test-keras2"
+
+
+def _key(*parts: str | bytes) -> str:
+    """A digest of `parts` and of everything else that shapes a file or an answer."""
+    versions = [f"python {sys.version_info.major}.{sys.version_info.minor}"]
+    versions += [f"{dist} {version(dist)}" for dist in ("tensorflow", "tf-keras", "h5py", "numpy")]
+    digest = hashlib.sha256()
+    for part in [*versions, *parts]:
+        data = part.encode() if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()[:32]
+
+
+def _scratch() -> Path:
+    """A new directory beside the kept ones, to fill before it is renamed into place."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".scratch-", dir=cache_root()))
+
+
 @cache
 def written() -> Path:
-    """The directory of every fixture, written once per test session: the
-    servable ones (SERVABLE), bidirectional.h5, saved_model_dir/ (a TensorFlow
-    SavedModel) and weights_only.h5 (model.save_weights)."""
+    """The directory of every fixture, a copy of the kept files made once per test
+    session: the servable ones (SERVABLE), bidirectional.h5, saved_model_dir/ (a
+    TensorFlow SavedModel) and weights_only.h5 (model.save_weights)."""
+    kept = cache_root() / f"files-{_key(_WRITER)}"
+    if not kept.is_dir():
+        scratch = _scratch()
+        try:
+            _run(_WRITER, str(scratch))
+            try:
+                scratch.rename(kept)
+            except OSError:
+                if not kept.is_dir():  # another session's rename came first: use its files
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix="lstmd-test-keras2-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
-    _run(_WRITER, str(path))
+    shutil.copytree(kept, path, dirs_exist_ok=True)
     return path
 
 
@@ -150,21 +194,42 @@ def fixture(name: str) -> Path:
     return written() / name
 
 
-_expected: dict[tuple[str, str], list[np.ndarray]] = {}
-
-
-def expected_outputs(model_path: Path, sequences: list[np.ndarray]) -> list[np.ndarray]:
+def expected_outputs(model_path: Path, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
     """The oracle's (T, output_width) float64 rows for each (T, F) sequence, computed
-    by the Keras 2 model in `model_path` itself, in a tf_keras subprocess (cached
-    per file and inputs)."""
-    xs = [np.asarray(s, dtype=np.float32) for s in sequences]
-    digest = hashlib.sha256(b"".join(x.tobytes() + str(x.shape).encode() for x in xs)).hexdigest()
-    key = (str(model_path), digest)
-    if key not in _expected:
-        with tempfile.TemporaryDirectory(prefix="lstmd-keras2-oracle-") as tmp:
-            inputs, outputs = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-            np.savez(inputs, *xs)  # arr_0, arr_1, ...
-            _run(_ORACLE, str(model_path), str(inputs), str(outputs))
-            with np.load(outputs) as got:
-                _expected[key] = [got[f"arr_{i}"] for i in range(len(xs))]
-    return _expected[key]
+    by the Keras 2 model in `model_path` itself, in a tf_keras subprocess (kept on disk)."""
+    (rows,) = expected_outputs_of([(model_path, sequences)])
+    return rows
+
+
+def expected_outputs_of(
+    requests: Sequence[tuple[Path, Sequence[np.ndarray]]],
+) -> list[list[np.ndarray]]:
+    """`expected_outputs` of several (model file, sequences) requests: those not kept
+    yet are evaluated together, in one tf_keras subprocess."""
+    answers: list[Path] = []
+    missing: list[tuple[Path, list[np.ndarray], Path]] = []
+    for model_path, sequences in requests:
+        xs = [np.asarray(s, dtype=np.float32) for s in sequences]
+        inputs = b"".join(str(x.shape).encode() + x.tobytes() for x in xs)
+        answer = cache_root() / "oracle" / f"{_key(_ORACLE, Path(model_path).read_bytes(), inputs)}.npz"
+        answers.append(answer)
+        if not answer.exists():
+            missing.append((Path(model_path), xs, answer))
+    if missing:
+        scratch = _scratch()
+        try:
+            args = []
+            for i, (model_path, xs, _) in enumerate(missing):
+                np.savez(scratch / f"in{i}.npz", *xs)  # arr_0, arr_1, ...
+                args += [str(model_path), str(scratch / f"in{i}.npz"), str(scratch / f"out{i}.npz")]
+            _run(_ORACLE, *args)
+            for i, (_, _, answer) in enumerate(missing):
+                answer.parent.mkdir(exist_ok=True)
+                (scratch / f"out{i}.npz").replace(answer)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    out = []
+    for answer, (_, sequences) in zip(answers, requests, strict=True):
+        with np.load(answer) as got:
+            out.append([got[f"arr_{i}"] for i in range(len(sequences))])
+    return out

@@ -7,6 +7,8 @@ The models are tiny on purpose: the machine running the tests has 2 cores.
 
 `built(kind)` builds each kind once per test process into a temporary directory
 and returns the cached path: use it from module- or session-scoped fixtures.
+`loaded_model(kind)` is that file loaded by lstmd (`load_model`, with its start-up
+self-check), once per test process and shared by every test module.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 from keras import layers
+
+from daemon.inference.model import ServableModel, load_model
 
 SEED = 1234
 
@@ -304,6 +308,16 @@ def built(kind: str) -> Path:
     """The path of the `kind` model, built once per test process."""
     builder = SERVABLE.get(kind) or UNSERVABLE[kind]
     return builder(_cache_dir() / f"{kind}.keras")
+
+
+@cache
+def loaded_model(kind: str) -> ServableModel:
+    """`built(kind)` loaded by lstmd, once per test process: loading runs the
+    self-check (most of a load's second or so), so the engine test modules share
+    one ServableModel per kind. Engines own `model.stateful` and leave its state
+    variables as they stepped them (KerasEngine assigns a slot's state before its
+    first step): a test of a fresh load's own state calls `load_model` itself."""
+    return load_model(built(kind))
 
 
 # ------------------------------------------------- models for the fast engine's tests

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from daemon.devtools.localkafka import LocalKafka, create_topics
 from tests.oracle import assert_matches, expected_outputs_many
 
 Event = tuple[str, dict[str, Any]]
@@ -298,3 +299,57 @@ class DaemonProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=30)
+
+
+@dataclass
+class OutageRun:
+    """A broker of the test's own (it stops it) with the daemon's three topics, a
+    stream produced to them, and a daemon serving it: what the broker-outage
+    tests (tests/test_faults.py, tests/test_shutdown.py) stop the broker around."""
+
+    broker: LocalKafka
+    model: Path
+    stream: Stream
+    placed: list[tuple[int, int]]
+    env: dict[str, str]
+    daemon: DaemonProcess
+    exactly_once: bool
+
+    def predictions(self, while_running: DaemonProcess) -> list[Any]:
+        """The predictions topic once every input has a prediction (repeats of
+        at-least-once counted once), read while `while_running` serves."""
+        return consume(
+            self.broker.bootstrap,
+            "predictions",
+            at_least=len(self.stream.predicted_events),
+            distinct=prediction_source,
+            settle=2.0,
+            timeout=150,
+            while_running=while_running,
+        )
+
+    def check(self, outputs: list[Any]) -> None:
+        check_predictions(self.model, self.stream, self.placed, outputs, exactly_once=self.exactly_once)
+
+
+def outage_run(
+    broker: LocalKafka, model: Path, *, delivery: str, n_keys: int, n_events: int, seed: int, **extra: str
+) -> OutageRun:
+    """Topics events (2 partitions), predictions and events.dlq on `broker`, an
+    interleaved stream of 3 features produced to events, and a daemon (40 records a
+    poll, `delivery`, `extra` variables) a second into serving it."""
+    names = {"in": "events", "out": "predictions", "dlq": "events.dlq"}
+    create_topics(broker.bootstrap, {"events": 2, "predictions": 1, "events.dlq": 1})
+    stream = interleaved_stream(n_keys=n_keys, n_events=n_events, features=3, seed=seed)
+    placed = produce(broker.bootstrap, "events", stream.events)
+    env = daemon_env(
+        broker.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40", LSTMD_DELIVERY=delivery, **extra
+    )
+    daemon = DaemonProcess(env)
+    try:
+        daemon.wait_for("partition_restored")
+    except BaseException:
+        daemon.kill()
+        raise
+    time.sleep(1.0)
+    return OutageRun(broker, model, stream, placed, env, daemon, exactly_once=delivery == "exactly-once")

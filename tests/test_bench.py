@@ -346,7 +346,7 @@ def test_scale_options() -> None:
             ["--sections", "engine", "--scale", "--memory-counts", "10,20", "--scale-rounds", "2"]
         )
     )
-    assert config.sections == ("engine", "restore", "memory", "scale", "keras-overhead")
+    assert config.sections == ("engine", "restore", "memory", "scale", "keras-overhead", "rebuild")
     assert config.memory_counts == (10, 20) and config.scale_rounds == 2
     with pytest.raises(ValueError):
         bench.config_from_args(parser.parse_args(["--memory-counts", "0"]))
@@ -366,3 +366,49 @@ def test_restore_structure(kafka: LocalKafka) -> None:
     assert rows[0]["vs_raw_read"] == 1.0
     assert "extrapolated from 30" in rows[1]["target"] and isinstance(rows[1]["target_met"], bool)
     assert "states/s" in bench.format_table(report)
+
+
+def test_rebuild_section_structure() -> None:
+    config = bench.BenchConfig(
+        sections=("rebuild",),
+        scale_rounds=1,
+        rebuild_sequences=30,
+        rebuild_steps=4,
+        rebuild_keras_sequences=3,
+        rebuild_keras_steps=2,
+        rebuild_broker_sequences=0,  # the Rebuilder over a broker: tests/test_model_change.py
+    )
+    report = bench.run(config)
+    rows = report["rows"]
+    assert [(r["engine"], r["contender"], r["events"], r["extrapolated"]) for r in rows] == [
+        ("keras", "live", 6, True),
+        ("keras", "rebuild", 6, True),
+        ("fast", "live", 120, False),
+        ("fast", "rebuild", 120, False),
+    ]
+    for r in rows:
+        assert r["events_per_s"] > 0 and r["target_events"] == 120
+        assert r["target_seconds"] == pytest.approx(120 / r["events_per_s"])
+    assert [r["vs_live"] for r in rows if r["contender"] == "live"] == [1.0, 1.0]
+    table = bench.format_table(report)
+    assert "s for target" in table and "(extrapolated)" in table
+
+
+@pytest.mark.kafka
+def test_latency_section_measures_every_paced_event(kafka: LocalKafka) -> None:
+    """A short steady stream: every paced event has a prediction and a latency."""
+    config = bench.BenchConfig(
+        sections=("latency",),
+        e2e_sequences=5,
+        e2e_partitions=2,
+        latency_rate=100,
+        latency_seconds=2.0,
+        latency_rounds=1,
+        bootstrap=kafka.bootstrap,
+    )
+    report = bench.run(config)
+    (row,) = report["rows"]
+    assert row["section"] == "latency" and row["rounds"] == 1, row["note"]
+    assert row["events"] == 200  # every paced event, none of the warm-up
+    assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"] <= row["latency_max_ms"]
+    assert row["note"].startswith("p50/p99 = per event") and ";" not in row["note"]

@@ -25,6 +25,7 @@ def lstmd(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     return subprocess.run([sys.executable, "-m", "daemon", *args], capture_output=True, timeout=180, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["keras", "fast"])
 def test_replay_matches_the_oracle(tmp_path: Path, engine: str) -> None:
     model = built("three_kinds")
@@ -70,6 +71,7 @@ def test_replay_matches_the_oracle(tmp_path: Path, engine: str) -> None:
     assert all(p["partition"] == 0 for p in preds)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_run_refuses_an_unservable_model_with_exit_2(tmp_path: Path, workers: str) -> None:
     """With several workers (each loads the model) the pod says it once, last, as one process does."""

@@ -18,11 +18,11 @@ from daemon.inference.engines import factory
 from daemon.inference.engines.contract import Engine
 from daemon.inference.engines.fast import FastEngine
 from daemon.inference.engines.keras import KerasEngine
-from daemon.inference.model import ServableModel, load_model
+from daemon.inference.model import ServableModel
 from tests.engine_runs import KINDS, interleave
 from tests.fakes import Slot
-from tests.models import built
-from tests.oracle import assert_matches, expected_outputs
+from tests.models import built, loaded_model
+from tests.oracle import assert_matches, expected_outputs, expected_outputs_many
 
 
 class CountingEngine(Engine, Protocol):
@@ -37,7 +37,7 @@ ENGINES: dict[str, Callable[[ServableModel], CountingEngine]] = {"keras": KerasE
 
 @pytest.fixture(scope="module")
 def loaded() -> dict[str, ServableModel]:
-    return {kind: load_model(built(kind)) for kind in KINDS}
+    return {kind: loaded_model(kind) for kind in KINDS}
 
 
 @pytest.fixture(params=sorted(ENGINES))
@@ -76,12 +76,11 @@ def test_interleaved_sequences_match_the_oracle(
     run = interleave(engine, model, seed)
     assert run.repeated
     assert engine.steps == len(run.events)
-    expected = {
-        (k, s): expected_outputs(built(kind), np.stack(seg))
-        for k, track in enumerate(run.tracks)
-        for s, seg in enumerate(track.segments)
-        if seg
+    segments = {
+        (k, s): seg for k, track in enumerate(run.tracks) for s, seg in enumerate(track.segments) if seg
     }
+    oracle = expected_outputs_many(built(kind), [np.stack(seg) for seg in segments.values()])
+    expected = dict(zip(segments, oracle, strict=True))
     got = np.stack([y for _, _, _, y in run.events])
     want = np.stack([expected[(k, s)][t] for k, s, t, _ in run.events])
     assert_matches(got, want)

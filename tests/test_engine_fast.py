@@ -28,7 +28,7 @@ from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord
 from tests.engine_runs import KINDS, random_calls
 from tests.fakes import Slot
-from tests.models import built
+from tests.models import built, loaded_model
 from tests.oracle import assert_matches, expected_outputs
 
 FALLBACK = {
@@ -39,7 +39,7 @@ FALLBACK = {
 
 @pytest.fixture(scope="module")
 def loaded() -> dict[str, ServableModel]:
-    return {kind: load_model(built(kind)) for kind in [*KINDS, *FALLBACK]}
+    return {kind: loaded_model(kind) for kind in [*KINDS, *FALLBACK]}
 
 
 @pytest.mark.parametrize("kind", KINDS)

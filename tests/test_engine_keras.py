@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from daemon.inference.engines.keras import KerasEngine
-from daemon.inference.model import ServableModel, load_model
+from daemon.inference.model import ServableModel
 from tests.engine_runs import interleave
 from tests.fakes import Slot
-from tests.models import built
+from tests.models import built, loaded_model
 from tests.oracle import assert_matches, expected_outputs
 
 
 @pytest.fixture(scope="module")
 def loaded() -> dict[str, ServableModel]:
-    return {kind: load_model(built(kind)) for kind in ["lstm_dense", "stacked_lstm_gru", "three_kinds"]}
+    return {kind: loaded_model(kind) for kind in ["lstm_dense", "stacked_lstm_gru", "three_kinds"]}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -23,7 +23,7 @@ from daemon.inference.engines.fast.kernels import Rows
 from daemon.inference.model import ServableModel, load_model, mask_value
 from tests.engine_runs import KINDS
 from tests.fakes import Slot
-from tests.models import ZOO, built
+from tests.models import ZOO, loaded_model
 
 #: How many sequences are followed, and for how many steps.
 SEQUENCES = 5
@@ -63,8 +63,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Servable
 
     def get(kind: str) -> ServableModel:
         if kind not in cache:
-            path = _wide(tmp_path_factory.mktemp("wide")) if kind == "wide" else built(kind)
-            cache[kind] = load_model(path)
+            if kind == "wide":
+                cache[kind] = load_model(_wide(tmp_path_factory.mktemp("wide")))
+            else:
+                cache[kind] = loaded_model(kind)
         return cache[kind]
 
     return get

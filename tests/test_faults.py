@@ -27,6 +27,7 @@ from tests.streams import (
     consume,
     daemon_env,
     interleaved_stream,
+    outage_run,
     prediction_source,
     produce,
 )
@@ -145,34 +146,15 @@ def test_broker_down_for_seconds_mid_stream(
     kafka_broker_factory: Any, model: Path, delivery: str, down_for: float
 ) -> None:
     broker: LocalKafka = kafka_broker_factory()
-    names = {"in": "events", "out": "predictions", "dlq": "events.dlq"}
-    from daemon.devtools.localkafka import create_topics
-
-    create_topics(broker.bootstrap, {"events": 2, "predictions": 1, "events.dlq": 1})
-    stream = interleaved_stream(n_keys=12, n_events=2500, features=3, seed=44)
-    placed = produce(broker.bootstrap, "events", stream.events)
-    env = daemon_env(
-        broker.bootstrap, names, model, LSTMD_KAFKA_MAX_POLL_RECORDS="40", LSTMD_DELIVERY=delivery
-    )
-    daemon = DaemonProcess(env)
+    run = outage_run(broker, model, delivery=delivery, n_keys=12, n_events=2500, seed=44)
     try:
-        daemon.wait_for("partition_restored")
-        time.sleep(1.0)
         before = outputs_so_far(broker.bootstrap, "predictions")
-        assert before < len(stream.predicted_events)
+        assert before < len(run.stream.predicted_events)
         broker.restart(down_for=down_for)
-        out = consume(
-            broker.bootstrap,
-            "predictions",
-            at_least=len(stream.predicted_events),
-            distinct=prediction_source,
-            settle=2.0,
-            timeout=150,
-            while_running=daemon,
-        )
+        out = run.predictions(while_running=run.daemon)
     finally:
-        assert daemon.stop() == 0
-    check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")
+        assert run.daemon.stop() == 0
+    run.check(out)
 
 
 def test_idle_sequence_is_evicted_announced_and_starts_over(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ def no_lstmd_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 # ------------------------------------------------------------------ inspect
 
 
+@pytest.mark.slow
 def test_inspect_json_describes_a_keras2_model() -> None:
     proc = lstmd("inspect", "--json", str(keras2_models.fixture("stateful_recipe.h5")))
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
@@ -78,18 +80,21 @@ def test_inspect_text_says_why_fast_refuses(
     assert "keras (LSTMD_ENGINE=keras)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_inspect_refuses_a_model_with_exit_2_and_the_message_run_gives() -> None:
     model = str(keras2_models.fixture("bidirectional.h5"))
-    inspected = lstmd("inspect", model)
-    ran = lstmd(
-        "run",
-        LSTMD_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
-        LSTMD_INPUT_TOPIC="in",
-        LSTMD_OUTPUT_TOPIC="out",
-        LSTMD_GROUP_ID="g",
-        LSTMD_HTTP_PORT="0",
-        LSTMD_MODEL_PATH=model,
-    )
+    with ThreadPoolExecutor(1) as pool:  # the two processes side by side
+        inspecting = pool.submit(lstmd, "inspect", model)
+        ran = lstmd(
+            "run",
+            LSTMD_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+            LSTMD_INPUT_TOPIC="in",
+            LSTMD_OUTPUT_TOPIC="out",
+            LSTMD_GROUP_ID="g",
+            LSTMD_HTTP_PORT="0",
+            LSTMD_MODEL_PATH=model,
+        )
+        inspected = inspecting.result()
     assert (inspected.returncode, ran.returncode) == (2, 2), ran.stderr.decode()[-2000:]
     said = inspected.stderr.decode().strip().splitlines()[-1]
     assert said.startswith(f"lstmd: model file {model!r}: layer 'bidirectional' is Bidirectional")
@@ -99,6 +104,7 @@ def test_inspect_refuses_a_model_with_exit_2_and_the_message_run_gives() -> None
 # ------------------------------------------------------------------ replay's settings
 
 
+@pytest.mark.slow
 def test_replay_reads_the_pipeline_variables_and_its_flags_override_them(tmp_path: Path) -> None:
     model = keras2_models.fixture("stateful_recipe.h5")
     xs = np.random.default_rng(4).normal(size=(5, 1)).round(4).astype(np.float32)
@@ -111,8 +117,8 @@ def test_replay_reads_the_pipeline_variables_and_its_flags_override_them(tmp_pat
         )
     )
 
-    def replay(*flags: str, **env: str) -> tuple[str, list[dict[str, object]]]:
-        out = tmp_path / "out.jsonl"
+    def replay(out_name: str, *flags: str, **env: str) -> tuple[str, list[dict[str, object]]]:
+        out = tmp_path / out_name
         proc = lstmd(
             "replay", "--model", str(model), "--input", str(events), "--output", str(out), *flags, **env
         )
@@ -122,16 +128,18 @@ def test_replay_reads_the_pipeline_variables_and_its_flags_override_them(tmp_pat
         ]
 
     env = {"LSTMD_ENGINE": "fast", "LSTMD_STEP_GAP": "reset"}
-    summary, preds = replay(**env)
-    assert summary == "lstmd replay: 5 predictions, 0 rejected; engine fast"
-    assert [p["n"] for p in preds] == [1, 2, 3, 1, 2]  # the gap reset the sequence
-    expected = keras2_models.expected_outputs(model, [xs[:3], xs[3:], xs])
-    assert_matches(np.array([p["y"] for p in preds]), np.concatenate(expected[:2]))
+    with ThreadPoolExecutor(1) as pool:  # the two replays side by side
+        flagged = pool.submit(replay, "flagged.jsonl", "--engine", "keras", "--step-gap", "continue", **env)
+        summary, preds = replay("out.jsonl", **env)
+        assert summary == "lstmd replay: 5 predictions, 0 rejected; engine fast"
+        assert [p["n"] for p in preds] == [1, 2, 3, 1, 2]  # the gap reset the sequence
+        expected = keras2_models.expected_outputs(model, [xs[:3], xs[3:], xs])
+        assert_matches(np.array([p["y"] for p in preds]), np.concatenate(expected[:2]))
 
-    summary, preds = replay("--engine", "keras", "--step-gap", "continue", **env)
-    assert summary == "lstmd replay: 5 predictions, 0 rejected; engine keras"
-    assert [p["n"] for p in preds] == [1, 2, 3, 4, 5]  # the gap continued the sequence
-    assert_matches(np.array([p["y"] for p in preds]), expected[2])
+        summary, preds = flagged.result()
+        assert summary == "lstmd replay: 5 predictions, 0 rejected; engine keras"
+        assert [p["n"] for p in preds] == [1, 2, 3, 4, 5]  # the gap continued the sequence
+        assert_matches(np.array([p["y"] for p in preds]), expected[2])
 
 
 def test_pipeline_settings_need_no_kafka_and_name_the_bad_variable_or_flag(

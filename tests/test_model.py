@@ -155,13 +155,15 @@ def test_another_format_is_refused_saying_how_to_convert(tmp_path: Path) -> None
 
 
 def test_the_batched_oracle_is_the_oracle() -> None:
-    """expected_outputs_many only groups equal-length prefixes: same values."""
-    from tests.oracle import expected_outputs, expected_outputs_many
+    """expected_outputs_many only groups equal-length prefixes: same values (on
+    every model the engine contract checks against it, and a stateful one)."""
+    from tests.engine_runs import KINDS
+    from tests.oracle import expected_outputs, expected_outputs_many, load_reference
 
     rng = np.random.default_rng(5)
-    for kind in ("stacked_lstm_gru", "multi_output", "saved_stateful"):
+    for kind in sorted({*KINDS, "saved_stateful"}):
         path = built(kind)
-        features = load_model(path).n_features
+        features = load_reference(path).inputs[0].shape[-1]
         seqs = [rng.normal(size=(n, features)).astype(np.float32) for n in (1, 4, 7, 4)]
         for many, one in zip(expected_outputs_many(path, seqs), seqs, strict=True):
             assert_matches(many, expected_outputs(path, one), atol=1e-6)

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,24 +65,30 @@ class Interleaved:
                 segment[key] += 1
             self.records.append(FileRecord("in", 0, offset, 0, key.encode(), orjson.dumps(value)))
 
-    def expected(self, model_path: Path) -> np.ndarray:
-        """Each event's y as the Keras 2 model computes it for its prefix alone."""
-        keys = sorted(self.segments)
-        rows = keras2_models.expected_outputs(model_path, [np.stack(self.segments[k]) for k in keys])
-        by_segment = dict(zip(keys, rows, strict=True))
+    def sequences(self) -> list[np.ndarray]:
+        """The segments' inputs, in the order `expected` takes their oracle rows."""
+        return [np.stack(self.segments[k]) for k in sorted(self.segments)]
+
+    def expected(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Each event's y, from the Keras 2 model's rows for each of `sequences()`."""
+        by_segment = dict(zip(sorted(self.segments), rows, strict=True))
         return np.stack([by_segment[(key, seg)][t] for key, seg, t in self.where])
 
 
 @pytest.fixture(scope="module")
 def served() -> dict[str, tuple[ServableModel, Interleaved, np.ndarray]]:
-    """Each servable Keras 2 file loaded by lstmd, a stream for it, and the Keras 2 oracle's outputs."""
-    out = {}
-    for name in SERVABLE:
-        path = keras2_models.fixture(name)
-        model = load_model(path)
-        stream = Interleaved(model.n_features)
-        out[name] = (model, stream, stream.expected(path))
-    return out
+    """Each servable Keras 2 file loaded by lstmd, a stream for it, and the Keras 2
+    oracle's outputs (the three files' in one tf_keras subprocess)."""
+    paths = [keras2_models.fixture(name) for name in SERVABLE]
+    models = [load_model(path) for path in paths]
+    streams = [Interleaved(model.n_features) for model in models]
+    rows = keras2_models.expected_outputs_of(
+        [(path, stream.sequences()) for path, stream in zip(paths, streams, strict=True)]
+    )
+    return {
+        name: (model, stream, stream.expected(answer))
+        for name, model, stream, answer in zip(SERVABLE, models, streams, rows, strict=True)
+    }
 
 
 @pytest.mark.parametrize("engine_name", ["keras", "fast"])
@@ -175,24 +182,39 @@ def test_a_keras3_config_is_left_as_it_is() -> None:
 # ------------------------------------------------------------------ refused
 
 
-@pytest.mark.parametrize(
-    ("name", "says"),
-    [
-        ("bidirectional.h5", ["layer 'bidirectional' is Bidirectional", "future of the sequence"]),
-        (
-            "saved_model_dir",
-            ["TensorFlow SavedModel directory", 'model.save("m.h5")', 'model.save("m.keras")'],
-        ),
-        ("notes.txt", [".txt is not a model format lstmd reads", 'model.save("m.keras")']),
-    ],
-)
-def test_unservable_files_exit_2_saying_why(tmp_path: Path, name: str, says: list[str]) -> None:
-    path = keras2_models.fixture(name) if name != "notes.txt" else tmp_path / name
-    if name == "notes.txt":
-        path.write_text("not a model\n")
-    events = tmp_path / "events.jsonl"
+Refusal = subprocess.CompletedProcess[bytes]
+
+REFUSED = [
+    ("bidirectional.h5", ["layer 'bidirectional' is Bidirectional", "future of the sequence"]),
+    (
+        "saved_model_dir",
+        ["TensorFlow SavedModel directory", 'model.save("m.h5")', 'model.save("m.keras")'],
+    ),
+    ("notes.txt", [".txt is not a model format lstmd reads", 'model.save("m.keras")']),
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Refusal]]:
+    """`lstmd replay` of each refused file (REFUSED), two processes at a time: the path and the process."""
+    tmp = tmp_path_factory.mktemp("refused")
+    (tmp / "notes.txt").write_text("not a model\n")
+    events = tmp / "events.jsonl"
     events.write_bytes(b'{"key": "a", "value": {"x": [1.0, 2.0]}}\n')
-    proc = lstmd("replay", "--model", str(path), "--input", str(events))
+    paths = {name: keras2_models.fixture(name) if name != "notes.txt" else tmp / name for name, _ in REFUSED}
+    with ThreadPoolExecutor(2) as pool:
+        procs = pool.map(
+            lambda path: lstmd("replay", "--model", str(path), "--input", str(events)), paths.values()
+        )
+        return {name: (paths[name], proc) for name, proc in zip(paths, procs, strict=True)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "says"), REFUSED)
+def test_unservable_files_exit_2_saying_why(
+    refusals: dict[str, tuple[Path, Refusal]], name: str, says: list[str]
+) -> None:
+    path, proc = refusals[name]
     err = proc.stderr.decode()
     assert proc.returncode == 2, err[-2000:]
     assert str(path) in err

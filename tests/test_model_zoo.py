@@ -23,7 +23,7 @@ from daemon.inference.engines.keras import KerasEngine
 from daemon.inference.model import ServableModel, load_model, mask_value
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord
-from tests.models import ZOO, built
+from tests.models import ZOO, built, loaded_model
 from tests.oracle import assert_matches, expected_outputs_many
 
 KINDS = sorted(ZOO)
@@ -36,7 +36,7 @@ def loaded() -> dict[str, ServableModel]:
 
 def _model(loaded: dict[str, ServableModel], kind: str) -> ServableModel:
     if kind not in loaded:
-        loaded[kind] = load_model(built(kind))
+        loaded[kind] = loaded_model(kind)
     return loaded[kind]
 
 

@@ -16,18 +16,10 @@ from typing import Any
 
 import pytest
 
-from daemon.devtools.localkafka import LocalKafka, create_topics
+from daemon.devtools.localkafka import LocalKafka
 from tests.conftest import TopicFactory
 from tests.models import built
-from tests.streams import (
-    DaemonProcess,
-    check_predictions,
-    consume,
-    daemon_env,
-    interleaved_stream,
-    prediction_source,
-    produce,
-)
+from tests.streams import DaemonProcess, daemon_env, interleaved_stream, outage_run, produce
 
 pytestmark = pytest.mark.kafka
 
@@ -42,21 +34,10 @@ def test_sigterm_during_a_broker_outage_exits_0_in_time_and_loses_nothing(
     kafka_broker_factory: Any, model: Path, delivery: str
 ) -> None:
     broker: LocalKafka = kafka_broker_factory()
-    names = {"in": "events", "out": "predictions", "dlq": "events.dlq"}
-    create_topics(broker.bootstrap, {"events": 2, "predictions": 1, "events.dlq": 1})
-    stream = interleaved_stream(n_keys=8, n_events=1500, features=3, seed=45)
-    placed = produce(broker.bootstrap, "events", stream.events)
-    env = daemon_env(
-        broker.bootstrap,
-        names,
-        model,
-        LSTMD_KAFKA_MAX_POLL_RECORDS="40",
-        LSTMD_DELIVERY=delivery,
-        LSTMD_SHUTDOWN_TIMEOUT_S="8",
+    run = outage_run(
+        broker, model, delivery=delivery, n_keys=8, n_events=1500, seed=45, LSTMD_SHUTDOWN_TIMEOUT_S="8"
     )
-    daemon = DaemonProcess(env)
-    daemon.wait_for("partition_restored")
-    time.sleep(1.0)
+    daemon = run.daemon
     broker.stop()
     time.sleep(3.0)  # into the outage: publishing and committing now retry
     started = time.monotonic()
@@ -68,20 +49,12 @@ def test_sigterm_during_a_broker_outage_exits_0_in_time_and_loses_nothing(
     assert warned and warned[0]["repeated_by_next_owner"], "the warning names what is repeated"
     # The next owner repeats what was not committed: nothing is lost, repeats identical.
     broker.start()
-    successor = DaemonProcess(env)
+    successor = DaemonProcess(run.env)
     try:
-        out = consume(
-            broker.bootstrap,
-            "predictions",
-            at_least=len(stream.predicted_events),
-            distinct=prediction_source,
-            settle=2.0,
-            timeout=150,
-            while_running=successor,
-        )
+        out = run.predictions(while_running=successor)
     finally:
         assert successor.stop() == 0
-    check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")
+    run.check(out)
 
 
 def test_two_pods_with_one_instance_id_end_with_exit_2_naming_it(

@@ -121,16 +121,19 @@ def _features(raw: Any, n_features: int) -> tuple[float, ...]:
         raise RecordRejected(BAD_X, f"x must be a list of numbers, got {type(raw).__name__}")
     if len(raw) != n_features:
         raise RecordRejected(WRONG_WIDTH, f"x has {len(raw)} values, the model takes {n_features}")
-    for v in raw:
-        if type(v) not in (int, float):  # bool is an int subclass: refused here on purpose
+    values = []
+    for v in raw:  # one pass: this runs for every event
+        t = type(v)
+        if t is not float and t is not int:  # bool is an int subclass: refused here on purpose
             raise RecordRejected(BAD_X, f"x holds a non-number: {_shown(v)}")
-    values = tuple(float(v) for v in raw)
-    if not all(math.isfinite(v) for v in values):
-        raise RecordRejected(NONFINITE, "x holds a non-finite number")
-    if any(abs(v) > FLOAT32_MAX for v in values):
-        # The model computes in float32: such a number would reach it as infinity.
-        raise RecordRejected(NONFINITE, "x holds a number beyond float32's range (3.4e38)")
-    return values
+        # False for NaN and the infinities too: one comparison for every refusal below.
+        if not -FLOAT32_MAX <= v <= FLOAT32_MAX:
+            if t is float and not math.isfinite(v):
+                raise RecordRejected(NONFINITE, "x holds a non-finite number")
+            # The model computes in float32: such a number would reach it as infinity.
+            raise RecordRejected(NONFINITE, "x holds a number beyond float32's range (3.4e38)")
+        values.append(float(v))
+    return tuple(values)
 
 
 def _shown(value: Any) -> str:

@@ -57,9 +57,15 @@ class Processor:
         reset_on_gap: bool = False,
         clock: Callable[[], float] = time.time,
         state_shapes: Sequence[tuple[int, ...]] | None = None,
+        publish_from_ms: int | None = None,
     ) -> None:
         """`state_shapes`: the shapes of a state's tensors under this model, so a
-        restored state that does not fit is refused (None: not checked)."""
+        restored state that does not fit is refused (None: not checked).
+
+        `publish_from_ms` (a warm start, LSTMD_PUBLISH_FROM): an input whose record
+        timestamp is before it advances its state like any other, but its
+        prediction is withheld. Dead letters are not: bad input is always
+        published, whatever its time (None: every prediction is published)."""
         self.engine = engine
         self.model_id = model_id
         self.n_features = n_features
@@ -69,6 +75,7 @@ class Processor:
         self.reset_on_gap = reset_on_gap
         self.clock = clock
         self.state_shapes = state_shapes
+        self.publish_from_ms = publish_from_ms
         self._inference = metrics.inference.labels(engine=engine.name)
         self._resets = {c: metrics.resets.labels(cause=c) for c in ("end", "start", "marker")}
         # Every label value this processor can count starts at 0, so dashboards and
@@ -213,12 +220,15 @@ class Processor:
         ys = self.engine.step([s.state for s in steps], xs)
         per_event = (time.perf_counter() - started) / len(steps)
         now = self.clock()
-        for s, y, previous in zip(steps, ys, before, strict=True):
+        # One NumPy call each for the whole wave, not one per row.
+        finite = np.isfinite(ys).reshape(len(steps), -1).all(axis=1).tolist()
+        rows = ys.tolist()
+        for s, y, ok, previous in zip(steps, rows, finite, before, strict=True):
             self._inference.observe(per_event)
             rec = records[s.index]
             state = s.state
             state.watermark = s.offset
-            if not np.isfinite(y).all():
+            if not ok:
                 # Its x is refused: the tensors stay as they were, so one bad step
                 # cannot poison every later prediction of the sequence. Its markers
                 # are not: `start` has reset already, `end` resets now and its step
@@ -233,24 +243,27 @@ class Processor:
             if state.n == 0:
                 state.first_offset = s.offset
             state.n += 1
-            outputs[s.index] = OutputRecord(
-                kind=Kind.PREDICTION,
-                key=rec.key,
-                value=codec.encode_prediction(
-                    seq=s.event.key,
-                    y=y.tolist(),
-                    n=state.n,
-                    end=s.event.end,
+            if self.publish_from_ms is not None and rec.timestamp < self.publish_from_ms:
+                self.metrics.withheld.inc()
+            else:
+                outputs[s.index] = OutputRecord(
+                    kind=Kind.PREDICTION,
+                    key=rec.key,
+                    value=codec.encode_prediction(
+                        seq=s.event.key,
+                        y=y,
+                        n=state.n,
+                        end=s.event.end,
+                        partition=s.partition,
+                        offset=s.offset,
+                        model=self.model_id,
+                        ts=now,
+                        step=s.event.step,
+                    ),
                     partition=s.partition,
                     offset=s.offset,
-                    model=self.model_id,
-                    ts=now,
-                    step=s.event.step,
-                ),
-                partition=s.partition,
-                offset=s.offset,
-                source_timestamp_ms=rec.timestamp,
-            )
+                    source_timestamp_ms=rec.timestamp,
+                )
             if s.event.end:
                 state.reset()
                 self._resets["end"].inc()

@@ -35,6 +35,11 @@ log = get_logger(__name__)
 # Waiting for acknowledgements a little lets kafka-python fill larger batches
 # without adding noticeable latency next to a model step.
 PRODUCER_LINGER_MS = 5
+# Larger batches than kafka-python's 16 KiB: with outputs sent while the loop goes on
+# (the pipelined checkpoint), 16 KiB batches (~100 predictions) made the producer's
+# IO thread cost ~24 us per event; 128 KiB, ~8 (docs/performance.md). The linger,
+# not the size, bounds the wait at low rates.
+PRODUCER_BATCH_BYTES = 128 << 10
 # kafka-python backs off reconnects up to 30 s by default: after a broker restart
 # the daemon would sit idle that long. One second keeps recovery prompt.
 RECONNECT_BACKOFF_MAX_MS = 1000
@@ -97,6 +102,7 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         acks="all",
         enable_idempotence=True,
         linger_ms=PRODUCER_LINGER_MS,
+        batch_size=PRODUCER_BATCH_BYTES,
         transactional_id=transactional_id,
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         max_block_ms=MAX_BLOCK_MS,

@@ -12,6 +12,7 @@ class PartitionView(Protocol):
 
     def owned(self) -> Set[int]: ...
     def restoring(self) -> Set[int]: ...
+    def rebuilding(self) -> Set[int]: ...
 
 
 class _Unassigned:
@@ -19,6 +20,9 @@ class _Unassigned:
         return frozenset()
 
     def restoring(self) -> Set[int]:
+        return frozenset()
+
+    def rebuilding(self) -> Set[int]:
         return frozenset()
 
 
@@ -52,6 +56,9 @@ class Health:
             return False, "model not loaded"
         if not self.partitions.owned():
             return False, f"no partitions assigned ({self.reason})"
+        rebuilding = self.partitions.rebuilding()
+        if rebuilding:  # after a model change: replaying their open sequences' inputs
+            return False, f"rebuilding partitions {sorted(rebuilding)} for the new model"
         restoring = self.partitions.restoring()
         if restoring:
             return False, f"restoring partitions {sorted(restoring)}"

@@ -160,6 +160,27 @@ class Metrics:
         self.states_restored = Counter(
             "lstmd_states_restored", "Sequence states read back from the state topic.", registry=r
         )
+        self.sequences_rebuilt = Counter(
+            "lstmd_sequences_rebuilt",
+            "Open sequences saved under another model, rebuilt by replaying their inputs.",
+            registry=r,
+        )
+        self.events_replayed = Counter(
+            "lstmd_rebuild_events_replayed",
+            "Input records stepped through the model to rebuild sequences (nothing published).",
+            registry=r,
+        )
+        self.rebuild = Histogram(
+            "lstmd_rebuild_duration_seconds",
+            "Rebuilding one partition's sequences after a model change (replay of the input topic).",
+            buckets=(*LATENCY_BUCKETS, 120.0, 300.0, 600.0, 1800.0),
+            registry=r,
+        )
+        self.withheld = Counter(
+            "lstmd_predictions_withheld",
+            "Inputs applied without a published prediction: timestamped before LSTMD_PUBLISH_FROM.",
+            registry=r,
+        )
         self.transaction_aborts = Counter(
             "lstmd_transaction_aborts",
             "Kafka transactions aborted (exactly-once), by cause.",

@@ -208,13 +208,36 @@ class Checkpointer:
 
     # -- at-least-once between checkpoints --------------------------------------
     def send(self, outputs: Sequence[OutputRecord]) -> None:
-        """Send without waiting (at-least-once): the next checkpoint settles them."""
+        """Send without waiting (at-least-once): the next checkpoint settles them.
+
+        Predictions take a short path (the per-record cost of the whole daemon is
+        mostly here); anything else, or a send that raises, goes through `_send`."""
         if not outputs:
             return
-        for item, future in self._send(outputs, []):
+        send, topic = self.producer.send, self.settings.output_topic
+        aligned, acknowledged = self.same_partitions, self._acknowledged
+        in_flight, size = self._in_flight, 0
+        for i, item in enumerate(outputs):
+            if item.kind is not Kind.PREDICTION:
+                self._track(self._send([item], []))
+                continue
+            try:
+                future = send(
+                    topic, key=item.key, value=item.value, partition=item.partition if aligned else None
+                )
+            except KafkaError:
+                self._track(self._send(outputs[i:], []))
+                break
+            # Observed when the broker acknowledges it, on the producer's IO thread.
+            future.add_callback(acknowledged, item.source_timestamp_ms / 1000.0)
+            in_flight.append((item, future))
+            size += len(item.value or b"")
+        self._in_flight_bytes += size
+
+    def _track(self, sent: list[tuple[OutputRecord | StateRecord, Future]]) -> None:
+        for item, future in sent:
             assert isinstance(item, OutputRecord)
             if item.kind is Kind.PREDICTION:
-                # Observed when the broker acknowledges it, on the producer's IO thread.
                 future.add_callback(self._acknowledged, item.source_timestamp_ms / 1000.0)
             self._in_flight.append((item, future))
             self._in_flight_bytes += len(item.value or b"")

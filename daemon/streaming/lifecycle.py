@@ -1,4 +1,4 @@
-"""The partition lifecycle: assigned -> restoring -> active -> released.
+"""The partition lifecycle: assigned -> restoring [-> rebuilding] -> active -> released.
 
 Assigned: its committed input position is read first, and only once it is stable
 (a read_committed consumer waits out a transaction still pending on it) does the
@@ -22,6 +22,7 @@ from collections.abc import Iterable
 class Phase(enum.Enum):
     ASSIGNED = "assigned"  # waiting for its committed position to be stable
     RESTORING = "restoring"  # its states are being read back from the state topic
+    REBUILDING = "rebuilding"  # its sequences saved under another model are being replayed
     ACTIVE = "active"  # its inputs are processed
 
 
@@ -29,7 +30,11 @@ class Partitions:
     def __init__(self) -> None:
         self._phase: dict[int, Phase] = {}
         self._position: dict[int, int] = {}  # next offset to process, once one was
-        self._view: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
+        self._view: tuple[frozenset[int], frozenset[int], frozenset[int]] = (
+            frozenset(),
+            frozenset(),
+            frozenset(),
+        )
 
     # -- transitions ----------------------------------------------------------------
     def assign(self, partitions: Iterable[int]) -> None:
@@ -46,6 +51,19 @@ class Partitions:
 
     def restored(self, partition: int) -> None:
         if self._phase.get(partition) is Phase.RESTORING:
+            self._phase[partition] = Phase.ACTIVE
+            self._publish()
+
+    def rebuild(self, partition: int) -> None:
+        """Restored, with sequences of another model to replay before it serves."""
+        if self._phase.get(partition) is Phase.RESTORING:
+            self._phase[partition] = Phase.REBUILDING
+            self._publish()
+
+    def rebuilt(self, partition: int) -> None:
+        """Its rebuilt states are checkpointed: it serves. A partition released or
+        rewound (an abort) meanwhile is left where it is."""
+        if self._phase.get(partition) is Phase.REBUILDING:
             self._phase[partition] = Phase.ACTIVE
             self._publish()
 
@@ -77,11 +95,16 @@ class Partitions:
         return self._view[0]
 
     def restoring(self) -> frozenset[int]:
-        """Owned but not serving yet (assigned or restoring)."""
+        """Owned but not serving yet (assigned, restoring or rebuilding)."""
         return self._view[1]
+
+    def rebuilding(self) -> frozenset[int]:
+        """Replaying inputs through a new model before serving (a subset of `restoring`)."""
+        return self._view[2]
 
     def _publish(self) -> None:
         self._view = (
             frozenset(self._phase),
             frozenset(p for p, phase in self._phase.items() if phase is not Phase.ACTIVE),
+            frozenset(p for p, phase in self._phase.items() if phase is Phase.REBUILDING),
         )

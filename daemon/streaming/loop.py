@@ -1,7 +1,8 @@
 """The run loop: the only place where Kafka I/O, state and the engine meet.
 
 poll -> apply the rebalance (partition lifecycle, lifecycle.py) -> restore newly
-assigned partitions (restore.py) -> process the active partitions' records
+assigned partitions (restore.py; after a model change, rebuild their open
+sequences by replaying their inputs: rebuild.py) -> process the active partitions' records
 (the core processor) -> checkpoint when the policy says so (policy.py; made
 durable by delivery.py) -> poll again. Nothing is committed before its outputs
 and states are durable in Kafka, so a crash anywhere repeats work and never
@@ -16,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,7 @@ from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
+from daemon.core.state import SequenceState
 from daemon.kafka.acl import authorization_failure, fenced_instance
 from daemon.kafka.clients import (
     make_consumer,
@@ -43,6 +46,7 @@ from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import Checkpointer, DeliveryFailed, TransactionFailed
 from daemon.streaming.lifecycle import Partitions, Phase
 from daemon.streaming.policy import CheckpointPolicy
+from daemon.streaming.rebuild import Rebuilder
 from daemon.streaming.restore import Restorer, adopt
 
 log = get_logger(__name__)
@@ -69,6 +73,7 @@ class _Clients:
     consumer: KafkaConsumer
     checkpointer: Checkpointer
     restorer: Restorer
+    rebuilder: Rebuilder
     listener: RebalanceEvents
 
 
@@ -144,6 +149,7 @@ class RunLoop:
         finally:
             clients.consumer.close(autocommit=False)
             clients.restorer.consumer.close()
+            clients.rebuilder.close()
             clients.checkpointer.close(timeout=self._close_budget())
             log.info("kafka_closed")
 
@@ -214,11 +220,15 @@ class RunLoop:
         checkpointer.same_partitions = aligned
         consumer = make_consumer(self.settings)
         restorer = Restorer(make_restore_consumer(self.settings), self.settings, self.metrics)
+        # Its consumer reads the input topic like the restore's reads the state topic.
+        rebuilder = Rebuilder(
+            lambda: make_restore_consumer(self.settings), self.settings, self.metrics, self.processor
+        )
         listener = RebalanceEvents()
         self._await_metadata(consumer)
         consumer.subscribe([self.settings.input_topic], listener=listener)
         self.health.reason = "waiting for the group to assign partitions"
-        return _Clients(consumer, checkpointer, restorer, listener)
+        return _Clients(consumer, checkpointer, restorer, rebuilder, listener)
 
     def _await_metadata(self, consumer: KafkaConsumer, timeout_s: float = 30.0) -> None:
         """Have the input topic's partitions in the consumer's metadata before joining.
@@ -292,8 +302,10 @@ class RunLoop:
     def _release(self, tp: TopicPartition, clients: _Clients, kind: str) -> None:
         # Everything polled so far is sent: dropping the state, the pending offsets and
         # any resend of its outputs is all that is left; the next owner recomputes from
-        # the last checkpoint. On loss nothing more may be committed anyway.
+        # the last checkpoint (and a rebuild under way, from the old model's states). On
+        # loss nothing more may be committed anyway.
         clients.restorer.cancel([tp.partition])
+        clients.rebuilder.cancel([tp.partition])
         clients.checkpointer.release(tp.partition)
         self.partitions.release(tp.partition)
         self.policy.release(tp)
@@ -313,19 +325,58 @@ class RunLoop:
 
     def _restore(self, clients: _Clients) -> None:
         """Move assigned partitions on: a stable committed position first, then their
-        states from the state topic; a partition restored serves."""
+        states from the state topic; a partition restored serves, unless its open
+        sequences of another model are rebuilt first (`_rebuild`)."""
         self._read_positions(clients)
-        if not clients.restorer.active:
-            return
-        restored = clients.restorer.step()
-        for partition, states in restored.items():
-            evicted = adopt(
-                self.store, self.processor.model_id, partition, states, self.processor.state_shapes
-            )
-            self.policy.notify(self.processor.announce(evicted))
-            self.partitions.restored(partition)
-            log.info("partition_restored", partition=partition, states=len(states), discarded=len(evicted))
+        if clients.restorer.active:
+            for partition, states in clients.restorer.step().items():
+                self._adopt(clients, partition, states)
+        if clients.rebuilder.active:
+            self._rebuild(clients)
         self.metrics.active_sequences.set(len(self.store))
+
+    def _adopt(self, clients: _Clients, partition: int, states: dict[str, tuple[SequenceState, str]]) -> None:
+        """Install a restored partition's states and serve it, or rebuild it first."""
+        if self.settings.on_model_change == "rebuild" and clients.rebuilder.begin(partition, states):
+            self.partitions.rebuild(partition)
+            log.info(
+                "partition_rebuilding",
+                partition=partition,
+                states=len(states),
+                other_model=len(clients.rebuilder.active[partition].saved),
+            )
+            return
+        evicted = adopt(self.store, self.processor.model_id, partition, states, self.processor.state_shapes)
+        self.policy.notify(self.processor.announce(evicted))
+        self.partitions.restored(partition)
+        log.info("partition_restored", partition=partition, states=len(states), discarded=len(evicted))
+
+    def _rebuild(self, clients: _Clients) -> None:
+        """Move rebuilds on; a partition rebuilt gets its states installed, its
+        dropped sequences announced, and all of it checkpointed before it serves:
+        its next owner then restores this model's states, not the old ones."""
+        ready = []
+        for done in clients.rebuilder.step():
+            p = done.partition
+            evicted = adopt(self.store, self.processor.model_id, p, done.states, self.processor.state_shapes)
+            for key in done.changed:
+                self.store.touched(p, key)
+            self.policy.notify(self.processor.announce(done.evictions + evicted))
+            ready.append(p)
+            log.info(
+                "partition_rebuilt",
+                partition=p,
+                states=len(done.states),
+                rebuilt=done.rebuilt,
+                dropped=dict(Counter(ev.cause for ev in done.evictions)),  # each is announced
+                events_read=done.read,
+                events_replayed=done.replayed,
+                seconds=round(done.seconds, 3),
+            )
+        if ready:
+            self._flush(clients)
+            for p in ready:
+                self.partitions.rebuilt(p)  # not if the checkpoint aborted: restored again
 
     def _accept(self, consumer: KafkaConsumer, polled: dict[TopicPartition, list[Any]]) -> list[Any]:
         """The polled records ready to process, partitions in order. Records of a
@@ -372,8 +423,8 @@ class RunLoop:
         """The batch applied to the states; its outputs, after the notices pending."""
         outputs = self.policy.take_notices() + self.processor.process(batch)
         self.policy.processed(batch)
-        for rec in batch:
-            self.partitions.advance(rec.partition, rec.offset + 1)
+        for partition, offset in {rec.partition: rec.offset for rec in batch}.items():
+            self.partitions.advance(partition, offset + 1)  # records of a partition come in order
         return outputs
 
     def _flush(self, clients: _Clients) -> None:
@@ -419,6 +470,7 @@ class RunLoop:
             else:
                 consumer.seek_to_beginning(tp)
         clients.restorer.cancel(list(clients.restorer.active))
+        clients.rebuilder.cancel(list(clients.rebuilder.active))
         self.policy.clear()
         self._start_restore(clients.restorer, assigned)
         log.warning("recovering_from_abort", partitions=sorted(tp.partition for tp in assigned))

@@ -68,8 +68,9 @@ class CheckpointPolicy:
 
     def processed(self, batch: Sequence[InputRecord]) -> None:
         """The batch's inputs are applied: their offsets wait for the next checkpoint."""
-        for rec in batch:
-            self.offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+        last = {(rec.topic, rec.partition): rec.offset for rec in batch}  # in order: the last wins
+        for (topic, partition), offset in last.items():
+            self.offsets[TopicPartition(topic, partition)] = offset + 1
 
     def assigned(self, tp: TopicPartition, position: int) -> None:
         """The partition's committed position, read (stable) before its restore."""

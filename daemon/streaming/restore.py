@@ -38,6 +38,16 @@ RESTORE_SLICE_S = 0.5
 POSITION_TIMEOUT_MS = 200
 
 
+@contextlib.contextmanager
+def refusals(settings: Settings, topic: str) -> Iterator[None]:
+    """No Describe or Read on a topic read by assignment (or revoked mid-run) is
+    permanent: the daemon stops, naming the topic."""
+    try:
+        yield
+    except AuthorizationError as exc:
+        raise authorization_failure(settings, exc, topic) from None
+
+
 @dataclass
 class _Restoring:
     end: int | None  # None: the state partition's end is not known yet (no leader)
@@ -57,14 +67,8 @@ class Restorer:
         self.metrics = metrics
         self.active: dict[int, _Restoring] = {}
 
-    @contextlib.contextmanager
-    def _refusals(self) -> Iterator[None]:
-        """No Describe or Read on the state topic (or revoked mid-run) is permanent:
-        the daemon stops, naming the topic."""
-        try:
-            yield
-        except AuthorizationError as exc:
-            raise authorization_failure(self.settings, exc, self.topic) from None
+    def _refusals(self) -> contextlib.AbstractContextManager[None]:
+        return refusals(self.settings, self.topic)
 
     def begin(self, partitions: Iterable[int]) -> None:
         new = [p for p in partitions if p not in self.active]

@@ -86,6 +86,10 @@ class BenchConfig:
     bootstrap: str | None = None  # a running broker; None: a LocalKafka for the run
     peer_python: str | None = None  # an interpreter with quixstreams; None: found or made
     profile_interval_s: float = 0.001
+    # A steady rate through lstmd fast (section latency; see latency.py).
+    latency_rate: int = 1000  # events per second
+    latency_seconds: float = 15.0  # paced, per round
+    latency_rounds: int = 3
     # At scale (sections restore, memory, scale, keras-overhead; see scale.py).
     scale_rounds: int = 3  # rounds of the restore, scale and keras-overhead sections
     restore_states: int = 100_000  # open sequences written to the state partition
@@ -98,6 +102,13 @@ class BenchConfig:
     overhead_sequences: int = 64  # the keras-overhead section's "many" interleaved sequences
     overhead_events: int = 400  # per round and contender
     overhead_target: float = 0.20  # issue 12: the keras engine costs at most 20 % more
+    # Rebuild after a model change (section rebuild): open sequences x steps replayed;
+    # the keras engine on a smaller size, its full-size time extrapolated.
+    rebuild_sequences: int = 10_000
+    rebuild_steps: int = 100
+    rebuild_keras_sequences: int = 100
+    rebuild_keras_steps: int = 20
+    rebuild_broker_sequences: int = 1_000  # x rebuild_steps through the Rebuilder and a broker; 0: none
 
 
 class Section(Protocol):

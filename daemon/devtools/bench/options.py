@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale",
         action="store_true",
-        help="add the at-scale sections: restore, memory, scale, keras-overhead",
+        help="add the at-scale sections: restore, memory, scale, keras-overhead, rebuild",
     )
     p.add_argument(
         "--models",
@@ -148,6 +148,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=400,
         help="keras-overhead: events per round and contender (default: 400)",
     )
+    p.add_argument(
+        "--rebuild-sequences",
+        type=int,
+        default=10_000,
+        help="rebuild: open sequences rebuilt after a model change (default: 10000)",
+    )
+    p.add_argument(
+        "--rebuild-steps",
+        type=int,
+        default=100,
+        help="rebuild: steps per sequence replayed (default: 100)",
+    )
+    p.add_argument(
+        "--rebuild-broker-sequences",
+        type=int,
+        default=1_000,
+        help="rebuild: sequences rebuilt by the Rebuilder from a broker topic; 0: none (default: 1000)",
+    )
+    p.add_argument(
+        "--latency-rate", type=int, default=1000, help="latency: events per second (default: 1000)"
+    )
+    p.add_argument(
+        "--latency-seconds", type=float, default=15.0, help="latency: paced seconds per round (default: 15)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -184,6 +208,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         scale_sequences=max(1, args.scale_sequences),
         scale_events=max(1, args.scale_events),
         overhead_events=max(1, args.overhead_events),
+        rebuild_sequences=max(1, args.rebuild_sequences),
+        rebuild_steps=max(1, args.rebuild_steps),
+        rebuild_broker_sequences=max(0, args.rebuild_broker_sequences),
+        latency_rate=max(1, args.latency_rate),
+        latency_seconds=max(1.0, args.latency_seconds),
     )
     check(config)
     return config

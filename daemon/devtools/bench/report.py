@@ -23,7 +23,7 @@ def add_ratios(rows: list[Row]) -> None:
     keras_rows = {
         (r["section"], r["model"], r["sequences"]): r["events_per_s"]
         for r in rows
-        if r["engine"] == "keras" and r["requested"] == "keras"
+        if r["engine"] == "keras" and r["requested"] == "keras" and "sequences" in r  # not at-scale rows
     }
     passthrough = {
         (r["model"], r["sequences"]): r["events_per_s"]

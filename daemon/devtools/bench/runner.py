@@ -11,10 +11,12 @@ from daemon.devtools.bench.broker import BROKER
 from daemon.devtools.bench.config import ENGINES, MODELS, BenchConfig, Log, Row, Section
 from daemon.devtools.bench.e2e import E2ESection
 from daemon.devtools.bench.engine import EngineSection
+from daemon.devtools.bench.latency import LatencySection
 from daemon.devtools.bench.memory import MemorySection
 from daemon.devtools.bench.overhead import OverheadSection
 from daemon.devtools.bench.peer import PeerSection
 from daemon.devtools.bench.profile import ProfileSection
+from daemon.devtools.bench.rebuild import RebuildSection
 from daemon.devtools.bench.report import add_ratios, meta, summary
 from daemon.devtools.bench.restore import RestoreSection
 from daemon.devtools.bench.scale import ScaleSection
@@ -24,11 +26,13 @@ SECTIONS: dict[str, Section] = {
     "e2e": E2ESection(),
     "peer": PeerSection(),
     "profile": ProfileSection(),
+    "latency": LatencySection(),
     # At scale (not in the default run; `--scale` adds them all).
     "restore": RestoreSection(),
     "memory": MemorySection(),
     "scale": ScaleSection(),
     "keras-overhead": OverheadSection(),
+    "rebuild": RebuildSection(),
 }
 
 

@@ -1,5 +1,5 @@
 """The at-scale sections' part of the text table (restore, memory, scale,
-keras-overhead): their rows carry their own figures and ratios, computed by
+keras-overhead, rebuild): their rows carry their own figures and ratios, computed by
 the sections against a baseline measured in the same run, so `add_ratios`
 leaves them alone (they have no `sequences` key) and the main table skips them.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 from daemon.devtools.bench.config import Row
 
-SCALE_SECTIONS = ("restore", "memory", "scale", "keras-overhead")
+SCALE_SECTIONS = ("restore", "memory", "scale", "keras-overhead", "rebuild")
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -153,4 +153,27 @@ def format_scale(report: dict[str, Any]) -> list[str]:
                 for b in r["breakdown"]:
                     share = "" if b["share"] is None else f"{b['share'] * 100:5.1f}%"
                     out.append(f"  {b['us_per_event']:8.1f} us/event {share:>6}  {b['part']}")
+    if rebuild := part("rebuild"):
+        out.append("")
+        lines = [("rebuild", "contender", "sequences", "events", "events/s", "vs live", "s for target")]
+        for r in rebuild:
+            lines.append(
+                (
+                    r["engine"],
+                    r["contender"],
+                    f"{r['open_sequences']:,} x {r['steps']}",
+                    f"{r['events']:,}",
+                    f"{r['events_per_s']:,.0f}",
+                    _fmt(r.get("vs_live"), ".2f"),
+                    f"{r['target_seconds']:.1f}" + (" (extrapolated)" if r["extrapolated"] else ""),
+                )
+            )
+        out += _aligned(lines)
+        out.append(
+            "rebuild: the demo model; "
+            f"live = a publishing Processor over the same records; rebuild = plan + Replay.feed per "
+            f"5000 records + finish; rebuilder + Kafka = the daemon's Rebuilder reading a topic on the "
+            f"broker, begin + step() until done; medians of {rebuild[0]['rounds']} rounds; target = "
+            f"{rebuild[0]['target_events']:,} events (10 k open sequences x 100 steps)"
+        )
     return out

@@ -1,0 +1,391 @@
+"""Rebuild: open sequences saved under another model, replayed through this one.
+
+After a model change (LSTMD_ON_MODEL_CHANGE=rebuild) a restored state of another
+model is of no use to this one, but its sequence need not start over: its inputs
+are still in the input topic, from the state's `first_offset` (its first input
+since its last reset) to its `watermark` (the last input it includes). Replaying
+exactly those inputs, in order, through this model's processor builds the state
+this model would have built live: the same rules (markers, `step` duplicates and
+gaps, dead letters skipped), the same batching engine. Nothing is published for
+them: they were answered already, by the old model.
+
+One read of the input partition serves all of its affected sequences, from the
+smallest first offset to the largest watermark; each key's records are taken
+only within its own span. The read is bounded (LSTMD_REBUILD_MAX_EVENTS records
+per partition): a sequence whose first input is gone (retention, deleted
+records) or that would take the read beyond the budget is dropped and announced
+(`history_expired`, `rebuild_budget`), as `reset` does for every one.
+
+`plan` and `Replay` are the pure part (no Kafka: unit-tested with records in a
+list); `Rebuilder` reads the input partitions for them, in slices between polls
+like the `Restorer`, with a consumer of its own (no group, read_committed, so it
+sees what the group's read_committed consumer saw live). The run loop installs
+the rebuilt states, checkpoints them and only then serves the partition: until
+then nothing of a rebuild is written, so a revocation or SIGTERM mid-rebuild
+leaves the old model's states in the state topic and the next owner rebuilds again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import AuthorizationError, KafkaError
+
+from daemon.config import Settings
+from daemon.core.processor import Processor
+from daemon.core.records import InputRecord
+from daemon.core.state import NO_OFFSET, UNREADABLE, Eviction, SequenceState, StateStore, same_model
+from daemon.ops.logs import get_logger
+from daemon.ops.metrics import Metrics
+from daemon.streaming.restore import POSITION_TIMEOUT_MS, RESTORE_SLICE_S, refusals
+
+log = get_logger(__name__)
+
+#: A publish cutoff no record timestamp reaches: the replay's predictions are
+#: withheld before they are encoded (the warm-start filter, see Processor).
+NEVER_MS = 2**63 - 1
+# One poll of the replay: at least this many records (progress), at most this many
+# (the slice's time bound holds for any engine: its size follows the measured cost).
+MIN_POLL_RECORDS = 100
+MAX_POLL_RECORDS = 5000
+# The first slice's guess of the seconds per record read (then measured).
+INITIAL_COST_S = 50e-6
+# One wait for the input partition's first and end offsets (asked again at the next step).
+BEGINNING_TIMEOUT_MS = 1000
+
+Restored = dict[str, tuple[SequenceState, str]]
+
+
+def stale(states: Mapping[str, tuple[SequenceState, str]], model_id: str) -> dict[str, SequenceState]:
+    """The restored open sequences a rebuild replays: saved (readably) under another
+    model. Reset records carry no tensors and unreadable ones no history: `adopt`
+    handles both as it always did."""
+    return {
+        key: state
+        for key, (state, saved_by) in states.items()
+        if state.n and saved_by != UNREADABLE and not same_model(saved_by, model_id)
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The offsets of one sequence's inputs to replay, both included."""
+
+    first: int
+    watermark: int
+
+
+@dataclass
+class Plan:
+    """What one partition's rebuild reads: [start, end) of the input partition, and
+    of it each kept sequence's span; the sequences it cannot rebuild, as evictions."""
+
+    partition: int
+    spans: dict[bytes, Span]  # by record key (the sequence id's UTF-8 bytes)
+    start: int
+    end: int
+    dropped: list[Eviction]
+
+
+def plan(
+    partition: int,
+    states: Mapping[str, SequenceState],
+    beginning: int,
+    budget: int,
+    end_offset: int | None = None,
+) -> Plan:
+    """The read that rebuilds `states` (open sequences of another model) from an input
+    partition whose first offset is `beginning` (and whose end, if known, is
+    `end_offset`), reading at most `budget` records.
+
+    A sequence whose first input is before `beginning` (or unknown) cannot be rebuilt
+    exactly: `history_expired`; so is one whose watermark is not below the end (its
+    inputs are not in the topic: it was recreated), or the read would never end.
+    Of the others, the read ends after the last watermark (the newest input any of
+    them includes) and starts no earlier than `budget`
+    offsets before that end (offsets bound the records read from above); a sequence
+    that began before that is `rebuild_budget`. The oldest sequences are the ones
+    dropped: they would cost the most to replay.
+    """
+    dropped: list[Eviction] = []
+    replayable: dict[str, SequenceState] = {}
+    for key, state in sorted(states.items()):
+        if (
+            state.first_offset == NO_OFFSET
+            or state.first_offset < beginning
+            or (end_offset is not None and state.watermark >= end_offset)
+        ):
+            dropped.append(Eviction(partition, key, "history_expired", state.n, state.watermark))
+        else:
+            replayable[key] = state
+    end = max((s.watermark for s in replayable.values()), default=NO_OFFSET) + 1
+    spans: dict[bytes, Span] = {}
+    for key, state in replayable.items():
+        if state.first_offset < end - budget:
+            dropped.append(Eviction(partition, key, "rebuild_budget", state.n, state.watermark))
+        else:
+            spans[key.encode()] = Span(state.first_offset, state.watermark)
+    if not spans:
+        return Plan(partition, {}, 0, 0, dropped)
+    start = min(s.first for s in spans.values())
+    return Plan(partition, spans, start, max(s.watermark for s in spans.values()) + 1, dropped)
+
+
+def replay_processor(live: Processor) -> Processor:
+    """A processor like `live` (its engine, model and rules) over a store of its own
+    that publishes no prediction. It counts into metrics of its own: the replayed
+    inputs were consumed and answered already, and counting them again would skew
+    the live counters (the rebuild has its own)."""
+    return Processor(
+        live.engine,
+        model_id=live.model_id,
+        n_features=live.n_features,
+        store=StateStore(0),
+        metrics=Metrics(),
+        max_record_bytes=live.max_record_bytes,
+        reset_on_gap=live.reset_on_gap,
+        clock=live.clock,
+        state_shapes=live.state_shapes,
+        publish_from_ms=NEVER_MS,
+    )
+
+
+@dataclass
+class Rebuilt:
+    """One partition's rebuild, done: what the run loop installs and announces."""
+
+    partition: int
+    states: Restored  # every restored state of the partition, the rebuilt ones in place: for `adopt`
+    changed: list[str]  # rebuilt or dropped: their state records must be rewritten
+    evictions: list[Eviction]  # the sequences that could not be rebuilt
+    rebuilt: int  # sequences rebuilt
+    read: int  # input records read
+    replayed: int  # of them, inputs stepped through the model
+    seconds: float = 0.0
+
+
+class Replay:
+    """One partition's rebuild, fed the input records of its plan's range in offset
+    order (in any slices); no I/O."""
+
+    def __init__(self, plan: Plan, saved: Mapping[str, SequenceState], processor: Processor) -> None:
+        """`saved`: the restored states being rebuilt (their counts, watermarks and
+        last use, for the notices and the eviction order)."""
+        self.plan = plan
+        self.saved = saved
+        self.processor = processor
+        self.read = 0
+        self.replayed = 0
+        self._started: set[bytes] = set()
+        self._lost: set[bytes] = set()
+
+    def feed(self, records: Sequence[InputRecord]) -> None:
+        """Step the records of the sequences being rebuilt, each within its span.
+
+        A sequence's first input must be the first of its records seen: if it is
+        missing (deleted while the rebuild read), the sequence is lost rather than
+        rebuilt from the middle.
+        """
+        spans, start, end = self.plan.spans, self.plan.start, self.plan.end
+        wanted = []
+        for rec in records:
+            if not start <= rec.offset < end:
+                continue
+            self.read += 1
+            key = rec.key
+            span = spans.get(key) if key is not None else None
+            if span is None or not span.first <= rec.offset <= span.watermark or key in self._lost:
+                continue
+            assert key is not None
+            if key not in self._started:
+                if rec.offset != span.first:
+                    self._lost.add(key)
+                    continue
+                self._started.add(key)
+            wanted.append(rec)
+        if wanted:
+            self.processor.process(wanted)
+            self.replayed += len(wanted)
+
+    def finish(self, restored: Restored) -> Rebuilt:
+        """The partition's states for `adopt`: `restored` with each rebuilt state in
+        place (as this model's) and each dropped one as a reset state keeping its
+        watermark and last step, so no input the old model answered is answered again."""
+        p, model_id = self.plan.partition, self.processor.model_id
+        states = dict(restored)
+        evictions = list(self.plan.dropped)
+        for key in sorted(self.plan.spans):
+            name = key.decode()
+            saved = self.saved[name]
+            if key not in self._started or key in self._lost:
+                evictions.append(Eviction(p, name, "history_expired", saved.n, saved.watermark))
+                continue
+            # The state the replay left (a reset one keeping the watermark, should
+            # this model's steps have left none).
+            state = self.processor.store.get(p, name)
+            state.last_seen = saved.last_seen
+            states[name] = (state, model_id)
+        for ev in evictions:
+            saved = self.saved[ev.key]
+            states[ev.key] = (SequenceState(watermark=saved.watermark, last_step=saved.last_step), model_id)
+        return Rebuilt(
+            partition=p,
+            states=states,
+            changed=sorted(self.saved),
+            evictions=evictions,
+            rebuilt=len(self.saved) - len(evictions),
+            read=self.read,
+            replayed=self.replayed,
+        )
+
+
+@dataclass
+class _Rebuilding:
+    restored: Restored
+    saved: dict[str, SequenceState]  # the stale ones
+    started: float = field(default_factory=time.perf_counter)
+    replay: Replay | None = None  # None until the partition's first offset is known
+
+
+class Rebuilder:
+    """Rebuilds restored partitions' sequences of another model by reading the input
+    topic, in slices between polls (the group consumer keeps polling meanwhile, as
+    during a restore: heartbeats and max.poll.interval)."""
+
+    def __init__(
+        self,
+        make_consumer: Callable[[], KafkaConsumer],
+        settings: Settings,
+        metrics: Metrics,
+        processor: Processor,
+    ) -> None:
+        """`make_consumer`: the replay's consumer (no group, read_committed), opened
+        on the first rebuild only: most runs never need one."""
+        self._make_consumer = make_consumer
+        self._consumer: KafkaConsumer | None = None
+        self.settings = settings
+        self.topic = settings.input_topic
+        self.budget = settings.rebuild_budget
+        self.metrics = metrics
+        self.processor = processor
+        self.active: dict[int, _Rebuilding] = {}
+        self._cost = INITIAL_COST_S
+
+    @property
+    def consumer(self) -> KafkaConsumer:
+        if self._consumer is None:
+            self._consumer = self._make_consumer()
+        return self._consumer
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+
+    def begin(self, partition: int, states: Restored) -> bool:
+        """Start rebuilding a restored partition; False if none of its states needs it."""
+        saved = stale(states, self.processor.model_id)
+        if not saved:
+            return False
+        self.active[partition] = _Rebuilding(states, saved)
+        return True
+
+    def cancel(self, partitions: Sequence[int]) -> None:
+        """Revoked, lost or rewound: its rebuild is forgotten (nothing of it was written)."""
+        if any(self.active.pop(p, None) is not None for p in list(partitions)) and self._consumer is not None:
+            self._assign()
+
+    def _assign(self) -> None:
+        self.consumer.assign(
+            [
+                TopicPartition(self.topic, p)
+                for p, r in self.active.items()
+                if r.replay and r.replay.plan.spans
+            ]
+        )
+
+    def step(self) -> list[Rebuilt]:
+        """Read and replay for at most one slice; return the partitions now rebuilt."""
+        with refusals(self.settings, self.topic):
+            if not self._plan():
+                return []
+            return self._read()
+
+    def _plan(self) -> bool:
+        """Plan each partition whose first offset is not known yet; False while the
+        broker cannot say (the next step asks again)."""
+        unplanned = [TopicPartition(self.topic, p) for p, r in self.active.items() if r.replay is None]
+        if not unplanned:
+            return True
+        try:
+            beginnings = self.consumer.beginning_offsets(unplanned, timeout_ms=BEGINNING_TIMEOUT_MS)
+            ends = self.consumer.end_offsets(unplanned, timeout_ms=BEGINNING_TIMEOUT_MS)
+        except AuthorizationError:
+            raise  # permanent: see refusals
+        except KafkaError as exc:
+            log.warning(
+                "rebuild_waiting", partitions=sorted(tp.partition for tp in unplanned), error=str(exc)
+            )
+            return False
+        for tp in unplanned:
+            r = self.active[tp.partition]
+            r.replay = Replay(
+                plan(tp.partition, r.saved, beginnings[tp], self.budget, ends[tp]),
+                r.saved,
+                replay_processor(self.processor),
+            )
+        self._assign()
+        for tp in unplanned:
+            replay = self.active[tp.partition].replay
+            if replay is not None and replay.plan.spans:
+                self.consumer.seek(tp, replay.plan.start)
+        return True
+
+    def _read(self) -> list[Rebuilt]:
+        deadline = time.monotonic() + RESTORE_SLICE_S
+        done = self._finished()
+        while self.active and time.monotonic() < deadline:
+            # As many records as the rest of the slice has time for (at the measured cost).
+            room = int((deadline - time.monotonic()) / self._cost)
+            started = time.perf_counter()
+            batch = self.consumer.poll(
+                timeout_ms=100, max_records=max(MIN_POLL_RECORDS, min(MAX_POLL_RECORDS, room))
+            )
+            count = 0
+            for tp, records in batch.items():
+                r = self.active.get(tp.partition)
+                if r is not None and r.replay is not None:
+                    r.replay.feed(records)
+                    count += len(records)
+            if count:
+                self._cost = max(1e-7, (time.perf_counter() - started) / count)
+            done += self._finished()
+        return done
+
+    def _finished(self) -> list[Rebuilt]:
+        done: list[Rebuilt] = []
+        for p, r in list(self.active.items()):
+            if r.replay is None:
+                continue
+            end = r.replay.plan.end
+            if r.replay.plan.spans:
+                try:
+                    position = self.consumer.position(
+                        TopicPartition(self.topic, p), timeout_ms=POSITION_TIMEOUT_MS
+                    )
+                except KafkaError:  # not answered in time: the next step asks again
+                    continue
+                if position is None or position < end:
+                    continue
+            result = r.replay.finish(r.restored)
+            result.seconds = time.perf_counter() - r.started
+            self.metrics.sequences_rebuilt.inc(result.rebuilt)
+            self.metrics.events_replayed.inc(result.replayed)
+            self.metrics.rebuild.observe(result.seconds)
+            done.append(result)
+            del self.active[p]
+        if done:
+            self._assign()
+        return done
