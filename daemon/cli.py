@@ -40,6 +40,9 @@ COMMANDS_GROUP = "lstmd.commands"
 if TYPE_CHECKING:  # argparse's sub-parsers action is generic in typeshed only
     from collections.abc import Callable
 
+    from daemon.config import Settings
+    from daemon.workers import WorkerRole
+
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
     Register = Callable[[Subparsers], None]
 
@@ -96,17 +99,68 @@ def build_processor(
 
 
 def cmd_run(_args: argparse.Namespace) -> int:
+    """The daemon: one process when LSTMD_WORKERS is 1, else a supervisor of that many
+    worker processes (daemon/workers.py), each of which comes back here as a worker.
+    The configuration is validated before any worker starts: a bad one exits 2, once."""
     from daemon.config import load_settings, unknown_variables
     from daemon.ops import logs
-    from daemon.ops.health import Health
-    from daemon.ops.http import HttpServer
-    from daemon.streaming.loop import RunLoop
+    from daemon.ops.cpus import available_cpus
+    from daemon.workers import WorkerRole, worker_settings
 
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
     log = logs.get_logger("daemon")
+    role = WorkerRole.from_environment()
+    if role is not None:
+        import structlog
+
+        structlog.contextvars.bind_contextvars(worker=role.index)
+        return _serve(worker_settings(settings, role.index, role.workers), role)
     for name in unknown_variables():
         log.warning("unknown_variable", variable=name, hint="not an lstmd setting; a typo?")
+    workers = settings.workers or available_cpus()
+    if workers == 1:
+        return _serve(settings, None)
+    return _supervise(settings, workers)
+
+
+def _supervise(settings: Settings, workers: int) -> int:
+    from daemon.ops import logs
+    from daemon.ops.http import HttpServer
+    from daemon.workers import Supervisor, WorkersMetrics
+
+    log = logs.get_logger("daemon")
+    log.info("starting", version=__version__, workers=workers, settings=settings.loggable())
+    supervisor = Supervisor(settings, workers)
+    supervisor.install_signal_handlers()
+    try:
+        server = HttpServer(settings.http_port, WorkersMetrics(supervisor.directory), supervisor.health)
+        server.start()
+        log.info("http_listening", port=server.port)
+        try:
+            supervisor.start()
+            code = supervisor.run()
+        finally:
+            server.stop()
+    finally:
+        supervisor.cleanup()
+    if supervisor.startup_errors:  # as one process says it: `lstmd: ...`, last, exit 2
+        print("\n".join(f"lstmd: {message}" for message in supervisor.startup_errors), file=sys.stderr)
+        return code
+    log.info("stopped", code=code)
+    return code
+
+
+def _serve(settings: Settings, role: WorkerRole | None) -> int:
+    """One daemon process: the whole pod, or one worker of it (no HTTP port of its own:
+    it reports its probes to the supervisor, its metrics through the multiprocess files)."""
+    from daemon.ops import logs
+    from daemon.ops.health import Health
+    from daemon.ops.http import HttpServer
+    from daemon.streaming.loop import RunLoop
+    from daemon.workers import StatusWriter
+
+    log = logs.get_logger("daemon")
     log.info("starting", version=__version__, settings=settings.loggable())
 
     stop = threading.Event()
@@ -121,9 +175,14 @@ def cmd_run(_args: argparse.Namespace) -> int:
     metrics = Metrics()
     # Liveness allows a full max.poll.interval: beyond it the group has given up on us anyway.
     health = Health(liveness_timeout_s=settings.kafka_max_poll_interval_ms / 1000)
-    server = HttpServer(settings.http_port, metrics, health)
-    server.start()
-    log.info("http_listening", port=server.port)
+    reporter: HttpServer | StatusWriter
+    if role is None:
+        reporter = HttpServer(settings.http_port, metrics, health)
+        reporter.start()
+        log.info("http_listening", port=reporter.port)
+    else:
+        reporter = StatusWriter(health, role.status_file, stop)
+        reporter.start()
     try:
         processor = build_processor(
             settings.model_path,
@@ -139,13 +198,19 @@ def cmd_run(_args: argparse.Namespace) -> int:
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
         RunLoop(settings, processor, metrics, health, stop).run()
-    except StartupError:
-        raise
+    except StartupError as exc:
+        if role is None:
+            raise
+        role.report_startup_error(str(exc))
+        return EXIT_STARTUP
     except Exception:
         log.exception("fatal")
         return EXIT_ERROR
     finally:
-        server.stop()
+        if isinstance(reporter, HttpServer):
+            reporter.stop()
+        else:
+            reporter.close()
     log.info("stopped")
     return EXIT_OK
 

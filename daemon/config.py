@@ -113,6 +113,9 @@ class Settings(PipelineSettings):
     kafka_max_poll_interval_ms: int = Field(default=300000, ge=1000)
     kafka_max_poll_records: int = Field(default=500, ge=1, le=100000)
 
+    # Worker processes per pod, each a full consumer of the group (daemon/workers.py).
+    workers: int | None = Field(default=None, ge=1, le=256, description="default: the pod's CPU quota")
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _servers(cls, value: str) -> str:

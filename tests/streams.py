@@ -246,6 +246,9 @@ def daemon_env(bootstrap: str, names: dict[str, str], model: Path, **extra: str)
         "LSTMD_KAFKA_SESSION_TIMEOUT_MS": "6000",
         "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS": "2000",
         "LSTMD_LOG_LEVEL": "INFO",
+        # One process, whatever this machine's CPUs (the default): the tests of
+        # several workers (tests/test_kafka_e2e.py) ask for them.
+        "LSTMD_WORKERS": "1",
     }
     return env | extra
 

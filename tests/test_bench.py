@@ -133,6 +133,7 @@ def test_e2e_and_profile_structure(kafka: LocalKafka) -> None:
         e2e_partitions=2,
         e2e_rounds=1,
         e2e_max_poll_records=10,
+        e2e_pod=False,  # `lstmd run` as a subprocess: tests/test_kafka_e2e.py runs it with two workers
         bootstrap=kafka.bootstrap,
     )
     messages: list[str] = []
@@ -235,6 +236,8 @@ def test_summary_ratios() -> None:
         row("e2e", "keras", 10.0, 9.0),
         row("e2e", "fast", 80.0, 60.0),
         row("peer", "quix", 120.0, 120.0),
+        row("e2e", "pod", 150.0, 150.0),
+        row("e2e", "pod-1", 96.0, 96.0),
     ]
     bench.add_ratios(rows)
     assert rows[3]["vs_passthrough"] == 1.2 and rows[2]["vs_keras"] == 8.0
@@ -242,6 +245,10 @@ def test_summary_ratios() -> None:
     assert s["fast_vs_passthrough"] == 0.8 and s["fast_vs_keras"] == 8.0
     assert s["fast_vs_peer"] == 80.0 / 120.0 and s["fast_vs_peer_broker_timed"] == 0.5
     assert s["passthrough_vs_peer_broker_timed"] == 0.75
+    assert s["pod_vs_peer_broker_timed"] == 1.25 and s["pod_1_vs_passthrough_broker_timed"] == 96.0 / 90.0
+    assert s["pod_vs_peer_per_cpu_second"] is None  # no CPU figures in these rows
+    rows[3]["cpu_us_per_event"], rows[5]["cpu_us_per_event"] = 60.0, 80.0
+    assert bench.summary(rows)["pod_1_vs_peer_per_cpu_second"] == 0.75
 
 
 # -- at scale (issue 12): the sections' machinery at tiny sizes, never their speeds ----------

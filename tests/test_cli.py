@@ -72,19 +72,25 @@ def test_replay_matches_the_oracle(tmp_path: Path, engine: str) -> None:
 
 
 @pytest.mark.slow
-def test_run_refuses_an_unservable_model_with_exit_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_refuses_an_unservable_model_with_exit_2(tmp_path: Path, workers: str) -> None:
+    """With several workers (each loads the model) the pod says it once, last, as one process does."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")} | {
         "LSTMD_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
         "LSTMD_INPUT_TOPIC": "in",
         "LSTMD_OUTPUT_TOPIC": "out",
         "LSTMD_GROUP_ID": "g",
         "LSTMD_HTTP_PORT": "0",
+        "LSTMD_WORKERS": workers,
         "LSTMD_MODEL_PATH": str(built("bidirectional")),
     }
     proc = lstmd("run", env=env)
     assert proc.returncode == 2, proc.stderr.decode()[-2000:]
     err = proc.stderr.decode()
     assert "Bidirectional" in err and "bidirectional.keras" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lstmd: ") and "Bidirectional" in last
+    assert err.count("lstmd: ") == 1
 
 
 def commands(parser: argparse.ArgumentParser) -> set[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -220,6 +221,11 @@ def test_statefulset_probes_identity_threads_and_lockdown(overlay: str) -> None:
         "divisor": "1",
     }
     assert main["resources"]["requests"]["cpu"]
+    assert env["LSTMD_WORKERS"]["valueFrom"]["resourceFieldRef"] == {
+        "containerName": CONTAINER,
+        "resource": "requests.cpu",
+        "divisor": "1",
+    }, "a pod without a CPU limit has no quota: the default would be the node's CPUs"
     assert main["resources"]["limits"]["memory"] == main["resources"]["requests"]["memory"]
 
     # A flush (FLUSH_TIMEOUT_S) and the producer's close (as long) fit in the grace period.
@@ -281,7 +287,11 @@ def test_scaler_reads_the_daemons_group_within_the_partition_count(overlay: str)
     scaled = one(docs, "ScaledObject")
     spec = scaled["spec"]
     partitions = int(scaled["metadata"]["annotations"]["lstmd.io/input-partitions"])
-    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
+    # Every worker of every pod is a consumer: LSTMD_WORKERS = the CPU request, rounded up.
+    cpu = str(container(one(docs, "StatefulSet"))["resources"]["requests"]["cpu"])
+    workers = math.ceil(int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu))
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert spec["maxReplicaCount"] * workers <= partitions
     assert spec["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",

@@ -9,15 +9,26 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from daemon.ops.health import Health
-from daemon.ops.metrics import Metrics
+
+class Exposition(Protocol):
+    """A process's metrics (daemon.ops.metrics.Metrics) or a pod's workers' together."""
+
+    def exposition(self) -> bytes: ...
+
+
+class Probes(Protocol):
+    """A process's health (daemon.ops.health.Health) or a pod's workers' together."""
+
+    def live(self) -> tuple[bool, str]: ...
+    def ready(self) -> tuple[bool, str]: ...
 
 
 class HttpServer:
-    def __init__(self, port: int, metrics: Metrics, health: Health, host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, metrics: Exposition, health: Probes, host: str = "0.0.0.0") -> None:
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, metrics.exposition()),
             "/livez": lambda: _probe(health.live()),

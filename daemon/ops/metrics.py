@@ -2,11 +2,16 @@
 
 Each Metrics instance owns its registry, so tests and `lstmd replay` can build
 as many as they like without clashing in prometheus-client's global one.
+
+With LSTMD_WORKERS > 1 every worker writes its values to prometheus-client's
+multiprocess files and the supervisor serves their aggregate (daemon/workers.py):
+counters and histograms add up; each gauge says how (`multiprocess_mode`: live
+workers' sum, max or min). Without PROMETHEUS_MULTIPROC_DIR the modes are ignored.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 
 from daemon import __version__
 
@@ -46,6 +51,22 @@ LATENCY_BUCKETS = (
 )
 
 
+class _PartitionGauge(Gauge):
+    """A per-partition gauge that reads 0, not its last value, once its partition left.
+
+    With several workers (prometheus-client's multiprocess mode, daemon/workers.py)
+    `remove` only forgets the series in this process: the value stays in the
+    process's file, and the pod's maximum over the workers would keep a lag the
+    partition's new owner has long caught up. Set to 0 first, the new owner's value
+    wins; with one process the series is simply removed, as before.
+    """
+
+    def remove(self, *labelvalues: object) -> None:
+        if values.ValueClass is not values.MutexValue:  # multiprocess mode
+            self.labels(*labelvalues).set(0)
+        super().remove(*labelvalues)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -73,7 +94,10 @@ class Metrics:
             "lstmd_sequence_resets", "Sequence states reset, by cause.", ["cause"], registry=r
         )
         self.active_sequences = Gauge(
-            "lstmd_active_sequences", "Open sequence states held in memory.", registry=r
+            "lstmd_active_sequences",
+            "Open sequence states held in memory.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.inference = Histogram(
             "lstmd_inference_duration_seconds",
@@ -88,14 +112,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.lag = Gauge(
+        self.lag = _PartitionGauge(
             "lstmd_consumer_lag",
             "Records behind the end of each assigned input partition.",
             ["partition"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.assigned = Gauge(
-            "lstmd_assigned_partitions", "Input partitions assigned to this process.", registry=r
+            "lstmd_assigned_partitions",
+            "Input partitions assigned to this process (to the pod's workers together).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.rebalances = Counter(
             "lstmd_rebalances", "Partition assignment changes seen, by kind.", ["kind"], registry=r
@@ -160,7 +188,10 @@ class Metrics:
             registry=r,
         )
         self.state_bytes = Gauge(
-            "lstmd_state_bytes", "Bytes of recurrent state tensors held in memory.", registry=r
+            "lstmd_state_bytes",
+            "Bytes of recurrent state tensors held in memory.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.state_records = Counter(
             "lstmd_state_records_written",
@@ -169,19 +200,24 @@ class Metrics:
             registry=r,
         )
         self.last_poll = Gauge(
-            "lstmd_last_poll_timestamp_seconds", "When the poll loop last returned.", registry=r
+            "lstmd_last_poll_timestamp_seconds",
+            "When the poll loop last returned (of a pod's workers, the one silent longest).",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.build_info = Gauge(
             "lstmd_build_info",
             "Always 1; labels say what runs.",
             ["version", "engine", "delivery"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_info = Gauge(
             "lstmd_model_info",
             "Always 1; labels identify the served model.",
             ["name", "sha256", "features", "outputs"],
             registry=r,
+            multiprocess_mode="livemax",
         )
 
     def describe(self, *, engine: str, delivery: str) -> None:

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
+import signal
+import subprocess
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -40,7 +45,12 @@ class Broker:
             from daemon.devtools.localkafka import LocalKafka
 
             log("bench: starting a local Kafka broker ...")
-            self.local = LocalKafka().start()
+            # Kafka's default initial rebalance delay (the tests' broker has 0): a new
+            # group waits 3 s for more members, as on a production broker, so a pod's
+            # workers, which join together, share the partitions from the start instead
+            # of the first joiner taking all of a 20,000-event stream before the
+            # rebalance. Every contender's first join waits it, outside every timing.
+            self.local = LocalKafka(properties={"group.initial.rebalance.delay.ms": "3000"}).start()
             atexit.register(self.close)
         return str(self.local.bootstrap)
 
@@ -140,3 +150,108 @@ def broker_rate(
         return total, (counted / ((t1 - t0) / 1000.0) if t1 > t0 else None)
     finally:
         consumer.close()
+
+
+class EndOffsets:
+    """The number of records in a topic, asked of the broker (no group, no fetch)."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        self.tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def __call__(self) -> int:
+        return sum(self.consumer.end_offsets(self.tps).values())
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> EndOffsets:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by a process and its descendants (the
+    supervisor and its workers), from Linux's /proc; None where there is none."""
+    procs: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # after the command: state, ppid, ..., utime (field 14), stime (field 15)
+        procs[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if pid not in procs:
+        return None
+    total, tree = 0.0, {pid}
+    for p in sorted(procs):  # children have higher pids than their parents, nearly always
+        if p in tree or procs[p][0] in tree:
+            tree.add(p)
+            total += procs[p][1]
+    return total
+
+
+@dataclass
+class ProcessRun:
+    """A contender in its own process: what went wrong ("" if nothing), and its CPU
+    (with its descendants') per output from its first output seen to the target."""
+
+    error: str = ""
+    cpu_us_per_event: float | None = None
+
+
+def run_until_outputs(
+    command: list[str],
+    log_path: Path,
+    outputs: tuple[str, str, int],
+    target: int,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+) -> ProcessRun:
+    """Run a contender in its own process (the peer, lstmd as a pod runs it) until
+    `target` records are in its output topic (`outputs`: bootstrap, topic,
+    partitions), then stop it with SIGTERM. CPU per event is sampled between the
+    first outputs seen and the target reached (start-up excluded: the per-core
+    figure, whatever else the machine runs). Its output goes to `log_path`."""
+    run = ProcessRun()
+    counted = EndOffsets(*outputs)
+    first: tuple[int, float | None] | None = None
+    with counted, log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while (done := counted()) < target:
+                if first is None and done:
+                    first = (done, tree_cpu_seconds(proc.pid))
+                if proc.poll() is not None:
+                    tail = log_path.read_text(errors="replace")[-500:]
+                    run.error = f"exited with code {proc.returncode}: {tail}"
+                    break
+                if time.monotonic() > deadline:
+                    run.error = f"timed out after {timeout_s:.0f} s"
+                    break
+                time.sleep(0.2)
+            else:
+                cpu = tree_cpu_seconds(proc.pid)
+                if first is not None and first[1] is not None and cpu is not None and done > first[0]:
+                    run.cpu_us_per_event = (cpu - first[1]) / (done - first[0]) * 1e6
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return run

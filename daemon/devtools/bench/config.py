@@ -82,6 +82,7 @@ class BenchConfig:
     e2e_rounds: int = 3
     e2e_timeout_s: float = 180.0  # per contender and round
     e2e_max_poll_records: int = 500  # LSTMD_KAFKA_MAX_POLL_RECORDS (the daemon's default)
+    e2e_pod: bool = True  # with fast: `lstmd run` as a subprocess, default workers and one (e2e.py)
     bootstrap: str | None = None  # a running broker; None: a LocalKafka for the run
     peer_python: str | None = None  # an interpreter with quixstreams; None: found or made
     profile_interval_s: float = 0.001

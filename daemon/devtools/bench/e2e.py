@@ -22,6 +22,14 @@ the first one's millisecond over the span from the first to the last; it
 agrees with events/s within about one poll batch and is how the peer is
 measured.
 
+With the fast engine, two more contenders run lstmd as a pod runs it: `python -m
+daemon run` as a subprocess, configured by its LSTMD_* variables with the fast
+engine and every other setting at its default, so LSTMD_WORKERS is this
+machine's CPU count (`pod`: the per-pod figure); and the same with
+LSTMD_WORKERS=1 (`pod-1`: one process, the per-core figure). Like the peer,
+they are timed from the broker's append times only and stopped by SIGTERM once
+all outputs are in (`BenchConfig.e2e_pod`; `--no-e2e-pod` leaves them out).
+
 The run loop is measured through its public `on_batch` hook. `Round`,
 `e2e_row`, `ENGINE_CACHE` and `E2ESection.one` also serve the peer and the
 profile.
@@ -30,11 +38,16 @@ profile.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import statistics
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -44,10 +57,14 @@ from daemon.devtools.bench.broker import (
     OUTPUT_TOPIC_CONFIG,
     broker_rate,
     create_topics_for_bench,
+    run_until_outputs,
     unique,
 )
 from daemon.devtools.bench.config import E2E_MODEL, MODELS, BenchConfig, Log, Row
-from daemon.devtools.bench.files import model_file
+from daemon.devtools.bench.files import model_file, work_dir
+
+#: lstmd run as a subprocess: "pod" with the default LSTMD_WORKERS, "pod-1" with one.
+POD_CONTENDERS = {"pod": None, "pod-1": "1"}
 
 
 @dataclass
@@ -60,6 +77,7 @@ class Round:
     broker_events_per_s: float | None = None
     outputs: int = 0
     topic: str = ""  # where the outputs went
+    cpu_us_per_event: float | None = None  # a contender in its own process: its CPU per event
 
     def window(self) -> tuple[int, float] | None:
         """Inputs of batches 2..K and the time from the end of batch 1 to the end of batch K."""
@@ -120,6 +138,57 @@ def _passthrough(settings: Any, target: int, stop: threading.Event, marks: list[
     finally:
         consumer.close(autocommit=False)
         producer.close(timeout=30)
+
+
+def pod_workers(workers: str | None) -> int:
+    """How many workers `lstmd run` starts with LSTMD_WORKERS = `workers` (None:
+    the variable as this environment has it, else the CPU quota's default)."""
+    from daemon.ops.cpus import available_cpus
+
+    value = workers if workers is not None else os.environ.get("LSTMD_WORKERS")
+    return int(value) if value else available_cpus()
+
+
+def pod_env(settings: Any, workers: str | None) -> dict[str, str]:
+    """The environment of `lstmd run` for a pod contender: this one's, with the
+    round's topics and group, the fast engine, and LSTMD_WORKERS = `workers` (None:
+    as this environment has it)."""
+    env = dict(os.environ)
+    env |= {
+        "LSTMD_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "LSTMD_INPUT_TOPIC": settings.input_topic,
+        "LSTMD_OUTPUT_TOPIC": settings.output_topic,
+        "LSTMD_DLQ_TOPIC": settings.dlq_topic,
+        "LSTMD_GROUP_ID": settings.group_id,
+        "LSTMD_MODEL_PATH": str(settings.model_path),
+        "LSTMD_ENGINE": "fast",
+        "LSTMD_CREATE_TOPICS": "true",
+        "LSTMD_LOG_LEVEL": "WARNING",
+        "LSTMD_HTTP_PORT": "0",
+        "LSTMD_KAFKA_MAX_POLL_RECORDS": str(settings.kafka_max_poll_records),
+    }
+    if workers is not None:
+        env["LSTMD_WORKERS"] = workers
+    return env
+
+
+def _pod(settings: Any, workers: str | None, target: int, config: BenchConfig) -> Round:
+    """`python -m daemon run` until `target` outputs are in (timed by the broker)."""
+    logs = Path(tempfile.mkdtemp(prefix="lstmd-pod-", dir=work_dir()))
+    try:
+        run = run_until_outputs(
+            [sys.executable, "-m", "daemon", "run"],
+            logs / "lstmd.log",
+            (settings.kafka_bootstrap_servers, settings.output_topic, config.e2e_partitions),
+            target,
+            config.e2e_timeout_s,
+            env=pod_env(settings, workers),
+        )
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    round_ = Round([], error=f"lstmd run {run.error}" if run.error else "")
+    round_.cpu_us_per_event = run.cpu_us_per_event
+    return round_
 
 
 class Engines:
@@ -258,6 +327,9 @@ def e2e_row(
         if cycles
         else None,
         "broker_events_per_s": statistics.median(broker) if broker else None,
+        "cpu_us_per_event": statistics.median(cpu)
+        if (cpu := [r.cpu_us_per_event for r in rounds if r.cpu_us_per_event])
+        else None,
         "note": "; ".join([n for n in (note, *errors) if n]),
     }
 
@@ -271,12 +343,16 @@ class E2ESection:
 
     def run(self, config: BenchConfig, log: Log) -> list[Row]:
         bootstrap, input_topic = BROKER.input_topic(config, log)
-        contenders = ("passthrough", *config.engines)
+        pods = tuple(POD_CONTENDERS) if config.e2e_pod and "fast" in config.engines else ()
+        contenders = ("passthrough", *config.engines, *pods)
         results: dict[str, list[Round]] = {c: [] for c in contenders}
         engines: dict[str, tuple[str, str]] = {}
         for name in config.engines:  # load before timing anything
             _, engine, refused = ENGINE_CACHE.get(name)
             engines[name] = (engine.name, refused or "")
+        for pod in pods:
+            workers = pod_workers(POD_CONTENDERS[pod])
+            engines[pod] = (f"fast, {workers} worker{'s' if workers > 1 else ''}", "")
         for i in range(config.e2e_rounds):
             for contender in contenders:
                 target = config.e2e_keras_events if contender == "keras" else config.e2e_events
@@ -316,9 +392,11 @@ class E2ESection:
     ) -> Round:
         output = unique(f"bench-out-{contender}")
         create_topics_for_bench(bootstrap, {output: config.e2e_partitions}, OUTPUT_TOPIC_CONFIG)
-        engine = "fast" if contender == "passthrough" else contender
+        engine = contender if contender in ("keras", "fast") else "fast"
         settings = _settings(bootstrap, input_topic, output, engine, config.e2e_max_poll_records)
-        if contender == "passthrough":
+        if contender in POD_CONTENDERS:
+            round_ = _pod(settings, POD_CONTENDERS[contender], target, config)
+        elif contender == "passthrough":
             marks: list[tuple[float, int]] = []
             stop = threading.Event()
             round_ = _drive(

@@ -105,6 +105,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="end to end: LSTMD_KAFKA_MAX_POLL_RECORDS of lstmd and the pass-through "
         "(default: 500, the daemon's)",
     )
+    p.add_argument(
+        "--no-e2e-pod",
+        dest="e2e_pod",
+        action="store_false",
+        help="end to end: leave out lstmd run as a subprocess (default workers, and one worker)",
+    )
     p.add_argument("--bootstrap", help="end to end: a running broker (default: a local one)")
     p.add_argument("--peer-python", help="peer: an interpreter that has quixstreams")
     p.add_argument(
@@ -193,6 +199,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         e2e_sequences=max(1, args.e2e_sequences),
         e2e_rounds=max(1, args.e2e_rounds),
         e2e_max_poll_records=max(1, args.e2e_max_poll_records),
+        e2e_pod=args.e2e_pod,
         bootstrap=args.bootstrap or None,
         peer_python=args.peer_python or None,
         scale_rounds=max(1, args.scale_rounds),

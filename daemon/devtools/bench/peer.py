@@ -14,16 +14,13 @@ when quixstreams cannot be installed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,7 @@ from daemon.devtools.bench.broker import (
     OUTPUT_TOPIC_CONFIG,
     broker_rate,
     create_topics_for_bench,
+    run_until_outputs,
     unique,
 )
 from daemon.devtools.bench.config import E2E_MODEL, MODELS, BenchConfig, Log, Row
@@ -115,22 +113,6 @@ def peer_weights(path: Path) -> Path:
     return path
 
 
-class _EndOffsets:
-    """The number of records in a topic, asked of the broker (no group, no fetch)."""
-
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-        self.tps = [TopicPartition(topic, p) for p in range(partitions)]
-
-    def __call__(self) -> int:
-        return sum(self.consumer.end_offsets(self.tps).values())
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
 def read_predictions(
     bootstrap: str, topic: str, partitions: int, limit: int, timeout_s: float = 60.0
 ) -> dict[tuple[int, int], list[float]]:
@@ -168,14 +150,6 @@ def compare_predictions(
     if not common:
         return 0, None
     return len(common), max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in common)
-
-
-@contextlib.contextmanager
-def outputs_closed(counter: _EndOffsets) -> Iterator[_EndOffsets]:
-    try:
-        yield counter
-    finally:
-        counter.close()
 
 
 class PeerSection:
@@ -232,37 +206,15 @@ class PeerSection:
             "weights": str(weights),
             "model": model_id,
         }
-        log_path = state_dir / "peer.log"
-        outputs = _EndOffsets(bootstrap, output, config.e2e_partitions)
-        round_ = Round([])
-        with outputs_closed(outputs), log_path.open("wb") as out:
-            proc = subprocess.Popen(
-                [python, str(script), json.dumps(args)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-            deadline = time.monotonic() + config.e2e_timeout_s
-            try:
-                while outputs() < config.e2e_events:
-                    if proc.poll() is not None:
-                        round_.error = (
-                            f"the peer exited with code {proc.returncode}: "
-                            + log_path.read_text(errors="replace")[-500:]
-                        )
-                        break
-                    if time.monotonic() > deadline:
-                        round_.error = f"timed out after {config.e2e_timeout_s:.0f} s"
-                        break
-                    time.sleep(0.2)
-            finally:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+        run = run_until_outputs(
+            [python, str(script), json.dumps(args)],
+            state_dir / "peer.log",
+            (bootstrap, output, config.e2e_partitions),
+            config.e2e_events,
+            config.e2e_timeout_s,
+        )
+        round_ = Round([], error=f"the peer {run.error}" if run.error else "")
+        round_.cpu_us_per_event = run.cpu_us_per_event
         shutil.rmtree(state_dir, ignore_errors=True)
         round_.topic = output
         if not round_.error:

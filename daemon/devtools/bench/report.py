@@ -46,7 +46,9 @@ def summary(rows: list[Row]) -> dict[str, float | None]:
     broker's append times. The broker-timed ratios are the ones to read: lstmd's
     own marks come when a batch's outputs are sent (the checkpoint acknowledges
     them later), the pass-through's when they are acknowledged, and the peer has
-    only the broker's."""
+    only the broker's. `pod` is `lstmd run` as a pod runs it by default (LSTMD_WORKERS
+    from the CPU count: the per-pod figure), `pod_1` the same with one worker (one
+    process: the per-core figure); both only broker-timed, like the peer."""
 
     def find(section: str, requested: str) -> Row | None:
         return next(
@@ -63,11 +65,13 @@ def summary(rows: list[Row]) -> dict[str, float | None]:
             return None
         return float(a[key]) / float(b[key])
 
-    fast, keras, passthrough, peer = (
+    fast, keras, passthrough, peer, pod, pod_1 = (
         find("e2e", "fast"),
         find("e2e", "keras"),
         find("e2e", "passthrough"),
         find("peer", "quix"),
+        find("e2e", "pod"),
+        find("e2e", "pod-1"),
     )
     return {
         "fast_vs_passthrough": ratio(fast, passthrough),
@@ -76,6 +80,14 @@ def summary(rows: list[Row]) -> dict[str, float | None]:
         "fast_vs_peer": ratio(fast, peer),
         "fast_vs_peer_broker_timed": ratio(fast, peer, "broker_events_per_s"),
         "passthrough_vs_peer_broker_timed": ratio(passthrough, peer, "broker_events_per_s"),
+        "pod_vs_passthrough_broker_timed": ratio(pod, passthrough, "broker_events_per_s"),
+        "pod_vs_peer_broker_timed": ratio(pod, peer, "broker_events_per_s"),
+        "pod_1_vs_passthrough_broker_timed": ratio(pod_1, passthrough, "broker_events_per_s"),
+        "pod_1_vs_peer_broker_timed": ratio(pod_1, peer, "broker_events_per_s"),
+        # Per core whatever else the machine runs: events per CPU-second of the
+        # contender's processes (the inverse ratio of their CPU per event).
+        "pod_vs_peer_per_cpu_second": ratio(peer, pod, "cpu_us_per_event"),
+        "pod_1_vs_peer_per_cpu_second": ratio(peer, pod_1, "cpu_us_per_event"),
     }
 
 
@@ -139,6 +151,13 @@ def _aligned(lines: list[Sequence[str]], right: set[int]) -> list[str]:
         ]
         out.append("  ".join(cells).rstrip())
     return out
+
+
+def _ratio_name(name: str) -> str:
+    """`pod_1_vs_peer_broker_timed` -> `pod_1/peer (broker-timed)`."""
+    for suffix, said in (("_broker_timed", " (broker-timed)"), ("_per_cpu_second", " (per CPU-second)")):
+        name = name.replace(suffix, said)
+    return name.replace("_vs_", "/")
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -211,11 +230,10 @@ def format_table(report: dict[str, Any]) -> str:
         out.append(
             "end to end: "
             + ", ".join(
-                f"{name.replace('_vs_', '/').replace('_broker_timed', ' (broker-timed)')} {value:.2f}"
-                for name, value in ratios.items()
-                if value is not None
+                f"{_ratio_name(name)} {value:.2f}" for name, value in ratios.items() if value is not None
             )
-            + " (target fast/passthrough >= 0.70)"
+            + " (targets: fast/passthrough >= 0.70; pod/peer and pod/passthrough >= 1.0, broker-timed;"
+            " pod = lstmd run with its default workers, pod_1 = one worker)"
         )
     profile = [r for r in report["rows"] if r["section"] == "profile"]
     if profile:
@@ -243,6 +261,17 @@ def format_table(report: dict[str, Any]) -> str:
                     f"{name} {share * 100:.0f}%" for name, share in sorted(total["threads_busy"].items())
                 )
             )
+    cpu = [r for r in rows if r.get("cpu_us_per_event")]
+    if cpu:
+        out.append(
+            "CPU per event (the contender's processes, from its first outputs to the last; "
+            "start-up excluded): "
+            + ", ".join(
+                f"{r['engine']} {r['cpu_us_per_event']:.0f} us ({1e6 / r['cpu_us_per_event']:,.0f} "
+                "events per CPU-second)"
+                for r in cpu
+            )
+        )
     for r in report["rows"]:
         if r.get("parity_compared"):
             out.append(
