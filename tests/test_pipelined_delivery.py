@@ -161,13 +161,14 @@ def test_a_revoked_partitions_failed_outputs_are_not_resent(tmp_path: Path) -> N
     assert [e for e in log if e.startswith("send")] == ["send out b'p1'", "send out b'p0'"]
 
 
-def test_end_to_end_latency_is_observed_at_the_acknowledgement(tmp_path: Path) -> None:
+def test_latency_and_count_are_taken_at_the_acknowledgement(tmp_path: Path) -> None:
     log: list[str] = []
     cp, producers, metrics = pipeline(tmp_path, log)
     cp.send([out(b"1", ts_ms=1)])
     assert metrics.end_to_end._sum.get() == 0  # sent, not acknowledged
     producers[0].flush()
     assert metrics.end_to_end._sum.get() > 1e9  # seconds since the record's timestamp
+    assert metrics.predictions._value.get() == 1  # counted at the acknowledgement, not later
 
 
 def test_outputs_go_to_their_input_partition_when_the_topics_are_aligned(tmp_path: Path) -> None:

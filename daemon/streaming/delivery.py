@@ -243,6 +243,9 @@ class Checkpointer:
             self._in_flight_bytes += len(item.value or b"")
 
     def _acknowledged(self, source_ts_s: float, _metadata: object) -> None:
+        """A pipelined prediction acknowledged: counted and timed at once (a count
+        kept until the next reap would lag what downstream already reads)."""
+        self.metrics.predictions.inc()
         self.metrics.end_to_end.observe(time.time() - source_ts_s)
 
     def backlogged(self) -> bool:
@@ -270,11 +273,11 @@ class Checkpointer:
         self._broken = {_destination(i) for i, _ in self._resend}
 
     def _reap(self) -> None:
-        """Account for the outputs acknowledged or failed so far, in send order (only
+        """Let go of the outputs acknowledged or failed so far, in send order (only
         the done prefix: what follows an unfinished send waits for it). From a failed
         output on, every later output of its key is kept to be sent again, so a resend
         never lands after a later record of its key."""
-        in_flight, predictions = self._in_flight, 0
+        in_flight = self._in_flight
         while in_flight and in_flight[0][1].is_done:
             item, future = in_flight.popleft()
             self._in_flight_bytes -= len(item.value or b"")
@@ -285,10 +288,6 @@ class Checkpointer:
                     self._remember_oversized({(item.partition, item.offset)})
             if where in self._broken:
                 self._resend.append((item, future))
-            elif item.kind is Kind.PREDICTION:
-                predictions += 1
-        if predictions:
-            self.metrics.predictions.inc(predictions)
 
     def _settle(self) -> list[tuple[OutputRecord | StateRecord, Future]]:
         """Wait for every output in flight (a checkpoint covers them all); return, in
@@ -522,6 +521,7 @@ class Checkpointer:
         pending_out, pending_states = list(outputs), list(states)
         backoff = Backoff(self.abandon, beat=self.beat)
         while pending_out or pending_states or settled:
+            account = not settled  # a settled prediction was counted at its acknowledgement
             if settled:
                 sent, settled = settled, None
             else:
@@ -538,7 +538,8 @@ class Checkpointer:
             failed = [(item, f) for item, f in sent if not f.succeeded()]
             resend = self._in_key_order(sent)
             again = {id(item) for item in resend}
-            self._account([(item, f) for item, f in sent if f.succeeded() and id(item) not in again])
+            if account:
+                self._account([(item, f) for item, f in sent if f.succeeded() and id(item) not in again])
             if not failed:
                 return
             refused = next(
