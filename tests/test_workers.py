@@ -182,6 +182,33 @@ def test_metrics_of_the_workers_aggregate(tmp_path: Path) -> None:
     assert "lstmd_last_poll_timestamp_seconds 1000.0" in lines  # the stalest worker
 
 
+_WORKER_REBUILDS = """
+import orjson
+from daemon.core.processor import Processor
+from daemon.core.state import StateStore
+from daemon.ops.metrics import Metrics
+from daemon.replay import FileRecord
+from daemon.streaming.rebuild import replay_processor
+from tests.fakes import SumEngine
+live = Processor(SumEngine(), model_id="m@1", n_features=1, store=StateStore(0), metrics=Metrics())
+live.process([FileRecord("in", 0, 0, 0, b"a", orjson.dumps({"x": [1]}))])
+replay = replay_processor(live)  # a rebuild replays 3 inputs of another sequence
+replay.process([FileRecord("in", 0, i, 0, b"b", orjson.dumps({"x": [1]})) for i in range(3)])
+"""
+
+
+def test_a_rebuilds_replay_counts_nothing_in_the_pods_metrics(tmp_path: Path) -> None:
+    """In multiprocess mode every metric object of a process writes to the same files
+    by name: the replay's processor must record nothing, or the pod would count its
+    inputs as consumed again and report its store as the live one."""
+    env = dict(os.environ) | {MULTIPROC_ENV: str(tmp_path)}
+    subprocess.run([sys.executable, "-c", _WORKER_REBUILDS], env=env, check=True, timeout=60)
+    lines = set(WorkersMetrics(tmp_path).exposition().decode().splitlines())
+    assert "lstmd_events_consumed_total 1.0" in lines
+    assert "lstmd_active_sequences 1.0" in lines
+    assert 'lstmd_inference_duration_seconds_count{engine="sum"} 1.0' in lines
+
+
 # -- the supervisor, with dummy workers -------------------------------------------------
 
 # A dummy worker: reports itself, exits with argv[1] on SIGTERM, or at once with argv[2].

@@ -11,7 +11,10 @@ workers' sum, max or min). Without PROMETHEUS_MULTIPROC_DIR the modes are ignore
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.metrics import MetricWrapperBase
 
 from daemon import __version__
 
@@ -225,3 +228,38 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    @classmethod
+    def discarding(cls) -> Metrics:
+        """Metrics that record nothing, for work that must not count as served (the
+        inputs a model-change rebuild replays were consumed and answered already).
+
+        A registry of its own is not enough: in multiprocess mode (several workers)
+        every metric object of a process writes to the same files, keyed by metric
+        name, whatever its registry, so a second Metrics() would add the replay to
+        the pod's live counters and overwrite its gauges."""
+        metrics = cls()
+        for name, value in vars(metrics).items():
+            if isinstance(value, MetricWrapperBase):
+                setattr(metrics, name, _DISCARD)
+        return metrics
+
+
+class _Discarded:
+    """Takes every metric call a Metrics attribute does, records nothing."""
+
+    def labels(self, *_: Any, **__: Any) -> _Discarded:
+        return self
+
+    def inc(self, amount: float = 1.0) -> None: ...
+
+    def observe(self, amount: float) -> None: ...
+
+    def set(self, value: float) -> None: ...
+
+    def set_to_current_time(self) -> None: ...
+
+    def remove(self, *_: Any) -> None: ...
+
+
+_DISCARD = _Discarded()

@@ -136,15 +136,15 @@ def plan(
 
 def replay_processor(live: Processor) -> Processor:
     """A processor like `live` (its engine, model and rules) over a store of its own
-    that publishes no prediction. It counts into metrics of its own: the replayed
-    inputs were consumed and answered already, and counting them again would skew
-    the live counters (the rebuild has its own)."""
+    that publishes no prediction. It counts nothing (`Metrics.discarding`): the
+    replayed inputs were consumed and answered already, and counting them again
+    would skew the live counters (the rebuild has its own)."""
     return Processor(
         live.engine,
         model_id=live.model_id,
         n_features=live.n_features,
         store=StateStore(0),
-        metrics=Metrics(),
+        metrics=Metrics.discarding(),
         max_record_bytes=live.max_record_bytes,
         reset_on_gap=live.reset_on_gap,
         clock=live.clock,
