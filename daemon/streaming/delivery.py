@@ -208,36 +208,11 @@ class Checkpointer:
 
     # -- at-least-once between checkpoints --------------------------------------
     def send(self, outputs: Sequence[OutputRecord]) -> None:
-        """Send without waiting (at-least-once): the next checkpoint settles them.
-
-        Predictions take a short path (the per-record cost of the whole daemon is
-        mostly here); anything else, or a send that raises, goes through `_send`."""
-        if not outputs:
-            return
-        send, topic = self.producer.send, self.settings.output_topic
-        aligned, acknowledged = self.same_partitions, self._acknowledged
-        in_flight, size = self._in_flight, 0
-        for i, item in enumerate(outputs):
-            if item.kind is not Kind.PREDICTION:
-                self._track(self._send([item], []))
-                continue
-            try:
-                future = send(
-                    topic, key=item.key, value=item.value, partition=item.partition if aligned else None
-                )
-            except KafkaError:
-                self._track(self._send(outputs[i:], []))
-                break
-            # Observed when the broker acknowledges it, on the producer's IO thread.
-            future.add_callback(acknowledged, item.source_timestamp_ms / 1000.0)
-            in_flight.append((item, future))
-            size += len(item.value or b"")
-        self._in_flight_bytes += size
-
-    def _track(self, sent: list[tuple[OutputRecord | StateRecord, Future]]) -> None:
-        for item, future in sent:
+        """Send without waiting (at-least-once): the next checkpoint settles them."""
+        for item, future in self._send(outputs, []):
             assert isinstance(item, OutputRecord)
             if item.kind is Kind.PREDICTION:
+                # Counted and timed when the broker acknowledges it, on the IO thread.
                 future.add_callback(self._acknowledged, item.source_timestamp_ms / 1000.0)
             self._in_flight.append((item, future))
             self._in_flight_bytes += len(item.value or b"")
@@ -263,11 +238,8 @@ class Checkpointer:
         owner recomputes and publishes them from the last commit, in key order, and a
         late resend from here could land after them)."""
         self._reap()
-        kept = [(i, f) for i, f in self._in_flight if i.partition != partition]
-        self._in_flight_bytes -= sum(
-            len(i.value or b"") for i, _ in self._in_flight if i.partition == partition
-        )
-        self._in_flight = deque(kept)
+        self._in_flight = deque((i, f) for i, f in self._in_flight if i.partition != partition)
+        self._in_flight_bytes = sum(len(i.value or b"") for i, _ in self._in_flight)
         self._resend = [(i, f) for i, f in self._resend if i.partition != partition]
         # A key is broken from its first failure on, and that failure is in _resend.
         self._broken = {_destination(i) for i, _ in self._resend}
