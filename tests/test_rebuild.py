@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -256,9 +257,18 @@ def test_the_run_loop_checkpoints_the_rebuilt_states_before_serving(tmp_path: Pa
         assert described(live.store.get(0, key)) == described(expected.store.get(0, key))
 
 
-def test_a_partition_revoked_mid_rebuild_writes_nothing_of_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@dataclass
+class MidRebuild:
+    """A run loop with partition 0 rebuilding, part of its history read."""
+
+    loop: RunLoop
+    clients: _Clients
+    live: Processor
+    producer: FakeProducer
+    consumer: FakeInputConsumer
+
+
+def mid_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: FakeConsumer) -> MidRebuild:
     records = recs(EVENTS * 40)  # 600 records; a slice reads about two polls of 100
     monkeypatch.setattr(rebuild, "RESTORE_SLICE_S", 0.05)
     monkeypatch.setattr(rebuild, "MAX_POLL_RECORDS", 100)
@@ -270,7 +280,7 @@ def test_a_partition_revoked_mid_rebuild_writes_nothing_of_it(
     producer = FakeProducer()
     consumer = FakeInputConsumer(list(records), poll_s=0.03)
     clients = _Clients(
-        consumer=cast(Any, FakeConsumer()),
+        consumer=cast(Any, group),
         checkpointer=checkpointer(s, lambda: producer),
         restorer=cast(Any, type("R", (), {"cancel": lambda self, ps: None})()),
         rebuilder=rebuilder(tmp_path, consumer, live),
@@ -282,14 +292,21 @@ def test_a_partition_revoked_mid_rebuild_writes_nothing_of_it(
     loop._rebuild(clients)
     replay = clients.rebuilder.active[0].replay
     assert replay is not None and 0 < replay.read < 600  # under way
-    loop._release(TopicPartition("in", 0), clients, "revoked")
-    assert not clients.rebuilder.active and consumer.assigned == []
-    assert loop.partitions.phase(0) is None and len(live.store) == 0
-    loop._flush(clients)
-    loop._rebuild(clients)
+    return MidRebuild(loop, clients, live, producer, consumer)
+
+
+def test_a_partition_revoked_mid_rebuild_writes_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = mid_rebuild(tmp_path, monkeypatch, FakeConsumer())
+    r.loop._release(TopicPartition("in", 0), r.clients, "revoked")
+    assert not r.clients.rebuilder.active and r.consumer.assigned == []
+    assert r.loop.partitions.phase(0) is None and len(r.live.store) == 0
+    r.loop._flush(r.clients)
+    r.loop._rebuild(r.clients)
     # Nothing of the partition is written: its next owner restores the old model's
     # states and rebuilds again.
-    assert producer.sent == []
+    assert r.producer.sent == []
 
 
 class PausingConsumer(FakeConsumer):
@@ -302,34 +319,12 @@ class PausingConsumer(FakeConsumer):
 def test_sigterm_mid_rebuild_stops_without_writing_any_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    records = recs(EVENTS * 40)
-    monkeypatch.setattr(rebuild, "RESTORE_SLICE_S", 0.05)
-    monkeypatch.setattr(rebuild, "MAX_POLL_RECORDS", 100)
-    old = processor(A, 1.0)
-    old.process(records)
-    live = processor(B, 2.0)
-    s = settings(tmp_path)
-    loop = RunLoop(s, live, live.metrics, Health(60), threading.Event())
-    producer = FakeProducer()
-    consumer = FakeInputConsumer(list(records), poll_s=0.03)
-    clients = _Clients(
-        consumer=cast(Any, PausingConsumer()),
-        checkpointer=checkpointer(s, lambda: producer),
-        restorer=cast(Any, None),
-        rebuilder=rebuilder(tmp_path, consumer, live),
-        listener=cast(Any, None),
-    )
-    loop.partitions.assign([0])
-    loop.partitions.restore(0)
-    loop._adopt(clients, 0, saved(old))
-    loop._rebuild(clients)
-    replay = clients.rebuilder.active[0].replay
-    assert replay is not None and 0 < replay.read < 600  # under way
-    polls = consumer.polls
-    loop.stop.set()
-    loop._shut_down(clients)  # the final checkpoint: nothing pending, returns at once
-    assert consumer.polls == polls and producer.sent == [] and len(live.store) == 0
-    assert loop.partitions.phase(0) is Phase.REBUILDING  # never served, never written
+    r = mid_rebuild(tmp_path, monkeypatch, PausingConsumer())
+    polls = r.consumer.polls
+    r.loop.stop.set()
+    r.loop._shut_down(r.clients)  # the final checkpoint: nothing pending, returns at once
+    assert r.consumer.polls == polls and r.producer.sent == [] and len(r.live.store) == 0
+    assert r.loop.partitions.phase(0) is Phase.REBUILDING  # never served, never written
 
 
 def test_reset_keeps_announcing_model_changed(tmp_path: Path) -> None:
