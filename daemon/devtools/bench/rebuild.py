@@ -70,15 +70,23 @@ def saved_states(sequences: int, steps: int) -> dict[str, Any]:
     }
 
 
-def _live(model: Any, engine: Any, sequences: int, steps: int) -> float:
+def _processor(model: Any, engine: Any) -> Any:
+    """A live processor of the model over an empty store (what each contender starts from)."""
     from daemon.core.processor import Processor
     from daemon.core.state import StateStore
     from daemon.ops.metrics import Metrics
 
-    store = StateStore(0)
-    proc = Processor(
-        engine, model_id=str(model.identity), n_features=model.n_features, store=store, metrics=Metrics()
+    return Processor(
+        engine,
+        model_id=str(model.identity),
+        n_features=model.n_features,
+        store=StateStore(0),
+        metrics=Metrics(),
     )
+
+
+def _live(model: Any, engine: Any, sequences: int, steps: int) -> float:
+    proc = _processor(model, engine)
     took = 0.0
     for batch in batches(sequences, steps):
         started = time.perf_counter()
@@ -88,18 +96,9 @@ def _live(model: Any, engine: Any, sequences: int, steps: int) -> float:
 
 
 def _rebuild(model: Any, engine: Any, sequences: int, steps: int) -> tuple[float, int]:
-    from daemon.core.processor import Processor
-    from daemon.core.state import StateStore
-    from daemon.ops.metrics import Metrics
     from daemon.streaming.rebuild import Replay, plan, replay_processor
 
-    live = Processor(
-        engine,
-        model_id=str(model.identity),
-        n_features=model.n_features,
-        store=StateStore(0),
-        metrics=Metrics(),
-    )
+    live = _processor(model, engine)
     saved = saved_states(sequences, steps)
     restored = {k: (s, "old@0") for k, s in saved.items()}
     took = 0.0
@@ -153,19 +152,11 @@ def _produce(bootstrap: str, topic: str, sequences: int, steps: int) -> None:
 
 def _rebuilder(settings: Any, model: Any, engine: Any, sequences: int, steps: int) -> float:
     """Seconds of the daemon's Rebuilder over the topic: begin + step() until rebuilt."""
-    from daemon.core.processor import Processor
-    from daemon.core.state import StateStore
     from daemon.kafka.clients import make_restore_consumer
     from daemon.ops.metrics import Metrics
     from daemon.streaming.rebuild import Rebuilder
 
-    live = Processor(
-        engine,
-        model_id=str(model.identity),
-        n_features=model.n_features,
-        store=StateStore(0),
-        metrics=Metrics(),
-    )
+    live = _processor(model, engine)
     consumer = make_restore_consumer(settings)
     try:
         rebuilder = Rebuilder(lambda: consumer, settings, Metrics(), live)
