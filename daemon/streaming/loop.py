@@ -420,9 +420,8 @@ class RunLoop:
     def _process(self, batch: list[Any]) -> list[OutputRecord]:
         """The batch applied to the states; its outputs, after the notices pending."""
         outputs = self.policy.take_notices() + self.processor.process(batch)
-        self.policy.processed(batch)
-        for partition, offset in {rec.partition: rec.offset for rec in batch}.items():
-            self.partitions.advance(partition, offset + 1)  # records of a partition come in order
+        for partition, position in self.policy.processed(batch).items():
+            self.partitions.advance(partition, position)
         return outputs
 
     def _flush(self, clients: _Clients) -> None:

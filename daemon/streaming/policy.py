@@ -66,11 +66,14 @@ class CheckpointPolicy:
         self.notices: list[OutputRecord] = []  # not yet published
         self._at = clock()
 
-    def processed(self, batch: Sequence[InputRecord]) -> None:
-        """The batch's inputs are applied: their offsets wait for the next checkpoint."""
+    def processed(self, batch: Sequence[InputRecord]) -> dict[int, int]:
+        """The batch's inputs are applied: their offsets wait for the next checkpoint.
+        Returns {partition: next offset to read} of the batch's partitions."""
         last = {(rec.topic, rec.partition): rec.offset for rec in batch}  # in order: the last wins
+        ends = {}
         for (topic, partition), offset in last.items():
-            self.offsets[TopicPartition(topic, partition)] = offset + 1
+            self.offsets[TopicPartition(topic, partition)] = ends[partition] = offset + 1
+        return ends
 
     def assigned(self, tp: TopicPartition, position: int) -> None:
         """The partition's committed position, read (stable) before its restore."""
