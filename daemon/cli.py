@@ -201,10 +201,14 @@ def _serve(settings: Settings, role: WorkerRole | None) -> int:
     except StartupError as exc:
         if role is None:
             raise
+        # Printed once by the supervisor; logged here too, so a worker never exits unexplained.
+        log.error("startup_failed", error=str(exc), error_class=type(exc).__name__)
         role.report_startup_error(str(exc))
         return EXIT_STARTUP
-    except Exception:
-        log.exception("fatal")
+    except Exception as exc:
+        # Class and message as fields of their own: a log pipeline that drops the
+        # traceback still says why the process ended.
+        log.exception("fatal", error=str(exc), error_class=type(exc).__name__)
         return EXIT_ERROR
     finally:
         if isinstance(reporter, HttpServer):

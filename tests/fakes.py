@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -133,11 +133,21 @@ class FakeConsumer:
         self.commit_error = commit_error
         self.commits = 0
         self.generation = generation
+        self.commit_timeouts: list[int | None] = []  # each commit's bound
+        self.async_commits: list[dict[TopicPartition, Any]] = []
 
-    def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+    def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int | None = None) -> None:
         self.commits += 1
+        self.commit_timeouts.append(timeout_ms)
         if self.commit_error is not None:
             raise self.commit_error
+
+    def commit_async(self, offsets: dict[TopicPartition, Any]) -> Future:
+        """Answered at once: awaiting it does not yield to kafka-python's loop."""
+        self.async_commits.append(offsets)
+        if self.commit_error is not None:
+            return Future().failure(self.commit_error)
+        return Future().success(None)
 
     def group_metadata(self) -> ConsumerGroupMetadata:
         return ConsumerGroupMetadata("g", self.generation, "member-1", None)
@@ -154,8 +164,12 @@ class FakeStateConsumer:
         self.records = records
         self.fail_ends = fail_ends
         self.read = False
+        self.end_timeouts: list[int | None] = []  # each end_offsets call's bound
 
-    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    def end_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
+        self.end_timeouts.append(timeout_ms)
         if self.fail_ends:
             self.fail_ends -= 1
             raise KafkaTimeoutError("no leader")
@@ -241,3 +255,13 @@ class FakeInputConsumer:
         return out
 
     def close(self) -> None: ...
+
+
+def finish(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a rebalance-listener callback (kafka-python awaits them on its IO thread)
+    whose awaits are all answered already, as the fakes' are."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    raise AssertionError("the callback waited on kafka-python's loop")

@@ -23,6 +23,7 @@ from tests.streams import (
     daemon_env,
     interleaved_stream,
     metric,
+    prediction_source,
     produce,
     scrape,
 )
@@ -167,3 +168,54 @@ def test_two_workers_share_the_partitions_and_report_as_one_pod(
     members = {ev["settings"]["group_instance_id"] for ev in daemon.events() if ev.get("event") == "starting"}
     assert members == {"lstmd-7", "lstmd-7-w0", "lstmd-7-w1"}  # the supervisor's, then each worker's
     assert not any('"level": "error"' in line for line in daemon.lines)
+
+
+def test_a_member_joining_or_leaving_repeats_no_prediction(
+    kafka: LocalKafka, topics: TopicFactory, stacked_model: Path
+) -> None:
+    """A planned rebalance repeats nothing: when a second member joins, the first
+    checkpoints what it holds of the partitions it gives up inside the revocation
+    callback (before it, with a checkpoint interval far longer than the test, the
+    new owner answered those inputs again); when the second leaves on SIGTERM, its
+    shutdown checkpoint does the same. Every prediction exactly once, against the
+    oracle."""
+    names = topics({"in": 4, "out": 2, "dlq": 1})
+    stream = interleaved_stream(n_keys=24, n_events=1800, features=3, seed=31)
+    parts = [stream.events[:800], stream.events[800:1300], stream.events[1300:]]
+    env = daemon_env(kafka.bootstrap, names, stacked_model, LSTMD_CHECKPOINT_INTERVAL_MS="600000")
+
+    def answered(n: int, running: DaemonProcess) -> None:
+        consume(kafka.bootstrap, names["out"], at_least=n, distinct=prediction_source, while_running=running)
+
+    def predicted(upto: int) -> int:
+        return sum(1 for i in stream.predicted_events if i < upto)
+
+    first = DaemonProcess(env)
+    second: DaemonProcess | None = None
+    try:
+        placed = produce(kafka.bootstrap, names["in"], parts[0])
+        answered(predicted(800), first)  # all sent, none committed: the interval is 10 minutes
+        second = DaemonProcess(env)
+        second.wait_for("partition_restored")
+        revoked = first.wait_for("revocation_checkpointed")
+        assert len(revoked["partitions"]) == 2, revoked
+        placed += produce(kafka.bootstrap, names["in"], parts[1])
+        answered(predicted(1300), second)
+        assert second.stop() == 0, "\n".join(second.lines[-30:])  # leaves: the first takes all four
+        placed += produce(kafka.bootstrap, names["in"], parts[2])
+        outputs = consume(
+            kafka.bootstrap,
+            names["out"],
+            at_least=len(stream.predicted_events),
+            distinct=prediction_source,
+            settle=2.0,
+            while_running=first,
+        )
+    finally:
+        if second is not None:
+            second.stop()
+        assert first.stop() == 0, "\n".join(first.lines[-30:])
+    check_predictions(stacked_model, stream, placed, outputs)  # exactly once: no repeat at all
+    for daemon in (first, second):
+        assert daemon is not None
+        assert not any('"level": "error"' in line for line in daemon.lines)

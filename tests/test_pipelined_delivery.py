@@ -69,7 +69,7 @@ class LoggingConsumer(FakeConsumer):
         super().__init__()
         self.log = log
 
-    def commit(self, offsets: dict[Any, Any]) -> None:
+    def commit(self, offsets: dict[Any, Any], timeout_ms: int | None = None) -> None:
         self.log.append("commit")
         super().commit(offsets)
 

@@ -22,7 +22,17 @@ from daemon.streaming.lifecycle import Partitions, Phase
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import CheckpointPolicy
 from daemon.streaming.restore import adopt
-from tests.fakes import TP, FakeConsumer, FakeProducer, FakeStateConsumer, make, outputs, recs, settings
+from tests.fakes import (
+    TP,
+    FakeConsumer,
+    FakeProducer,
+    FakeStateConsumer,
+    finish,
+    make,
+    outputs,
+    recs,
+    settings,
+)
 
 
 def policy(store: StateStore, interval_s: float = 1.0, now: list[float] | None = None) -> CheckpointPolicy:
@@ -241,14 +251,14 @@ def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(
             self.polls += 1
             if self.polls == 1:
                 self.assigned = {TP}
-                self.listener.on_partitions_assigned({TP})
+                finish(self.listener.on_partitions_assigned({TP}))
                 return {TP: [rec]}
             return {}
 
         def assignment(self) -> set[Any]:
             return self.assigned
 
-        def commit(self, offsets: dict[Any, Any]) -> None:
+        def commit(self, offsets: dict[Any, Any], timeout_ms: int | None = None) -> None:
             if self.refusals:
                 self.refusals -= 1
                 raise RebalanceInProgressError()
@@ -264,7 +274,7 @@ def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(
             return lambda *a, **k: None
 
     class StateTopic(FakeStateConsumer):
-        def close(self) -> None: ...
+        def close(self, timeout_ms: int | None = None) -> None: ...
 
     consumer = Consumer()
     monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: StateTopic([]))

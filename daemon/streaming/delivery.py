@@ -21,17 +21,21 @@ this module publishes it:
   transaction; the run loop then drops its states and restores them from the
   state topic.
 
-kafka-python 3 calls rebalance listeners on its IO thread: the run loop applies
-a revocation after poll returns, and a revoked partition's uncommitted work is
-dropped, for its next owner recomputes it from the last checkpoint.
+A planned revocation (a worker or pod joining, this one leaving) is checkpointed
+inside kafka-python's revocation callback (daemon/kafka/listener.py, the run
+loop's `_before_revoke`): outputs and states acknowledged (`deliver`, bounded by
+`within`), offsets committed within the generation that revoked them, so the next
+owner repeats nothing. A lost partition's uncommitted work is dropped: its next
+owner recomputes it from the last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
@@ -84,6 +88,9 @@ RECORD_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError, OutOfOrder
 ABORT_CAUSES = ("timeout", "fenced", "refused", "unavailable", "other")
 # Sources of oversized dead letters kept to recognise them when their batch is redone.
 MAX_OVERSIZED_REMEMBERED = 10_000
+# One wait for an offset commit; retried with a backoff until the shutdown deadline
+# (the client's default, 30 s a wait, would outlast LSTMD_SHUTDOWN_TIMEOUT_S).
+COMMIT_TIMEOUT_MS = 5000
 # Output bytes in flight (sent, not yet acknowledged) past which the run loop stops
 # fetching: well below kafka-python's buffer (32 MiB), so `send` never blocks on it.
 MAX_IN_FLIGHT_BYTES = 8 << 20
@@ -199,12 +206,45 @@ class Checkpointer:
             if self.transactional:
                 self._transaction(consumer, cp)
                 return True
-            self.send(cp.outputs)
-            self._publish([], [], settled=self._settle())
-            self._publish([], cp.states, owner=lambda: _member(consumer))
+            self.deliver(consumer, cp)
             return self._commit_offsets(consumer, cp.offsets)
         finally:
             self.metrics.checkpoint.observe(time.perf_counter() - started)
+
+    def deliver(self, consumer: KafkaConsumer, cp: Checkpoint) -> None:
+        """At-least-once: every output and state record of the checkpoint acknowledged,
+        its offsets left for the caller to commit (`commit`, or the revocation
+        listener, which commits from kafka-python's IO thread)."""
+        self.send(cp.outputs)
+        self._publish([], [], settled=self._settle())
+        self._publish([], cp.states, owner=lambda: _member(consumer))
+
+    @contextlib.contextmanager
+    def within(self, seconds: float) -> Iterator[None]:
+        """Every wait and retry inside gives up after `seconds` (DeliveryFailed), or
+        at the shutdown deadline if that comes first: for a checkpoint that must not
+        hold the consumer's IO thread longer (see the revocation listener)."""
+        outer, bound = self.abandon, threading.Event()
+        if outer.is_set():
+            bound.set()
+        timer = threading.Timer(seconds, bound.set)
+        timer.daemon = True
+        timer.start()
+        self.abandon = bound
+        try:
+            yield
+        finally:
+            timer.cancel()
+            self.abandon = outer
+
+    def restart(self) -> None:
+        """After a delivery given up on (`within`): nothing in flight is tracked any
+        more (the run loop rewinds to the committed offsets and recomputes it) and a
+        new producer replaces the one closed by the failed retry."""
+        self._in_flight.clear()
+        self._in_flight_bytes = 0
+        self._resend, self._broken = [], set()
+        self._renew_producer()
 
     # -- at-least-once between checkpoints --------------------------------------
     def send(self, outputs: Sequence[OutputRecord]) -> None:
@@ -289,7 +329,10 @@ class Checkpointer:
         backoff = Backoff(self.abandon, beat=self.beat)
         while True:
             try:
-                consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+                consumer.commit(
+                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
+                    timeout_ms=COMMIT_TIMEOUT_MS,
+                )
                 self.metrics.commits.inc()
                 return True
             except (CommitFailedError, RebalanceInProgressError) as exc:

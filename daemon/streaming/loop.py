@@ -12,6 +12,7 @@ skips it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import threading
@@ -61,9 +62,15 @@ HOUSEKEEPING_INTERVAL_S = 1.0
 POSITION_TIMEOUT_MS = 200
 # One wait for a committed offset after an abort (the loop waits for it anyway).
 COMMITTED_TIMEOUT_MS = 5000
+# The checkpoint made inside a revocation callback holds kafka-python's IO thread
+# (heartbeats wait): it gives up after this share of the session timeout, and the
+# loop then rewinds to the committed offsets (a repeat, never a loss).
+REVOCATION_SESSION_SHARE = 0.5
 # Of the shutdown budget, what is kept for a producer bootstrap already under way
 # (BOOTSTRAP_TIMEOUT_MS) and for closing the clients: retries give up before it.
 SHUTDOWN_RESERVE_S = 7.0
+# The most closing the group's consumer may wait for its coordinator (leaving the group).
+CONSUMER_CLOSE_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -109,6 +116,11 @@ class RunLoop:
         )
         self._housekeeping_at = 0.0
         self._throttled = False
+        # A revocation checkpoint that failed on kafka-python's IO thread, for the
+        # loop's thread to act on after poll returns (see `_before_revoke`).
+        self._revocation_failure: Exception | None = None
+        # Set before the consumer closes: its close revokes, nothing is left to save.
+        self._closing = False
         for kind in ("assigned", "revoked", "lost"):  # every label value starts at 0
             metrics.rebalances.labels(kind=kind)
 
@@ -122,7 +134,8 @@ class RunLoop:
             while not self.stop.is_set():
                 self._throttle(clients)
                 polled = self._poll(clients.consumer)
-                self._apply_rebalance(clients)
+                if self._apply_rebalance(clients):
+                    polled = {}  # rewound to the committed offsets: polled again
                 self._restore(clients)
                 batch = self._accept(clients.consumer, polled)
                 self._checkpoint(clients, self._process(batch))
@@ -147,8 +160,12 @@ class RunLoop:
                 message="the next owner of these partitions repeats their inputs from the committed offsets",
             )
         finally:
-            clients.consumer.close(autocommit=False)
-            clients.restorer.consumer.close()
+            self._closing = True
+            # Leaving the group waits for the coordinator: bounded like every wait here,
+            # so a broker outage at shutdown cannot hold the process past its deadline.
+            close_ms = int(min(CONSUMER_CLOSE_TIMEOUT_S, self._close_budget() / 2) * 1000)
+            clients.consumer.close(autocommit=False, timeout_ms=close_ms)
+            clients.restorer.consumer.close(timeout_ms=close_ms)
             clients.rebuilder.close()
             clients.checkpointer.close(timeout=self._close_budget())
             log.info("kafka_closed")
@@ -224,11 +241,16 @@ class RunLoop:
         rebuilder = Rebuilder(
             lambda: make_restore_consumer(self.settings), self.settings, self.metrics, self.processor
         )
-        listener = RebalanceEvents()
+        listener = RebalanceEvents(consumer)
+        clients = _Clients(consumer, checkpointer, restorer, rebuilder, listener)
+        if self.settings.delivery == "at-least-once":
+            # Exactly-once commits every poll batch in its transaction before the next
+            # poll: a revocation finds nothing in hand.
+            listener.before_revoke = functools.partial(self._before_revoke, clients)
         self._await_metadata(consumer)
-        consumer.subscribe([self.settings.input_topic], listener=listener)
+        consumer.subscribe([self.settings.input_topic], listener=listener)  # type: ignore[arg-type]  # stubs predate the async listener
         self.health.reason = "waiting for the group to assign partitions"
-        return _Clients(consumer, checkpointer, restorer, rebuilder, listener)
+        return clients
 
     def _await_metadata(self, consumer: KafkaConsumer, timeout_s: float = 30.0) -> None:
         """Have the input topic's partitions in the consumer's metadata before joining.
@@ -282,10 +304,57 @@ class RunLoop:
             consumer.resume(*consumer.assignment())
 
     # -- the partition lifecycle --------------------------------------------------
-    def _apply_rebalance(self, clients: _Clients) -> None:
+    def _before_revoke(
+        self, clients: _Clients, revoked: set[TopicPartition]
+    ) -> dict[TopicPartition, int] | None:
+        """Checkpoint what is in hand before partitions are revoked; the offsets for the
+        listener to commit (daemon/kafka/listener.py says why there).
+
+        Runs on kafka-python's IO thread inside `poll()` or `close()`, while the loop's
+        thread waits in that call, so the store, the policy and the checkpointer are
+        not touched by anyone else meanwhile. It never raises (kafka-python would turn
+        it into an error out of `poll`): a failure is kept for `_apply_rebalance`. The
+        offsets stay pending here whatever the commit's outcome: those of the
+        partitions kept are committed again by the next checkpoint, harmlessly.
+        """
+        if self._closing or self._revocation_failure is not None:
+            return None
+        cp = self.policy.take(self.policy.take_notices())
+        if cp is None:
+            return None
+        started = time.monotonic()
+        budget = max(1.0, self.settings.kafka_session_timeout_ms / 1000 * REVOCATION_SESSION_SHARE)
+        try:
+            with clients.checkpointer.within(budget):
+                clients.checkpointer.deliver(clients.consumer, cp)
+        except Exception as exc:
+            self.policy.did(cp, committed=False)
+            self._revocation_failure = exc
+            log.warning(
+                "revocation_checkpoint_failed",
+                partitions=sorted(tp.partition for tp in revoked),
+                error=str(exc),
+                error_class=type(exc).__name__,
+            )
+            return None
+        self.policy.did(cp, committed=False)
+        log.info(
+            "revocation_checkpointed",
+            partitions=sorted(tp.partition for tp in revoked),
+            outputs=len(cp.outputs),
+            states=len(cp.states),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return cp.offsets
+
+    def _apply_rebalance(self, clients: _Clients) -> bool:
+        """Apply the changes the listener collected; True if the loop was rewound to the
+        committed offsets (a revocation checkpoint failed), so what was polled with
+        them is to be dropped."""
         assigned, revoked, lost = clients.listener.take()
-        if not (assigned or revoked or lost):
-            return
+        failure, self._revocation_failure = self._revocation_failure, None
+        if not (assigned or revoked or lost or failure):
+            return False
         for kind, tps in (("revoked", revoked), ("lost", lost)):
             for tp in tps:
                 self._release(tp, clients, kind)
@@ -298,6 +367,14 @@ class RunLoop:
             # Assigned and revoked again within the same poll: nothing to restore.
             self._start_restore(clients.restorer, assigned & now_assigned)
         self.metrics.assigned.set(len(now_assigned))
+        if failure is None:
+            return False
+        if not isinstance(failure, (DeliveryFailed, TransactionFailed)) or self.abandon.is_set():
+            raise failure  # an ACL refused, the shutdown deadline: as from the loop's own checkpoint
+        # What it had taken may be half-written: recomputed from the last commit.
+        clients.checkpointer.restart()
+        self._recover(clients)
+        return True
 
     def _release(self, tp: TopicPartition, clients: _Clients, kind: str) -> None:
         # Everything polled so far is sent: dropping the state, the pending offsets and

@@ -31,6 +31,10 @@ from daemon.ops.metrics import Metrics
 
 log = get_logger(__name__)
 
+# One wait for the state partitions' end offsets (asked again at the next step): the
+# client's default, 30 s, would outlast a shutdown deadline during a broker outage.
+END_TIMEOUT_MS = 1000
+
 # One restore poll never holds the loop longer than this, so heartbeats aside the
 # poll loop keeps its max.poll.interval promise and its liveness beat.
 RESTORE_SLICE_S = 0.5
@@ -90,7 +94,7 @@ class Restorer:
         if not unknown:
             return True
         try:
-            ends = self.consumer.end_offsets(unknown)
+            ends = self.consumer.end_offsets(unknown, timeout_ms=END_TIMEOUT_MS)
         except AuthorizationError:
             raise  # permanent: see _refusals
         except KafkaError as exc:

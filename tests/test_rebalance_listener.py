@@ -1,0 +1,73 @@
+"""The revocation checkpoint (daemon/kafka/listener.py) and the bounded waits of a
+shutdown, with fakes: what is committed from the callback, what never is, and the
+bound every Kafka wait is given. The real-broker test of a member joining and
+leaving is tests/test_kafka_e2e.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from kafka import TopicPartition
+from kafka.errors import RebalanceInProgressError
+from kafka.structs import OffsetAndMetadata
+
+from daemon.kafka.listener import RebalanceEvents
+from daemon.ops.metrics import Metrics
+from daemon.streaming.delivery import COMMIT_TIMEOUT_MS
+from daemon.streaming.restore import END_TIMEOUT_MS, Restorer
+from tests.fakes import FakeConsumer, FakeProducer, FakeStateConsumer, checkpointer, finish, settings
+
+TP = TopicPartition("in", 2)
+
+
+def listener(consumer: FakeConsumer, offsets: dict[TopicPartition, int] | None) -> RebalanceEvents:
+    asked: list[set[TopicPartition]] = []
+
+    def before_revoke(revoked: set[TopicPartition]) -> dict[TopicPartition, int] | None:
+        asked.append(revoked)
+        return offsets
+
+    events = RebalanceEvents(cast(Any, consumer), before_revoke)
+    events.asked = asked  # type: ignore[attr-defined]
+    return events
+
+
+def test_a_revocation_commits_what_was_checkpointed_before_it_is_handed_over() -> None:
+    consumer = FakeConsumer()
+    events = listener(consumer, {TP: 7})
+    finish(events.on_partitions_revoked({TP}))
+    assert events.asked == [{TP}]  # type: ignore[attr-defined]
+    assert consumer.async_commits == [{TP: OffsetAndMetadata(7, "", -1)}]
+    assert events.take() == (set(), {TP}, set())
+
+
+def test_a_commit_refused_in_the_callback_is_not_an_error_out_of_poll() -> None:
+    consumer = FakeConsumer(commit_error=RebalanceInProgressError())
+    events = listener(consumer, {TP: 7})
+    finish(events.on_partitions_revoked({TP}))  # does not raise: the next owner repeats
+    assert len(consumer.async_commits) == 1
+    assert events.take()[1] == {TP}
+
+
+def test_nothing_in_hand_commits_nothing_and_lost_partitions_are_never_committed() -> None:
+    consumer = FakeConsumer()
+    events = listener(consumer, None)
+    finish(events.on_partitions_revoked({TP}))
+    finish(events.on_partitions_lost({TopicPartition("in", 3)}))
+    assert events.asked == [{TP}]  # type: ignore[attr-defined]
+    assert consumer.async_commits == []
+    assert events.take() == (set(), {TP}, {TopicPartition("in", 3)})
+
+
+def test_offset_commits_and_the_restores_end_offsets_wait_with_a_bound(tmp_path: Path) -> None:
+    """kafka-python's default wait is its request timeout (30 s) a call: longer than
+    a shutdown deadline during a broker outage. Each call is bounded; the callers
+    retry until the deadline."""
+    consumer = FakeConsumer()
+    cp = checkpointer(settings(tmp_path), FakeProducer)
+    assert cp._commit_offsets(cast(Any, consumer), {TP: 3})
+    assert consumer.commit_timeouts == [COMMIT_TIMEOUT_MS]
+    state = FakeStateConsumer([])
+    Restorer(cast(Any, state), settings(tmp_path), Metrics()).begin([0])
+    assert state.end_timeouts == [END_TIMEOUT_MS]
