@@ -27,6 +27,9 @@ Delivery = Literal["at-least-once", "exactly-once"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+#: The codec of the daemon's own producers (kafka-python's compression_type; "none": off).
+Codec = Literal["gzip", "snappy", "lz4", "zstd"]
+Compression = Literal["none", Codec]
 #: What a restored open sequence saved under another model becomes (daemon/streaming/rebuild.py).
 OnModelChange = Literal["rebuild", "reset"]
 #: Model files lstmd reads: Keras 3 archives and Keras 2 HDF5 (daemon/inference/formats.py).
@@ -112,6 +115,8 @@ class Settings(PipelineSettings):
     kafka_heartbeat_interval_ms: int = Field(default=3000, ge=100)
     kafka_max_poll_interval_ms: int = Field(default=300000, ge=1000)
     kafka_max_poll_records: int = Field(default=500, ge=1, le=100000)
+    # Chosen by measurement (`lstmd bench --sections compression`, docs/performance.md).
+    kafka_compression: Compression = "lz4"
 
     # Worker processes per pod, each a full consumer of the group (daemon/workers.py).
     workers: int | None = Field(default=None, ge=1, le=256, description="default: the pod's CPU quota")
@@ -159,6 +164,11 @@ class Settings(PipelineSettings):
     @classmethod
     def _level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("kafka_compression", mode="before")
+    @classmethod
+    def _codec(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -32,6 +32,7 @@ class FileRecord:
     timestamp: int
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 def read_records(lines: Iterable[bytes]) -> Iterator[FileRecord]:

@@ -412,3 +412,26 @@ def test_latency_section_measures_every_paced_event(kafka: LocalKafka) -> None:
     assert row["events"] == 200  # every paced event, none of the warm-up
     assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"] <= row["latency_max_ms"]
     assert row["note"].startswith("p50/p99 = per event") and ";" not in row["note"]
+
+
+@pytest.mark.kafka
+def test_compression_section_structure(kafka: LocalKafka) -> None:
+    """Every codec of LSTMD_KAFKA_COMPRESSION through the daemon's producer settings:
+    each compresses the daemon's predictions below their uncompressed size on the broker."""
+    config = bench.BenchConfig(
+        sections=("compression",), compression_events=300, compression_rounds=1, bootstrap=kafka.bootstrap
+    )
+    report = bench.run(config)
+    rows = {r["engine"]: r for r in report["rows"]}
+    assert list(rows) == ["none", "gzip", "snappy", "lz4", "zstd"]
+    none = rows["none"]
+    assert none["vs_none"] == none["wire_vs_none"] == none["cpu_vs_none"] == 1.0
+    # Uncompressed, a record costs its key and value plus the record and batch framing.
+    assert none["wire_bytes_per_record"] > none["record_bytes"] > 100
+    for name in ("gzip", "snappy", "lz4", "zstd"):
+        r = rows[name]
+        assert r["events"] == 300 and len(r["each"]) == 1
+        assert r["wire_bytes_per_record"] < 0.6 * none["wire_bytes_per_record"], name
+        assert r["records_per_s"] > 0 and r["cpu_us_per_record"] > 0
+    table = bench.format_table(report)
+    assert "wire B/rec" in table and "vs keras" not in table

@@ -107,6 +107,7 @@ def test_run_exits_2_naming_every_variable(tmp_path: Path) -> None:
         "LSTMD_INPUT_TOPIC": "events",
         "LSTMD_MODEL_PATH": str(tmp_path / "missing.keras"),
         "LSTMD_DELIVERY": "most-once",
+        "LSTMD_KAFKA_COMPRESSION": "brotli",
     }
     proc = subprocess.run(
         [sys.executable, "-m", "daemon", "run"], env=env, capture_output=True, text=True, timeout=60
@@ -118,8 +119,10 @@ def test_run_exits_2_naming_every_variable(tmp_path: Path) -> None:
         "LSTMD_GROUP_ID",
         "LSTMD_MODEL_PATH",
         "LSTMD_DELIVERY",
+        "LSTMD_KAFKA_COMPRESSION",
     ):
         assert name in proc.stderr
+    assert "brotli" in proc.stderr
     assert "LSTMD_INPUT_TOPIC" not in proc.stderr
 
 
@@ -156,3 +159,19 @@ def test_log_level_in_any_case(clean_env: pytest.MonkeyPatch, model_file: Path) 
     for k, v in (required(model_file) | {"LSTMD_LOG_LEVEL": "debug"}).items():
         clean_env.setenv(k, v)
     assert load_settings().log_level == "DEBUG"
+
+
+def test_compression_is_the_producers_codec(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
+    from daemon.kafka.clients import compression_type
+
+    for k, v in required(model_file).items():
+        clean_env.setenv(k, v)
+    assert compression_type(load_settings()) == "lz4"  # the measured default (docs/performance.md)
+    for given, expected in (("none", None), ("ZSTD", "zstd"), ("gzip", "gzip"), ("snappy", "snappy")):
+        clean_env.setenv("LSTMD_KAFKA_COMPRESSION", given)
+        assert compression_type(load_settings()) == expected
+    clean_env.setenv("LSTMD_KAFKA_COMPRESSION", "brotli")
+    with pytest.raises(
+        ConfigError, match=r"LSTMD_KAFKA_COMPRESSION: .*'none', 'gzip', 'snappy', 'lz4' or 'zstd'"
+    ):
+        load_settings()

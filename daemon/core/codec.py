@@ -201,6 +201,13 @@ def dlq_headers(error: RecordRejected, topic: str, partition: int, offset: int) 
     ]
 
 
-def omitted_header(size: int) -> tuple[str, bytes]:
-    """Marks a dead letter sent without its value (too large to copy)."""
-    return ("lstmd.value.omitted", str(size).encode())
+# A dead letter's own headers (codec.dlq_headers and these) start with this; an input's
+# headers of that name are not copied to its dead letter.
+HEADER_PREFIX = "lstmd."
+# Its value was left out, too large to copy: the value's size in bytes.
+VALUE_OMITTED = "lstmd.value.omitted"
+# Its key (and the input's headers) too, too large even without the value: their sizes.
+KEY_OMITTED = "lstmd.key.omitted"
+HEADERS_OMITTED = "lstmd.headers.omitted"
+# The input's value was null and its key null: the dead letter's value is b"" in its place.
+VALUE_NULL = "lstmd.value.null"

@@ -16,7 +16,7 @@ import numpy as np
 
 from daemon.core import codec
 from daemon.core.engine import Engine
-from daemon.core.records import InputRecord, Kind, OutputRecord
+from daemon.core.records import InputRecord, Kind, OutputRecord, dead_letter
 from daemon.core.state import EVICTION_CAUSES, Eviction, SequenceState, StateStore
 from daemon.errors import RecordRejected
 from daemon.ops.logs import get_logger
@@ -270,16 +270,5 @@ class Processor:
 
     def _dead_letter(self, rec: InputRecord, error: RecordRejected) -> OutputRecord:
         self.metrics.rejected.labels(reason=error.reason).inc()
-        letter = OutputRecord(
-            kind=Kind.DEAD_LETTER,
-            key=rec.key,
-            value=rec.value,
-            partition=rec.partition,
-            offset=rec.offset,
-            source_timestamp_ms=rec.timestamp,
-            headers=codec.dlq_headers(error, rec.topic, rec.partition, rec.offset),
-        )
-        size = len(rec.key or b"") + len(rec.value or b"")
-        if size > max(codec.DEAD_LETTER_VALUE_BYTES, self.max_record_bytes):
-            return letter.without_value()
-        return letter
+        headers = codec.dlq_headers(error, rec.topic, rec.partition, rec.offset)
+        return dead_letter(rec, headers, max(codec.DEAD_LETTER_VALUE_BYTES, self.max_record_bytes))

@@ -8,6 +8,7 @@ record is or where it came from.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -29,6 +30,8 @@ class InputRecord(Protocol):
     def key(self) -> bytes | None: ...
     @property
     def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
 
 
 class Kind(enum.Enum):
@@ -61,10 +64,77 @@ class OutputRecord:
         return self.kind is Kind.NOTICE
 
     def without_value(self) -> OutputRecord:
-        """This dead letter with its value left out: too large for the topic."""
-        return replace(
-            self, value=None, headers=[*self.headers, codec.omitted_header(len(self.value or b""))]
-        )
+        """This dead letter made smaller, for a topic or producer that refused it as too
+        large: its value left out (its size in a header); asked again, its key and the
+        input's headers too (bare: only the daemon's headers, which always fit)."""
+        names = {name for name, _ in self.headers}
+        if self.value and codec.VALUE_OMITTED not in names:
+            shrunk = replace(
+                self,
+                value=None,
+                headers=[*self.headers, (codec.VALUE_OMITTED, str(len(self.value or b"")).encode())],
+            )
+        else:
+            ours = [(n, v) for n, v in self.headers if n.startswith(codec.HEADER_PREFIX)]
+            carried = len(self.headers) - len(ours)
+            shrunk = replace(
+                self,
+                key=None,
+                headers=[
+                    *ours,
+                    (codec.KEY_OMITTED, str(len(self.key or b"")).encode()),
+                    (codec.HEADERS_OMITTED, str(carried).encode()),
+                ],
+            )
+        return shrunk.sendable()
+
+    def sendable(self) -> OutputRecord:
+        """This record as a client can send it: Kafka has no record without both key
+        and value (kafka-python raises ValueError), so a dead letter left with neither
+        gets an empty value; `lstmd.value.null` says when the input's value was null
+        (rather than left out, which `lstmd.value.omitted` says)."""
+        if self.key is not None or self.value is not None:
+            return self
+        names = {name for name, _ in self.headers}
+        null = [] if codec.VALUE_OMITTED in names else [(codec.VALUE_NULL, b"true")]
+        return replace(self, value=b"", headers=[*self.headers, *null])
+
+    @property
+    def bare(self) -> bool:
+        """A dead letter shrunk to the daemon's headers alone: it cannot shrink further."""
+        return any(name == codec.KEY_OMITTED for name, _ in self.headers)
+
+    @property
+    def size(self) -> int:
+        """Bytes of its key, value and headers (Kafka adds a few per record and batch)."""
+        headers = sum(len(name.encode()) + len(value) for name, value in self.headers)
+        return len(self.key or b"") + len(self.value or b"") + headers
+
+
+def dead_letter(rec: InputRecord, error_headers: Sequence[tuple[str, bytes]], limit: int) -> OutputRecord:
+    """The dead letter of an input: its key, value and headers unchanged, then the
+    daemon's headers naming the error; shrunk (`without_value`) until its key, value
+    and headers fit in `limit` bytes, and always sendable (see the README's dead
+    letters). An input header named lstmd.* is left out (say, a dead letter replayed
+    into the input: its old error is not this one); a header with a null value is
+    copied with an empty one (kafka-python sends no null header value)."""
+    carried = [
+        (name, value if value is not None else b"")
+        for name, value in rec.headers or ()
+        if not name.startswith(codec.HEADER_PREFIX)
+    ]
+    letter = OutputRecord(
+        kind=Kind.DEAD_LETTER,
+        key=rec.key,
+        value=rec.value,
+        partition=rec.partition,
+        offset=rec.offset,
+        source_timestamp_ms=rec.timestamp,
+        headers=[*carried, *error_headers],
+    ).sendable()
+    while letter.size > limit and not letter.bare:
+        letter = letter.without_value()
+    return letter
 
 
 @dataclass(slots=True)

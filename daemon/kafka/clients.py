@@ -23,7 +23,7 @@ from kafka.errors import (
 from kafka.producer.transaction_manager import TransactionManager
 
 from daemon import __version__
-from daemon.config import Settings
+from daemon.config import Codec, Settings
 from daemon.core.codec import DEAD_LETTER_VALUE_BYTES
 from daemon.kafka.acl import AuthFailureWatch, refusal
 from daemon.kafka.retry import Backoff
@@ -107,9 +107,18 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         max_block_ms=MAX_BLOCK_MS,
         max_request_size=max_message_bytes(settings),
+        compression_type=compression_type(settings),
         # Building one during an outage waits this long, not kafka-python's 30 s.
         bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
     )
+
+
+def compression_type(settings: Settings) -> Codec | None:
+    """LSTMD_KAFKA_COMPRESSION as kafka-python takes it (None: uncompressed). Its codec
+    libraries are the daemon's dependencies, the same that decompress any input."""
+    if settings.kafka_compression == "none":
+        return None
+    return settings.kafka_compression
 
 
 def max_message_bytes(settings: Settings) -> int:

@@ -96,6 +96,13 @@ COMMIT_TIMEOUT_MS = 5000
 MAX_IN_FLIGHT_BYTES = 8 << 20
 
 
+class SendRefused(KafkaError):
+    """The client refused one record's send with an error of its own, not a KafkaError
+    (kafka-python raises ValueError for a partition its metadata does not know yet,
+    TypeError or AssertionError for a record it cannot serialise): that record's
+    failure, retried (or its transaction aborted) like any failed send."""
+
+
 class DeliveryFailed(Exception):
     """Outputs could not be published before the daemon was asked to stop."""
 
@@ -410,7 +417,9 @@ class Checkpointer:
     def _send(
         self, outputs: Sequence[OutputRecord], states: Sequence[StateRecord]
     ) -> list[tuple[OutputRecord | StateRecord, Future]]:
-        s = self.settings
+        """Send each record; what the client refuses for one record is that record's
+        failed future (a transactional send raises instead: the transaction aborts and
+        the batch is recomputed). Never an exception out of the loop for one record."""
         sent: list[tuple[OutputRecord | StateRecord, Future]] = []
         refused: KafkaError | None = None
         items: list[OutputRecord | StateRecord] = [*outputs, *states]
@@ -419,33 +428,47 @@ class Checkpointer:
                 sent.append((item, Future().failure(refused)))
                 continue
             try:
-                if isinstance(item, OutputRecord):
-                    if (
-                        item.dead_letter
-                        and item.value is not None
-                        and self._oversized
-                        and ((item.partition, item.offset) in self._oversized)
-                    ):
-                        item = _too_large(item, "broker")
-                    try:
-                        future = self._send_output(item)
-                    except MessageSizeTooLargeError:
-                        if not item.dead_letter:
-                            raise
-                        item = _too_large(item, "producer")
-                        future = self._send_output(item)
-                else:
-                    future = self.producer.send(
-                        s.state_topic_name, key=item.key.encode(), value=item.value, partition=item.partition
-                    )
-                sent.append((item, future))
+                item, future = self._send_one(item)
             except KafkaError as exc:
                 # send() refused within max_block_ms: no metadata for the topic.
                 if self.transactional:
                     raise  # the transaction aborts and the batch is recomputed
                 refused = exc
-                sent.append((item, Future().failure(exc)))
+                future = Future().failure(exc)
+            except Exception as exc:
+                # This record's own problem (not the topic's): the others go on.
+                error = SendRefused(f"{type(exc).__name__}: {exc}")
+                log.error(
+                    "send_refused",
+                    error=str(error),
+                    partition=item.partition,
+                    offset=item.offset if isinstance(item, OutputRecord) else None,
+                )
+                if self.transactional:
+                    raise error from exc
+                future = Future().failure(error)
+            sent.append((item, future))
         return sent
+
+    def _send_one(self, item: OutputRecord | StateRecord) -> tuple[OutputRecord | StateRecord, Future]:
+        """Send one record; a dead letter the client refuses (too large, or any error of
+        its own) is sent smaller (`OutputRecord.without_value`), down to the daemon's
+        headers alone, which always go: a dead letter can always be sent."""
+        if isinstance(item, StateRecord):
+            topic = self.settings.state_topic_name
+            return item, self.producer.send(
+                topic, key=item.key.encode(), value=item.value, partition=item.partition
+            )
+        if item.dead_letter and item.value and (item.partition, item.offset) in self._oversized:
+            item = _too_large(item, "broker")
+        while True:
+            try:
+                return item, self._send_output(item)
+            except Exception as exc:
+                size = isinstance(exc, MessageSizeTooLargeError)
+                if not item.dead_letter or item.bare or (isinstance(exc, KafkaError) and not size):
+                    raise
+                item = _too_large(item, "producer", "" if size else f"{type(exc).__name__}: {exc}")
 
     def _note_oversized(self, sent: Iterable[tuple[OutputRecord | StateRecord, Future]]) -> None:
         """Remember the dead letters the topic refused for their size: whenever they
@@ -610,23 +633,29 @@ def abort_cause(exc: KafkaError) -> str:
 
 def _refused_as_too_large(item: OutputRecord, future: Future) -> bool:
     """A dead letter the dead-letter topic refused for its size (its max.message.bytes
-    is below what the daemon produces)."""
+    is below what the daemon produces), with a value to leave out. The broker refuses a
+    whole batch: only the value is left out then, never the key (the key of a batch-mate
+    of a large record is not too large)."""
     return (
         item.dead_letter
-        and item.value is not None
+        and bool(item.value)
         and isinstance(future.exception, (MessageSizeTooLargeError, RecordListTooLargeError))
     )
 
 
-def _too_large(item: OutputRecord, refused_by: str) -> OutputRecord:
+def _too_large(item: OutputRecord, refused_by: str, error: str = "") -> OutputRecord:
+    """The dead letter made smaller (its value left out; then its key and the input's
+    headers), after the producer or the broker refused it (`error`: not for its size)."""
+    smaller = item.without_value()
     log.warning(
-        "dead_letter_value_omitted",
+        "dead_letter_bare" if smaller.bare else "dead_letter_value_omitted",
         refused_by=refused_by,
-        bytes=len(item.value or b""),
+        bytes=item.size,
         partition=item.partition,
         offset=item.offset,
+        **({"error": error} if error else {}),
     )
-    return item.without_value()
+    return smaller
 
 
 def _expelled(group: ConsumerGroupMetadata) -> bool:

@@ -12,6 +12,8 @@ prints a table or JSON. Sections, each described in its module's docstring:
   Streams application, daemon/devtools/quix_peer.py.
 * `profile` (profile.py; not in the default run): where the fast run loop's
   wall time goes per event, by phase.
+* `compression` (compression.py; not in the default run): the daemon's producer
+  with each codec of LSTMD_KAFKA_COMPRESSION: throughput, CPU and bytes on the wire.
 
 config.py says what a run is asked to do, runner.py runs it, report.py turns
 its rows into ratios, a table and JSON, and options.py is the command line

@@ -109,6 +109,10 @@ class BenchConfig:
     rebuild_keras_sequences: int = 100
     rebuild_keras_steps: int = 20
     rebuild_broker_sequences: int = 1_000  # x rebuild_steps through the Rebuilder and a broker; 0: none
+    # The daemon's producer with each codec (section compression; see compression.py).
+    compression_events: int = 20_000  # predictions per codec and round
+    compression_sequences: int = 1_000
+    compression_rounds: int = 3
 
 
 class Section(Protocol):

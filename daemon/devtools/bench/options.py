@@ -172,6 +172,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--latency-seconds", type=float, default=15.0, help="latency: paced seconds per round (default: 15)"
     )
+    p.add_argument(
+        "--compression-events",
+        type=int,
+        default=20_000,
+        help="compression: predictions produced per codec and round (default: 20000)",
+    )
+    p.add_argument(
+        "--compression-rounds",
+        type=int,
+        default=3,
+        help="compression: rounds, the codecs taking turns in each (default: 3)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -213,6 +225,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         rebuild_broker_sequences=max(0, args.rebuild_broker_sequences),
         latency_rate=max(1, args.latency_rate),
         latency_seconds=max(1.0, args.latency_seconds),
+        compression_events=max(1, args.compression_events),
+        compression_rounds=max(1, args.compression_rounds),
     )
     check(config)
     return config

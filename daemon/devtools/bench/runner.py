@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from daemon.devtools.bench.broker import BROKER
+from daemon.devtools.bench.compression import CompressionSection
 from daemon.devtools.bench.config import ENGINES, MODELS, BenchConfig, Log, Row, Section
 from daemon.devtools.bench.e2e import E2ESection
 from daemon.devtools.bench.engine import EngineSection
@@ -33,6 +34,8 @@ SECTIONS: dict[str, Section] = {
     "scale": ScaleSection(),
     "keras-overhead": OverheadSection(),
     "rebuild": RebuildSection(),
+    # The producer's codec (LSTMD_KAFKA_COMPRESSION), on request only.
+    "compression": CompressionSection(),
 }
 
 
