@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
-from kafka.errors import FencedInstanceIdError, RebalanceInProgressError
+import structlog
+from kafka.errors import FencedInstanceIdError, ProducerFencedError, RebalanceInProgressError
 
 from daemon.core.state import SequenceState, StateStore
 from daemon.errors import KafkaSetupError
@@ -228,65 +230,115 @@ def test_a_static_member_fenced_at_join_ends_with_exit_2_naming_the_variable(
         RunLoop(s, proc, metrics, Health(60), threading.Event()).run()
 
 
+class OneRecordConsumer:
+    """The group's consumer, faked: assigns TP and hands over one record at the first
+    poll; its first `refusals` commits meet a rebalance."""
+
+    def __init__(self, refusals: int = 0) -> None:
+        self.listener: Any = None
+        self.assigned: set[Any] = set()
+        self.polls = 0
+        self.refusals = refusals
+        self.committed_offsets: list[dict[Any, Any]] = []
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def poll(self, **_: Any) -> dict[Any, list[Any]]:
+        self.polls += 1
+        if self.polls == 1:
+            self.assigned = {TP}
+            finish(self.listener.on_partitions_assigned({TP}))
+            return {TP: [recs([("a", {"x": [1]})])[0]]}
+        return {}
+
+    def assignment(self) -> set[Any]:
+        return self.assigned
+
+    def commit(self, offsets: dict[Any, Any], timeout_ms: int | None = None) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise RebalanceInProgressError()
+        self.committed_offsets.append({tp: o.offset for tp, o in offsets.items()})
+
+    def group_metadata(self) -> Any:
+        return FakeConsumer().group_metadata()
+
+    def committed(self, tp: Any, timeout_ms: int = 0) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:  # pause, close, highwater, seek, ...
+        return lambda *a, **k: None
+
+
+class StateTopic(FakeStateConsumer):
+    def close(self, timeout_ms: int | None = None) -> None: ...
+
+
+def one_record_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    consumer: OneRecordConsumer,
+    producer: FakeProducer,
+    then: Callable[[RunLoop], None] = lambda rl: None,
+    **extra: Any,
+) -> RunLoop:
+    """The run loop with fake clients: one record processed, `then(loop)`, SIGTERM."""
+    monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: StateTopic([]))
+    monkeypatch.setattr(loop_module, "ensure_topics", lambda *a: 1)
+    monkeypatch.setattr(loop_module, "outputs_aligned", lambda *a: True)
+    monkeypatch.setattr(loop_module, "make_producer", lambda *a: producer)
+    monkeypatch.setattr(loop_module, "make_consumer", lambda *a: consumer)
+    monkeypatch.setattr(loop_module, "make_restore_consumer", lambda *a: StateTopic([]))
+    monkeypatch.setattr(loop_module, "partitions_for_topic", lambda *a, **k: {0})
+    proc, metrics = make()
+    stop = threading.Event()
+
+    def after_batch(_: int) -> None:
+        then(rl)
+        stop.set()
+
+    rl = RunLoop(settings(tmp_path, **extra), proc, metrics, Health(60), stop, on_batch=after_batch)
+    rl.run()
+    return rl
+
+
 def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGTERM while the group rebalances: the final checkpoint's commit is deferred
     (RebalanceInProgressError); the daemon keeps polling, paused, and commits once the
     rebalance is over, instead of exiting with nothing committed."""
-    rec = recs([("a", {"x": [1]})])[0]
-
-    class Consumer:
-        def __init__(self) -> None:
-            self.listener: Any = None
-            self.assigned: set[Any] = set()
-            self.polls = 0
-            self.refusals = 2  # the group is rebalancing for two commits
-            self.committed_offsets: list[dict[Any, Any]] = []
-
-        def subscribe(self, topics: list[str], listener: Any) -> None:
-            self.listener = listener
-
-        def poll(self, **_: Any) -> dict[Any, list[Any]]:
-            self.polls += 1
-            if self.polls == 1:
-                self.assigned = {TP}
-                finish(self.listener.on_partitions_assigned({TP}))
-                return {TP: [rec]}
-            return {}
-
-        def assignment(self) -> set[Any]:
-            return self.assigned
-
-        def commit(self, offsets: dict[Any, Any], timeout_ms: int | None = None) -> None:
-            if self.refusals:
-                self.refusals -= 1
-                raise RebalanceInProgressError()
-            self.committed_offsets.append({tp: o.offset for tp, o in offsets.items()})
-
-        def group_metadata(self) -> Any:
-            return FakeConsumer().group_metadata()
-
-        def committed(self, tp: Any, timeout_ms: int = 0) -> None:
-            return None
-
-        def __getattr__(self, name: str) -> Any:  # pause, close, highwater, seek, ...
-            return lambda *a, **k: None
-
-    class StateTopic(FakeStateConsumer):
-        def close(self, timeout_ms: int | None = None) -> None: ...
-
-    consumer = Consumer()
-    monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: StateTopic([]))
-    monkeypatch.setattr(loop_module, "ensure_topics", lambda *a: 1)
-    monkeypatch.setattr(loop_module, "outputs_aligned", lambda *a: True)
-    monkeypatch.setattr(loop_module, "make_producer", lambda *a: FakeProducer())
-    monkeypatch.setattr(loop_module, "make_consumer", lambda *a: consumer)
-    monkeypatch.setattr(loop_module, "make_restore_consumer", lambda *a: StateTopic([]))
-    monkeypatch.setattr(loop_module, "partitions_for_topic", lambda *a, **k: {0})
-    proc, metrics = make()
-    stop = threading.Event()
-    rl = RunLoop(settings(tmp_path), proc, metrics, Health(60), stop, on_batch=lambda n: stop.set())
-    rl.run()
+    consumer = OneRecordConsumer(refusals=2)  # the group is rebalancing for two commits
+    one_record_run(tmp_path, monkeypatch, consumer, FakeProducer())
     assert consumer.committed_offsets == [{TP: 1}]  # committed after the rebalance
     assert consumer.polls >= 3  # polled (paused) while the commit was deferred
+
+
+def test_an_aborted_final_transaction_is_not_called_checkpointed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exactly-once, SIGTERM with work in hand whose transaction aborts (fenced by a
+    rebalance, say): the loop rewinds, nothing of it is committed, and the log says
+    so (`shutdown_incomplete`), not `shutdown_checkpointed`."""
+
+    class SecondCommitFails(FakeProducer):
+        def commit_transaction(self) -> None:
+            self.calls.append("commit_transaction")
+            if self.calls.count("commit_transaction") == 2:
+                raise ProducerFencedError("a rebalance moved the partition")
+
+    producer = SecondCommitFails()
+    with structlog.testing.capture_logs() as logs:
+        one_record_run(
+            tmp_path,
+            monkeypatch,
+            OneRecordConsumer(),
+            producer,
+            then=lambda rl: rl.store.touched(0, "a"),  # a changed state in hand at SIGTERM
+            delivery="exactly-once",
+        )
+    events = [e["event"] for e in logs]
+    assert producer.calls.count("abort_transaction") == 1
+    assert "shutdown_incomplete" in events
+    assert "shutdown_checkpointed" not in events

@@ -121,6 +121,8 @@ class RunLoop:
         self._revocation_failure: Exception | None = None
         # Set before the consumer closes: its close revokes, nothing is left to save.
         self._closing = False
+        # How many times the loop rewound to the committed offsets (`_recover`).
+        self._rewinds = 0
         for kind in ("assigned", "revoked", "lost"):  # every label value starts at 0
             metrics.rebalances.labels(kind=kind)
 
@@ -192,9 +194,20 @@ class RunLoop:
         the rebalance; a partition revoked meanwhile is simply released."""
         log.info("stopping", reason="signal", pending=self.policy.pending())
         consumer = clients.consumer
+        rewinds = self._rewinds
         while True:
             consumer.pause(*consumer.assignment())
             self._flush(clients)
+            if self._rewinds != rewinds:
+                # The final checkpoint was aborted (or given up inside a revocation): the
+                # loop rewound, nothing of it is committed, and there is no time to redo it.
+                log.warning(
+                    "shutdown_incomplete",
+                    reason="the final checkpoint was aborted",
+                    message="the next owner of these partitions repeats their inputs from the "
+                    "committed offsets (exactly-once: nothing of the aborted transaction is visible)",
+                )
+                return
             if not self.policy.pending():
                 log.info("shutdown_checkpointed")
                 return
@@ -533,6 +546,7 @@ class RunLoop:
     def _recover(self, clients: _Clients) -> None:
         """After an aborted transaction the states in memory include work that was
         never committed: forget them, rewind to the committed offsets, restore."""
+        self._rewinds += 1
         consumer = clients.consumer
         assigned = set(consumer.assignment())
         # Rewound before the next poll (as the consumer's own fetches expect), each
