@@ -55,6 +55,14 @@ TRANSACTION_TIMEOUT_MS = 10_000
 MAX_BLOCK_MS = 10_000
 # Each connection attempt at start-up gives up after this, then backs off and retries.
 BOOTSTRAP_TIMEOUT_MS = 5000
+# How old a client's view of the topics may grow (kafka-python: 5 minutes). Partitions
+# added to a topic while the daemon runs are seen on this clock: by the group leader's
+# consumer, which then rejoins and assigns them (kafka-python 3.0.12 compares the
+# metadata it assigned from with the current one: ConsumerCoordinator.need_rejoin),
+# and by the producers, which refuse a partition they do not know yet. 30 s keeps a
+# topic change served within a minute, for one small Metadata request per client
+# every 30 s.
+METADATA_MAX_AGE_MS = 30_000
 
 
 def security_kwargs(settings: Settings) -> dict[str, Any]:
@@ -93,6 +101,7 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         # kafka-python 3 takes assignor instances; its stubs still say classes.
         partition_assignment_strategy=[CooperativeStickyAssignor()],  # type: ignore[list-item]
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
 
 
@@ -110,6 +119,7 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         compression_type=compression_type(settings),
         # Building one during an outage waits this long, not kafka-python's 30 s.
         bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
 
 
@@ -136,6 +146,7 @@ def make_restore_consumer(settings: Settings) -> KafkaConsumer:
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_partition_fetch_bytes=8 << 20,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
 
 

@@ -1,11 +1,18 @@
-"""Topic provisioning at start-up: the four topics exist, agree, and may be used."""
+"""The four topics: at start-up they exist, agree, and may be used; while running,
+their partition counts are watched (partitions may be added at any time)."""
 
 from __future__ import annotations
 
+import threading
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.cluster import ClusterMetadata
 from kafka.errors import AuthorizationError, GroupAuthorizationFailedError, KafkaError, for_code
+from kafka.partitioner.default import murmur2
 
 from daemon.config import Settings
 from daemon.errors import KafkaSetupError
@@ -35,8 +42,9 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     topic. The consumer group is checked too, so a missing ACL ends the daemon
     at start-up with its name instead of failing deep in the consumer.
 
-    The state topic must have as many partitions as the input (state of input
-    partition p lives in state partition p) and is created compacted.
+    The state topic must have at least as many partitions as the input (state of
+    input partition p lives in state partition p; more are unused until the input
+    grows, which is the order partitions are added in) and is created compacted.
     """
     roles = topic_roles(settings)
     described = {t["name"]: t for t in admin.describe_topics(list(roles))}
@@ -70,20 +78,122 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
         # Whoever won a creation race chose the partition count: read it back.
         partitions = _partitions(admin, settings.input_topic)
     state_partitions = _partitions(admin, settings.state_topic_name)
-    if state_partitions != partitions:
+    if state_partitions < partitions:
         raise KafkaSetupError(
             f"state topic {settings.state_topic_name} has {state_partitions} partitions, the input "
-            f"topic {settings.input_topic} has {partitions}: they must be equal"
+            f"topic {settings.input_topic} has {partitions}: add partitions to the state topic "
+            f"(kafka-topics.sh --alter --partitions {partitions}); it needs at least the input's"
         )
     return partitions
 
 
 def outputs_aligned(admin: KafkaAdminClient, settings: Settings, partitions: int) -> bool:
-    """Whether the output and dead-letter topics have the input's partition count: then
-    input partition p's outputs can go to their partition p, which keeps each key on
-    one output partition without hashing the key for every record."""
+    """Whether the output and dead-letter topics have the input's partition count (at
+    start-up; `Layout.aligned` while running)."""
     topics = (settings.output_topic, settings.dead_letter_topic)
     return all(_partitions(admin, topic) == partitions for topic in topics)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The partition counts of the daemon's four topics, seen at one moment."""
+
+    input: int
+    output: int
+    dead_letter: int
+    state: int
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the output and dead-letter topics have the input's partition count:
+        then input partition p's outputs can go to their partition p, which keeps each
+        key on one output partition without hashing the key for every record. Otherwise
+        they go by key (the producer's partitioner)."""
+        return self.output == self.input and self.dead_letter == self.input
+
+    @property
+    def stateless(self) -> range:
+        """Input partitions without a state partition of their number: they cannot be
+        restored or checkpointed, so they are not served until the state topic grows."""
+        return range(self.state, self.input)
+
+
+def _topics(settings: Settings) -> tuple[str, str, str, str]:
+    return (
+        settings.input_topic,
+        settings.output_topic,
+        settings.dead_letter_topic,
+        settings.state_topic_name,
+    )
+
+
+def known_layout(producer: KafkaProducer, settings: Settings) -> Layout | None:
+    """The four topics' partition counts in the producer's metadata: no request, the
+    producer refreshes it every METADATA_MAX_AGE_MS (clients.py), all four topics in
+    one answer. None while it does not know one of them yet: it is asked to track it
+    (a new producer knows only the topics it has sent to)."""
+    metadata, counts = _metadata(producer), []
+    if metadata is None:
+        return None
+    for topic in _topics(settings):
+        known = metadata.partitions_for_topic(topic)  # type: ignore[no-untyped-call]
+        if known is None:
+            producer._sender.add_topic(topic)  # type: ignore[attr-defined]  # thread-safe, no wait
+            return None
+        counts.append(len(known))
+    return Layout(*counts)
+
+
+def _metadata(producer: KafkaProducer) -> ClusterMetadata | None:
+    """kafka-python's metadata of the producer (private: its public `partitions_for`
+    blocks), or None for another client."""
+    metadata = getattr(producer, "_metadata", None)
+    return metadata if isinstance(metadata, ClusterMetadata) else None
+
+
+def refresh_metadata(producer: KafkaProducer, wait_s: float = 0.0) -> None:
+    """Have the producer refresh its metadata now; wait for the answer up to `wait_s`."""
+    metadata = _metadata(producer)
+    if metadata is None:
+        return
+    done = threading.Event()
+    metadata.request_update().add_both(lambda *_: done.set())
+    if wait_s:
+        done.wait(wait_s)
+
+
+def unlisted(producer: KafkaProducer, topic: str, partition: int) -> bool:
+    """Whether the producer's metadata knows `topic` but not its partition `partition`:
+    kafka-python's `send` then refuses it (ValueError, "Unrecognized partition"). A
+    topic it does not know at all is not judged here: `send` waits for its metadata."""
+    metadata = _metadata(producer)
+    known = metadata.partitions_for_topic(topic) if metadata is not None else None  # type: ignore[no-untyped-call]
+    return known is not None and partition not in known
+
+
+# The default partitioners of the clients that write input topics, as key -> hash
+# (the partition is the hash modulo the partition count): murmur2 for the Java
+# client and kafka-python, CRC-32 for librdkafka (confluent-kafka, Go, .NET: its
+# default `consistent_random`). A producer with another partitioner is not covered.
+PARTITIONERS: dict[str, Callable[[bytes], int]] = {
+    "murmur2": lambda key: int(murmur2(key)) & 0x7FFFFFFF,
+    "crc32": zlib.crc32,
+}
+
+
+def moved_sequences(open_keys: Iterable[tuple[int, str]], before: int, after: int) -> dict[str, int]:
+    """For each default partitioner: how many of the open sequences (input partition,
+    key) it had put in their partition with `before` partitions and puts in another one
+    with `after`. Their next inputs reach a partition without their state: there they
+    start over from a zero state (state is per input partition and key)."""
+    moved = dict.fromkeys(PARTITIONERS, 0)
+    for partition, key in open_keys:
+        raw = key.encode()
+        for name, hashed in PARTITIONERS.items():
+            h = hashed(raw)
+            if h % before == partition and h % after != partition:
+                moved[name] += 1
+    return moved
 
 
 def _create_topics(admin: KafkaAdminClient, settings: Settings, missing: dict[str, dict[str, Any]]) -> None:

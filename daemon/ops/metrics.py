@@ -148,6 +148,16 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        self.moved_sequences = Counter(
+            "lstmd_moved_sequences",
+            "Open sequences whose key a default partitioner moved to another partition when "
+            "the input topic grew (they start over there), by partitioner: murmur2 (Java, "
+            "kafka-python), crc32 (librdkafka).",
+            ["partitioner"],
+            registry=r,
+        )
+        for partitioner in ("murmur2", "crc32"):  # both series start at 0
+            self.moved_sequences.labels(partitioner=partitioner)
         self.checkpoint = Histogram(
             "lstmd_checkpoint_duration_seconds",
             "Publishing a batch's outputs and state records and committing its offsets.",

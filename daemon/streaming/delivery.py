@@ -36,6 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
@@ -56,6 +57,7 @@ from kafka.errors import (
     RebalanceInProgressError,
     RecordListTooLargeError,
     RequestTimedOutError,
+    UnknownTopicOrPartitionError,
 )
 from kafka.future import Future
 from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
@@ -71,6 +73,7 @@ from daemon.kafka.clients import (
     send_offsets_to_transaction,
 )
 from daemon.kafka.retry import Backoff
+from daemon.kafka.topics import refresh_metadata, unlisted
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.policy import Checkpoint
@@ -94,6 +97,8 @@ COMMIT_TIMEOUT_MS = 5000
 # Output bytes in flight (sent, not yet acknowledged) past which the run loop stops
 # fetching: well below kafka-python's buffer (32 MiB), so `send` never blocks on it.
 MAX_IN_FLIGHT_BYTES = 8 << 20
+# How long a send for a partition the producer does not know waits for fresh metadata.
+METADATA_WAIT_S = 5.0
 
 
 class SendRefused(KafkaError):
@@ -456,9 +461,7 @@ class Checkpointer:
         headers alone, which always go: a dead letter can always be sent."""
         if isinstance(item, StateRecord):
             topic = self.settings.state_topic_name
-            return item, self.producer.send(
-                topic, key=item.key.encode(), value=item.value, partition=item.partition
-            )
+            return item, self._send_to(topic, item.partition, key=item.key.encode(), value=item.value)
         if item.dead_letter and item.value and (item.partition, item.offset) in self._oversized:
             item = _too_large(item, "broker")
         while True:
@@ -489,14 +492,37 @@ class Checkpointer:
 
     def _send_output(self, item: OutputRecord) -> Future:
         topic = self.settings.dead_letter_topic if item.dead_letter else self.settings.output_topic
-        return self.producer.send(
+        return self._send_to(
             topic,
+            # Stable key -> partition and no murmur2 per record, when the counts agree.
+            item.partition if self.same_partitions else None,
             key=item.key,
             value=item.value,
             headers=item.headers or None,
-            # Stable key -> partition and no murmur2 per record, when the counts agree.
-            partition=item.partition if self.same_partitions else None,
         )
+
+    def _send_to(self, topic: str, partition: int | None, **record: Any) -> Future:
+        """`producer.send`, through a partition added to the topic since the producer
+        last refreshed its metadata: that refusal forces a refresh, then the record goes
+        there. A partition the topic still lacks means an output topic with fewer
+        partitions than the input: outputs go by key from now on (the run loop sets
+        `same_partitions` again once the counts agree). A state record for it fails
+        (retried; the run loop serves no input partition the state topic lacks)."""
+        try:
+            return self.producer.send(topic, partition=partition, **record)
+        except ValueError:
+            if partition is None or not unlisted(self.producer, topic, partition):
+                raise  # another refusal, e.g. neither key nor value
+        refresh_metadata(self.producer, wait_s=METADATA_WAIT_S)
+        if not unlisted(self.producer, topic, partition):
+            return self.producer.send(topic, partition=partition, **record)
+        if topic == self.settings.state_topic_name:
+            raise UnknownTopicOrPartitionError(f"{topic} has no partition {partition}")
+        self.same_partitions = False
+        log.warning(
+            "outputs_by_key", topic=topic, partition=partition, reason="the topic lacks the partition"
+        )
+        return self.producer.send(topic, partition=None, **record)
 
     def _topic(self, item: OutputRecord | StateRecord) -> str:
         s = self.settings

@@ -40,7 +40,14 @@ from daemon.kafka.clients import (
 )
 from daemon.kafka.listener import RebalanceEvents
 from daemon.kafka.retry import Backoff
-from daemon.kafka.topics import ensure_topics, outputs_aligned
+from daemon.kafka.topics import (
+    Layout,
+    ensure_topics,
+    known_layout,
+    moved_sequences,
+    outputs_aligned,
+    refresh_metadata,
+)
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -123,6 +130,11 @@ class RunLoop:
         self._closing = False
         # How many times the loop rewound to the committed offsets (`_recover`).
         self._rewinds = 0
+        # The topics' partition counts last seen (`_watch_topics`), the input's count
+        # announced, and the input partitions held for want of a state partition.
+        self._layout: Layout | None = None
+        self._input_partitions = 0
+        self._held: set[int] = set()
         for kind in ("assigned", "revoked", "lost"):  # every label value starts at 0
             metrics.rebalances.labels(kind=kind)
 
@@ -143,7 +155,7 @@ class RunLoop:
                 self._checkpoint(clients, self._process(batch))
                 if batch and self.on_batch is not None:
                     self.on_batch(len(batch))
-                self._housekeeping(clients.consumer)
+                self._housekeeping(clients)
                 if self.policy.notices:
                     # Idle evictions: durable before any later input of those keys is
                     # answered, so a restart cannot revive a state already announced gone.
@@ -225,6 +237,7 @@ class RunLoop:
         try:
             partitions = ensure_topics(admin, self.settings)
             aligned = outputs_aligned(admin, self.settings, partitions)
+            self._input_partitions = partitions
         finally:
             admin.close()
         log.info(
@@ -495,6 +508,8 @@ class RunLoop:
         """
         consumer = clients.consumer
         for p in self.partitions.in_phase(Phase.ASSIGNED):
+            if self._stateless(clients, p):
+                continue
             tp = TopicPartition(self.settings.input_topic, p)
             try:  # asked again at the next poll while Kafka does not answer
                 committed = self._committed(consumer, tp, POSITION_TIMEOUT_MS)
@@ -591,11 +606,13 @@ class RunLoop:
                     ) from exc
 
     # -- housekeeping -------------------------------------------------------------
-    def _housekeeping(self, consumer: KafkaConsumer) -> None:
+    def _housekeeping(self, clients: _Clients) -> None:
         now = time.monotonic()
         if now - self._housekeeping_at < HOUSEKEEPING_INTERVAL_S:
             return
         self._housekeeping_at = now
+        consumer = clients.consumer
+        self._watch_topics(clients)
         if self.settings.sequence_idle_timeout_s:
             self.policy.notify(self.processor.evict_idle(self.settings.sequence_idle_timeout_s))
         self.metrics.state_bytes.set(self.store.state_bytes())
@@ -611,3 +628,72 @@ class RunLoop:
                     continue
             if position is not None:
                 self.metrics.lag.labels(partition=str(tp.partition)).set(max(0, high - position))
+
+    # -- topic changes ------------------------------------------------------------
+    def _watch_topics(self, clients: _Clients) -> None:
+        """Partitions added to the topics while running, as the producer's metadata
+        sees them (refreshed every 30 s: clients.METADATA_MAX_AGE_MS). Outputs go to
+        their input's partition number only while the output and dead-letter topics
+        have the input's count; a grown input topic is announced with the open
+        sequences whose key it moves; a state topic smaller than the input is an
+        error, and the input partitions it lacks wait (`_stateless`)."""
+        layout = known_layout(clients.checkpointer.producer, self.settings)
+        if layout is None or layout == self._layout:
+            return
+        self._layout = layout
+        checkpointer = clients.checkpointer
+        if checkpointer.same_partitions != layout.aligned:
+            checkpointer.same_partitions = layout.aligned
+            log.info("outputs_partitioning", by_input_partition=layout.aligned, layout=vars(layout))
+        if layout.input > self._input_partitions:
+            if self._input_partitions:
+                self._announce_growth(self._input_partitions, layout.input)
+            self._input_partitions = layout.input
+        if layout.stateless:
+            log.error(
+                "state_partitions_missing",
+                state_topic=self.settings.state_topic_name,
+                layout=vars(layout),
+                waiting=list(layout.stateless),
+                action=f"add partitions to the state topic: at least {layout.input}",
+            )
+
+    def _announce_growth(self, before: int, after: int) -> None:
+        """The input topic grew: a producer's default partitioner now puts some keys in
+        another partition (hash modulo the count). An open sequence of such a key keeps
+        its state here, in its old partition, where its inputs may still arrive until
+        its producers refresh their metadata; its inputs in the new partition start
+        over from a zero state. Counted (per partitioner: the daemon cannot know which
+        one its producers use) and announced, not dropped (docs/runbook.md)."""
+        open_keys = [(p, key) for p, key, state in self.store if state.n]
+        moved = moved_sequences(open_keys, before, after)
+        for partitioner, count in moved.items():
+            self.metrics.moved_sequences.labels(partitioner=partitioner).inc(count)
+        log.warning(
+            "input_partitions_added",
+            **{"from": before, "to": after},
+            open_sequences=len(open_keys),
+            moved_murmur2=moved["murmur2"],
+            moved_crc32=moved["crc32"],
+            message="open sequences whose key now hashes to another partition start over there",
+        )
+
+    def _stateless(self, clients: _Clients, partition: int) -> bool:
+        """Whether an assigned input partition has no state partition of its number yet
+        (the input topic grew before the state topic): its states could be neither
+        restored nor written, so it is not restored and serves nothing until the state
+        topic grows. Fresh metadata is asked for once when it starts to wait."""
+        known = self._layout.state if self._layout is not None else self._input_partitions
+        if partition < known:
+            self._held.discard(partition)
+            return False
+        if partition not in self._held:
+            self._held.add(partition)
+            refresh_metadata(clients.checkpointer.producer)
+            log.info(
+                "partition_waiting_for_state",
+                partition=partition,
+                state_topic=self.settings.state_topic_name,
+                state_partitions=known,
+            )
+        return True
