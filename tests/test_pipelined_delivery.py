@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
@@ -21,7 +22,7 @@ from daemon.kafka.retry import Backoff
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.streaming import delivery
-from daemon.streaming.delivery import Checkpointer
+from daemon.streaming.delivery import CheckpointAbandoned, Checkpointer
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import Checkpoint
 from tests.fakes import TP, FakeConsumer, make, settings
@@ -159,6 +160,43 @@ def test_a_revoked_partitions_failed_outputs_are_not_resent(tmp_path: Path) -> N
     assert not cp.failing()
     assert cp.commit(LoggingConsumer(log), Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
     assert [e for e in log if e.startswith("send")] == ["send out b'p1'", "send out b'p0'"]
+
+
+def test_an_expelled_member_resends_no_output(tmp_path: Path, monkeypatch: Any) -> None:
+    """Outputs are fenced like states: a failed prediction resent by a member the group
+    expelled could land after its partition's next owner published the key's newer one."""
+    monkeypatch.setattr(delivery, "Backoff", _NoWait)
+    log: list[str] = []
+    lost = iter([True])  # the broker loses the first send only
+    cp, producers, _ = pipeline(tmp_path, log, fail=lambda key, value: next(lost, False))
+    cp.send([out(b"old")])
+    producers[0].flush()  # lost; meanwhile the group expelled this member
+    expelled = LoggingConsumer(log)
+    expelled.generation = -1
+    with pytest.raises(CheckpointAbandoned):  # the run loop restores, as after an abort
+        cp.commit(expelled, Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
+    assert [e for e in log if e.startswith("send")] == ["send out b'old'"]
+    assert "commit" not in log
+
+
+def test_a_member_expelled_during_the_retries_stops_resending(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(delivery, "Backoff", _NoWait)
+    log: list[str] = []
+    lost = iter([True] * 5)  # the broker loses the first five sends, then takes them
+    cp, _, _ = pipeline(tmp_path, log, fail=lambda key, value: next(lost, False))
+    consumer = LoggingConsumer(log)
+    generations = iter([3, 3, -1])  # a member for the first resend only
+
+    def group_metadata() -> Any:
+        consumer.generation = next(generations)
+        return FakeConsumer.group_metadata(consumer)
+
+    consumer.group_metadata = group_metadata  # type: ignore[method-assign]
+    cp.send([out(b"old")])
+    with pytest.raises(CheckpointAbandoned):
+        cp.commit(consumer, Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
+    assert [e for e in log if e.startswith("send")] == ["send out b'old'"] * 3
+    assert "commit" not in log
 
 
 def test_latency_and_count_are_taken_at_the_acknowledgement(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ dropped, for its next owner recomputes it from the last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -98,9 +99,11 @@ class TransactionFailed(Exception):
 
 
 class CheckpointAbandoned(TransactionFailed):
-    """At-least-once: the group expelled this member before its state records were
-    written. Writing them later could overwrite newer ones of the partitions' next
-    owner, so they are dropped, and the run loop restores, like after an abort."""
+    """At-least-once: the group expelled this member before the checkpoint's records
+    were all written. Writing them later (a state record, or a resend of an output)
+    could land over newer ones of the partitions' next owner, so nothing more is
+    sent: the next owner recomputes them, and the run loop restores, like after an
+    abort."""
 
 
 class Checkpointer:
@@ -200,8 +203,9 @@ class Checkpointer:
                 self._transaction(consumer, cp)
                 return True
             self.send(cp.outputs)
-            self._publish([], [], settled=self._settle())
-            self._publish([], cp.states, owner=lambda: _member(consumer))
+            member = functools.partial(_member, consumer)  # the fence of every (re)send
+            self._publish([], [], owner=member, settled=self._settle())
+            self._publish([], cp.states, owner=member)
             return self._commit_offsets(consumer, cp.offsets)
         finally:
             self.metrics.checkpoint.observe(time.perf_counter() - started)
@@ -487,8 +491,11 @@ class Checkpointer:
         `settled`: records already sent and waited for (the pipelined outputs that
         failed or were not acknowledged in time), in send order, to judge first.
 
-        State records are (re)sent only while `owner()` says this process is still a
-        member of the group: without transactions that is the only fence there is.
+        Records, outputs and states alike, are (re)sent only while `owner()` says this
+        process is still a member of the group: without transactions that is the only
+        fence there is. An expelled member that resent an old prediction could land it
+        after the next owner's newer one of the same key (a compacted output topic
+        would then keep the stale one); the next owner recomputes it instead.
         """
         pending_out, pending_states = list(outputs), list(states)
         backoff = Backoff(self.abandon, beat=self.beat)
@@ -497,11 +504,13 @@ class Checkpointer:
             if settled:
                 sent, settled = settled, None
             else:
-                if pending_states and not owner():
+                if not owner():
                     log.warning(
                         "checkpoint_abandoned",
+                        outputs=len(pending_out),
                         states=len(pending_states),
-                        reason="expelled from the group before its state records were written",
+                        reason="expelled from the group before these records were written",
+                        action="none sent; the partitions' next owner recomputes them",
                     )
                     raise CheckpointAbandoned("expelled from the group")
                 sent = self._send(pending_out, pending_states)
