@@ -127,7 +127,7 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
             return True
         return False
 
-    cp, producers, _ = pipeline(tmp_path, log, fail=fail)
+    cp, producers, metrics = pipeline(tmp_path, log, fail=fail)
     cp.send([out(b"a1", b"a"), out(b"b1", b"b"), out(b"a2", b"a")])
     producers[0].flush()  # the broker answers between two poll batches
     assert cp.failing()  # the loop then takes a checkpoint at once
@@ -136,6 +136,9 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
     # a2 was acknowledged before a1 was lost: it goes again after a1; b is not repeated.
     assert acked == ["b'b1'", "b'a2'", "b'a1'", "b'a2'"]
     assert log[-1] == "commit" and not cp.failing()
+    # Three predictions: a2's repeat is not counted again (nor its latency observed twice).
+    assert metrics.predictions._value.get() == 3
+    assert metrics.registry.get_sample_value("lstmd_end_to_end_latency_seconds_count") == 3
 
 
 def test_outputs_in_flight_are_bounded(tmp_path: Path, monkeypatch: Any) -> None:

@@ -498,6 +498,9 @@ class Checkpointer:
         would then keep the stale one); the next owner recomputes it instead.
         """
         pending_out, pending_states = list(outputs), list(states)
+        # A settled prediction acknowledged once was counted then (`_acknowledged`):
+        # when it goes again behind a failure of its key, its repeat is not counted.
+        counted = {id(item) for item, f in settled or () if f.succeeded()}
         backoff = Backoff(self.abandon, beat=self.beat)
         while pending_out or pending_states or settled:
             account = not settled  # a settled prediction was counted at its acknowledgement
@@ -520,7 +523,8 @@ class Checkpointer:
             resend = self._in_key_order(sent)
             again = {id(item) for item in resend}
             if account:
-                self._account([(item, f) for item, f in sent if f.succeeded() and id(item) not in again])
+                done = again | counted
+                self._account([(item, f) for item, f in sent if f.succeeded() and id(item) not in done])
             if not failed:
                 return
             refused = next(
