@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
@@ -21,7 +22,7 @@ from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.kafka.retry import Backoff
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
-from daemon.streaming import delivery
+from daemon.streaming import delivery, loop
 from daemon.streaming.delivery import CheckpointAbandoned, Checkpointer
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import Checkpoint
@@ -250,3 +251,36 @@ def test_the_loop_pauses_its_partitions_while_outputs_are_backlogged(tmp_path: P
         rl._throttle(clients)
     assert calls == ["pause", "pause", "resume"]
     assert metrics.backpressure._value.get() == 1
+
+
+def test_the_lag_of_paused_partitions_stays_current(tmp_path: Path) -> None:
+    """Paused (backpressure), a partition is not fetched, so its last fetch's high
+    watermark freezes while producers write on: its end is asked of the broker
+    instead, once per housekeeping, with a bound."""
+    tp1 = TopicPartition("in", 1)
+    asked: list[tuple[list[Any], int | None]] = []
+
+    class Consumer:
+        def assignment(self) -> set[Any]:
+            return {TP, tp1}
+
+        def paused(self) -> set[Any]:
+            return {TP}
+
+        def highwater(self, tp: Any) -> int:
+            return 10  # both partitions' last fetch
+
+        def end_offsets(self, tps: list[Any], timeout_ms: int | None = None) -> dict[Any, int]:
+            asked.append((tps, timeout_ms))
+            return dict.fromkeys(tps, 50)  # written since partition 0 was paused
+
+        def position(self, tp: Any, timeout_ms: int | None = None) -> int:
+            return 4
+
+    proc, metrics = make()
+    rl = RunLoop(settings(tmp_path), proc, metrics, Health(60), threading.Event())
+    rl._housekeeping(cast(Any, Consumer()))
+    lag = metrics.registry.get_sample_value
+    assert lag("lstmd_consumer_lag", {"partition": "0"}) == 46
+    assert lag("lstmd_consumer_lag", {"partition": "1"}) == 6  # fetched: its high watermark is current
+    assert asked == [([TP], loop.LAG_END_OFFSETS_TIMEOUT_MS)]

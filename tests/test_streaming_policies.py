@@ -248,6 +248,9 @@ def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(
         def assignment(self) -> set[Any]:
             return self.assigned
 
+        def paused(self) -> set[Any]:
+            return set()
+
         def commit(self, offsets: dict[Any, Any]) -> None:
             if self.refusals:
                 self.refusals -= 1

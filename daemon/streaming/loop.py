@@ -56,6 +56,8 @@ log = get_logger(__name__)
 POLL_TIMEOUT_MS = 200
 # Lag and idle eviction are housekeeping: at most once a second.
 HOUSEKEEPING_INTERVAL_S = 1.0
+# One wait for the ends of paused partitions (their lag), at most once a housekeeping.
+LAG_END_OFFSETS_TIMEOUT_MS = 200
 # One wait for a newly assigned partition's committed position (asked again at the
 # next poll while it is not stable or Kafka does not answer).
 POSITION_TIMEOUT_MS = 200
@@ -508,8 +510,27 @@ class RunLoop:
         if self.settings.sequence_idle_timeout_s:
             self.policy.notify(self.processor.evict_idle(self.settings.sequence_idle_timeout_s))
         self.metrics.state_bytes.set(self.store.state_bytes())
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
+        self._report_lag(consumer)
+
+    def _report_lag(self, consumer: KafkaConsumer) -> None:
+        """Each assigned partition's lag: its end minus the next offset to process.
+
+        The end is the high watermark of the partition's last fetch, except for a
+        paused partition (backpressure): it is not fetched, so that figure would
+        freeze while producers go on writing. Those partitions' ends are asked of the
+        broker instead, once, with a bound (LAG_END_OFFSETS_TIMEOUT_MS); unanswered,
+        their gauges keep their last value until the next housekeeping.
+        """
+        assigned = consumer.assignment()
+        paused = consumer.paused() & assigned
+        ends: dict[TopicPartition, int] = {}
+        if paused:
+            try:
+                ends = consumer.end_offsets(sorted(paused), timeout_ms=LAG_END_OFFSETS_TIMEOUT_MS)
+            except KafkaError as exc:
+                log.debug("lag_unknown", partitions=sorted(tp.partition for tp in paused), error=str(exc))
+        for tp in assigned:
+            high = ends.get(tp) if tp in paused else consumer.highwater(tp)
             position = self.partitions.position(tp.partition)
             if high is None:
                 continue
