@@ -319,7 +319,8 @@ def test_a_startup_error_is_reported_once_and_exits_2(tmp_path: Path) -> None:
     sup.start()
     assert sup.run() == 2
     assert sup.startup_errors == ["LSTMD_MODEL_PATH: cannot serve it"]
-    assert startup_error_path(sup.directory, 0).exists()
+    # The first to fail stops the others: one still starting may die of that SIGTERM first.
+    assert any(startup_error_path(sup.directory, i).exists() for i in range(3))
 
 
 def test_a_killed_supervisors_directory_is_removed_by_the_next_one(

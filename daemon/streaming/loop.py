@@ -510,6 +510,7 @@ class RunLoop:
         if self.settings.sequence_idle_timeout_s:
             self.policy.notify(self.processor.evict_idle(self.settings.sequence_idle_timeout_s))
         self.metrics.state_bytes.set(self.store.state_bytes())
+        self.metrics.ended_sequences.set(self.store.ended())
         self._report_lag(consumer)
 
     def _report_lag(self, consumer: KafkaConsumer) -> None:
