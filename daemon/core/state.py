@@ -11,7 +11,7 @@ import math
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +160,20 @@ class SequenceState:
             return state, str(header["model"])
         except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"corrupt state snapshot: {exc}") from None
+
+
+def snapshot_bytes(model_id: str, shapes: Sequence[tuple[int, ...]]) -> int:
+    """The largest state record value of a model: its tensors' floats and a header
+    whose numbers take their widest (offsets, steps and step counts of 19 digits)."""
+    widest = 10**18
+    state = SequenceState(
+        tensors=[np.zeros(shape, np.float32) for shape in shapes],
+        n=widest,
+        watermark=widest,
+        first_offset=widest,
+        last_step=-widest,
+    )
+    return len(state.snapshot(model_id))
 
 
 def _header(raw: bytes) -> dict[str, Any] | None:

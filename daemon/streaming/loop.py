@@ -28,7 +28,7 @@ from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
-from daemon.core.state import SequenceState
+from daemon.core.state import SequenceState, snapshot_bytes
 from daemon.kafka.acl import authorization_failure, fenced_instance
 from daemon.kafka.clients import (
     make_consumer,
@@ -39,7 +39,7 @@ from daemon.kafka.clients import (
 )
 from daemon.kafka.listener import RebalanceEvents
 from daemon.kafka.retry import Backoff
-from daemon.kafka.topics import ensure_topics, outputs_aligned
+from daemon.kafka.topics import check_state_record_size, ensure_topics, outputs_aligned
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -197,6 +197,9 @@ class RunLoop:
         try:
             partitions = ensure_topics(admin, self.settings)
             aligned = outputs_aligned(admin, self.settings, partitions)
+            if self.processor.state_shapes is not None:
+                state_bytes = snapshot_bytes(self.processor.model_id, self.processor.state_shapes)
+                check_state_record_size(admin, self.settings, state_bytes)
         finally:
             admin.close()
         log.info(
