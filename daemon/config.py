@@ -78,6 +78,14 @@ class Settings(PipelineSettings):
     log_level: LogLevel = "INFO"
     log_format: Literal["json", "console"] = "json"
     create_topics: bool = False
+    # See daemon.core.state.StateStore: a count, so that it bounds memory whatever the
+    # traffic; past it the oldest evicted sequences' `step` duplicate check is given up.
+    max_ended_sequences: int = Field(
+        default=100_000,
+        ge=0,
+        description="per process: evicted sequences whose last step is remembered; "
+        "0: none after their eviction is committed",
+    )
     sequence_idle_timeout_s: float = Field(default=86400.0, ge=0, description="0: never")
     checkpoint_interval_ms: int = Field(
         default=1000, ge=0, description="at-least-once; exactly-once checkpoints every poll batch"

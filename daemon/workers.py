@@ -16,12 +16,15 @@ starts), then starts the workers and serves the pod's one HTTP port:
 
 * `/metrics`: prometheus-client's multiprocess mode. Every worker writes its values
   to files in a directory of its own (PROMETHEUS_MULTIPROC_DIR, made fresh in the
-  temporary directory and removed at exit); the supervisor's MultiProcessCollector
+  temporary directory and removed at exit; see `claim_directory` for one left
+  behind by a supervisor that was killed); the supervisor's MultiProcessCollector
   adds counters and histograms up and combines each gauge as it says (see
   daemon/ops/metrics.py).
 * `/livez`, `/readyz`: each worker writes its own probes' answers to a small JSON
   file in the same directory every second (`health-<i>.json`, replaced atomically);
-  the pod is live only if every worker is, and ready only if every worker is.
+  the pod is live only if every worker is, and ready only if every worker is. A
+  worker with no fresh file for LSTMD_KAFKA_MAX_POLL_INTERVAL_MS (none written
+  since it started, or its last one that old) is not live.
 
 Static membership: with `LSTMD_GROUP_INSTANCE_ID=<id>`, worker i is the group
 member `<id>-w<i>` (and so its exactly-once transactional id differs too); a
@@ -41,6 +44,7 @@ supervisor prints each distinct message once and exits 2.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -67,6 +71,11 @@ WORKER_INDEX_ENV = "_LSTMD_WORKER_INDEX"
 WORKER_COUNT_ENV = "_LSTMD_WORKERS"
 #: prometheus-client's multiprocess directory; the workers' health files live there too.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: The supervisor's directory: `<temporary directory>/lstmd-workers-<random>`.
+DIRECTORY_PREFIX = "lstmd-workers-"
+#: In it, a file the supervisor holds an exclusive flock on for as long as it lives.
+LOCK_FILE = "supervisor.lock"
 
 #: A worker rewrites its health file this often.
 STATUS_INTERVAL_S = 1.0
@@ -175,13 +184,16 @@ class StatusWriter:
 class WorkersHealth:
     """The pod's probes from its workers' health files: live only if every worker is
     live, ready only if every worker is ready. A worker that has not written yet is
-    starting (live, not ready); one whose file is older than `stale_after_s` is stuck
-    (its status thread would have written): not live."""
+    starting (live, not ready) for `stale_after_s` from `started_at` (when the
+    supervisor started the workers); past that it hung before its first write (its
+    first comes before the model loads): not live. One whose file is older than
+    `stale_after_s` is stuck (its status thread would have written): not live."""
 
     def __init__(self, directory: Path, workers: int, stale_after_s: float) -> None:
         self.directory = directory
         self.workers = workers
         self.stale_after_s = stale_after_s
+        self.started_at: float | None = None  # wall clock, set when the workers start
 
     def _statuses(self) -> list[tuple[int, dict[str, Any] | None]]:
         out: list[tuple[int, dict[str, Any] | None]] = []
@@ -197,6 +209,9 @@ class WorkersHealth:
         now = time.time()
         for i, status in self._statuses():
             if status is None:
+                silent = now - self.started_at if self.started_at is not None else 0.0
+                if silent > self.stale_after_s:
+                    problems.append(f"worker {i}: no status since it started {silent:.0f}s ago")
                 continue  # starting
             if now - float(status["at"]) > self.stale_after_s:
                 problems.append(f"worker {i}: no status for {now - float(status['at']):.0f}s")
@@ -231,6 +246,49 @@ class WorkersMetrics:
         return generate_latest(self.registry)
 
 
+def claim_directory(parent: Path | None = None) -> tuple[Path, int]:
+    """A fresh directory for the workers' files, and the descriptor of its lock.
+
+    First, the directories of supervisors that are gone are removed. In a container
+    the temporary directory is an emptyDir that outlives the container, so every
+    supervisor killed (SIGKILL after the grace period, the OOM killer) would leave
+    its metrics files behind, restart after restart. Whether a directory's supervisor
+    is gone is asked of the kernel, not guessed from a PID (PIDs repeat: in a
+    container the supervisor is PID 1 every time): it holds an exclusive flock on
+    the directory's LOCK_FILE for as long as it lives, and the kernel releases a
+    dead process's locks, however it died. A directory whose lock can be taken is
+    stale; one without a lock file (not lstmd's, or being made) is left alone.
+    The lock is taken before its file gets its name, so a directory is never seen
+    with a lock file that nobody holds yet.
+    """
+    parent = Path(tempfile.gettempdir()) if parent is None else parent
+    for stale in parent.glob(f"{DIRECTORY_PREFIX}*"):
+        if _abandoned(stale / LOCK_FILE):
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info("stale_worker_directory_removed", directory=str(stale))
+    directory = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX, dir=parent))
+    making = directory / f"{LOCK_FILE}.new"
+    fd = os.open(making, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.replace(making, directory / LOCK_FILE)
+    return directory, fd
+
+
+def _abandoned(lock: Path) -> bool:
+    """Whether nobody holds `lock` (then this process holds it, until it is removed)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False  # no lock file: not a supervisor's directory, or one being made
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: its supervisor lives
+    finally:
+        os.close(fd)  # releases the lock if it was taken: removed right after anyway
+    return True
+
+
 class Supervisor:
     """Starts `workers` worker processes and sees them through to one exit code (see
     the module docstring). `command` is what a worker runs (the daemon by default;
@@ -247,7 +305,10 @@ class Supervisor:
         self.settings = settings
         self.workers = workers
         self.command = command or [sys.executable, "-m", "daemon", "run"]
-        self.directory = directory or Path(tempfile.mkdtemp(prefix="lstmd-workers-"))
+        self._lock: int | None = None
+        if directory is None:
+            directory, self._lock = claim_directory()
+        self.directory = directory
         self.stop = threading.Event()
         self.procs: list[subprocess.Popen[bytes]] = []
         #: The workers' start-up errors, each once (after `run` returned EXIT_STARTUP).
@@ -273,6 +334,7 @@ class Supervisor:
                 MULTIPROC_ENV: str(self.directory),
             }
             self.procs.append(subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL))
+        self.health.started_at = time.time()
         log.info("workers_started", workers=self.workers, pids=[p.pid for p in self.procs])
 
     def run(self) -> int:
@@ -340,3 +402,6 @@ class Supervisor:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None

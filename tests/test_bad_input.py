@@ -14,8 +14,10 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from daemon.config import Settings
+from daemon.core.state import snapshot_bytes
 from daemon.devtools.localkafka import LocalKafka, create_topics
-from daemon.kafka.topics import ensure_topics
+from daemon.inference.model import load_model
+from daemon.kafka.topics import STATE_RECORD_OVERHEAD_BYTES, ensure_topics
 from tests import models
 from tests.conftest import TopicFactory
 from tests.streams import (
@@ -171,6 +173,20 @@ def test_missing_topic_exits_2_naming_it(kafka: LocalKafka, topics: TopicFactory
     assert any("no-such-input-topic" in line and "LSTMD_CREATE_TOPICS" in line for line in daemon.lines), (
         "\n".join(daemon.lines[-5:])
     )
+
+
+def test_a_state_topic_too_small_for_the_models_states_exits_2_naming_both_sizes(
+    kafka: LocalKafka, topics: TopicFactory
+) -> None:
+    """Every checkpoint would be refused, forever: said once at start-up instead."""
+    model = models.built("lstm_dense")
+    names = topics({"in": 1, "out": 1, "dlq": 1}) | topics({"state": 1}, {"max.message.bytes": "200"})
+    daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, model))
+    assert daemon.proc.wait(timeout=120) == 2
+    served = load_model(model)
+    needed = snapshot_bytes(str(served.identity), served.state_shapes) + STATE_RECORD_OVERHEAD_BYTES
+    refusal = [line for line in daemon.lines if names["state"] in line and "max.message.bytes=200" in line]
+    assert refusal and f"take up to {needed} bytes" in refusal[-1], "\n".join(daemon.lines[-5:])
 
 
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])

@@ -166,6 +166,27 @@ def test_a_state_record_with_misfit_tensors_keeps_its_watermark(tmp_path: Path) 
     assert [(o["seq"], o["n"]) for o in got] == [("a", 3), ("b", 1)]
 
 
+def test_a_forgotten_sequence_is_not_restored_and_the_bound_holds_after_a_restore(tmp_path: Path) -> None:
+    def ended(watermark: int) -> bytes:  # an evicted sequence's reset record, evicted in order
+        evicted_at = time.monotonic() - 100 + watermark
+        return SequenceState(watermark=watermark, last_step=7, last_seen=evicted_at).snapshot("m@1")
+
+    # "a" was forgotten by the previous owner (its tombstone), b, c, d were remembered.
+    records = [(b"a", ended(1)), (b"b", ended(2)), (b"c", ended(3)), (b"d", ended(4)), (b"a", None)]
+    states = restore(FakeStateConsumer(records), settings(tmp_path))
+    assert sorted(states) == ["b", "c", "d"]
+    proc, _ = make(model_id="m@1")
+    proc.store.max_ended = 2
+    proc.store.committed(0, 5)  # the partition's committed position, read when assigned
+    assert adopt(proc.store, proc.model_id, 0, states) == []
+    # This process remembers fewer: the oldest restored goes, its record deleted.
+    assert proc.store.ended() == 2 and proc.store.watermark(0, "b") == -1
+    assert [(k, v) for _, k, v in proc.store.take_changes("m@1")] == [("b", None)]
+    # A forgotten sequence's step 7 retried starts it anew; a remembered one's is dropped.
+    got = outputs(proc, recs([("a", {"x": [1], "step": 7}), ("c", {"x": [1], "step": 7})], start=5))
+    assert [(o["seq"], o["n"]) for o in got] == [("a", 1)]
+
+
 def test_a_restore_waits_for_the_state_partition_end(tmp_path: Path) -> None:
     good = SequenceState(tensors=[np.array([1.0], np.float32)], n=1, watermark=4).snapshot("m@1")
     states = restore(FakeStateConsumer([(b"a", good)], fail_ends=2), settings(tmp_path))

@@ -13,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
+from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
@@ -20,8 +22,8 @@ from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.kafka.retry import Backoff
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
-from daemon.streaming import delivery
-from daemon.streaming.delivery import Checkpointer
+from daemon.streaming import delivery, loop
+from daemon.streaming.delivery import CheckpointAbandoned, Checkpointer
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import Checkpoint
 from tests.fakes import TP, FakeConsumer, make, settings
@@ -126,7 +128,7 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
             return True
         return False
 
-    cp, producers, _ = pipeline(tmp_path, log, fail=fail)
+    cp, producers, metrics = pipeline(tmp_path, log, fail=fail)
     cp.send([out(b"a1", b"a"), out(b"b1", b"b"), out(b"a2", b"a")])
     producers[0].flush()  # the broker answers between two poll batches
     assert cp.failing()  # the loop then takes a checkpoint at once
@@ -135,6 +137,9 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
     # a2 was acknowledged before a1 was lost: it goes again after a1; b is not repeated.
     assert acked == ["b'b1'", "b'a2'", "b'a1'", "b'a2'"]
     assert log[-1] == "commit" and not cp.failing()
+    # Three predictions: a2's repeat is not counted again (nor its latency observed twice).
+    assert metrics.predictions._value.get() == 3
+    assert metrics.registry.get_sample_value("lstmd_end_to_end_latency_seconds_count") == 3
 
 
 def test_outputs_in_flight_are_bounded(tmp_path: Path, monkeypatch: Any) -> None:
@@ -159,6 +164,43 @@ def test_a_revoked_partitions_failed_outputs_are_not_resent(tmp_path: Path) -> N
     assert not cp.failing()
     assert cp.commit(LoggingConsumer(log), Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
     assert [e for e in log if e.startswith("send")] == ["send out b'p1'", "send out b'p0'"]
+
+
+def test_an_expelled_member_resends_no_output(tmp_path: Path, monkeypatch: Any) -> None:
+    """Outputs are fenced like states: a failed prediction resent by a member the group
+    expelled could land after its partition's next owner published the key's newer one."""
+    monkeypatch.setattr(delivery, "Backoff", _NoWait)
+    log: list[str] = []
+    lost = iter([True])  # the broker loses the first send only
+    cp, producers, _ = pipeline(tmp_path, log, fail=lambda key, value: next(lost, False))
+    cp.send([out(b"old")])
+    producers[0].flush()  # lost; meanwhile the group expelled this member
+    expelled = LoggingConsumer(log)
+    expelled.generation = -1
+    with pytest.raises(CheckpointAbandoned):  # the run loop restores, as after an abort
+        cp.commit(expelled, Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
+    assert [e for e in log if e.startswith("send")] == ["send out b'old'"]
+    assert "commit" not in log
+
+
+def test_a_member_expelled_during_the_retries_stops_resending(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(delivery, "Backoff", _NoWait)
+    log: list[str] = []
+    lost = iter([True] * 5)  # the broker loses the first five sends, then takes them
+    cp, _, _ = pipeline(tmp_path, log, fail=lambda key, value: next(lost, False))
+    consumer = LoggingConsumer(log)
+    generations = iter([3, 3, -1])  # a member for the first resend only
+
+    def group_metadata() -> Any:
+        consumer.generation = next(generations)
+        return FakeConsumer.group_metadata(consumer)
+
+    consumer.group_metadata = group_metadata  # type: ignore[method-assign]
+    cp.send([out(b"old")])
+    with pytest.raises(CheckpointAbandoned):
+        cp.commit(consumer, Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
+    assert [e for e in log if e.startswith("send")] == ["send out b'old'"] * 3
+    assert "commit" not in log
 
 
 def test_latency_and_count_are_taken_at_the_acknowledgement(tmp_path: Path) -> None:
@@ -209,3 +251,36 @@ def test_the_loop_pauses_its_partitions_while_outputs_are_backlogged(tmp_path: P
         rl._throttle(clients)
     assert calls == ["pause", "pause", "resume"]
     assert metrics.backpressure._value.get() == 1
+
+
+def test_the_lag_of_paused_partitions_stays_current(tmp_path: Path) -> None:
+    """Paused (backpressure), a partition is not fetched, so its last fetch's high
+    watermark freezes while producers write on: its end is asked of the broker
+    instead, once per housekeeping, with a bound."""
+    tp1 = TopicPartition("in", 1)
+    asked: list[tuple[list[Any], int | None]] = []
+
+    class Consumer:
+        def assignment(self) -> set[Any]:
+            return {TP, tp1}
+
+        def paused(self) -> set[Any]:
+            return {TP}
+
+        def highwater(self, tp: Any) -> int:
+            return 10  # both partitions' last fetch
+
+        def end_offsets(self, tps: list[Any], timeout_ms: int | None = None) -> dict[Any, int]:
+            asked.append((tps, timeout_ms))
+            return dict.fromkeys(tps, 50)  # written since partition 0 was paused
+
+        def position(self, tp: Any, timeout_ms: int | None = None) -> int:
+            return 4
+
+    proc, metrics = make()
+    rl = RunLoop(settings(tmp_path), proc, metrics, Health(60), threading.Event())
+    rl._housekeeping(cast(Any, Consumer()))
+    lag = metrics.registry.get_sample_value
+    assert lag("lstmd_consumer_lag", {"partition": "0"}) == 46
+    assert lag("lstmd_consumer_lag", {"partition": "1"}) == 6  # fetched: its high watermark is current
+    assert asked == [([TP], loop.LAG_END_OFFSETS_TIMEOUT_MS)]

@@ -118,6 +118,28 @@ def test_an_evicted_sequence_keeps_its_last_step() -> None:
     assert proc.store.committed(0, 10) == []
 
 
+def test_the_memory_of_evicted_sequences_is_bounded() -> None:
+    """LSTMD_MAX_ENDED_SEQUENCES: past it the oldest evicted sequence is forgotten (its
+    record deleted by a tombstone), once its partition committed its watermark."""
+    store = StateStore(max_sequences=1, max_ended=2)
+    for i, key in enumerate("abcdefgh"):
+        s = store.get(0, key)
+        s.tensors, s.n, s.watermark, s.last_step, s.last_seen = [np.ones(1, np.float32)], 1, i, 7, float(i)
+        store.touched(0, key)
+        store.evict_over_capacity()  # evicts the previous key: 7 in all, a to g
+    assert store.ended() == 7  # nothing committed yet: every watermark may still be redelivered
+    store.take_changes("m")
+    # Five too many, but only a, b and c are below the commit: they go, d to g wait.
+    assert store.committed(0, 3) == []
+    assert store.ended() == 4 and [store.watermark(0, k) for k in "abcd"] == [-1, -1, -1, 3]
+    assert sorted((k, v) for _, k, v in store.take_changes("m")) == [(k, None) for k in "abc"]
+    store.committed(0, 100)
+    assert store.ended() == 2 and store.watermark(0, "f") == 5 and store.watermark(0, "g") == 6
+    assert sorted((k, v) for _, k, v in store.take_changes("m")) == [(k, None) for k in "de"]
+    store.committed(0, 101)
+    assert store.take_changes("m") == []  # within the bound: nothing more goes
+
+
 def test_model_ids_name_the_same_model_by_their_hash() -> None:
     from daemon.core.state import same_model
 

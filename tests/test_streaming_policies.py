@@ -153,6 +153,28 @@ def test_an_eviction_is_checkpointed_at_once() -> None:
     assert last.offsets == {TP: 2}
 
 
+def test_an_evicted_sequence_past_the_bound_is_tombstoned_and_its_step_forgotten() -> None:
+    """LSTMD_MAX_ENDED_SEQUENCES=1: of two evicted sequences, the older is forgotten
+    once its eviction is committed: its record deleted, its step check given up."""
+    proc, metrics = make(model_id="new@1", max_sequences=1)
+    proc.store.max_ended = 1
+    pol = policy(proc.store)
+    for offset, key in enumerate("abc"):  # b evicts a, c evicts b
+        batch = recs([(key, {"x": [1], "step": 1})], start=offset)
+        out = proc.process(batch)
+        pol.processed(batch)
+        cp = pol.take(out)
+        assert cp is not None
+        pol.did(cp, committed=True)
+    last = pol.take([])
+    assert last is not None and [(s.key, s.value) for s in last.states] == [("a", None)]
+    assert proc.store.ended() == 1
+    # b's step 1 retried is still a duplicate; a's is the first step of a new sequence.
+    got = outputs(proc, recs([("b", {"x": [1], "step": 1}), ("a", {"x": [1], "step": 1})], start=3))
+    assert [(o["seq"], o["n"]) for o in got if not o.get("evicted")] == [("a", 1)]
+    assert metrics.registry.get_sample_value("lstmd_duplicates_skipped_total", {"cause": "step"}) == 1
+
+
 def test_a_checkpoint_is_due_after_its_interval_and_carries_only_what_changed() -> None:
     proc, _ = make(model_id="new@1")
     now = [0.0]
@@ -254,6 +276,9 @@ class OneRecordConsumer:
 
     def assignment(self) -> set[Any]:
         return self.assigned
+
+    def paused(self) -> set[Any]:
+        return set()
 
     def commit(self, offsets: dict[Any, Any], timeout_ms: int | None = None) -> None:
         if self.refusals:

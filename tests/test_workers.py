@@ -4,11 +4,13 @@ and the metrics of several processes aggregated."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -135,6 +137,15 @@ def test_pod_health_is_every_workers(tmp_path: Path) -> None:
     _status(tmp_path, 0, age=60)
     live, why = health.live()
     assert not live and why.startswith("worker 0: no status for 6")
+
+
+def test_a_worker_hung_before_its_first_status_is_not_live(tmp_path: Path) -> None:
+    health = WorkersHealth(tmp_path, 2, stale_after_s=30)
+    health.started_at = time.time() - 20
+    _status(tmp_path, 0)
+    assert health.live() == (True, "ok")  # worker 1 is still starting
+    health.started_at = time.time() - 45
+    assert health.live() == (False, "worker 1: no status since it started 45s ago")
 
 
 def test_status_writer_reports_the_workers_probes(tmp_path: Path) -> None:
@@ -308,7 +319,39 @@ def test_a_startup_error_is_reported_once_and_exits_2(tmp_path: Path) -> None:
     sup.start()
     assert sup.run() == 2
     assert sup.startup_errors == ["LSTMD_MODEL_PATH: cannot serve it"]
-    assert startup_error_path(sup.directory, 0).exists()
+    # The first to fail stops the others: one still starting may die of that SIGTERM first.
+    assert any(startup_error_path(sup.directory, i).exists() for i in range(3))
+
+
+def test_a_killed_supervisors_directory_is_removed_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/tmp is an emptyDir that outlives a container: a supervisor killed (no cleanup)
+    left its metrics files there, restart after restart. Only the directories of
+    supervisors that are gone go; a live one's (its lock held) and others stay."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = tmp_path / "lstmd-workers-killed"
+    killed.mkdir()
+    (killed / "counter_123.db").write_bytes(b"x" * 100)
+    (killed / "supervisor.lock").write_text("")  # its holder is gone: nobody holds it
+    alive = tmp_path / "lstmd-workers-alive"
+    alive.mkdir()
+    (alive / "supervisor.lock").write_text("")
+    other = tmp_path / "lstmd-workers-other"  # no lock file: not a supervisor's, leave it
+    other.mkdir()
+    with open(alive / "supervisor.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file: a live supervisor's lock
+        first = Supervisor(settings(tmp_path), 2)
+        second = Supervisor(settings(tmp_path), 2)
+    try:
+        assert not killed.exists()
+        assert alive.exists() and other.exists()
+        assert first.directory.exists() and second.directory.exists()  # each holds its own
+        assert first.directory.parent == tmp_path and first.directory != second.directory
+    finally:
+        first.cleanup()
+        second.cleanup()
+    assert not first.directory.exists()
 
 
 def test_a_worker_stopped_before_its_handler_is_installed_is_a_clean_stop(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import math
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +162,20 @@ class SequenceState:
             raise SnapshotError(f"corrupt state snapshot: {exc}") from None
 
 
+def snapshot_bytes(model_id: str, shapes: Sequence[tuple[int, ...]]) -> int:
+    """The largest state record value of a model: its tensors' floats and a header
+    whose numbers take their widest (offsets, steps and step counts of 19 digits)."""
+    widest = 10**18
+    state = SequenceState(
+        tensors=[np.zeros(shape, np.float32) for shape in shapes],
+        n=widest,
+        watermark=widest,
+        first_offset=widest,
+        last_step=-widest,
+    )
+    return len(state.snapshot(model_id))
+
+
 def _header(raw: bytes) -> dict[str, Any] | None:
     """A snapshot's JSON header, or None if there is none to read."""
     if not raw.startswith(SNAPSHOT_MAGIC):
@@ -194,15 +208,37 @@ class StateStore:
     and evicts idle or least recently used states. A partition's high watermark
     (the last offset processed in it) guards against a seek or retry within
     this process.
+
+    Memory: at most `max_sequences` states (0: unbounded), plus what is remembered
+    of sequences that hold none (`ended`), which `max_ended` bounds.
     """
 
-    def __init__(self, max_sequences: int = 0) -> None:
+    def __init__(self, max_sequences: int = 0, max_ended: int | None = None) -> None:
+        """`max_ended`: how many evicted sequences' last steps are remembered, at most
+        (None: all, for stores that never commit: replay, rebuild, benchmarks).
+
+        Why a count and not a time: it is a memory bound whatever the traffic (a
+        burst of capacity evictions cannot outgrow it), and it bounds what a restore
+        reads back too. What is given up past it is the `step` duplicate check of the
+        oldest evicted sequences: a retried step of one of them is applied as the
+        first step of a new sequence (n = 1, from zeros) instead of being dropped,
+        and a step gap after it is not counted. The watermark's protection is never
+        given up: a sequence is forgotten only once its watermark is below its
+        partition's committed offset, where Kafka never delivers again.
+        """
         self.max_sequences = max_sequences  # 0: unbounded
+        self.max_ended = max_ended
         self._states: dict[int, OrderedDict[str, SequenceState]] = {}
         # Sequences that hold no state: key -> (watermark, last step) of its reset. An
         # ended sequence's last step is None; an evicted one keeps it, so a retried
         # step after the eviction is still recognised.
         self._ended: dict[int, dict[str, tuple[int, int | None]]] = {}
+        # The evicted ones (a last step kept), oldest first: `max_ended` forgets those.
+        self._stepped: OrderedDict[tuple[int, str], None] = OrderedDict()
+        # Each partition's committed offset, as far as known (`committed`).
+        self._committed: dict[int, int] = {}
+        # Forgotten sequences whose record the next checkpoint deletes (a tombstone).
+        self._forgotten: dict[int, set[str]] = {}
         self._high: dict[int, int] = {}
         self._dirty: dict[int, set[str]] = {}
         self._count = 0
@@ -216,6 +252,7 @@ class StateStore:
             ended = self._ended.get(partition, {}).pop(key, None)
             if ended is not None:
                 state.watermark, state.last_step = ended
+                self._stepped.pop((partition, key), None)
             self._count += 1
         else:
             states.move_to_end(key)
@@ -250,8 +287,18 @@ class StateStore:
         state = self._states[partition].pop(key, None) if partition in self._states else None
         if state is not None:
             self._count -= 1
-            self._ended.setdefault(partition, {})[key] = (state.watermark, state.last_step)
+            self._remember(partition, key, state)
             self.touched(partition, key)
+
+    def _remember(self, partition: int, key: str, state: SequenceState) -> None:
+        """What is kept of a sequence that holds no state: its watermark and last step."""
+        self._ended.setdefault(partition, {})[key] = (state.watermark, state.last_step)
+        self._forgotten.get(partition, set()).discard(key)
+        if state.last_step is None:
+            self._stepped.pop((partition, key), None)
+        else:
+            self._stepped[(partition, key)] = None
+            self._stepped.move_to_end((partition, key))
 
     def forget_if_empty(self, partition: int, key: str) -> None:
         """Undo a `get` that changed nothing: an empty state goes back to its watermark
@@ -261,21 +308,25 @@ class StateStore:
         if states is not None and state is not None and state.n == 0 and state.tensors is None:
             del states[key]
             self._count -= 1
-            self._ended.setdefault(partition, {})[key] = (state.watermark, state.last_step)
+            self._remember(partition, key, state)
 
     def has_changes(self) -> bool:
         return any(self._dirty.values())
 
     def take_changes(self, model_id: str) -> list[tuple[int, str, bytes | None]]:
         """(partition, key, snapshot) of every state changed since the last call;
-        ended sequences give reset records."""
+        ended sequences give reset records, forgotten ones None (a tombstone)."""
         out: list[tuple[int, str, bytes | None]] = []
         for partition, keys in self._dirty.items():
             states = self._live(partition)
             ended = self._ended.get(partition, {})
+            forgotten = self._forgotten.pop(partition, set())
             for key in keys:
                 state = states.get(key)
                 if state is None:
+                    if key in forgotten and key not in ended:
+                        out.append((partition, key, None))
+                        continue
                     watermark, last_step = ended.get(key, (NO_OFFSET, None))
                     state = SequenceState(watermark=watermark, last_step=last_step)
                 out.append((partition, key, state.snapshot(model_id)))
@@ -286,14 +337,39 @@ class StateStore:
         """Offsets below `offset` are committed: ended sequences at or below it no
         longer need their watermark. Returns the keys whose records may now be
         tombstoned. An evicted sequence keeps its reset record: it holds the last
-        step, and a retried step may come after the commit."""
-        ended = self._ended.get(partition)
-        if not ended:
-            return []
+        step, and a retried step may come after the commit; past `max_ended` the
+        oldest are forgotten (`forget_ended`)."""
+        self._committed[partition] = max(offset, self._committed.get(partition, NO_OFFSET))
+        ended = self._ended.get(partition, {})
         done = [k for k, (wm, step) in ended.items() if wm < offset and step is None]
         for key in done:
             del ended[key]
+        self.forget_ended()
         return done
+
+    def forget_ended(self) -> None:
+        """Forget the evicted sequences past `max_ended`, oldest evicted first: their
+        last steps go, and their records are deleted by the next checkpoint (a
+        tombstone each). One whose watermark its partition has not committed yet
+        waits: forgetting it could let a redelivered input through."""
+        excess = len(self._stepped) - self.max_ended if self.max_ended is not None else 0
+        if excess <= 0:
+            return
+        forget: list[tuple[int, str]] = []
+        for partition, key in self._stepped:
+            if len(forget) == excess:
+                break
+            if self._ended[partition][key][0] < self._committed.get(partition, NO_OFFSET):
+                forget.append((partition, key))
+        for partition, key in forget:
+            del self._stepped[(partition, key)]
+            del self._ended[partition][key]
+            self._forgotten.setdefault(partition, set()).add(key)
+            self.touched(partition, key)
+
+    def ended(self) -> int:
+        """How many sequences that hold no state are remembered (watermark, last step)."""
+        return sum(len(keys) for keys in self._ended.values())
 
     # -- eviction ---------------------------------------------------------------
     def evict_idle(self, idle_s: float, now: float | None = None) -> list[Eviction]:
@@ -328,9 +404,10 @@ class StateStore:
         if state.tensors is None and state.n == 0:
             if states.pop(key, None) is not None:
                 self._count -= 1
-            self._ended.setdefault(partition, {})[key] = (state.watermark, state.last_step)
+            self._remember(partition, key, state)
             return
-        self._ended.get(partition, {}).pop(key, None)
+        if self._ended.get(partition, {}).pop(key, None) is not None:
+            self._stepped.pop((partition, key), None)
         if key not in states:
             self._count += 1
         states[key] = state  # its last_seen is the snapshot's last use
@@ -338,7 +415,10 @@ class StateStore:
     def drop_partition(self, partition: int) -> int:
         """Forget a partition this process no longer owns; returns how many states went."""
         self._high.pop(partition, None)
-        self._ended.pop(partition, None)
+        for key in self._ended.pop(partition, {}):
+            self._stepped.pop((partition, key), None)
+        self._committed.pop(partition, None)
+        self._forgotten.pop(partition, None)
         self._dirty.pop(partition, None)
         dropped = len(self._states.pop(partition, {}))
         self._count -= dropped

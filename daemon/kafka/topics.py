@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import ConfigResource
 from kafka.cluster import ClusterMetadata
 from kafka.errors import AuthorizationError, GroupAuthorizationFailedError, KafkaError, for_code
 from kafka.partitioner.default import murmur2
@@ -31,6 +32,9 @@ UNKNOWN_TOPIC_OR_PARTITION = 3
 TOPIC_AUTHORIZATION_FAILED = 29
 # In a CreateTopics answer: someone else (another pod, an operator) created it first.
 TOPIC_ALREADY_EXISTS = 36
+# What Kafka counts against max.message.bytes beyond a record's value: the record
+# batch's header (61 bytes) and the record's own fields (varints, at most ~30 bytes).
+STATE_RECORD_OVERHEAD_BYTES = 96
 
 
 def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
@@ -85,6 +89,35 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
             f"(kafka-topics.sh --alter --partitions {partitions}); it needs at least the input's"
         )
     return partitions
+
+
+def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_bytes: int) -> None:
+    """Refuse at start-up a model whose state records the state topic would refuse.
+
+    The broker refuses a record batch over the topic's `max.message.bytes` (its own
+    or the broker's default, whichever DescribeConfigs reports): every checkpoint
+    would then fail and be retried forever, so the daemon says it once, with both
+    numbers, and exits 2. `value_bytes` is the model's largest state record value
+    (`daemon.core.state.snapshot_bytes`); a sequence id's bytes come on top, so the
+    limit must leave room for them. A topic whose configuration cannot be read (no
+    DescribeConfigs ACL) is not checked: a warning says so.
+    """
+    topic = settings.state_topic_name
+    needed = value_bytes + STATE_RECORD_OVERHEAD_BYTES
+    try:
+        described = admin.describe_configs([ConfigResource("TOPIC", topic)], config_filter="all")
+        value = described.get("topic", {}).get(topic, {}).get("max.message.bytes", {}).get("value")
+        limit = int(value)
+    except (KafkaError, TypeError, ValueError) as exc:
+        log.warning("state_record_size_unchecked", topic=topic, error=str(exc) or type(exc).__name__)
+        return
+    if needed > limit:
+        raise KafkaSetupError(
+            f"the model's state records take up to {needed} bytes (plus the sequence id), more than "
+            f"the state topic {topic} accepts (max.message.bytes={limit}, LSTMD_STATE_TOPIC): raise "
+            f"its max.message.bytes above {needed} plus the longest sequence id, or serve a model "
+            "with smaller states (lstmd inspect shows the state bytes per sequence)"
+        )
 
 
 def outputs_aligned(admin: KafkaAdminClient, settings: Settings, partitions: int) -> bool:

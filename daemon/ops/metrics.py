@@ -102,6 +102,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.ended_sequences = Gauge(
+            "lstmd_ended_sequences",
+            "Sequences holding no state whose watermark and last step are remembered "
+            "(bounded by LSTMD_MAX_ENDED_SEQUENCES).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.inference = Histogram(
             "lstmd_inference_duration_seconds",
             "Model time per input event (one step; a batched step is shared by its events).",

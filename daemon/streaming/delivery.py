@@ -32,6 +32,7 @@ owner recomputes it from the last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections import deque
@@ -117,9 +118,11 @@ class TransactionFailed(Exception):
 
 
 class CheckpointAbandoned(TransactionFailed):
-    """At-least-once: the group expelled this member before its state records were
-    written. Writing them later could overwrite newer ones of the partitions' next
-    owner, so they are dropped, and the run loop restores, like after an abort."""
+    """At-least-once: the group expelled this member before the checkpoint's records
+    were all written. Writing them later (a state record, or a resend of an output)
+    could land over newer ones of the partitions' next owner, so nothing more is
+    sent: the next owner recomputes them, and the run loop restores, like after an
+    abort."""
 
 
 class Checkpointer:
@@ -228,8 +231,9 @@ class Checkpointer:
         its offsets left for the caller to commit (`commit`, or the revocation
         listener, which commits from kafka-python's IO thread)."""
         self.send(cp.outputs)
-        self._publish([], [], settled=self._settle())
-        self._publish([], cp.states, owner=lambda: _member(consumer))
+        member = functools.partial(_member, consumer)  # the fence of every (re)send
+        self._publish([], [], owner=member, settled=self._settle())
+        self._publish([], cp.states, owner=member)
 
     @contextlib.contextmanager
     def within(self, seconds: float) -> Iterator[None]:
@@ -579,21 +583,29 @@ class Checkpointer:
         `settled`: records already sent and waited for (the pipelined outputs that
         failed or were not acknowledged in time), in send order, to judge first.
 
-        State records are (re)sent only while `owner()` says this process is still a
-        member of the group: without transactions that is the only fence there is.
+        Records, outputs and states alike, are (re)sent only while `owner()` says this
+        process is still a member of the group: without transactions that is the only
+        fence there is. An expelled member that resent an old prediction could land it
+        after the next owner's newer one of the same key (a compacted output topic
+        would then keep the stale one); the next owner recomputes it instead.
         """
         pending_out, pending_states = list(outputs), list(states)
+        # A settled prediction acknowledged once was counted then (`_acknowledged`):
+        # when it goes again behind a failure of its key, its repeat is not counted.
+        counted = {id(item) for item, f in settled or () if f.succeeded()}
         backoff = Backoff(self.abandon, beat=self.beat)
         while pending_out or pending_states or settled:
             account = not settled  # a settled prediction was counted at its acknowledgement
             if settled:
                 sent, settled = settled, None
             else:
-                if pending_states and not owner():
+                if not owner():
                     log.warning(
                         "checkpoint_abandoned",
+                        outputs=len(pending_out),
                         states=len(pending_states),
-                        reason="expelled from the group before its state records were written",
+                        reason="expelled from the group before these records were written",
+                        action="none sent; the partitions' next owner recomputes them",
                     )
                     raise CheckpointAbandoned("expelled from the group")
                 sent = self._send(pending_out, pending_states)
@@ -603,7 +615,8 @@ class Checkpointer:
             resend = self._in_key_order(sent)
             again = {id(item) for item in resend}
             if account:
-                self._account([(item, f) for item, f in sent if f.succeeded() and id(item) not in again])
+                done = again | counted
+                self._account([(item, f) for item, f in sent if f.succeeded() and id(item) not in done])
             if not failed:
                 return
             refused = next(

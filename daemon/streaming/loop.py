@@ -29,7 +29,7 @@ from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
-from daemon.core.state import SequenceState
+from daemon.core.state import SequenceState, snapshot_bytes
 from daemon.kafka.acl import authorization_failure, fenced_instance
 from daemon.kafka.clients import (
     make_consumer,
@@ -42,6 +42,7 @@ from daemon.kafka.listener import RebalanceEvents
 from daemon.kafka.retry import Backoff
 from daemon.kafka.topics import (
     Layout,
+    check_state_record_size,
     ensure_topics,
     known_layout,
     moved_sequences,
@@ -64,6 +65,8 @@ log = get_logger(__name__)
 POLL_TIMEOUT_MS = 200
 # Lag and idle eviction are housekeeping: at most once a second.
 HOUSEKEEPING_INTERVAL_S = 1.0
+# One wait for the ends of paused partitions (their lag), at most once a housekeeping.
+LAG_END_OFFSETS_TIMEOUT_MS = 200
 # One wait for a newly assigned partition's committed position (asked again at the
 # next poll while it is not stable or Kafka does not answer).
 POSITION_TIMEOUT_MS = 200
@@ -238,6 +241,9 @@ class RunLoop:
             partitions = ensure_topics(admin, self.settings)
             aligned = outputs_aligned(admin, self.settings, partitions)
             self._input_partitions = partitions
+            if self.processor.state_shapes is not None:
+                state_bytes = snapshot_bytes(self.processor.model_id, self.processor.state_shapes)
+                check_state_record_size(admin, self.settings, state_bytes)
         finally:
             admin.close()
         log.info(
@@ -616,8 +622,28 @@ class RunLoop:
         if self.settings.sequence_idle_timeout_s:
             self.policy.notify(self.processor.evict_idle(self.settings.sequence_idle_timeout_s))
         self.metrics.state_bytes.set(self.store.state_bytes())
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
+        self.metrics.ended_sequences.set(self.store.ended())
+        self._report_lag(consumer)
+
+    def _report_lag(self, consumer: KafkaConsumer) -> None:
+        """Each assigned partition's lag: its end minus the next offset to process.
+
+        The end is the high watermark of the partition's last fetch, except for a
+        paused partition (backpressure): it is not fetched, so that figure would
+        freeze while producers go on writing. Those partitions' ends are asked of the
+        broker instead, once, with a bound (LAG_END_OFFSETS_TIMEOUT_MS); unanswered,
+        their gauges keep their last value until the next housekeeping.
+        """
+        assigned = consumer.assignment()
+        paused = consumer.paused() & assigned
+        ends: dict[TopicPartition, int] = {}
+        if paused:
+            try:
+                ends = consumer.end_offsets(sorted(paused), timeout_ms=LAG_END_OFFSETS_TIMEOUT_MS)
+            except KafkaError as exc:
+                log.debug("lag_unknown", partitions=sorted(tp.partition for tp in paused), error=str(exc))
+        for tp in assigned:
+            high = ends.get(tp) if tp in paused else consumer.highwater(tp)
             position = self.partitions.position(tp.partition)
             if high is None:
                 continue

@@ -76,8 +76,12 @@ class CheckpointPolicy:
         return ends
 
     def assigned(self, tp: TopicPartition, position: int) -> None:
-        """The partition's committed position, read (stable) before its restore."""
+        """The partition's committed position, read (stable) before its restore: the
+        store may forget its restored ended sequences below it (`StateStore.committed`)."""
         self.committed[tp] = position
+        self.tombstones += [
+            StateRecord(tp.partition, k, None) for k in self.store.committed(tp.partition, position)
+        ]
 
     def notify(self, notices: Sequence[OutputRecord]) -> None:
         """Eviction notices made outside a batch (restore, idle eviction)."""

@@ -204,6 +204,9 @@ def adopt(
             state = SequenceState(watermark=state.watermark, last_step=state.last_step)
             store.touched(partition, key)
         store.install(partition, key, state)
+    # Ended sequences restored past LSTMD_MAX_ENDED_SEQUENCES are forgotten now, oldest
+    # first (their records deleted by the next checkpoint), not at the next commit.
+    store.forget_ended()
     return evicted
 
 
