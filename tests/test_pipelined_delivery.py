@@ -279,7 +279,7 @@ def test_the_lag_of_paused_partitions_stays_current(tmp_path: Path) -> None:
 
     proc, metrics = make()
     rl = RunLoop(settings(tmp_path), proc, metrics, Health(60), threading.Event())
-    rl._housekeeping(cast(Any, Consumer()))
+    rl._report_lag(cast(Any, Consumer()))
     lag = metrics.registry.get_sample_value
     assert lag("lstmd_consumer_lag", {"partition": "0"}) == 46
     assert lag("lstmd_consumer_lag", {"partition": "1"}) == 6  # fetched: its high watermark is current
