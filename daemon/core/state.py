@@ -84,10 +84,13 @@ class SequenceState:
         self.n = 0
         self.first_offset = NO_OFFSET
 
-    def snapshot(self, model_id: str) -> bytes:
+    def snapshot(self, model_id: str, used: float | None = None) -> bytes:
         """The state as a state-topic record value. A reset state is a reset record:
-        no tensors, but the watermark, so a redelivered input is still recognised."""
+        no tensors, but the watermark, so a redelivered input is still recognised.
+        `used` overrides when it was last used (for `snapshot_bytes`)."""
         tensors = self.tensors if self.n else None
+        if used is None:
+            used = round(time.time() - (time.monotonic() - self.last_seen), 3)
         header = orjson.dumps(
             {
                 "model": model_id,
@@ -100,7 +103,7 @@ class SequenceState:
                 # Version 2: when the sequence was last used (wall clock), so its idle
                 # clock and its place in the eviction order survive a restore.
                 "v": SNAPSHOT_VERSION,
-                "used": round(time.time() - (time.monotonic() - self.last_seen), 3),
+                "used": used,
             }
         )
         body = b"".join(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in tensors or ())
@@ -164,7 +167,9 @@ class SequenceState:
 
 def snapshot_bytes(model_id: str, shapes: Sequence[tuple[int, ...]]) -> int:
     """The largest state record value of a model: its tensors' floats and a header
-    whose numbers take their widest (offsets, steps and step counts of 19 digits)."""
+    whose numbers take their widest (offsets, steps and step counts of 19 digits, the
+    last use a wall-clock time of 10 digits and 3 decimals): the same whenever and
+    wherever it is computed, unlike a real record's."""
     widest = 10**18
     state = SequenceState(
         tensors=[np.zeros(shape, np.float32) for shape in shapes],
@@ -173,7 +178,7 @@ def snapshot_bytes(model_id: str, shapes: Sequence[tuple[int, ...]]) -> int:
         first_offset=widest,
         last_step=-widest,
     )
-    return len(state.snapshot(model_id))
+    return len(state.snapshot(model_id, used=9_999_999_999.999))
 
 
 def _header(raw: bytes) -> dict[str, Any] | None:
