@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.core import state as state_module
 from daemon.core.state import SequenceState, SnapshotError, StateStore, snapshot_bytes
 
 
@@ -158,7 +157,7 @@ def test_the_largest_state_record_is_the_same_whenever_it_is_computed(
     shapes = [(1, 16), (1, 16)]
     sizes = []
     for now in (1796497145.9, 1796497145.913):
-        monkeypatch.setattr(state_module.time, "time", lambda now=now: now)
+        monkeypatch.setattr("daemon.core.state.time.time", lambda now=now: now)
         sizes.append(snapshot_bytes("m@1", shapes))
         real = SequenceState(tensors=[np.zeros(s, np.float32) for s in shapes], n=10**18, watermark=10**18)
         assert len(real.snapshot("m@1")) <= sizes[-1]
