@@ -8,12 +8,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
 import pytest
-from kafka.errors import FencedInstanceIdError, ProducerFencedError, RebalanceInProgressError
+from kafka.errors import (
+    FencedInstanceIdError,
+    IllegalStateError,
+    KafkaConnectionError,
+    ProducerFencedError,
+    RebalanceInProgressError,
+)
 
 from daemon.core.state import SequenceState, StateStore
 from daemon.errors import KafkaSetupError
@@ -371,3 +377,26 @@ def test_an_aborted_final_transaction_is_not_called_checkpointed(
     assert producer.calls.count("abort_transaction") == 1
     assert "shutdown_incomplete" in events
     assert "shutdown_checkpointed" not in events
+
+
+def test_a_poll_that_fails_while_the_broker_is_away_is_polled_again(tmp_path: Path) -> None:
+    """kafka-python 3.0.12 raises KafkaConnectionError out of `poll` when its
+    coordinator lookup meets a broker that is down (seen to end a worker just after
+    its assignment): a retriable error is polled again and never beats liveness; a
+    permanent one still ends the daemon."""
+
+    class Consumer:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def poll(self, **_: Any) -> dict[Any, list[Any]]:
+            raise self.error
+
+    proc, metrics = make()
+    health = Health(60)
+    rl = RunLoop(settings(tmp_path), proc, metrics, health, threading.Event())
+    beaten = health.last_loop
+    assert rl._poll(cast(Any, Consumer(KafkaConnectionError("111 ECONNREFUSED")))) == {}
+    assert health.last_loop == beaten
+    with pytest.raises(IllegalStateError):
+        rl._poll(cast(Any, Consumer(IllegalStateError("closed"))))
