@@ -377,7 +377,6 @@ class RunLoop:
             with clients.checkpointer.within(budget):
                 clients.checkpointer.deliver(clients.consumer, cp)
         except Exception as exc:
-            self.policy.did(cp, committed=False)
             self._revocation_failure = exc
             log.warning(
                 "revocation_checkpoint_failed",
@@ -386,7 +385,8 @@ class RunLoop:
                 error_class=type(exc).__name__,
             )
             return None
-        self.policy.did(cp, committed=False)
+        finally:
+            self.policy.did(cp, committed=False)
         log.info(
             "revocation_checkpointed",
             partitions=sorted(tp.partition for tp in revoked),
@@ -426,10 +426,11 @@ class RunLoop:
         return True
 
     def _release(self, tp: TopicPartition, clients: _Clients, kind: str) -> None:
-        # Everything polled so far is sent: dropping the state, the pending offsets and
-        # any resend of its outputs is all that is left; the next owner recomputes from
-        # the last checkpoint (and a rebuild under way, from the old model's states). On
-        # loss nothing more may be committed anyway.
+        # A revoked partition's work was checkpointed in the revocation callback
+        # (`_before_revoke`); a lost one's may not be committed any more. Either way
+        # dropping the state, the pending offsets and any resend of its outputs is all
+        # that is left; the next owner goes on from the last checkpoint (and a rebuild
+        # under way, from the old model's states).
         clients.restorer.cancel([tp.partition])
         clients.rebuilder.cancel([tp.partition])
         clients.checkpointer.release(tp.partition)
