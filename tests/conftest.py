@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from daemon.devtools.localkafka import LocalKafka, create_topics
+from tests.support.backends import Backend, Broker, Memory
 
 TopicFactory = Callable[..., dict[str, str]]
 
@@ -53,3 +54,13 @@ def kafka_broker_factory() -> Iterator[Callable[..., LocalKafka]]:
     yield make
     for broker in brokers:
         broker.cleanup()
+
+
+@pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.kafka)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The Kafka a scenario runs on: the in-memory one (unit) or the session's broker
+    (marker `kafka`): one scenario, written once (tests/support/backends.py)."""
+    if request.param == "memory":
+        return Memory()
+    broker: LocalKafka = request.getfixturevalue("kafka")
+    return Broker(broker.bootstrap, request.getfixturevalue("topics"))

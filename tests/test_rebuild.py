@@ -26,7 +26,7 @@ from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord as Rec
 from daemon.streaming import rebuild
 from daemon.streaming.lifecycle import Phase
-from daemon.streaming.loop import RunLoop, _Clients
+from daemon.streaming.loop import Clients, RunLoop
 from daemon.streaming.rebuild import Plan, Rebuilder, Replay, Span, plan, replay_processor, stale
 from tests.fakes import (
     FakeConsumer,
@@ -225,7 +225,7 @@ def test_the_run_loop_checkpoints_the_rebuilt_states_before_serving(tmp_path: Pa
     loop = RunLoop(s, live, live.metrics, health, threading.Event())
     producer = FakeProducer()
     consumer = FakeInputConsumer(list(records))
-    clients = _Clients(
+    clients = Clients(
         consumer=cast(Any, FakeConsumer()),
         checkpointer=checkpointer(s, lambda: producer),
         restorer=cast(Any, None),
@@ -262,7 +262,7 @@ class MidRebuild:
     """A run loop with partition 0 rebuilding, part of its history read."""
 
     loop: RunLoop
-    clients: _Clients
+    clients: Clients
     live: Processor
     producer: FakeProducer
     consumer: FakeInputConsumer
@@ -279,7 +279,7 @@ def mid_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: FakeCons
     loop = RunLoop(s, live, live.metrics, Health(60), threading.Event())
     producer = FakeProducer()
     consumer = FakeInputConsumer(list(records), poll_s=0.03)
-    clients = _Clients(
+    clients = Clients(
         consumer=cast(Any, group),
         checkpointer=checkpointer(s, lambda: producer),
         restorer=cast(Any, type("R", (), {"cancel": lambda self, ps: None})()),
@@ -322,7 +322,7 @@ def test_sigterm_mid_rebuild_stops_without_writing_any_of_it(
     r = mid_rebuild(tmp_path, monkeypatch, PausingConsumer())
     polls = r.consumer.polls
     r.loop.stop.set()
-    r.loop._shut_down(r.clients)  # the final checkpoint: nothing pending, returns at once
+    assert not r.loop._shutdown_step(r.clients)  # the final checkpoint: nothing pending
     assert r.consumer.polls == polls and r.producer.sent == [] and len(r.live.store) == 0
     assert r.loop.partitions.phase(0) is Phase.REBUILDING  # never served, never written
 
@@ -333,7 +333,7 @@ def test_reset_keeps_announcing_model_changed(tmp_path: Path) -> None:
     live = processor(B, 2.0)
     s = settings(tmp_path, on_model_change="reset")
     loop = RunLoop(s, live, live.metrics, Health(60), threading.Event())
-    clients = cast(_Clients, type("C", (), {"rebuilder": rebuilder(tmp_path, FakeInputConsumer([]), live)})())
+    clients = cast(Clients, type("C", (), {"rebuilder": rebuilder(tmp_path, FakeInputConsumer([]), live)})())
     loop.partitions.assign([0])
     loop.partitions.restore(0)
     loop._adopt(clients, 0, saved(old))

@@ -19,7 +19,7 @@ import pytest
 
 from daemon.ops import cpus
 from daemon.ops.health import Health
-from daemon.streaming.loop import RunLoop
+from daemon.streaming.loop import transactional_id
 from daemon.workers import (
     MULTIPROC_ENV,
     StatusWriter,
@@ -32,7 +32,7 @@ from daemon.workers import (
     status_path,
     worker_settings,
 )
-from tests.fakes import make, settings
+from tests.fakes import settings
 
 # -- the CPU quota -------------------------------------------------------------------
 
@@ -92,8 +92,7 @@ def test_each_worker_is_its_own_member_and_transactional_producer(tmp_path: Path
     for i in range(2):
         s = worker_settings(pod, i, 2)
         assert s.group_instance_id == f"lstmd-3-w{i}"
-        proc, metrics = make()
-        ids.add(RunLoop(s, proc, metrics, Health(60), threading.Event())._transactional_id())
+        ids.add(transactional_id(s))
     assert len(ids) == 2
     assert worker_settings(pod, 0, 1).group_instance_id == "lstmd-3"
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 
 from daemon.config import Settings
@@ -87,14 +87,24 @@ CONSUMER_CLOSE_TIMEOUT_S = 3.0
 
 
 @dataclass
-class _Clients:
-    """The Kafka side of one run, opened in `run` and closed when it returns."""
+class Clients:
+    """The Kafka side of one run: opened by `run` (or a test, on another Kafka), handed
+    to `RunLoop.start`, closed by `RunLoop.close`."""
 
     consumer: KafkaConsumer
     checkpointer: Checkpointer
     restorer: Restorer
     rebuilder: Rebuilder
     listener: RebalanceEvents
+
+
+def transactional_id(settings: Settings) -> str | None:
+    """Stable for a static member (its restart fences its own zombie), unique otherwise;
+    KIP-447 fences zombies through the group generation either way."""
+    if settings.delivery != "exactly-once":
+        return None
+    member = settings.group_instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"lstmd-{settings.group_id}-{member}"
 
 
 class RunLoop:
@@ -141,6 +151,9 @@ class RunLoop:
         self._layout: Layout | None = None
         self._input_partitions = 0
         self._held: set[int] = set()
+        self._clients: Clients | None = None
+        # The rewinds counted when the shutdown phase began (None before it).
+        self._stopping_at_rewinds: int | None = None
         for kind in ("assigned", "revoked", "lost"):  # every label value starts at 0
             metrics.rebalances.labels(kind=kind)
 
@@ -150,23 +163,10 @@ class RunLoop:
         clients = self._connect()
         if clients is None:
             return
+        self.start(clients)
         try:
-            while not self.stop.is_set():
-                self._throttle(clients)
-                polled = self._poll(clients.consumer)
-                if self._apply_rebalance(clients):
-                    polled = {}  # rewound to the committed offsets: polled again
-                self._restore(clients)
-                batch = self._accept(clients.consumer, polled)
-                self._checkpoint(clients, self._process(batch))
-                if batch and self.on_batch is not None:
-                    self.on_batch(len(batch))
-                self._housekeeping(clients)
-                if self.policy.notices:
-                    # Idle evictions: durable before any later input of those keys is
-                    # answered, so a restart cannot revive a state already announced gone.
-                    self._flush(clients)
-            self._shut_down(clients)
+            while self.step():
+                pass
         except DeliveryFailed as exc:
             # The shutdown deadline passed with work in hand. Nothing is lost: no
             # offset was committed past an output or state not yet durable.
@@ -180,15 +180,60 @@ class RunLoop:
                 message="the next owner of these partitions repeats their inputs from the committed offsets",
             )
         finally:
-            self._closing = True
-            # Leaving the group waits for the coordinator: bounded like every wait here,
-            # so a broker outage at shutdown cannot hold the process past its deadline.
-            close_ms = int(min(CONSUMER_CLOSE_TIMEOUT_S, self._close_budget() / 2) * 1000)
-            clients.consumer.close(autocommit=False, timeout_ms=close_ms)
-            clients.restorer.consumer.close(timeout_ms=close_ms)
-            clients.rebuilder.close()
-            clients.checkpointer.close(timeout=self._close_budget())
-            log.info("kafka_closed")
+            self.close()
+
+    def start(self, clients: Clients) -> None:
+        """Take the clients of this run and join the group: `step` may be called from now on."""
+        self._clients = clients
+        if self.settings.delivery == "at-least-once":
+            # Exactly-once commits every poll batch in its transaction before the next
+            # poll: a revocation finds nothing in hand.
+            clients.listener.before_revoke = functools.partial(self._before_revoke, clients)
+        clients.consumer.subscribe([self.settings.input_topic], listener=clients.listener)  # type: ignore[arg-type]  # stubs predate the async listener
+        self.health.reason = "waiting for the group to assign partitions"
+
+    def step(self) -> bool:
+        """One iteration of the loop; False once it has shut down.
+
+        poll -> apply the rebalance -> restore and rebuild -> process -> checkpoint
+        when due -> housekeeping. From `stop` on, each step is one of the shutdown
+        phase (`_shutdown_step`), until its final checkpoint is committed or given up.
+        """
+        clients = self._clients
+        assert clients is not None, "start() first"
+        if self.stop.is_set():
+            return self._shutdown_step(clients)
+        self._throttle(clients)
+        polled = self._poll(clients.consumer)
+        if self._apply_rebalance(clients):
+            polled = {}  # rewound to the committed offsets: polled again
+        self._restore(clients)
+        batch = self._accept(clients.consumer, polled)
+        self._checkpoint(clients, self._process(batch))
+        if batch and self.on_batch is not None:
+            self.on_batch(len(batch))
+        self._housekeeping(clients)
+        if self.policy.notices:
+            # Idle evictions: durable before any later input of those keys is
+            # answered, so a restart cannot revive a state already announced gone.
+            self._flush(clients)
+        return True
+
+    def close(self) -> None:
+        """Leave the group and close every client, each within what is left of the
+        shutdown budget."""
+        clients = self._clients
+        if clients is None:
+            return
+        self._closing = True
+        # Leaving the group waits for the coordinator: bounded like every wait here,
+        # so a broker outage at shutdown cannot hold the process past its deadline.
+        close_ms = int(min(CONSUMER_CLOSE_TIMEOUT_S, self._close_budget() / 2) * 1000)
+        clients.consumer.close(autocommit=False, timeout_ms=close_ms)
+        clients.restorer.consumer.close(timeout_ms=close_ms)
+        clients.rebuilder.close()
+        clients.checkpointer.close(timeout=self._close_budget())
+        log.info("kafka_closed")
 
     # -- shutdown -------------------------------------------------------------------
     def _watch_shutdown(self) -> None:
@@ -204,39 +249,40 @@ class RunLoop:
             return SHUTDOWN_RESERVE_S
         return max(1.0, self._deadline - time.monotonic())
 
-    def _shut_down(self, clients: _Clients) -> None:
-        """Shutdown is a state of the lifecycle: take no new work (every partition
-        paused), finish what is in hand, and keep driving the consumer until the
-        final checkpoint is committed or the deadline passes. A commit the group
-        deferred (a rebalance under way) is retried after the poll that completes
-        the rebalance; a partition revoked meanwhile is simply released."""
-        log.info("stopping", reason="signal", pending=self.policy.pending())
+    def _shutdown_step(self, clients: Clients) -> bool:
+        """Shutdown is a phase of the loop: take no new work (every partition paused),
+        finish what is in hand, and keep driving the consumer until the final
+        checkpoint is committed or the deadline passes. A commit the group deferred
+        (a rebalance under way) is retried after the poll that completes the
+        rebalance; a partition revoked meanwhile is simply released. False when done."""
+        if self._stopping_at_rewinds is None:
+            log.info("stopping", reason="signal", pending=self.policy.pending())
+            self._stopping_at_rewinds = self._rewinds
         consumer = clients.consumer
-        rewinds = self._rewinds
-        while True:
-            consumer.pause(*consumer.assignment())
-            self._flush(clients)
-            if self._rewinds != rewinds:
-                # The final checkpoint was aborted (or given up inside a revocation): the
-                # loop rewound, nothing of it is committed, and there is no time to redo it.
-                log.warning(
-                    "shutdown_incomplete",
-                    reason="the final checkpoint was aborted",
-                    message="the next owner of these partitions repeats their inputs from the "
-                    "committed offsets (exactly-once: nothing of the aborted transaction is visible)",
-                )
-                return
-            if not self.policy.pending():
-                log.info("shutdown_checkpointed")
-                return
-            if self.abandon.is_set():
-                raise DeliveryFailed("the final checkpoint was not committed before the shutdown deadline")
-            self._poll(consumer)  # paused: no records, only heartbeats and the rebalance
-            self._apply_rebalance(clients)
+        consumer.pause(*consumer.assignment())
+        self._flush(clients)
+        if self._rewinds != self._stopping_at_rewinds:
+            # The final checkpoint was aborted (or given up inside a revocation): the
+            # loop rewound, nothing of it is committed, and there is no time to redo it.
+            log.warning(
+                "shutdown_incomplete",
+                reason="the final checkpoint was aborted",
+                message="the next owner of these partitions repeats their inputs from the "
+                "committed offsets (exactly-once: nothing of the aborted transaction is visible)",
+            )
+            return False
+        if not self.policy.pending():
+            log.info("shutdown_checkpointed")
+            return False
+        if self.abandon.is_set():
+            raise DeliveryFailed("the final checkpoint was not committed before the shutdown deadline")
+        self._poll(consumer)  # paused: no records, only heartbeats and the rebalance
+        self._apply_rebalance(clients)
+        return True
 
     # -- start-up -----------------------------------------------------------------
-    def _connect(self) -> _Clients | None:
-        """Topics checked, producer ready, consumer subscribed; None if asked to stop first."""
+    def _connect(self) -> Clients | None:
+        """Topics checked, producer ready, consumer built; None if asked to stop first."""
         admin = wait_for_cluster(self.settings, self.stop, self.health.beat)
         if admin is None:
             return None
@@ -257,35 +303,38 @@ class RunLoop:
             delivery=self.settings.delivery,
             outputs_by_input_partition=aligned,
         )
-        transactional_id = self._transactional_id()
+        txn_id = transactional_id(self.settings)
         try:  # first: it may wait for Kafka, and then nothing else is open yet
-            checkpointer = Checkpointer(
-                self.settings,
-                lambda: make_producer(self.settings, transactional_id),
-                self.metrics,
-                self.stop,
-                abandon=self.abandon,
-                beat=self.health.beat,
+            clients = self.assemble(
+                lambda: make_consumer(self.settings),
+                lambda: make_producer(self.settings, txn_id),
+                lambda: make_restore_consumer(self.settings),
             )
         except DeliveryFailed:  # asked to stop meanwhile
             return None
-        checkpointer.same_partitions = aligned
-        consumer = make_consumer(self.settings)
-        restorer = Restorer(make_restore_consumer(self.settings), self.settings, self.metrics)
-        # Its consumer reads the input topic like the restore's reads the state topic.
-        rebuilder = Rebuilder(
-            lambda: make_restore_consumer(self.settings), self.settings, self.metrics, self.processor
-        )
-        listener = RebalanceEvents(consumer)
-        clients = _Clients(consumer, checkpointer, restorer, rebuilder, listener)
-        if self.settings.delivery == "at-least-once":
-            # Exactly-once commits every poll batch in its transaction before the next
-            # poll: a revocation finds nothing in hand.
-            listener.before_revoke = functools.partial(self._before_revoke, clients)
-        self._await_metadata(consumer)
-        consumer.subscribe([self.settings.input_topic], listener=listener)  # type: ignore[arg-type]  # stubs predate the async listener
-        self.health.reason = "waiting for the group to assign partitions"
+        clients.checkpointer.same_partitions = aligned
+        self._await_metadata(clients.consumer)
         return clients
+
+    def assemble(
+        self,
+        make_consumer: Callable[[], KafkaConsumer],
+        make_producer: Callable[[], KafkaProducer],
+        make_reader: Callable[[], KafkaConsumer],
+    ) -> Clients:
+        """The run's parts around its Kafka clients, from their factories: the group's
+        consumer, the producer (delivery renews it), and readers by assignment (one
+        for the state topic's restore, one per rebuild of the input). The seam where
+        tests plug in another Kafka. The producer is built first: it may wait for
+        Kafka (DeliveryFailed if `stop` is set meanwhile), and then nothing else is
+        open yet."""
+        checkpointer = Checkpointer(
+            self.settings, make_producer, self.metrics, self.stop, abandon=self.abandon, beat=self.health.beat
+        )
+        consumer = make_consumer()
+        restorer = Restorer(make_reader(), self.settings, self.metrics)
+        rebuilder = Rebuilder(make_reader, self.settings, self.metrics, self.processor)
+        return Clients(consumer, checkpointer, restorer, rebuilder, RebalanceEvents(consumer))
 
     def _await_metadata(self, consumer: KafkaConsumer, timeout_s: float = 30.0) -> None:
         """Have the input topic's partitions in the consumer's metadata before joining.
@@ -300,16 +349,6 @@ class RunLoop:
                 log.warning("input_metadata_missing", topic=self.settings.input_topic)
                 return
             self.health.beat()
-
-    def _transactional_id(self) -> str | None:
-        """Stable for a static member (its restart fences its own zombie), unique otherwise;
-        KIP-447 fences zombies through the group generation either way."""
-        if self.settings.delivery != "exactly-once":
-            return None
-        member = (
-            self.settings.group_instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        )
-        return f"lstmd-{self.settings.group_id}-{member}"
 
     def _poll(self, consumer: KafkaConsumer) -> dict[TopicPartition, list[Any]]:
         """One poll. A broker gone is not a reason to exit: kafka-python 3.0.12 raises
@@ -336,7 +375,7 @@ class RunLoop:
         self.metrics.last_poll.set_to_current_time()
         return polled
 
-    def _throttle(self, clients: _Clients) -> None:
+    def _throttle(self, clients: Clients) -> None:
         """Bounded in flight: while the producer holds more than the checkpointer's bound,
         every partition is paused, so the loop keeps polling (heartbeats, rebalances,
         SIGTERM) instead of blocking in `send`; it resumes once acknowledgements
@@ -354,7 +393,7 @@ class RunLoop:
 
     # -- the partition lifecycle --------------------------------------------------
     def _before_revoke(
-        self, clients: _Clients, revoked: set[TopicPartition]
+        self, clients: Clients, revoked: set[TopicPartition]
     ) -> dict[TopicPartition, int] | None:
         """Checkpoint what is in hand before partitions are revoked; the offsets for the
         listener to commit (daemon/kafka/listener.py says why there).
@@ -396,7 +435,7 @@ class RunLoop:
         )
         return cp.offsets
 
-    def _apply_rebalance(self, clients: _Clients) -> bool:
+    def _apply_rebalance(self, clients: Clients) -> bool:
         """Apply the changes the listener collected; True if the loop was rewound to the
         committed offsets (a revocation checkpoint failed), so what was polled with
         them is to be dropped."""
@@ -425,7 +464,7 @@ class RunLoop:
         self._recover(clients)
         return True
 
-    def _release(self, tp: TopicPartition, clients: _Clients, kind: str) -> None:
+    def _release(self, tp: TopicPartition, clients: Clients, kind: str) -> None:
         # A revoked partition's work was checkpointed in the revocation callback
         # (`_before_revoke`); a lost one's may not be committed any more. Either way
         # dropping the state, the pending offsets and any resend of its outputs is all
@@ -450,7 +489,7 @@ class RunLoop:
             self.store.drop_partition(tp.partition)
         self.partitions.assign(tp.partition for tp in tps)
 
-    def _restore(self, clients: _Clients) -> None:
+    def _restore(self, clients: Clients) -> None:
         """Move assigned partitions on: a stable committed position first, then their
         states from the state topic; a partition restored serves, unless its open
         sequences of another model are rebuilt first (`_rebuild`)."""
@@ -462,7 +501,7 @@ class RunLoop:
             self._rebuild(clients)
         self.metrics.active_sequences.set(len(self.store))
 
-    def _adopt(self, clients: _Clients, partition: int, states: dict[str, tuple[SequenceState, str]]) -> None:
+    def _adopt(self, clients: Clients, partition: int, states: dict[str, tuple[SequenceState, str]]) -> None:
         """Install a restored partition's states and serve it, or rebuild it first."""
         if self.settings.on_model_change == "rebuild" and clients.rebuilder.begin(partition, states):
             self.partitions.rebuild(partition)
@@ -478,7 +517,7 @@ class RunLoop:
         self.partitions.restored(partition)
         log.info("partition_restored", partition=partition, states=len(states), discarded=len(evicted))
 
-    def _rebuild(self, clients: _Clients) -> None:
+    def _rebuild(self, clients: Clients) -> None:
         """Move rebuilds on; a partition rebuilt gets its states installed, its
         dropped sequences announced, and all of it checkpointed before it serves:
         its next owner then restores this model's states, not the old ones."""
@@ -522,7 +561,7 @@ class RunLoop:
             # else: released within this poll; its next owner reads these records
         return batch
 
-    def _read_positions(self, clients: _Clients) -> None:
+    def _read_positions(self, clients: Clients) -> None:
         """The committed position of each newly assigned partition, once it is stable.
 
         The consumer reads committed (KIP-447: a transaction still open on the
@@ -553,11 +592,11 @@ class RunLoop:
             self.partitions.advance(partition, position)
         return outputs
 
-    def _flush(self, clients: _Clients) -> None:
+    def _flush(self, clients: Clients) -> None:
         """Checkpoint everything pending now (notices included)."""
         self._checkpoint(clients, self.policy.take_notices(), force=True)
 
-    def _checkpoint(self, clients: _Clients, outputs: list[OutputRecord], *, force: bool = False) -> None:
+    def _checkpoint(self, clients: Clients, outputs: list[OutputRecord], *, force: bool = False) -> None:
         """Publish `outputs`; when the policy says a checkpoint is due, with the
         changed states and the offsets.
 
@@ -582,7 +621,7 @@ class RunLoop:
             raise
         self.policy.did(cp, committed)
 
-    def _recover(self, clients: _Clients) -> None:
+    def _recover(self, clients: Clients) -> None:
         """After an aborted transaction the states in memory include work that was
         never committed: forget them, rewind to the committed offsets, restore."""
         self._rewinds += 1
@@ -630,7 +669,7 @@ class RunLoop:
                     ) from exc
 
     # -- housekeeping -------------------------------------------------------------
-    def _housekeeping(self, clients: _Clients) -> None:
+    def _housekeeping(self, clients: Clients) -> None:
         now = time.monotonic()
         if now - self._housekeeping_at < HOUSEKEEPING_INTERVAL_S:
             return
@@ -674,7 +713,7 @@ class RunLoop:
                 self.metrics.lag.labels(partition=str(tp.partition)).set(max(0, high - position))
 
     # -- topic changes ------------------------------------------------------------
-    def _watch_topics(self, clients: _Clients) -> None:
+    def _watch_topics(self, clients: Clients) -> None:
         """Partitions added to the topics while running, as the producer's metadata
         sees them (refreshed every 30 s: clients.METADATA_MAX_AGE_MS). Outputs go to
         their input's partition number only while the output and dead-letter topics
@@ -722,7 +761,7 @@ class RunLoop:
             message="open sequences whose key now hashes to another partition start over there",
         )
 
-    def _stateless(self, clients: _Clients, partition: int) -> bool:
+    def _stateless(self, clients: Clients, partition: int) -> bool:
         """Whether an assigned input partition has no state partition of its number yet
         (the input topic grew before the state topic): its states could be neither
         restored nor written, so it is not restored and serves nothing until the state

@@ -1,0 +1,174 @@
+"""One scenario, two Kafkas: the in-memory one (unit tests) and the real broker.
+
+A test takes the `backend` fixture (tests/conftest.py) and writes its scenario once:
+topics, input records, a run loop stepped by hand, the records on the output topics.
+On the in-memory Kafka it is a fast unit test; on the real broker (marker `kafka`)
+the same steps meet Kafka's own timing: `run_until` then steps until a condition
+holds, within a deadline, instead of a fixed number of steps (arroyo's
+StreamsTestMixin idea).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from daemon.config import Settings
+from daemon.core.processor import Processor
+from daemon.kafka.clients import make_consumer, make_producer, make_restore_consumer
+from daemon.ops.health import Health
+from daemon.ops.metrics import Metrics
+from daemon.streaming.loop import RunLoop, transactional_id
+from tests.support.kafka import MemoryKafka
+
+
+class Backend(Protocol):
+    """What a scenario asks of a Kafka."""
+
+    name: str
+
+    def settings(self, tmp_path: Path, partitions: int = 1, **extra: Any) -> Settings:
+        """Settings with fresh input, output, dead-letter and state topics."""
+
+    def produce(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, int]]) -> None:
+        """Append (key, value, partition) records, in order, as an upstream producer."""
+
+    def loop(self, settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
+        """A started run loop on this Kafka, for the test to step."""
+
+    def values(self, topic: str) -> list[bytes | None]:
+        """The values on a topic, partition by partition, as read_committed sees them."""
+
+    def run_until(self, loops: Iterable[RunLoop], done: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        """Step the loops in turn until `done()`; fails after `timeout_s` (or, in
+        memory, after a step budget: nothing there waits on time)."""
+
+
+def _settings(tmp_path: Path, bootstrap: str, names: dict[str, str], **extra: Any) -> Settings:
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"x")
+    return Settings(
+        kafka_bootstrap_servers=bootstrap,
+        input_topic=names["in"],
+        output_topic=names["out"],
+        dlq_topic=names["dlq"],
+        state_topic=names["state"],
+        group_id=names.get("group", "g"),
+        model_path=model,
+        **extra,
+    )
+
+
+def _new_loop(settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
+    return RunLoop(settings, processor, metrics, Health(60), threading.Event())
+
+
+@dataclass
+class Memory:
+    """The in-memory Kafka (tests/support/kafka.py)."""
+
+    kafka: MemoryKafka = field(default_factory=MemoryKafka)
+    name: str = "memory"
+    max_steps: int = 1000
+
+    def settings(self, tmp_path: Path, partitions: int = 1, **extra: Any) -> Settings:
+        names = {"in": "in", "out": "out", "dlq": "in.dlq", "state": "in.state"}
+        for topic in names.values():
+            self.kafka.create_topic(topic, partitions)
+        return _settings(tmp_path, "memory:9092", names, **extra)
+
+    def produce(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, int]]) -> None:
+        for key, value, partition in records:
+            self.kafka.produce(topic, key, value, partition)
+
+    def loop(self, settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
+        loop = _new_loop(settings, processor, metrics)
+        txn = transactional_id(settings)
+        loop.start(
+            loop.assemble(
+                lambda: cast(KafkaConsumer, self.kafka.consumer(settings.group_id)),
+                lambda: cast(KafkaProducer, self.kafka.producer(txn)),
+                lambda: cast(KafkaConsumer, self.kafka.reader()),
+            )
+        )
+        return loop
+
+    def values(self, topic: str) -> list[bytes | None]:
+        return self.kafka.values(topic)
+
+    def run_until(self, loops: Iterable[RunLoop], done: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        loops = list(loops)
+        for _ in range(self.max_steps):
+            if done():
+                return
+            for loop in loops:
+                loop.step()
+        raise AssertionError(f"not done after {self.max_steps} steps of each loop")
+
+
+@dataclass
+class Broker:
+    """The session's real Apache Kafka broker (tests/conftest.py `kafka`, `topics`)."""
+
+    bootstrap: str
+    make_topics: Callable[..., dict[str, str]]
+    name: str = "broker"
+
+    def settings(self, tmp_path: Path, partitions: int = 1, **extra: Any) -> Settings:
+        names = self.make_topics(
+            {"in": partitions, "out": partitions, "dlq": partitions, "state": partitions}
+        )
+        names["group"] = f"g-{names['in']}"
+        return _settings(tmp_path, self.bootstrap, names, **extra)
+
+    def produce(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, int]]) -> None:
+        from confluent_kafka import Producer  # a third-party client, as users' producers are
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        for key, value, partition in records:
+            producer.produce(topic, key=key, value=value, partition=partition)
+        assert producer.flush(30) == 0
+
+    def loop(self, settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
+        loop = _new_loop(settings, processor, metrics)
+        txn = transactional_id(settings)
+        loop.start(
+            loop.assemble(
+                lambda: make_consumer(settings),
+                lambda: make_producer(settings, txn),
+                lambda: make_restore_consumer(settings),
+            )
+        )
+        return loop
+
+    def values(self, topic: str) -> list[bytes | None]:
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.bootstrap, isolation_level="read_committed", auto_offset_reset="earliest"
+        )
+        try:
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            consumer.assign(tps)
+            ends = consumer.end_offsets(tps)
+            got: dict[int, list[bytes | None]] = {tp.partition: [] for tp in tps}
+            deadline = time.monotonic() + 10
+            while any((consumer.position(tp) or 0) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+                for tp, recs in consumer.poll(timeout_ms=200).items():
+                    got[tp.partition].extend(r.value for r in recs)
+            return [v for p in sorted(got) for v in got[p]]
+        finally:
+            consumer.close()
+
+    def run_until(self, loops: Iterable[RunLoop], done: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        loops = list(loops)
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not done after {timeout_s} s")
+            for loop in loops:
+                loop.step()
