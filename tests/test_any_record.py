@@ -232,7 +232,7 @@ def test_a_non_kafka_error_from_send_is_that_records_failure(tmp_path: Path) -> 
     # The checkpoint resends it (on a new producer, after a backoff) and commits.
     assert cp.commit(FakeConsumer(), Checkpoint(offsets={TP: 3}))  # type: ignore[arg-type]
     assert [v for p in made for _, v in p.sent] == [b"1", b"3", b"2"]
-    assert metrics.produce_errors._value.get() == 1
+    assert metrics.registry.get_sample_value("lstmd_produce_errors_total") == 1
 
 
 def test_a_non_kafka_error_from_send_aborts_the_transaction(tmp_path: Path) -> None:

@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, cast
 
+import orjson
 import pytest
-from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
 from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.kafka.retry import Backoff
-from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.streaming import delivery, loop
 from daemon.streaming.delivery import CheckpointAbandoned, Checkpointer
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import Checkpoint
 from tests.fakes import TP, FakeConsumer, make, settings
+from tests.support.backends import Memory
+from tests.support.kafka import MemoryConsumer
 
 
 class LateAcks:
@@ -112,7 +112,7 @@ def test_outputs_are_sent_without_waiting_and_acknowledged_before_states_and_off
         "ack g.state b's'",
         "commit",  # ...then the offsets
     ]
-    assert metrics.predictions._value.get() == 3
+    assert metrics.registry.get_sample_value("lstmd_predictions_produced_total") == 3
 
 
 def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_commit(
@@ -138,7 +138,7 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
     assert acked == ["b'b1'", "b'a2'", "b'a1'", "b'a2'"]
     assert log[-1] == "commit" and not cp.failing()
     # Three predictions: a2's repeat is not counted again (nor its latency observed twice).
-    assert metrics.predictions._value.get() == 3
+    assert metrics.registry.get_sample_value("lstmd_predictions_produced_total") == 3
     assert metrics.registry.get_sample_value("lstmd_end_to_end_latency_seconds_count") == 3
 
 
@@ -206,11 +206,14 @@ def test_a_member_expelled_during_the_retries_stops_resending(tmp_path: Path, mo
 def test_latency_and_count_are_taken_at_the_acknowledgement(tmp_path: Path) -> None:
     log: list[str] = []
     cp, producers, metrics = pipeline(tmp_path, log)
+    latency = "lstmd_end_to_end_latency_seconds_sum"
     cp.send([out(b"1", ts_ms=1)])
-    assert metrics.end_to_end._sum.get() == 0  # sent, not acknowledged
+    assert metrics.registry.get_sample_value(latency) == 0  # sent, not acknowledged
     producers[0].flush()
-    assert metrics.end_to_end._sum.get() > 1e9  # seconds since the record's timestamp
-    assert metrics.predictions._value.get() == 1  # counted at the acknowledgement, not later
+    assert (metrics.registry.get_sample_value(latency) or 0) > 1e9  # seconds since the record's timestamp
+    assert (
+        metrics.registry.get_sample_value("lstmd_predictions_produced_total") == 1
+    )  # counted at the acknowledgement, not later
 
 
 def test_outputs_go_to_their_input_partition_when_the_topics_are_aligned(tmp_path: Path) -> None:
@@ -227,60 +230,60 @@ class _NoWait(Backoff):
         return False
 
 
-def test_the_loop_pauses_its_partitions_while_outputs_are_backlogged(tmp_path: Path) -> None:
+def backlogged_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partitions: int = 1
+) -> tuple[Memory, RunLoop, Metrics]:
+    """A run loop on the in-memory Kafka whose outputs are not acknowledged (held),
+    with a bound of one byte in flight: its first outputs make it backlogged."""
+    monkeypatch.setattr(delivery, "MAX_IN_FLIGHT_BYTES", 1)
+    monkeypatch.setattr(loop, "HOUSEKEEPING_INTERVAL_S", 0.0)
+    kafka = Memory()
+    kafka.kafka.hold_acks = True
+    s = kafka.settings(tmp_path, partitions=partitions, checkpoint_interval_ms=60_000)
+    proc, metrics = make()
+    return kafka, kafka.loop(s, proc, metrics), metrics
+
+
+def consumed(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("lstmd_events_consumed_total")
+
+
+def test_the_loop_pauses_its_partitions_while_outputs_are_backlogged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Paused, the loop still polls (heartbeats, rebalances, SIGTERM) instead of
     blocking in `send`; it resumes once the acknowledgements caught up."""
-    calls: list[str] = []
-
-    class Consumer:
-        def assignment(self) -> set[Any]:
-            return {TP}
-
-        def pause(self, *tps: Any) -> None:
-            calls.append("pause")
-
-        def resume(self, *tps: Any) -> None:
-            calls.append("resume")
-
-    backlog = iter([False, True, True, False, False])
-    checkpointer = SimpleNamespace(backlogged=lambda: next(backlog))
-    proc, metrics = make()
-    rl = RunLoop(settings(tmp_path), proc, metrics, Health(60), threading.Event())
-    clients = cast(Any, SimpleNamespace(consumer=Consumer(), checkpointer=checkpointer))
-    for _ in range(5):
-        rl._throttle(clients)
-    assert calls == ["pause", "pause", "resume"]
-    assert metrics.backpressure._value.get() == 1
+    kafka, rl, metrics = backlogged_loop(tmp_path, monkeypatch)
+    one = orjson.dumps({"x": [1]})
+    kafka.produce("in", [(b"a", one, 0), (b"b", one, 0)])
+    kafka.run_until([rl], lambda: consumed(metrics) == 2)
+    consumer = cast(MemoryConsumer, rl.clients.consumer)
+    kafka.produce("in", [(b"c", one, 0)])
+    for _ in range(3):
+        rl.step()
+    assert consumer.paused() == {TP} and consumed(metrics) == 2  # polled, nothing taken
+    assert kafka.kafka.unacknowledged == 2
+    assert metrics.registry.get_sample_value("lstmd_backpressure_pauses_total") == 1  # once per episode
+    kafka.kafka.acknowledge()
+    kafka.run_until([rl], lambda: consumed(metrics) == 3)
+    assert consumer.paused() == set()
 
 
-def test_the_lag_of_paused_partitions_stays_current(tmp_path: Path) -> None:
+def test_the_lag_of_paused_partitions_stays_current(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Paused (backpressure), a partition is not fetched, so its last fetch's high
     watermark freezes while producers write on: its end is asked of the broker
     instead, once per housekeeping, with a bound."""
-    tp1 = TopicPartition("in", 1)
-    asked: list[tuple[list[Any], int | None]] = []
-
-    class Consumer:
-        def assignment(self) -> set[Any]:
-            return {TP, tp1}
-
-        def paused(self) -> set[Any]:
-            return {TP}
-
-        def highwater(self, tp: Any) -> int:
-            return 10  # both partitions' last fetch
-
-        def end_offsets(self, tps: list[Any], timeout_ms: int | None = None) -> dict[Any, int]:
-            asked.append((tps, timeout_ms))
-            return dict.fromkeys(tps, 50)  # written since partition 0 was paused
-
-        def position(self, tp: Any, timeout_ms: int | None = None) -> int:
-            return 4
-
-    proc, metrics = make()
-    rl = RunLoop(settings(tmp_path), proc, metrics, Health(60), threading.Event())
-    rl._report_lag(cast(Any, Consumer()))
+    kafka, rl, metrics = backlogged_loop(tmp_path, monkeypatch, partitions=2)
+    one = orjson.dumps({"x": [1]})
+    kafka.produce("in", [(b"a", one, 0), (b"b", one, 1)])
+    kafka.run_until([rl], lambda: consumed(metrics) == 2)
+    rl.step()  # paused from here on
+    kafka.produce("in", [(b"a", one, 0)] * 40)
+    rl.step()
     lag = metrics.registry.get_sample_value
-    assert lag("lstmd_consumer_lag", {"partition": "0"}) == 46
-    assert lag("lstmd_consumer_lag", {"partition": "1"}) == 6  # fetched: its high watermark is current
-    assert asked == [([TP], loop.LAG_END_OFFSETS_TIMEOUT_MS)]
+    assert lag("lstmd_consumer_lag", {"partition": "0"}) == 40
+    assert lag("lstmd_consumer_lag", {"partition": "1"}) == 0
+    kafka.kafka.acknowledge()
+    kafka.run_until([rl], lambda: consumed(metrics) == 42)
+    rl.step()
+    assert lag("lstmd_consumer_lag", {"partition": "0"}) == 0

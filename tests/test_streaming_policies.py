@@ -4,7 +4,6 @@ what it carries, and the partition lifecycle the probes read."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,15 +30,12 @@ from daemon.streaming.policy import CheckpointPolicy
 from daemon.streaming.restore import adopt
 from tests.fakes import (
     TP,
-    FakeConsumer,
-    FakeProducer,
-    FakeStateConsumer,
-    finish,
     make,
     outputs,
     recs,
-    settings,
 )
+from tests.support.backends import Memory
+from tests.support.kafka import MemoryConsumer, MemoryProducer
 
 
 def policy(store: StateStore, interval_s: float = 1.0, now: list[float] | None = None) -> CheckpointPolicy:
@@ -231,118 +227,49 @@ def test_readiness_follows_the_partition_lifecycle() -> None:
     assert parts.owned() == {0} and parts.position(1) is None and parts.phase(1) is None
 
 
-def test_a_static_member_fenced_at_join_ends_with_exit_2_naming_the_variable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def one_record(tmp_path: Path, **extra: Any) -> tuple[Memory, RunLoop]:
+    """A run loop on the in-memory Kafka that has processed one record of key "a"."""
+    kafka = Memory()
+    s = kafka.settings(tmp_path, **extra)
+    kafka.produce(s.input_topic, [(b"a", orjson.dumps({"x": [1]}), 0)])
+    proc, metrics = make()
+    loop = kafka.loop(s, proc, metrics)
+    kafka.run_until([loop], lambda: metrics.registry.get_sample_value("lstmd_events_consumed_total") == 1)
+    return kafka, loop
+
+
+def shut_down(loop: RunLoop) -> None:
+    """SIGTERM: the shutdown phase stepped to its end."""
+    loop.stop.set()
+    while loop.step():
+        pass
+
+
+def test_a_static_member_fenced_at_join_ends_with_exit_2_naming_the_variable(tmp_path: Path) -> None:
     """kafka-python raises FencedInstanceIdError from poll() when a join is fenced (two
     pods with one LSTMD_GROUP_INSTANCE_ID): a configuration error, not a crash loop."""
-
-    class Fenced:
-        def poll(self, **_: Any) -> dict[Any, Any]:
-            raise FencedInstanceIdError()
-
-        def __getattr__(self, name: str) -> Any:
-            return lambda *a, **k: set()
-
-    monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: Fenced())
-    monkeypatch.setattr(loop_module, "ensure_topics", lambda *a: 1)
-    monkeypatch.setattr(loop_module, "outputs_aligned", lambda *a: True)
-    monkeypatch.setattr(loop_module, "make_producer", lambda *a: FakeProducer())
-    monkeypatch.setattr(loop_module, "make_consumer", lambda *a: Fenced())
-    monkeypatch.setattr(loop_module, "make_restore_consumer", lambda *a: Fenced())
-    monkeypatch.setattr(loop_module, "partitions_for_topic", lambda *a, **k: {0})
+    kafka = Memory()
+    s = kafka.settings(tmp_path, group_instance_id="pod-0")
     proc, metrics = make()
-    s = settings(tmp_path, group_instance_id="pod-0")
+    loop = kafka.loop(s, proc, metrics)
+    kafka.kafka.faults.poll.append(FencedInstanceIdError())
     with pytest.raises(KafkaSetupError, match="'pod-0' \\(LSTMD_GROUP_INSTANCE_ID\\)"):
-        RunLoop(s, proc, metrics, Health(60), threading.Event()).run()
+        loop.step()
 
 
-class OneRecordConsumer:
-    """The group's consumer, faked: assigns TP and hands over one record at the first
-    poll; its first `refusals` commits meet a rebalance."""
-
-    def __init__(self, refusals: int = 0) -> None:
-        self.listener: Any = None
-        self.assigned: set[Any] = set()
-        self.polls = 0
-        self.refusals = refusals
-        self.committed_offsets: list[dict[Any, Any]] = []
-
-    def subscribe(self, topics: list[str], listener: Any) -> None:
-        self.listener = listener
-
-    def poll(self, **_: Any) -> dict[Any, list[Any]]:
-        self.polls += 1
-        if self.polls == 1:
-            self.assigned = {TP}
-            finish(self.listener.on_partitions_assigned({TP}))
-            return {TP: [recs([("a", {"x": [1]})])[0]]}
-        return {}
-
-    def assignment(self) -> set[Any]:
-        return self.assigned
-
-    def paused(self) -> set[Any]:
-        return set()
-
-    def commit(self, offsets: dict[Any, Any], timeout_ms: int | None = None) -> None:
-        if self.refusals:
-            self.refusals -= 1
-            raise RebalanceInProgressError()
-        self.committed_offsets.append({tp: o.offset for tp, o in offsets.items()})
-
-    def group_metadata(self) -> Any:
-        return FakeConsumer().group_metadata()
-
-    def committed(self, tp: Any, timeout_ms: int = 0) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:  # pause, close, highwater, seek, ...
-        return lambda *a, **k: None
-
-
-class StateTopic(FakeStateConsumer):
-    def close(self, timeout_ms: int | None = None) -> None: ...
-
-
-def one_record_run(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    consumer: OneRecordConsumer,
-    producer: FakeProducer,
-    then: Callable[[RunLoop], None] = lambda rl: None,
-    **extra: Any,
-) -> RunLoop:
-    """The run loop with fake clients: one record processed, `then(loop)`, SIGTERM."""
-    monkeypatch.setattr(loop_module, "wait_for_cluster", lambda *a: StateTopic([]))
-    monkeypatch.setattr(loop_module, "ensure_topics", lambda *a: 1)
-    monkeypatch.setattr(loop_module, "outputs_aligned", lambda *a: True)
-    monkeypatch.setattr(loop_module, "make_producer", lambda *a: producer)
-    monkeypatch.setattr(loop_module, "make_consumer", lambda *a: consumer)
-    monkeypatch.setattr(loop_module, "make_restore_consumer", lambda *a: StateTopic([]))
-    monkeypatch.setattr(loop_module, "partitions_for_topic", lambda *a, **k: {0})
-    proc, metrics = make()
-    stop = threading.Event()
-
-    def after_batch(_: int) -> None:
-        then(rl)
-        stop.set()
-
-    rl = RunLoop(settings(tmp_path, **extra), proc, metrics, Health(60), stop, on_batch=after_batch)
-    rl.run()
-    return rl
-
-
-def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(tmp_path: Path) -> None:
     """SIGTERM while the group rebalances: the final checkpoint's commit is deferred
     (RebalanceInProgressError); the daemon keeps polling, paused, and commits once the
     rebalance is over, instead of exiting with nothing committed."""
-    consumer = OneRecordConsumer(refusals=2)  # the group is rebalancing for two commits
-    one_record_run(tmp_path, monkeypatch, consumer, FakeProducer())
-    assert consumer.committed_offsets == [{TP: 1}]  # committed after the rebalance
-    assert consumer.polls >= 3  # polled (paused) while the commit was deferred
+    kafka, loop = one_record(tmp_path, checkpoint_interval_ms=60_000)
+    group = kafka.kafka.group(loop.settings.group_id)
+    assert group.committed == {}
+    kafka.kafka.faults.commit += [RebalanceInProgressError(), RebalanceInProgressError()]
+    consumer = cast(MemoryConsumer, loop.clients.consumer)
+    polls = consumer.polls
+    shut_down(loop)
+    assert group.committed == {TP: 1}  # committed after the rebalance
+    assert consumer.polls - polls == 2  # polled (paused) while the commit was deferred
 
 
 def test_an_aborted_final_transaction_is_not_called_checkpointed(
@@ -351,14 +278,6 @@ def test_an_aborted_final_transaction_is_not_called_checkpointed(
     """Exactly-once, SIGTERM with work in hand whose transaction aborts (fenced by a
     rebalance, say): the loop rewinds, nothing of it is committed, and the log says
     so (`shutdown_incomplete`), not `shutdown_checkpointed`."""
-
-    class SecondCommitFails(FakeProducer):
-        def commit_transaction(self) -> None:
-            self.calls.append("commit_transaction")
-            if self.calls.count("commit_transaction") == 2:
-                raise ProducerFencedError("a rebalance moved the partition")
-
-    producer = SecondCommitFails()
     events: list[str] = []
 
     class Log:  # the run loop's log events, whatever structlog's configuration
@@ -366,14 +285,12 @@ def test_an_aborted_final_transaction_is_not_called_checkpointed(
             return lambda event, **_: events.append(event)
 
     monkeypatch.setattr(loop_module, "log", Log())
-    one_record_run(
-        tmp_path,
-        monkeypatch,
-        OneRecordConsumer(),
-        producer,
-        then=lambda rl: rl.store.touched(0, "a"),  # a changed state in hand at SIGTERM
-        delivery="exactly-once",
-    )
+    kafka, loop = one_record(tmp_path, delivery="exactly-once")
+    producer = cast(MemoryProducer, loop.clients.checkpointer.producer)
+    assert producer.calls.count("commit_transaction") == 1
+    loop.store.touched(0, "a")  # a changed state in hand at SIGTERM
+    kafka.kafka.faults.commit_transaction.append(ProducerFencedError("a rebalance moved the partition"))
+    shut_down(loop)
     assert producer.calls.count("abort_transaction") == 1
     assert "shutdown_incomplete" in events
     assert "shutdown_checkpointed" not in events
@@ -384,19 +301,11 @@ def test_a_poll_that_fails_while_the_broker_is_away_is_polled_again(tmp_path: Pa
     coordinator lookup meets a broker that is down (seen to end a worker just after
     its assignment): a retriable error is polled again and never beats liveness; a
     permanent one still ends the daemon."""
-
-    class Consumer:
-        def __init__(self, error: Exception) -> None:
-            self.error = error
-
-        def poll(self, **_: Any) -> dict[Any, list[Any]]:
-            raise self.error
-
-    proc, metrics = make()
-    health = Health(60)
-    rl = RunLoop(settings(tmp_path), proc, metrics, health, threading.Event())
-    beaten = health.last_loop
-    assert rl._poll(cast(Any, Consumer(KafkaConnectionError("111 ECONNREFUSED")))) == {}
-    assert health.last_loop == beaten
+    kafka, loop = one_record(tmp_path)
+    beaten = loop.health.last_loop
+    kafka.kafka.faults.poll.append(KafkaConnectionError("111 ECONNREFUSED"))
+    assert loop.step() is True
+    assert loop.health.last_loop == beaten
+    kafka.kafka.faults.poll.append(IllegalStateError("closed"))
     with pytest.raises(IllegalStateError):
-        rl._poll(cast(Any, Consumer(IllegalStateError("closed"))))
+        loop.step()

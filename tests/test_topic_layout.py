@@ -9,24 +9,25 @@ import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
+import orjson
 import pytest
 import structlog
 from kafka.cluster import ClusterMetadata
 from kafka.errors import UnknownTopicOrPartitionError
 from kafka.future import Future
 
-from daemon.core.processor import Processor
+from daemon.config import Settings
 from daemon.core.records import OutputRecord, StateRecord
-from daemon.kafka.topics import Layout, known_layout, moved_sequences
-from daemon.ops.health import Health
+from daemon.kafka.topics import PARTITIONERS, Layout, known_layout, moved_sequences
 from daemon.ops.metrics import Metrics
 from daemon.streaming import delivery as delivery_module
 from daemon.streaming import loop as loop_module
 from daemon.streaming.delivery import Checkpointer
-from daemon.streaming.loop import RunLoop
 from tests.fakes import make, output, settings
+from tests.support.backends import Memory
+from tests.support.kafka import MemoryProducer
 
 
 class Cluster(ClusterMetadata):
@@ -177,51 +178,88 @@ def test_another_value_error_of_send_is_not_taken_for_a_new_partition(tmp_path: 
     assert cluster.refreshes == 0
 
 
-# -- the run loop's watch over the topics -------------------------------------------
-def run_loop(tmp_path: Path, input_partitions: int) -> tuple[RunLoop, Processor, Metrics]:
-    """A run loop as `_connect` leaves it with an input topic of `input_partitions`."""
-    proc, metrics = make()
-    loop = RunLoop(settings(tmp_path), proc, metrics, Health(60), threading.Event())
-    loop._input_partitions = input_partitions
-    return loop, proc, metrics
+# -- the run loop's watch over the topics, on the in-memory Kafka -------------------
+def grown(kafka: Memory, s: Settings, **counts: int) -> None:
+    """Partitions added to the named topics ("input", "output", "dlq", "state")."""
+    topics = {
+        "input": s.input_topic,
+        "output": s.output_topic,
+        "dlq": s.dead_letter_topic,
+        "state": s.state_topic,
+    }
+    for name, total in counts.items():
+        kafka.kafka.add_partitions(topics[name], total)
+
+
+def answered_on(kafka: Memory, s: Settings, key: str) -> list[int]:
+    """The output partitions of the predictions for `key`, in order."""
+    records = sorted(kafka.kafka.records(s.output_topic), key=lambda r: r.timestamp)  # in send order
+    return [r.partition for r in records if r.key == key.encode()]
 
 
 def test_the_run_loop_realigns_outputs_and_announces_the_moved_sequences(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
 ) -> None:
-    loop, proc, metrics = run_loop(tmp_path, 3)
-    for partition, key in [(1, "a"), (2, "b"), (2, "d"), (0, "f")]:  # murmur2 moves a, d, f
-        proc.store.get(partition, key).n = 1
-    proc.store.get(1, "h")  # no step applied yet: not an open sequence
-    clients: Any = SimpleNamespace(checkpointer=SimpleNamespace(producer=None, same_partitions=True))
-    layouts = iter([Layout(3, 3, 3, 6), Layout(6, 3, 3, 6), Layout(6, 6, 6, 6)])
-    monkeypatch.setattr(loop_module, "known_layout", lambda *a: next(layouts))
-    loop._watch_topics(clients)  # the state topic grew first: nothing to say
-    assert clients.checkpointer.same_partitions and not logs
-    loop._watch_topics(clients)  # then the input: outputs go by key, moves announced
-    assert not clients.checkpointer.same_partitions
-    loop._watch_topics(clients)  # then the output topics: aligned again
-    assert clients.checkpointer.same_partitions
+    monkeypatch.setattr(loop_module, "HOUSEKEEPING_INTERVAL_S", 0.0)
+    kafka = Memory()
+    s = kafka.settings(tmp_path, partitions=3)
+    one = orjson.dumps({"x": [1]})
+    # Open sequences (murmur2 moves a, d and f from 3 partitions to 6), and one ended.
+    kafka.produce(s.input_topic, [(b"a", one, 1), (b"b", one, 2), (b"d", one, 2), (b"f", one, 0)])
+    kafka.produce(s.input_topic, [(b"h", orjson.dumps({"x": [1], "end": True}), 1)])
+    proc, metrics = make()
+    loop = kafka.loop(s, proc, metrics)
+    kafka.run_until([loop], lambda: len(kafka.kafka.records(s.output_topic)) == 5)
+    assert answered_on(kafka, s, "a") == [1]  # by input partition: aligned
+    logs.clear()
+    grown(kafka, s, state=6)  # the state topic grew first: nothing to say
+    loop.step()
+    assert not [e for e in logs if e["event"] in ("input_partitions_added", "outputs_partitioning")]
+    grown(kafka, s, input=6)  # then the input: outputs go by key, moves announced
+    loop.step()  # seen at its next housekeeping
+    by_key = murmur2_partition(b"a", 3)
+    assert by_key != 0
+    kafka.produce(s.input_topic, [(b"a", one, 0)])  # a probe whose key hashes elsewhere
+    kafka.run_until([loop], lambda: len(answered_on(kafka, s, "a")) == 2)
+    assert answered_on(kafka, s, "a") == [1, by_key]
+    grown(kafka, s, output=6, dlq=6)  # then the output topics: aligned again
+    loop.step()
+    kafka.produce(s.input_topic, [(b"a", one, 0)])
+    kafka.run_until([loop], lambda: len(answered_on(kafka, s, "a")) == 3)
+    assert answered_on(kafka, s, "a") == [1, by_key, 0]
     added = [e for e in logs if e["event"] == "input_partitions_added"]
     assert [(e["from"], e["to"], e["open_sequences"], e["moved_murmur2"]) for e in added] == [(3, 6, 4, 3)]
-    text = metrics.exposition().decode()
-    assert 'lstmd_moved_sequences_total{partitioner="murmur2"} 3.0' in text
+    assert metrics.registry.get_sample_value("lstmd_moved_sequences_total", {"partitioner": "murmur2"}) == 3
 
 
 def test_an_input_partition_without_a_state_partition_waits(
-    tmp_path: Path, logs: list[MutableMapping[str, Any]]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
 ) -> None:
-    loop, _, _ = run_loop(tmp_path, 6)
-    cluster = Cluster(counts(tmp_path, 6, 6, 6, 3))
-    clients: Any = SimpleNamespace(
-        checkpointer=SimpleNamespace(producer=Producer(cluster), same_partitions=True)
-    )
-    loop._watch_topics(clients)
-    assert loop._stateless(clients, 4) and loop._stateless(clients, 4)
-    assert not loop._stateless(clients, 2)
-    assert [e["event"] for e in logs] == ["state_partitions_missing", "partition_waiting_for_state"]
-    assert logs[0]["waiting"] == [3, 4, 5]
-    assert cluster.refreshes == 1  # asked once, when it began to wait
-    cluster.counts = counts(tmp_path, 6, 6, 6, 6)  # the state topic grew
-    loop._watch_topics(clients)
-    assert not loop._stateless(clients, 4)
+    monkeypatch.setattr(loop_module, "HOUSEKEEPING_INTERVAL_S", 0.0)
+    kafka = Memory()
+    s = kafka.settings(tmp_path, partitions=6)
+    kafka.kafka.topics[s.state_topic] = kafka.kafka.topics[s.state_topic][:3]  # created smaller
+    one = orjson.dumps({"x": [1]})
+    kafka.produce(s.input_topic, [(b"a", one, 2), (b"b", one, 4)])
+    proc, metrics = make()
+    loop = kafka.loop(s, proc, metrics)
+    kafka.run_until([loop], lambda: answered_on(kafka, s, "a") == [2])
+    for _ in range(3):
+        loop.step()
+    assert answered_on(kafka, s, "b") == []  # partition 4 waits for its state partition
+    watched = ("state_partitions_missing", "partition_waiting_for_state")
+    assert [e["event"] for e in logs if e["event"] in watched] == [
+        "state_partitions_missing",
+        "partition_waiting_for_state",
+        "partition_waiting_for_state",
+        "partition_waiting_for_state",
+    ]
+    assert next(e["waiting"] for e in logs if e["event"] == "state_partitions_missing") == [3, 4, 5]
+    producer = cast(MemoryProducer, loop.clients.checkpointer.producer)
+    assert producer._metadata.updates == 3  # asked once for each partition, when it began to wait
+    grown(kafka, s, state=6)  # the state topic grew
+    kafka.run_until([loop], lambda: answered_on(kafka, s, "b") == [4])
+
+
+def murmur2_partition(key: bytes, partitions: int) -> int:
+    return PARTITIONERS["murmur2"](key) % partitions

@@ -151,6 +151,7 @@ class RunLoop:
         self._layout: Layout | None = None
         self._input_partitions = 0
         self._held: set[int] = set()
+        # The Kafka side of the run, from `start` on.
         self._clients: Clients | None = None
         # The rewinds counted when the shutdown phase began (None before it).
         self._stopping_at_rewinds: int | None = None
@@ -185,12 +186,19 @@ class RunLoop:
     def start(self, clients: Clients) -> None:
         """Take the clients of this run and join the group: `step` may be called from now on."""
         self._clients = clients
+        self._watch_topics(clients)  # the partition counts, before any is assigned
         if self.settings.delivery == "at-least-once":
             # Exactly-once commits every poll batch in its transaction before the next
             # poll: a revocation finds nothing in hand.
             clients.listener.before_revoke = functools.partial(self._before_revoke, clients)
         clients.consumer.subscribe([self.settings.input_topic], listener=clients.listener)  # type: ignore[arg-type]  # stubs predate the async listener
         self.health.reason = "waiting for the group to assign partitions"
+
+    @property
+    def clients(self) -> Clients:
+        """The Kafka side of the run (from `start` on)."""
+        assert self._clients is not None, "start() first"
+        return self._clients
 
     def step(self) -> bool:
         """One iteration of the loop; False once it has shut down.
@@ -199,8 +207,7 @@ class RunLoop:
         when due -> housekeeping. From `stop` on, each step is one of the shutdown
         phase (`_shutdown_step`), until its final checkpoint is committed or given up.
         """
-        clients = self._clients
-        assert clients is not None, "start() first"
+        clients = self.clients
         if self.stop.is_set():
             return self._shutdown_step(clients)
         self._throttle(clients)

@@ -18,7 +18,9 @@ and on the real broker. It is a model of Kafka's semantics, kept small:
   (its listener's `on_partitions_revoked`, awaited as kafka-python's IO thread does),
   then the assigned ones; `expel` makes a member lose everything (`on_partitions_lost`);
 - sends are acknowledged at once, or held until `acknowledge()` (`hold_acks`), or
-  failed by `fail_sends` (a function of topic and key returning the error).
+  failed by `fail_sends` (a function of topic and key returning the error);
+- `faults` queues the errors the next calls raise (a poll, a commit, a transaction's
+  commit or abort), one per call, as a broker away or a group rebalancing would.
 
 Every call is recorded where a test asks what the daemon did (`calls`, `commits`).
 """
@@ -70,6 +72,22 @@ class _Partition:
 
 
 @dataclass
+class Faults:
+    """Errors the next calls raise, one per call, in order: each list is emptied as its
+    errors are raised (a broker away, a group rebalancing, a fenced producer)."""
+
+    poll: list[Exception] = field(default_factory=list)
+    commit: list[Exception] = field(default_factory=list)
+    commit_transaction: list[Exception] = field(default_factory=list)
+    abort_transaction: list[Exception] = field(default_factory=list)
+
+    @staticmethod
+    def raise_next(queue: list[Exception]) -> None:
+        if queue:
+            raise queue.pop(0)
+
+
+@dataclass
 class _Group:
     members: list[MemoryConsumer] = field(default_factory=list)
     generation: int = 0
@@ -97,8 +115,9 @@ class MemoryKafka:
         # Held acknowledgements: (future, append) in send order, answered by `acknowledge`.
         self.hold_acks = False
         self._held: list[tuple[Future, Callable[[], RecordMetadata]]] = []
-        # The error of every consumer commit while set.
+        # The error of every consumer commit while set (a member the group expelled).
         self.fail_commits: KafkaError | None = None
+        self.faults = Faults()
         self.producers: list[MemoryProducer] = []
 
     # -- topics -------------------------------------------------------------------
@@ -209,6 +228,7 @@ class MemoryConsumer:
         self._assigned: set[TopicPartition] = set()
         self._paused: set[TopicPartition] = set()
         self._positions: dict[TopicPartition, int] = {}
+        self._highwater: dict[TopicPartition, int] = {}
         self._generation = -1
         self._expelled = False
         self.closed = False
@@ -302,7 +322,8 @@ class MemoryConsumer:
         return self._positions[tp]
 
     def highwater(self, tp: TopicPartition) -> int | None:
-        return self._part(tp).end
+        """The partition's end as its last fetch saw it (none for a paused partition)."""
+        return self._highwater.get(tp)
 
     def beginning_offsets(
         self, tps: Iterable[TopicPartition], timeout_ms: int | None = None
@@ -329,11 +350,14 @@ class MemoryConsumer:
     # -- reading ------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
         self.polls += 1
+        if self.group_id is not None:
+            self.kafka.faults.raise_next(self.kafka.faults.poll)
         self._rebalance()
         budget = max_records or self.max_poll_records
         out: dict[TopicPartition, list[Any]] = {}
         for tp in sorted(self._assigned - self._paused):
             part, at = self._part(tp), self._positions[tp]
+            self._highwater[tp] = part.end
             chunk: list[ConsumerRecord] = []
             while at < part.end and len(chunk) < budget:
                 record = part.records[at]
@@ -366,6 +390,7 @@ class MemoryConsumer:
     def _commit(self, offsets: dict[TopicPartition, Any]) -> None:
         if self.kafka.fail_commits is not None:
             raise self.kafka.fail_commits
+        self.kafka.faults.raise_next(self.kafka.faults.commit)
         if self._expelled or not set(offsets) <= self._assigned:
             raise CommitFailedError("the group rebalanced: this member no longer owns the partitions")
         plain = _offsets(offsets)
@@ -412,7 +437,6 @@ class MemoryProducer:
         self.closed = False
         self._transaction: list[Callable[[], RecordMetadata]] | None = None
         self._offsets: tuple[str, dict[TopicPartition, int]] | None = None
-        self.abort_error: KafkaError | None = None  # raised by abort_transaction while set
 
     def send(
         self,
@@ -485,6 +509,7 @@ class MemoryProducer:
     def commit_transaction(self) -> None:
         self.calls.append("commit_transaction")
         self._check_fence()
+        self.kafka.faults.raise_next(self.kafka.faults.commit_transaction)
         for append in self._transaction or []:
             append()
         if self._offsets is not None:
@@ -495,8 +520,7 @@ class MemoryProducer:
     def abort_transaction(self) -> None:
         self.calls.append("abort_transaction")
         self._transaction, self._offsets = None, None
-        if self.abort_error is not None:
-            raise self.abort_error
+        self.kafka.faults.raise_next(self.kafka.faults.abort_transaction)
 
     def _check_fence(self) -> None:
         if self.fenced:
