@@ -194,13 +194,13 @@ def test_self_test_falls_back_to_single_rows(
     """A machine where only single rows are identical: the self-test tries the
     candidates in order and serves with blocks of 1, whose repeats are identical."""
     calls: list[int] = []
-    original = FastEngine._rows_identical
+    original = FastEngine.rows_identical
 
     def flaky(self: FastEngine, x: np.ndarray, states: list[np.ndarray]) -> bool:
         calls.append(self.plan.rows.block)
         return self.plan.rows.block == 1 and original(self, x, states)
 
-    monkeypatch.setattr(FastEngine, "_rows_identical", flaky)
+    monkeypatch.setattr(FastEngine, "rows_identical", flaky)
     engine = FastEngine(models("wide"))
     assert calls == list(Rows.CANDIDATES)
     assert engine.plan.rows.block == 1 and engine.identical_rows
@@ -214,7 +214,7 @@ def test_self_test_falls_back_to_single_rows(
 def test_self_test_reports_when_no_block_is_identical(
     models: Callable[[str], ServableModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(FastEngine, "_rows_identical", lambda self, x, states: False)
+    monkeypatch.setattr(FastEngine, "rows_identical", lambda self, x, states: False)
     engine = FastEngine(models("lstm_dense"))
     assert not engine.identical_rows
     assert engine.plan.rows.block == Rows.CANDIDATES[-1]

@@ -126,7 +126,7 @@ class FastEngine:
         with np.errstate(all="ignore"):
             for block in rows.CANDIDATES:
                 rows.block = block
-                if self._rows_identical(x, states):
+                if self.rows_identical(x, states):
                     log.info("fast_engine_rows", block=block, identical=True)
                     return True
         log.warning(
@@ -138,8 +138,9 @@ class FastEngine:
         )
         return False
 
-    def _rows_identical(self, x: Array, states: list[Array]) -> bool:
-        """Whether the first `_TEST_ROWS` rows of x and states give the same bytes
+    def rows_identical(self, x: Array, states: list[Array]) -> bool:
+        """The self-test of the current row block (public: a test stands in for a machine
+        where it fails). Whether the first `_TEST_ROWS` rows of x and states give the same bytes
         alone and at every place of `_PLACES` (the other rows of a wave are the
         rows after them in x)."""
         alone_y, alone_states = [], []
