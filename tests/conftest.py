@@ -57,10 +57,13 @@ def kafka_broker_factory() -> Iterator[Callable[..., LocalKafka]]:
 
 
 @pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.kafka)])
-def backend(request: pytest.FixtureRequest) -> Backend:
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """The Kafka a scenario runs on: the in-memory one (unit) or the session's broker
     (marker `kafka`): one scenario, written once (tests/support/backends.py)."""
     if request.param == "memory":
-        return Memory()
-    broker: LocalKafka = request.getfixturevalue("kafka")
-    return Broker(broker.bootstrap, request.getfixturevalue("topics"))
+        chosen: Backend = Memory()
+    else:
+        broker: LocalKafka = request.getfixturevalue("kafka")
+        chosen = Broker(broker.bootstrap, request.getfixturevalue("topics"))
+    yield chosen
+    chosen.close()

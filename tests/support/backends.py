@@ -45,6 +45,9 @@ class Backend(Protocol):
     def values(self, topic: str) -> list[bytes | None]:
         """The values on a topic, partition by partition, as read_committed sees them."""
 
+    def close(self) -> None:
+        """Close what the backend opened for the test."""
+
     def run_until(self, loops: Iterable[RunLoop], done: Callable[[], bool], timeout_s: float = 60.0) -> None:
         """Step the loops in turn until `done()`; fails after `timeout_s` (or, in
         memory, after a step budget: nothing there waits on time)."""
@@ -102,6 +105,9 @@ class Memory:
     def values(self, topic: str) -> list[bytes | None]:
         return self.kafka.values(topic)
 
+    def close(self) -> None:
+        pass
+
     def run_until(self, loops: Iterable[RunLoop], done: Callable[[], bool], timeout_s: float = 60.0) -> None:
         loops = list(loops)
         for _ in range(self.max_steps):
@@ -119,6 +125,7 @@ class Broker:
     bootstrap: str
     make_topics: Callable[..., dict[str, str]]
     name: str = "broker"
+    _readers: dict[str, tuple[KafkaConsumer, dict[int, list[bytes | None]]]] = field(default_factory=dict)
 
     def settings(self, tmp_path: Path, partitions: int = 1, **extra: Any) -> Settings:
         names = self.make_topics(
@@ -148,27 +155,58 @@ class Broker:
         return loop
 
     def values(self, topic: str) -> list[bytes | None]:
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.bootstrap, isolation_level="read_committed", auto_offset_reset="earliest"
-        )
-        try:
+        """Read on from where the last call left off (one reader per topic: a new
+        consumer costs about a second of metadata and connections)."""
+        if topic not in self._readers:
+            consumer = KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                isolation_level="read_committed",
+                auto_offset_reset="earliest",
+            )
             tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
             consumer.assign(tps)
-            ends = consumer.end_offsets(tps)
-            got: dict[int, list[bytes | None]] = {tp.partition: [] for tp in tps}
-            deadline = time.monotonic() + 10
-            while any((consumer.position(tp) or 0) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-                for tp, recs in consumer.poll(timeout_ms=200).items():
-                    got[tp.partition].extend(r.value for r in recs)
-            return [v for p in sorted(got) for v in got[p]]
-        finally:
+            self._readers[topic] = (consumer, {tp.partition: [] for tp in tps})
+        consumer, got = self._readers[topic]
+        tps = sorted(consumer.assignment())
+        ends = consumer.end_offsets(tps)
+        deadline = time.monotonic() + 10
+        while any((consumer.position(tp) or 0) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+            for tp, recs in consumer.poll(timeout_ms=200).items():
+                got[tp.partition].extend(r.value for r in recs)
+        return [v for p in sorted(got) for v in got[p]]
+
+    def close(self) -> None:
+        for consumer, _ in self._readers.values():
             consumer.close()
 
     def run_until(self, loops: Iterable[RunLoop], done: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        """Each loop steps in a thread of its own, as members in their own processes
+        would: a group's join waits for every member, which one thread stepping them
+        in turn cannot give it."""
         loops = list(loops)
+        finished = threading.Event()
+        errors: list[BaseException] = []
+
+        def drive(loop: RunLoop) -> None:
+            try:
+                while not finished.is_set():
+                    loop.step()
+            except BaseException as exc:  # handed to the test's thread
+                errors.append(exc)
+                finished.set()
+
+        threads = [threading.Thread(target=drive, args=(loop,), daemon=True) for loop in loops]
+        for thread in threads:
+            thread.start()
         deadline = time.monotonic() + timeout_s
-        while not done():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not done after {timeout_s} s")
-            for loop in loops:
-                loop.step()
+        try:
+            while not finished.is_set() and not done():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"not done after {timeout_s} s")
+                time.sleep(0.2)
+        finally:
+            finished.set()
+            for thread in threads:
+                thread.join()
+        if errors:
+            raise errors[0]
