@@ -1,13 +1,14 @@
-"""Catch-up: reading partitions from a start offset up to the end each had when its
-read began, in time slices between the run loop's polls.
+"""Catch-up: reading partitions from a start offset up to an end fixed when the read
+began, in time slices between the run loop's polls.
 
 Restore (the state topic, restore.py) and rebuild (the input topic, rebuild.py) are
-both this read on a consumer of their own (no group, read_committed). `CatchUp` owns
-what they share: the consumer's assignment, begin and cancel, asking the broker where
-each read starts and ends (bounded and asked again while it cannot say), one slice
-of reading per `step()`, and a partition's end: its position reached the end it had
-when its read began. Restore and rebuild say only what a record does to what they
-read into (`Reading`). The loop's steps and the partition lifecycle: loop.py.
+both this read, each on a consumer of its own (no group, read_committed). `CatchUp`
+owns what they share: the consumer's assignment, begin and cancel, asking the broker
+where each read starts and ends (bounded, and asked again while it cannot say), one
+slice of reading per `step()`, and a partition's finish: its position reached the end
+fixed at begin (so records written meanwhile never hold it back). Restore and rebuild
+say only where a read starts and ends and what a record does to what they read into
+(`Reading`). The loop's steps and the partition lifecycle: loop.py.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ class _Range:
 
 
 class CatchUp(Generic[T]):
-    """Partitions of one topic read up to their end in slices: `begin` one, `step`
-    until it is done (or `cancel` it), each on a consumer of its own."""
+    """Partitions of one topic, each read up to its end in slices: `begin` one, `step`
+    until it is done (or `cancel` it). One consumer of its own reads them all."""
 
     def __init__(
         self,
