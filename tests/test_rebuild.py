@@ -27,7 +27,7 @@ from daemon.replay import FileRecord as Rec
 from daemon.streaming import rebuild
 from daemon.streaming.lifecycle import Phase
 from daemon.streaming.loop import Clients, RunLoop
-from daemon.streaming.rebuild import Plan, Rebuilder, Replay, Span, plan, replay_processor, stale
+from daemon.streaming.rebuild import Plan, Rebuilder, Recompute, Span, plan, rebuild_processor, stale
 from tests.fakes import (
     FakeConsumer,
     FakeInputConsumer,
@@ -100,7 +100,7 @@ def test_the_rebuilt_states_equal_what_the_new_model_builds_live() -> None:
     p = plan(0, todo, beginning=0, budget=100)
     assert (p.start, p.end, p.dropped) == (4, 15, [])
     assert p.spans == {b"a": Span(4, 12), b"b": Span(11, 14), b"d": Span(10, 13)}
-    replay = Replay(p, todo, replay_processor(live))
+    replay = Recompute(p, todo, rebuild_processor(live))
     for i in range(0, 15, 4):  # in slices, as polls bring them
         replay.feed(records[i : i + 4])
     done = replay.finish(restored)
@@ -120,7 +120,7 @@ def test_the_rebuilt_states_equal_what_the_new_model_builds_live() -> None:
 
 def test_the_replay_publishes_nothing_and_counts_nothing_live() -> None:
     live = processor(B, 2.0)
-    replayer = replay_processor(live)
+    replayer = rebuild_processor(live)
     # No prediction is even encoded; its dead letters the rebuild drops.
     assert [o.kind.value for o in replayer.process(recs(EVENTS))] == ["dead_letter"]
     assert live.metrics.events_consumed._value.get() == 0  # type: ignore[attr-defined]
@@ -161,7 +161,7 @@ def test_a_first_input_deleted_during_the_read_loses_the_sequence() -> None:
     old.process(records)
     restored = saved(old)
     todo = stale(restored, B)
-    replay = Replay(plan(0, todo, 0, 100), todo, replay_processor(processor(B, 2.0)))
+    replay = Recompute(plan(0, todo, 0, 100), todo, rebuild_processor(processor(B, 2.0)))
     replay.feed([r for r in records if r.offset != 4])  # a's first input, gone
     done = replay.finish(restored)
     assert [(e.key, e.cause, e.watermark) for e in done.evictions] == [("a", "history_expired", 12)]
@@ -207,7 +207,7 @@ def test_a_rebuild_cancelled_mid_way_is_forgotten(tmp_path: Path) -> None:
     consumer = FakeInputConsumer(list(records))
     r = rebuilder(tmp_path, consumer, processor(B, 2.0))
     r.begin(0, saved(old))
-    r._plan()
+    r.reads.locate()
     consumer.poll(max_records=100)  # a first poll's worth read
     r.cancel([0])
     assert not r.active and consumer.assigned == []
@@ -290,7 +290,7 @@ def mid_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: FakeCons
     loop.partitions.restore(0)
     loop._adopt(clients, 0, saved(old))
     loop._rebuild(clients)
-    replay = clients.rebuilder.active[0].replay
+    replay = clients.rebuilder.active[0].recompute
     assert replay is not None and 0 < replay.read < 600  # under way
     return MidRebuild(loop, clients, live, producer, consumer)
 

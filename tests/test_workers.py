@@ -198,11 +198,11 @@ from daemon.core.processor import Processor
 from daemon.core.state import StateStore
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord
-from daemon.streaming.rebuild import replay_processor
+from daemon.streaming.rebuild import rebuild_processor
 from tests.fakes import SumEngine
 live = Processor(SumEngine(), model_id="m@1", n_features=1, store=StateStore(0), metrics=Metrics())
 live.process([FileRecord("in", 0, 0, 0, b"a", orjson.dumps({"x": [1]}))])
-replay = replay_processor(live)  # a rebuild replays 3 inputs of another sequence
+replay = rebuild_processor(live)  # a rebuild replays 3 inputs of another sequence
 replay.process([FileRecord("in", 0, i, 0, b"b", orjson.dumps({"x": [1]})) for i in range(3)])
 """
 

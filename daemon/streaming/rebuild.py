@@ -1,10 +1,10 @@
-"""Rebuild: open sequences saved under another model, replayed through this one.
+"""Rebuild: open sequences saved under another model, recomputed by this one.
 
 After a model change (LSTMD_ON_MODEL_CHANGE=rebuild) a restored state of another
 model is of no use to this one, but its sequence need not start over: its inputs
 are still in the input topic, from the state's `first_offset` (its first input
-since its last reset) to its `watermark` (the last input it includes). Replaying
-exactly those inputs, in order, through this model's processor builds the state
+since its last reset) to its `watermark` (the last input it includes). Stepping
+exactly those inputs again, in order, through this model's processor builds the state
 this model would have built live: the same rules (markers, `step` duplicates and
 gaps, dead letters skipped), the same batching engine. Nothing is published for
 them: they were answered already, by the old model.
@@ -16,10 +16,10 @@ per partition): a sequence whose first input is gone (retention, deleted
 records) or that would take the read beyond the budget is dropped and announced
 (`history_expired`, `rebuild_budget`), as `reset` does for every one.
 
-`plan` and `Replay` are the pure part (no Kafka: unit-tested with records in a
-list); `Rebuilder` reads the input partitions for them, in slices between polls
-like the `Restorer`, with a consumer of its own (no group, read_committed, so it
-sees what the group's read_committed consumer saw live). The run loop installs
+`plan` and `Recompute` are the pure part (no Kafka: unit-tested with records in a
+list); `Rebuilder` reads the input partitions for them, a catch-up like the
+`Restorer`'s (catchup.py: in slices between polls, on a consumer of its own, no
+group, read_committed, so it sees what the group's read_committed consumer saw live). The run loop installs
 the rebuilt states, checkpoints them and only then serves the partition: until
 then nothing of a rebuild is written, so a revocation or SIGTERM mid-rebuild
 leaves the old model's states in the state topic and the next owner rebuilds again.
@@ -27,27 +27,24 @@ leaves the old model's states in the state topic and the next owner rebuilds aga
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import AuthorizationError, KafkaError
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import InputRecord
 from daemon.core.state import NO_OFFSET, UNREADABLE, Eviction, SequenceState, StateStore, same_model
-from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
-from daemon.streaming.restore import POSITION_TIMEOUT_MS, RESTORE_SLICE_S, refusals
+from daemon.streaming.catchup import CatchUp, Pace
+from daemon.streaming.restore import RESTORE_SLICE_S
 
-log = get_logger(__name__)
-
-#: A publish cutoff no record timestamp reaches: the replay's predictions are
+#: A publish cutoff no record timestamp reaches: the recompute's predictions are
 #: withheld before they are encoded (the warm-start filter, see Processor).
 NEVER_MS = 2**63 - 1
-# One poll of the replay: at least this many records (progress), at most this many
+# One poll of a rebuild: at least this many records (progress), at most this many
 # (the slice's time bound holds for any engine: its size follows the measured cost).
 MIN_POLL_RECORDS = 100
 MAX_POLL_RECORDS = 5000
@@ -60,7 +57,7 @@ Restored = dict[str, tuple[SequenceState, str]]
 
 
 def stale(states: Mapping[str, tuple[SequenceState, str]], model_id: str) -> dict[str, SequenceState]:
-    """The restored open sequences a rebuild replays: saved (readably) under another
+    """The restored open sequences a rebuild recomputes: saved (readably) under another
     model. Reset records carry no tensors and unreadable ones no history: `adopt`
     handles both as it always did."""
     return {
@@ -72,7 +69,7 @@ def stale(states: Mapping[str, tuple[SequenceState, str]], model_id: str) -> dic
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """The offsets of one sequence's inputs to replay, both included."""
+    """The offsets of one sequence's inputs to read again, both included."""
 
     first: int
     watermark: int
@@ -108,10 +105,10 @@ def plan(
     them includes) and starts no earlier than `budget`
     offsets before that end (offsets bound the records read from above); a sequence
     that began before that is `rebuild_budget`. The oldest sequences are the ones
-    dropped: they would cost the most to replay.
+    dropped: they would cost the most to recompute.
     """
     dropped: list[Eviction] = []
-    replayable: dict[str, SequenceState] = {}
+    rebuildable: dict[str, SequenceState] = {}
     for key, state in sorted(states.items()):
         if (
             state.first_offset == NO_OFFSET
@@ -120,10 +117,10 @@ def plan(
         ):
             dropped.append(Eviction(partition, key, "history_expired", state.n, state.watermark))
         else:
-            replayable[key] = state
-    end = max((s.watermark for s in replayable.values()), default=NO_OFFSET) + 1
+            rebuildable[key] = state
+    end = max((s.watermark for s in rebuildable.values()), default=NO_OFFSET) + 1
     spans: dict[bytes, Span] = {}
-    for key, state in replayable.items():
+    for key, state in rebuildable.items():
         if state.first_offset < end - budget:
             dropped.append(Eviction(partition, key, "rebuild_budget", state.n, state.watermark))
         else:
@@ -134,10 +131,10 @@ def plan(
     return Plan(partition, spans, start, max(s.watermark for s in spans.values()) + 1, dropped)
 
 
-def replay_processor(live: Processor) -> Processor:
+def rebuild_processor(live: Processor) -> Processor:
     """A processor like `live` (its engine, model and rules) over a store of its own
     that publishes no prediction. It counts nothing (`Metrics.discarding`): the
-    replayed inputs were consumed and answered already, and counting them again
+    inputs read again were consumed and answered already, and counting them again
     would skew the live counters (the rebuild has its own)."""
     return Processor(
         live.engine,
@@ -167,7 +164,7 @@ class Rebuilt:
     seconds: float = 0.0
 
 
-class Replay:
+class Recompute:
     """One partition's rebuild, fed the input records of its plan's range in offset
     order (in any slices); no I/O."""
 
@@ -223,7 +220,7 @@ class Replay:
             if key not in self._started or key in self._lost:
                 evictions.append(Eviction(p, name, "history_expired", saved.n, saved.watermark))
                 continue
-            # The state the replay left (a reset one keeping the watermark, should
+            # The state the recompute left (a reset one keeping the watermark, should
             # this model's steps have left none).
             state = self.processor.store.get(p, name)
             state.last_seen = saved.last_seen
@@ -246,14 +243,32 @@ class Replay:
 class _Rebuilding:
     restored: Restored
     saved: dict[str, SequenceState]  # the stale ones
-    started: float = field(default_factory=time.perf_counter)
-    replay: Replay | None = None  # None until the partition's first offset is known
+    recompute: Recompute | None = None  # None until the partition's first offset is known
+
+
+class _Inputs:
+    """What a rebuild does with the input topic: plan the spans once the partition's
+    first and end offsets are known, then feed the recompute."""
+
+    def __init__(self, processor: Processor, budget: int) -> None:
+        self.processor = processor
+        self.budget = budget
+
+    def bounds(self, partition: int, into: _Rebuilding, beginning: int | None, end: int) -> tuple[int, int]:
+        assert beginning is not None  # CatchUp(needs_beginning=True)
+        todo = plan(partition, into.saved, beginning, self.budget, end)
+        into.recompute = Recompute(todo, into.saved, rebuild_processor(self.processor))
+        return todo.start, todo.end  # no span: (0, 0), nothing to read
+
+    def read(self, partition: int, into: _Rebuilding, records: Sequence[ConsumerRecord]) -> None:
+        assert into.recompute is not None  # bounds come first
+        into.recompute.feed(records)
 
 
 class Rebuilder:
     """Rebuilds restored partitions' sequences of another model by reading the input
-    topic, in slices between polls (the group consumer keeps polling meanwhile, as
-    during a restore: heartbeats and max.poll.interval)."""
+    topic (a `CatchUp`), in slices between polls (the group consumer keeps polling
+    meanwhile, as during a restore: heartbeats and max.poll.interval)."""
 
     def __init__(
         self,
@@ -262,130 +277,51 @@ class Rebuilder:
         metrics: Metrics,
         processor: Processor,
     ) -> None:
-        """`make_consumer`: the replay's consumer (no group, read_committed), opened
+        """`make_consumer`: the rebuild's consumer (no group, read_committed), opened
         on the first rebuild only: most runs never need one."""
-        self._make_consumer = make_consumer
-        self._consumer: KafkaConsumer | None = None
-        self.settings = settings
-        self.topic = settings.input_topic
-        self.budget = settings.rebuild_budget
         self.metrics = metrics
         self.processor = processor
-        self.active: dict[int, _Rebuilding] = {}
-        self._cost = INITIAL_COST_S
+        pace = Pace(RESTORE_SLICE_S, BEGINNING_TIMEOUT_MS, MIN_POLL_RECORDS, MAX_POLL_RECORDS, INITIAL_COST_S)
+        self.reads = CatchUp[_Rebuilding](
+            make_consumer,
+            settings,
+            settings.input_topic,
+            _Inputs(processor, settings.rebuild_budget),
+            pace,
+            waiting="rebuild_waiting",
+            needs_beginning=True,
+        )
+        self.active = self.reads.active
 
     @property
     def consumer(self) -> KafkaConsumer:
-        if self._consumer is None:
-            self._consumer = self._make_consumer()
-        return self._consumer
+        return self.reads.consumer
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
+        self.reads.close()
 
     def begin(self, partition: int, states: Restored) -> bool:
-        """Start rebuilding a restored partition; False if none of its states needs it."""
+        """Start rebuilding a restored partition; False if none of its states needs it.
+        Nothing is asked of Kafka before the next step."""
         saved = stale(states, self.processor.model_id)
         if not saved:
             return False
-        self.active[partition] = _Rebuilding(states, saved)
+        self.reads.begin(partition, _Rebuilding(states, saved))
         return True
 
     def cancel(self, partitions: Sequence[int]) -> None:
         """Revoked, lost or rewound: its rebuild is forgotten (nothing of it was written)."""
-        if any(self.active.pop(p, None) is not None for p in list(partitions)) and self._consumer is not None:
-            self._assign()
-
-    def _assign(self) -> None:
-        self.consumer.assign(
-            [
-                TopicPartition(self.topic, p)
-                for p, r in self.active.items()
-                if r.replay and r.replay.plan.spans
-            ]
-        )
+        self.reads.cancel(partitions)
 
     def step(self) -> list[Rebuilt]:
-        """Read and replay for at most one slice; return the partitions now rebuilt."""
-        with refusals(self.settings, self.topic):
-            if not self._plan():
-                return []
-            return self._read()
-
-    def _plan(self) -> bool:
-        """Plan each partition whose first offset is not known yet; False while the
-        broker cannot say (the next step asks again)."""
-        unplanned = [TopicPartition(self.topic, p) for p, r in self.active.items() if r.replay is None]
-        if not unplanned:
-            return True
-        try:
-            beginnings = self.consumer.beginning_offsets(unplanned, timeout_ms=BEGINNING_TIMEOUT_MS)
-            ends = self.consumer.end_offsets(unplanned, timeout_ms=BEGINNING_TIMEOUT_MS)
-        except AuthorizationError:
-            raise  # permanent: see refusals
-        except KafkaError as exc:
-            log.warning(
-                "rebuild_waiting", partitions=sorted(tp.partition for tp in unplanned), error=str(exc)
-            )
-            return False
-        for tp in unplanned:
-            r = self.active[tp.partition]
-            r.replay = Replay(
-                plan(tp.partition, r.saved, beginnings[tp], self.budget, ends[tp]),
-                r.saved,
-                replay_processor(self.processor),
-            )
-        self._assign()
-        for tp in unplanned:
-            replay = self.active[tp.partition].replay
-            if replay is not None and replay.plan.spans:
-                self.consumer.seek(tp, replay.plan.start)
-        return True
-
-    def _read(self) -> list[Rebuilt]:
-        deadline = time.monotonic() + RESTORE_SLICE_S
-        done = self._finished()
-        while self.active and time.monotonic() < deadline:
-            # As many records as the rest of the slice has time for (at the measured cost).
-            room = int((deadline - time.monotonic()) / self._cost)
-            started = time.perf_counter()
-            batch = self.consumer.poll(
-                timeout_ms=100, max_records=max(MIN_POLL_RECORDS, min(MAX_POLL_RECORDS, room))
-            )
-            count = 0
-            for tp, records in batch.items():
-                r = self.active.get(tp.partition)
-                if r is not None and r.replay is not None:
-                    r.replay.feed(records)
-                    count += len(records)
-            if count:
-                self._cost = max(1e-7, (time.perf_counter() - started) / count)
-            done += self._finished()
-        return done
-
-    def _finished(self) -> list[Rebuilt]:
-        done: list[Rebuilt] = []
-        for p, r in list(self.active.items()):
-            if r.replay is None:
-                continue
-            end = r.replay.plan.end
-            if r.replay.plan.spans:
-                try:
-                    position = self.consumer.position(
-                        TopicPartition(self.topic, p), timeout_ms=POSITION_TIMEOUT_MS
-                    )
-                except KafkaError:  # not answered in time: the next step asks again
-                    continue
-                if position is None or position < end:
-                    continue
-            result = r.replay.finish(r.restored)
-            result.seconds = time.perf_counter() - r.started
+        """Read and recompute for at most one slice; return the partitions now rebuilt."""
+        done = []
+        for _, into, seconds in self.reads.step():
+            assert into.recompute is not None  # bounds come first
+            result = into.recompute.finish(into.restored)
+            result.seconds = seconds
             self.metrics.sequences_rebuilt.inc(result.rebuilt)
             self.metrics.events_replayed.inc(result.replayed)
             self.metrics.rebuild.observe(result.seconds)
             done.append(result)
-            del self.active[p]
-        if done:
-            self._assign()
         return done

@@ -7,13 +7,12 @@ already applied.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import AuthorizationError, KafkaError
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
 
 from daemon.config import Settings
 from daemon.core.state import (
@@ -25,9 +24,9 @@ from daemon.core.state import (
     StateTensors,
     same_model,
 )
-from daemon.kafka.acl import authorization_failure
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
+from daemon.streaming.catchup import CatchUp, Pace
 
 log = get_logger(__name__)
 
@@ -35,143 +34,90 @@ log = get_logger(__name__)
 # client's default, 30 s, would outlast a shutdown deadline during a broker outage.
 END_TIMEOUT_MS = 1000
 
-# One restore poll never holds the loop longer than this, so heartbeats aside the
+# One restore step never holds the loop longer than this, so heartbeats aside the
 # poll loop keeps its max.poll.interval promise and its liveness beat.
 RESTORE_SLICE_S = 0.5
-# One wait for a state partition's read position.
-POSITION_TIMEOUT_MS = 200
-
-
-@contextlib.contextmanager
-def refusals(settings: Settings, topic: str) -> Iterator[None]:
-    """No Describe or Read on a topic read by assignment (or revoked mid-run) is
-    permanent: the daemon stops, naming the topic."""
-    try:
-        yield
-    except AuthorizationError as exc:
-        raise authorization_failure(settings, exc, topic) from None
+# Records per restore poll: decoding a state costs little, the slice bounds the step.
+RESTORE_POLL_RECORDS = 5000
 
 
 @dataclass
 class _Restoring:
-    end: int | None  # None: the state partition's end is not known yet (no leader)
-    started: float
     began: float = field(default_factory=time.monotonic)  # version-1 records' last use
     states: dict[str, tuple[SequenceState, str]] = field(default_factory=dict)
 
 
+class _Snapshots:
+    """What a restore does with the state topic: each key's newest record, decoded."""
+
+    def bounds(self, partition: int, into: _Restoring, beginning: int | None, end: int) -> tuple[None, int]:
+        return None, end  # the whole compacted partition
+
+    def read(self, partition: int, into: _Restoring, records: Sequence[ConsumerRecord]) -> None:
+        for rec in records:
+            key = rec.key.decode("utf-8", "replace") if rec.key is not None else ""
+            if rec.value is None:
+                into.states.pop(key, None)
+                continue
+            try:
+                into.states[key] = SequenceState.restore(rec.value, into.began)
+            except SnapshotError as exc:
+                # An older record of the key would be a wrong state, not a
+                # fallback: the sequence starts over, announced, and keeps
+                # its watermark so no input is applied twice.
+                previous = into.states.get(key)
+                lost = SequenceState.unreadable(rec.value, previous[0] if previous else None)
+                into.states[key] = (lost, UNREADABLE)
+                log.error(
+                    "state_record_unreadable",
+                    partition=partition,
+                    key=key,
+                    offset=rec.offset,
+                    error=str(exc),
+                    watermark=lost.watermark,
+                    action="sequence starts over, announced",
+                )
+
+
 class Restorer:
     """Reads a partition's states back from the compacted state topic, in slices
-    between polls, up to the end the topic had when the restore began."""
+    between polls, up to the end the topic had when the restore began (a `CatchUp`)."""
 
     def __init__(self, consumer: KafkaConsumer, settings: Settings, metrics: Metrics) -> None:
         self.consumer = consumer  # no group, read_committed
-        self.settings = settings
-        self.topic = settings.state_topic_name
         self.metrics = metrics
-        self.active: dict[int, _Restoring] = {}
-
-    def _refusals(self) -> contextlib.AbstractContextManager[None]:
-        return refusals(self.settings, self.topic)
+        pace = Pace(RESTORE_SLICE_S, END_TIMEOUT_MS, RESTORE_POLL_RECORDS, RESTORE_POLL_RECORDS)
+        self.reads = CatchUp[_Restoring](
+            lambda: consumer,
+            settings,
+            settings.state_topic_name,
+            _Snapshots(),
+            pace,
+            waiting="restore_waiting",
+        )
+        self.active = self.reads.active
 
     def begin(self, partitions: Iterable[int]) -> None:
+        """Restore these partitions; where each ends is asked now (after the input
+        partition's committed position: a transaction the previous owner committed
+        is then on the state partition, its states and offsets together)."""
         new = [p for p in partitions if p not in self.active]
         if not new:
             return
-        tps = [TopicPartition(self.topic, p) for p in new]
-        now = time.perf_counter()
-        for tp in tps:
-            self.active[tp.partition] = _Restoring(end=None, started=now)
-        with self._refusals():
-            self._assign()
-            self.consumer.seek_to_beginning(*tps)
-            self._find_ends()
-
-    def _find_ends(self) -> bool:
-        """Learn where each restore ends; False while the broker cannot say (the
-        partition has no leader during an outage): the next step asks again."""
-        unknown = [TopicPartition(self.topic, p) for p, r in self.active.items() if r.end is None]
-        if not unknown:
-            return True
-        try:
-            ends = self.consumer.end_offsets(unknown, timeout_ms=END_TIMEOUT_MS)
-        except AuthorizationError:
-            raise  # permanent: see _refusals
-        except KafkaError as exc:
-            log.warning("restore_waiting", partitions=sorted(tp.partition for tp in unknown), error=str(exc))
-            return False
-        for tp in unknown:
-            self.active[tp.partition].end = ends[tp]
-        return True
+        for p in new:
+            self.reads.begin(p, _Restoring())
+        self.reads.locate()
 
     def cancel(self, partitions: Iterable[int]) -> None:
-        if any(self.active.pop(p, None) is not None for p in list(partitions)):
-            self._assign()
-
-    def _assign(self) -> None:
-        self.consumer.assign([TopicPartition(self.topic, p) for p in self.active])
+        self.reads.cancel(list(partitions))
 
     def step(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
         """Read for at most one slice; return the partitions now complete."""
-        with self._refusals():
-            return self._step()
-
-    def _step(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
-        if not self._find_ends():
-            return {}
-        deadline = time.monotonic() + RESTORE_SLICE_S
-        while self.active and time.monotonic() < deadline:
-            done = self._finished()
-            if done:
-                return done
-            batch = self.consumer.poll(timeout_ms=100, max_records=5000)
-            for tp, records in batch.items():
-                target = self.active.get(tp.partition)
-                if target is None:
-                    continue
-                for rec in records:
-                    key = rec.key.decode("utf-8", "replace") if rec.key is not None else ""
-                    if rec.value is None:
-                        target.states.pop(key, None)
-                        continue
-                    try:
-                        target.states[key] = SequenceState.restore(rec.value, target.began)
-                    except SnapshotError as exc:
-                        # An older record of the key would be a wrong state, not a
-                        # fallback: the sequence starts over, announced, and keeps
-                        # its watermark so no input is applied twice.
-                        previous = target.states.get(key)
-                        lost = SequenceState.unreadable(rec.value, previous[0] if previous else None)
-                        target.states[key] = (lost, UNREADABLE)
-                        log.error(
-                            "state_record_unreadable",
-                            partition=tp.partition,
-                            key=key,
-                            offset=rec.offset,
-                            error=str(exc),
-                            watermark=lost.watermark,
-                            action="sequence starts over, announced",
-                        )
-        return self._finished()
-
-    def _finished(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
         done: dict[int, dict[str, tuple[SequenceState, str]]] = {}
-        for p, r in list(self.active.items()):
-            if r.end is None:
-                continue
-            try:
-                position = self.consumer.position(
-                    TopicPartition(self.topic, p), timeout_ms=POSITION_TIMEOUT_MS
-                )
-            except KafkaError:  # not answered in time: the next step asks again
-                continue
-            if position is not None and position >= r.end:
-                done[p] = r.states
-                self.metrics.restore.observe(time.perf_counter() - r.started)
-                self.metrics.states_restored.inc(len(r.states))
-                del self.active[p]
-        if done:
-            self._assign()
+        for partition, into, seconds in self.reads.step():
+            done[partition] = into.states
+            self.metrics.restore.observe(seconds)
+            self.metrics.states_restored.inc(len(into.states))
         return done
 
 

@@ -12,8 +12,8 @@ Contenders, per engine of `BenchConfig.engines`, in each of `scale_rounds` round
 
 * `live` (the baseline): a publishing `Processor` over a fresh store, fed the
   same batches: what serving these inputs cost the first time;
-* `rebuild`: `daemon.streaming.rebuild`'s `plan`, `Replay` over
-  `replay_processor` (predictions withheld), fed the same batches, then
+* `rebuild`: `daemon.streaming.rebuild`'s `plan`, `Recompute` over
+  `rebuild_processor` (predictions withheld), fed the same batches, then
   `finish` (timed from the plan to the rebuilt states).
 
 * `rebuilder + Kafka` (fast engine only): the daemon's own `Rebuilder`, with the
@@ -96,21 +96,21 @@ def _live(model: Any, engine: Any, sequences: int, steps: int) -> float:
 
 
 def _rebuild(model: Any, engine: Any, sequences: int, steps: int) -> tuple[float, int]:
-    from daemon.streaming.rebuild import Replay, plan, replay_processor
+    from daemon.streaming.rebuild import Recompute, plan, rebuild_processor
 
     live = _processor(model, engine)
     saved = saved_states(sequences, steps)
     restored = {k: (s, "old@0") for k, s in saved.items()}
     took = 0.0
     started = time.perf_counter()
-    replay = Replay(plan(0, saved, 0, sequences * steps), saved, replay_processor(live))
+    recompute = Recompute(plan(0, saved, 0, sequences * steps), saved, rebuild_processor(live))
     took += time.perf_counter() - started
     for batch in batches(sequences, steps):
         started = time.perf_counter()
-        replay.feed(batch)
+        recompute.feed(batch)
         took += time.perf_counter() - started
     started = time.perf_counter()
-    done = replay.finish(restored)
+    done = recompute.finish(restored)
     took += time.perf_counter() - started
     assert done.replayed == sequences * steps and done.rebuilt == sequences, (done.replayed, done.rebuilt)
     return took, done.rebuilt

@@ -171,7 +171,7 @@ def format_scale(report: dict[str, Any]) -> list[str]:
         out += _aligned(lines)
         out.append(
             "rebuild: the demo model; "
-            f"live = a publishing Processor over the same records; rebuild = plan + Replay.feed per "
+            f"live = a publishing Processor over the same records; rebuild = plan + Recompute.feed per "
             f"5000 records + finish; rebuilder + Kafka = the daemon's Rebuilder reading a topic on the "
             f"broker, begin + step() until done; medians of {rebuild[0]['rounds']} rounds; target = "
             f"{rebuild[0]['target_events']:,} events (10 k open sequences x 100 steps)"
