@@ -161,7 +161,7 @@ class RunLoop:
     def run(self) -> None:
         """Serve until `stop` is set; returns after a clean checkpoint and close."""
         threading.Thread(target=self._watch_shutdown, name="lstmd-shutdown-deadline", daemon=True).start()
-        clients = self._connect()
+        clients = self.connect()
         if clients is None:
             return
         self.start(clients)
@@ -288,7 +288,7 @@ class RunLoop:
         return True
 
     # -- start-up -----------------------------------------------------------------
-    def _connect(self) -> Clients | None:
+    def connect(self) -> Clients | None:
         """Topics checked, producer ready, consumer built; None if asked to stop first."""
         admin = wait_for_cluster(self.settings, self.stop, self.health.beat)
         if admin is None:

@@ -21,7 +21,6 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
-from daemon.kafka.clients import make_consumer, make_producer, make_restore_consumer
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.streaming.loop import RunLoop, transactional_id
@@ -143,15 +142,11 @@ class Broker:
         assert producer.flush(30) == 0
 
     def loop(self, settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
+        """The daemon's own start-up: topics checked, clients built (`connect`)."""
         loop = _new_loop(settings, processor, metrics)
-        txn = transactional_id(settings)
-        loop.start(
-            loop.assemble(
-                lambda: make_consumer(settings),
-                lambda: make_producer(settings, txn),
-                lambda: make_restore_consumer(settings),
-            )
-        )
+        clients = loop.connect()
+        assert clients is not None
+        loop.start(clients)
         return loop
 
     def values(self, topic: str) -> list[bytes | None]:
