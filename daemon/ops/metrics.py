@@ -4,7 +4,7 @@ Each Metrics instance owns its registry, so tests and `lstmd replay` can build
 as many as they like without clashing in prometheus-client's global one.
 
 With LSTMD_WORKERS > 1 every worker writes its values to prometheus-client's
-multiprocess files and the supervisor serves their aggregate (daemon/workers.py):
+multiprocess files and the supervisor serves their aggregate (daemon/ops/pod.py):
 counters and histograms add up; each gauge says how (`multiprocess_mode`: live
 workers' sum, max or min). Without PROMETHEUS_MULTIPROC_DIR the modes are ignored.
 """
@@ -57,7 +57,7 @@ LATENCY_BUCKETS = (
 class _PartitionGauge(Gauge):
     """A per-partition gauge that reads 0, not its last value, once its partition left.
 
-    With several workers (prometheus-client's multiprocess mode, daemon/workers.py)
+    With several workers (prometheus-client's multiprocess mode, daemon/ops/pod.py)
     `remove` only forgets the series in this process: the value stays in the
     process's file, and the pod's maximum over the workers would keep a lag the
     partition's new owner has long caught up. Set to 0 first, the new owner's value
