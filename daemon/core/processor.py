@@ -16,11 +16,12 @@ import numpy as np
 
 from daemon.core import codec
 from daemon.core.engine import Engine
+from daemon.core.meters import ProcessorMetrics
 from daemon.core.records import InputRecord, Kind, OutputRecord, dead_letter
-from daemon.core.state import EVICTION_CAUSES, Eviction, SequenceState, StateStore
+from daemon.core.state import Eviction, SequenceState, StateStore
 from daemon.errors import RecordRejected
 from daemon.ops.logs import get_logger
-from daemon.ops.metrics import Metrics
+from daemon.ops.metrics import RESET_CAUSES, DuplicateCause, ResetCause
 
 log = get_logger(__name__)
 
@@ -64,7 +65,7 @@ class Processor:
         model_id: str,
         n_features: int,
         store: StateStore,
-        metrics: Metrics,
+        metrics: ProcessorMetrics,
         max_record_bytes: int = 1 << 20,
         reset_on_gap: bool = False,
         clock: Callable[[], float] = time.time,
@@ -89,15 +90,7 @@ class Processor:
         self.state_shapes = state_shapes
         self.publish_from_ms = publish_from_ms
         self._inference = metrics.inference.labels(engine=engine.name)
-        self._resets = {c: metrics.resets.labels(cause=c) for c in ("end", "start", "marker")}
-        # Every label value this processor can count starts at 0, so dashboards and
-        # increase() in alerts see the first rejection, duplicate or eviction.
-        for reason in codec.REASONS:
-            metrics.rejected.labels(reason=reason)
-        for cause in ("redelivered", "step"):
-            metrics.duplicates.labels(cause=cause)
-        for cause in EVICTION_CAUSES:
-            metrics.evictions.labels(cause=cause)
+        self._resets = {c: metrics.resets.labels(cause=c) for c in RESET_CAUSES}
 
     def process(self, records: Sequence[InputRecord]) -> list[OutputRecord]:
         """Apply a batch; outputs come in input order, one per record at most.
@@ -149,7 +142,7 @@ class Processor:
         """The record's event, or None: a redelivered input (counted), or one that
         cannot be decoded (its dead letter planned as output `i`)."""
         if rec.offset <= self.store.high_watermark(rec.partition):
-            self.metrics.duplicates.labels(cause="redelivered").inc()
+            self._skipped("redelivered")
             return None
         self.store.advance(rec.partition, rec.offset)
         try:
@@ -159,7 +152,7 @@ class Processor:
             return None
         if rec.offset <= self.store.watermark(rec.partition, event.key):
             # Restored from a checkpoint that already includes this input.
-            self.metrics.duplicates.labels(cause="redelivered").inc()
+            self._skipped("redelivered")
             return None
         return event
 
@@ -174,7 +167,7 @@ class Processor:
             state.last_step = None
         if event.step is not None and state.last_step is not None:
             if event.step <= state.last_step:
-                self.metrics.duplicates.labels(cause="step").inc()
+                self._skipped("step")
                 if id(state) not in plan.touched:
                     # A retry of an evicted sequence's step: it must not revive
                     # an empty state (which could evict a live one).
@@ -216,7 +209,10 @@ class Processor:
             else:
                 self.store.touched(partition, key)
 
-    def _reset(self, state: SequenceState, offset: int, cause: str) -> None:
+    def _skipped(self, cause: DuplicateCause) -> None:
+        self.metrics.duplicates.labels(cause=cause).inc()
+
+    def _reset(self, state: SequenceState, offset: int, cause: ResetCause) -> None:
         """Reset a state at input `offset`, which it then includes, counted by cause."""
         state.reset()
         state.watermark = offset
