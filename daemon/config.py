@@ -126,7 +126,7 @@ class Settings(PipelineSettings):
     # Chosen by measurement (`lstmd bench --sections compression`, docs/performance.md).
     kafka_compression: Compression = "lz4"
 
-    # Worker processes per pod, each a full consumer of the group (daemon/workers.py).
+    # Worker processes per pod, each a full consumer of the group (daemon/pod).
     workers: int | None = Field(default=None, ge=1, le=256, description="default: the pod's CPU quota")
 
     @field_validator("kafka_bootstrap_servers")

@@ -4,6 +4,17 @@ Start-up errors (configuration, model) end the process with exit code 2; record
 errors become dead-letter records and never stop the daemon.
 """
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What an lstmd process exits with: the command line's and the pod supervisor's
+    one list (Kubernetes and scripts read them)."""
+
+    OK = 0
+    ERROR = 1  # anything unexpected; the pod restarts
+    STARTUP = 2  # cannot start as configured: no connection made
+
 
 class LstmdError(Exception):
     """Base of every error lstmd raises on purpose."""
@@ -12,7 +23,7 @@ class LstmdError(Exception):
 class StartupError(LstmdError):
     """The daemon cannot start as configured: exit code 2, no connection made."""
 
-    exit_code = 2
+    exit_code = ExitCode.STARTUP
 
 
 class ConfigError(StartupError):

@@ -25,7 +25,7 @@ from kafka.record.default_records import DefaultRecordBatchBuilder
 from daemon.core import codec
 from daemon.core.records import Kind, OutputRecord
 from daemon.kafka.clients import max_message_bytes
-from daemon.ops.metrics import Metrics
+from daemon.ops.metrics import DEAD_LETTER_REASONS, Metrics
 from daemon.replay import FileRecord
 from daemon.streaming.delivery import Checkpointer, SendRefused, TransactionFailed
 from daemon.streaming.policy import Checkpoint
@@ -129,7 +129,7 @@ def check_dead_letter(letter: OutputRecord, rec: FileRecord) -> None:
     """A dead letter carries its input unchanged, or says exactly what it left out."""
     headers = dict(letter.headers)
     assert headers["lstmd.source.offset"] == str(rec.offset).encode()
-    assert headers["lstmd.error.class"].decode() in codec.REASONS
+    assert headers["lstmd.error.class"].decode() in DEAD_LETTER_REASONS
     carried = [(n, v if v is not None else b"") for n, v in rec.headers if not n.startswith("lstmd.")]
     if codec.KEY_OMITTED in headers:  # bare: the daemon's headers alone
         assert letter.key is None and headers[codec.KEY_OMITTED] == str(len(rec.key or b"")).encode()

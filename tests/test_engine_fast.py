@@ -208,7 +208,7 @@ def test_one_tolerance_is_the_oracles() -> None:
 
 
 def test_build_processor_logs_the_fallback() -> None:
-    from daemon.cli import build_processor
+    from daemon.pipeline import build_processor
 
     with structlog.testing.capture_logs() as logs:
         processor = build_processor(built("unit_norm"), "fast", Metrics())

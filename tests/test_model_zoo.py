@@ -91,7 +91,7 @@ def test_fast_engine_serves_the_zoo(loaded: dict[str, ServableModel], kind: str)
 def test_self_check_masks_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """The start-up self-check feeds a masked model masked steps: without the copy's
     masked-step output (the RNN's h) it refuses the model instead of serving it wrong."""
-    monkeypatch.setattr("daemon.inference.model._carry_masked_output", lambda layer: None)
+    monkeypatch.setattr("daemon.inference.stateful.carry_masked_output", lambda layer: None)
     with pytest.raises(UnservableModelError, match="at step 1 differs"):
         load_model(built("masked"))
 

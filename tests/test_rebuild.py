@@ -222,7 +222,7 @@ def test_the_run_loop_checkpoints_the_rebuilt_states_before_serving(tmp_path: Pa
     s = settings(tmp_path)
     health = Health(60)
     health.model_loaded = True
-    loop = RunLoop(s, live, live.metrics, health, threading.Event())
+    loop = RunLoop(s, live, cast(Metrics, live.metrics), health, threading.Event())
     producer = FakeProducer()
     consumer = FakeInputConsumer(list(records))
     clients = Clients(
@@ -276,7 +276,7 @@ def mid_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: FakeCons
     old.process(records)
     live = processor(B, 2.0)
     s = settings(tmp_path)
-    loop = RunLoop(s, live, live.metrics, Health(60), threading.Event())
+    loop = RunLoop(s, live, cast(Metrics, live.metrics), Health(60), threading.Event())
     producer = FakeProducer()
     consumer = FakeInputConsumer(list(records), poll_s=0.03)
     clients = Clients(
@@ -332,7 +332,7 @@ def test_reset_keeps_announcing_model_changed(tmp_path: Path) -> None:
     old.process(recs(EVENTS))
     live = processor(B, 2.0)
     s = settings(tmp_path, on_model_change="reset")
-    loop = RunLoop(s, live, live.metrics, Health(60), threading.Event())
+    loop = RunLoop(s, live, cast(Metrics, live.metrics), Health(60), threading.Event())
     clients = cast(Clients, type("C", (), {"rebuilder": rebuilder(tmp_path, FakeInputConsumer([]), live)})())
     loop.partitions.assign([0])
     loop.partitions.restore(0)

@@ -19,19 +19,10 @@ import pytest
 
 from daemon.ops import cpus
 from daemon.ops.health import Health
+from daemon.ops.pod import StatusWriter, WorkersHealth, WorkersMetrics, status_path
+from daemon.pod.roles import MULTIPROC_ENV, WorkerRole, instance_id, startup_error_path, worker_settings
+from daemon.pod.supervisor import Supervisor
 from daemon.streaming.loop import transactional_id
-from daemon.workers import (
-    MULTIPROC_ENV,
-    StatusWriter,
-    Supervisor,
-    WorkerRole,
-    WorkersHealth,
-    WorkersMetrics,
-    instance_id,
-    startup_error_path,
-    status_path,
-    worker_settings,
-)
 from tests.fakes import settings
 
 # -- the CPU quota -------------------------------------------------------------------
@@ -300,7 +291,7 @@ def test_a_worker_that_dies_stops_the_others_and_the_pod_fails(tmp_path: Path) -
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("daemon.workers.SHUTDOWN_MARGIN_S", 0.2)
+    monkeypatch.setattr("daemon.pod.supervisor.SHUTDOWN_MARGIN_S", 0.2)
     sup = _supervisor(tmp_path, "ignore-term", timeout_s=0.5)
     sup.start()
     _wait_started(sup)

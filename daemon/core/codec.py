@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 
 from daemon.errors import RecordRejected
+from daemon.ops.metrics import DeadLetterReason
 
-# Reasons are metric label values and DLQ header values: keep them stable.
 # The largest finite float32: the model's input type.
 FLOAT32_MAX = 3.4028234663852886e38
 # A dead letter copies its record's value up to this size (or LSTMD_MAX_RECORD_BYTES
@@ -26,31 +26,18 @@ DEAD_LETTER_VALUE_BYTES = 1 << 20
 SHOWN_CHARS = 80
 # The reason header is cut here: a dead letter must fit the topic next to its value.
 REASON_CHARS = 1000
-MISSING_KEY = "missing_key"
-BAD_KEY = "bad_key"
-TOO_LARGE = "too_large"
-BAD_JSON = "bad_json"
-NOT_OBJECT = "not_object"
-MISSING_X = "missing_x"
-BAD_X = "bad_x"
-WRONG_WIDTH = "wrong_width"
-NONFINITE = "nonfinite"
-BAD_FIELD = "bad_field"
-NONFINITE_OUTPUT = "nonfinite_output"
-
-REASONS = (
-    MISSING_KEY,
-    BAD_KEY,
-    TOO_LARGE,
-    BAD_JSON,
-    NOT_OBJECT,
-    MISSING_X,
-    BAD_X,
-    WRONG_WIDTH,
-    NONFINITE,
-    BAD_FIELD,
-    NONFINITE_OUTPUT,
-)
+# Reasons are metric label values and DLQ header values, declared in daemon/ops/metrics.py.
+MISSING_KEY: DeadLetterReason = "missing_key"
+BAD_KEY: DeadLetterReason = "bad_key"
+TOO_LARGE: DeadLetterReason = "too_large"
+BAD_JSON: DeadLetterReason = "bad_json"
+NOT_OBJECT: DeadLetterReason = "not_object"
+MISSING_X: DeadLetterReason = "missing_x"
+BAD_X: DeadLetterReason = "bad_x"
+WRONG_WIDTH: DeadLetterReason = "wrong_width"
+NONFINITE: DeadLetterReason = "nonfinite"
+BAD_FIELD: DeadLetterReason = "bad_field"
+NONFINITE_OUTPUT: DeadLetterReason = "nonfinite_output"
 
 # Python's json.dumps writes these non-standard literals for non-finite floats;
 # orjson refuses them as syntax, but the operator needs to hear "non-finite".

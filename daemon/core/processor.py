@@ -16,11 +16,12 @@ import numpy as np
 
 from daemon.core import codec
 from daemon.core.engine import Engine
+from daemon.core.meters import ProcessorMetrics
 from daemon.core.records import InputRecord, Kind, OutputRecord, dead_letter
-from daemon.core.state import EVICTION_CAUSES, Eviction, SequenceState, StateStore
+from daemon.core.state import Eviction, SequenceState, StateStore
 from daemon.errors import RecordRejected
 from daemon.ops.logs import get_logger
-from daemon.ops.metrics import Metrics
+from daemon.ops.metrics import RESET_CAUSES, DuplicateCause, ResetCause
 
 log = get_logger(__name__)
 
@@ -44,7 +45,19 @@ class _Step:
     x: tuple[float, ...]
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What `Processor._plan` decided for a batch, for `Processor._apply` to run."""
+
+    outputs: list[OutputRecord | None]  # by input position; dead letters already in
+    waves: list[_Wave] = field(default_factory=list)
+    # id(state) -> the sequences the batch plans steps, resets or markers for
+    touched: dict[int, tuple[int, str, SequenceState]] = field(default_factory=dict)
+
+
 class Processor:
+    """Applies batches of input records to their sequences' states (see `process`)."""
+
     def __init__(
         self,
         engine: Engine,
@@ -52,7 +65,7 @@ class Processor:
         model_id: str,
         n_features: int,
         store: StateStore,
-        metrics: Metrics,
+        metrics: ProcessorMetrics,
         max_record_bytes: int = 1 << 20,
         reset_on_gap: bool = False,
         clock: Callable[[], float] = time.time,
@@ -77,104 +90,133 @@ class Processor:
         self.state_shapes = state_shapes
         self.publish_from_ms = publish_from_ms
         self._inference = metrics.inference.labels(engine=engine.name)
-        self._resets = {c: metrics.resets.labels(cause=c) for c in ("end", "start", "marker")}
-        # Every label value this processor can count starts at 0, so dashboards and
-        # increase() in alerts see the first rejection, duplicate or eviction.
-        for reason in codec.REASONS:
-            metrics.rejected.labels(reason=reason)
-        for cause in ("redelivered", "step"):
-            metrics.duplicates.labels(cause=cause)
-        for cause in EVICTION_CAUSES:
-            metrics.evictions.labels(cause=cause)
+        self._resets = {c: metrics.resets.labels(cause=c) for c in RESET_CAUSES}
 
     def process(self, records: Sequence[InputRecord]) -> list[OutputRecord]:
         """Apply a batch; outputs come in input order, one per record at most.
 
-        A pure end marker and a skipped duplicate produce no output.
+        A pure end marker and a skipped duplicate produce no output. In two passes:
+        `_plan` decides, record by record and without touching a state's tensors, what
+        each record does (nothing, a dead letter, a reset, a step), so that `_apply`
+        can step each wave of the batch in one engine call.
         """
         self.metrics.events_consumed.inc(len(records))
-        outputs: list[OutputRecord | None] = [None] * len(records)
-        waves: list[_Wave] = []
+        plan = self._plan(records)
+        self._apply(plan, records)
+        result = [o for o in plan.outputs if o is not None]
+        result += self.announce(self.store.evict_over_capacity())
+        self.metrics.active_sequences.set(len(self.store))
+        return result
+
+    def _plan(self, records: Sequence[InputRecord]) -> _Plan:
+        """Sort the batch into waves, dead letters and skipped duplicates.
+
+        Only the bookkeeping the next records of the batch depend on changes here: the
+        partition's processed offset, and each state's `last_step` (a reset planned
+        earlier in the batch already counts for the steps after it)."""
+        plan = _Plan(outputs=[None] * len(records))
         depth: dict[int, int] = {}  # id(state) -> its steps planned so far in this batch
-        touched: dict[int, tuple[int, str, SequenceState]] = {}
         for i, rec in enumerate(records):
-            if rec.offset <= self.store.high_watermark(rec.partition):
-                self.metrics.duplicates.labels(cause="redelivered").inc()
-                continue
-            self.store.advance(rec.partition, rec.offset)
-            try:
-                event = codec.decode(rec.key, rec.value, self.n_features, self.max_record_bytes)
-            except RecordRejected as exc:
-                outputs[i] = self._dead_letter(rec, exc)
-                continue
-            if rec.offset <= self.store.watermark(rec.partition, event.key):
-                # Restored from a checkpoint that already includes this input.
-                self.metrics.duplicates.labels(cause="redelivered").inc()
+            event = self._admit(i, rec, plan)
+            if event is None:
                 continue
             state = self.store.get(rec.partition, event.key)
-            # `last_step` follows the batch's plan, not the engine: a reset planned
-            # earlier in this batch already counts for the steps after it.
-            start = event.start
-            if start:
-                state.last_step = None
-            if event.step is not None and state.last_step is not None:
-                if event.step <= state.last_step:
-                    self.metrics.duplicates.labels(cause="step").inc()
-                    if id(state) not in touched:
-                        # A retry of an evicted sequence's step: it must not revive
-                        # an empty state (which could evict a live one).
-                        self.store.forget_if_empty(rec.partition, event.key)
-                    continue
-                if event.step > state.last_step + 1:
-                    self.metrics.step_gaps.inc()
-                    log.info(
-                        "step_gap",
-                        seq=event.key,
-                        partition=rec.partition,
-                        offset=rec.offset,
-                        expected=state.last_step + 1,
-                        got=event.step,
-                        action="reset" if self.reset_on_gap else "continue",
-                    )
-                    start = start or self.reset_on_gap
-            # An input without a step keeps the last one seen: a retried step right
-            # after it is still recognised as a duplicate.
-            if event.end:
-                state.last_step = None
-            elif event.step is not None:
-                state.last_step = event.step
+            start = self._follow_step(rec, event, state, plan)
+            if start is None:
+                continue
             k = depth.get(id(state), 0)
             depth[id(state)] = k + 1
-            touched[id(state)] = (rec.partition, event.key, state)
-            while len(waves) <= k:
-                waves.append(_Wave())
-            wave = waves[k]
+            plan.touched[id(state)] = (rec.partition, event.key, state)
+            while len(plan.waves) <= k:
+                plan.waves.append(_Wave())
+            wave = plan.waves[k]
             if start:
                 wave.starts.append((state, rec.offset))
             if event.x is None:  # a pure end marker: reset only, no prediction
                 wave.markers.append((state, rec.offset))
             else:
                 wave.steps.append(_Step(i, rec.partition, rec.offset, event, state, event.x))
-        for wave in waves:
+        return plan
+
+    def _admit(self, i: int, rec: InputRecord, plan: _Plan) -> codec.Event | None:
+        """The record's event, or None: a redelivered input (counted), or one that
+        cannot be decoded (its dead letter planned as output `i`)."""
+        if rec.offset <= self.store.high_watermark(rec.partition):
+            self._skipped("redelivered")
+            return None
+        self.store.advance(rec.partition, rec.offset)
+        try:
+            event = codec.decode(rec.key, rec.value, self.n_features, self.max_record_bytes)
+        except RecordRejected as exc:
+            plan.outputs[i] = self._dead_letter(rec, exc)
+            return None
+        if rec.offset <= self.store.watermark(rec.partition, event.key):
+            # Restored from a checkpoint that already includes this input.
+            self._skipped("redelivered")
+            return None
+        return event
+
+    def _follow_step(
+        self, rec: InputRecord, event: codec.Event, state: SequenceState, plan: _Plan
+    ) -> bool | None:
+        """Whether the state resets before this input (its `start`, or a step gap under
+        LSTMD_STEP_GAP=reset), or None for a repeated step (counted, skipped). Keeps the
+        state's `last_step` as this batch's plan leaves it."""
+        start = event.start
+        if start:
+            state.last_step = None
+        if event.step is not None and state.last_step is not None:
+            if event.step <= state.last_step:
+                self._skipped("step")
+                if id(state) not in plan.touched:
+                    # A retry of an evicted sequence's step: it must not revive
+                    # an empty state (which could evict a live one).
+                    self.store.forget_if_empty(rec.partition, event.key)
+                return None
+            if event.step > state.last_step + 1:
+                self.metrics.step_gaps.inc()
+                log.info(
+                    "step_gap",
+                    seq=event.key,
+                    partition=rec.partition,
+                    offset=rec.offset,
+                    expected=state.last_step + 1,
+                    got=event.step,
+                    action="reset" if self.reset_on_gap else "continue",
+                )
+                start = start or self.reset_on_gap
+        # An input without a step keeps the last one seen: a retried step right
+        # after it is still recognised as a duplicate.
+        if event.end:
+            state.last_step = None
+        elif event.step is not None:
+            state.last_step = event.step
+        return start
+
+    def _apply(self, plan: _Plan, records: Sequence[InputRecord]) -> None:
+        """Run the plan wave by wave (resets, one engine call, end markers), then tell
+        the store which sequences ended and which were used."""
+        for wave in plan.waves:
             for state, offset in wave.starts:
-                state.reset()
-                state.watermark = offset
-                self._resets["start"].inc()
+                self._reset(state, offset, "start")
             if wave.steps:
-                self._step(wave.steps, records, outputs)
+                self._step(wave.steps, records, plan.outputs)
             for state, offset in wave.markers:
-                state.reset()
-                state.watermark = offset
-                self._resets["marker"].inc()
-        for partition, key, state in touched.values():
+                self._reset(state, offset, "marker")
+        for partition, key, state in plan.touched.values():
             if state.n == 0:  # ended or reset: a fresh state is zeros, keep only its watermark
                 self.store.end(partition, key)
             else:
                 self.store.touched(partition, key)
-        result = [o for o in outputs if o is not None]
-        result += self.announce(self.store.evict_over_capacity())
-        self.metrics.active_sequences.set(len(self.store))
-        return result
+
+    def _skipped(self, cause: DuplicateCause) -> None:
+        self.metrics.duplicates.labels(cause=cause).inc()
+
+    def _reset(self, state: SequenceState, offset: int, cause: ResetCause) -> None:
+        """Reset a state at input `offset`, which it then includes, counted by cause."""
+        state.reset()
+        state.watermark = offset
+        self._resets[cause].inc()
 
     def evict_idle(self, idle_s: float) -> list[OutputRecord]:
         """Drop states idle for longer than `idle_s`; returns their announcements."""
@@ -237,8 +279,7 @@ class Processor:
                 error = RecordRejected(codec.NONFINITE_OUTPUT, "the model produced a non-finite output")
                 outputs[s.index] = self._dead_letter(rec, error)
                 if s.event.end:
-                    state.reset()
-                    self._resets["end"].inc()
+                    self._reset(state, s.offset, "end")
                 continue
             if state.n == 0:
                 state.first_offset = s.offset
@@ -265,8 +306,7 @@ class Processor:
                     source_timestamp_ms=rec.timestamp,
                 )
             if s.event.end:
-                state.reset()
-                self._resets["end"].inc()
+                self._reset(state, s.offset, "end")
 
     def _dead_letter(self, rec: InputRecord, error: RecordRejected) -> OutputRecord:
         self.metrics.rejected.labels(reason=error.reason).inc()

@@ -35,11 +35,6 @@ _HEADER_LEN = struct.Struct("<I")
 
 _NO_STATES: Mapping[str, SequenceState] = {}
 
-#: Why a state is dropped before its sequence ended (metric label and notice `cause`).
-#: A model change under LSTMD_ON_MODEL_CHANGE=rebuild drops a sequence only when its inputs
-#: can no longer be replayed ("history_expired": retention deleted its first input) or
-#: replaying them would read more than LSTMD_REBUILD_MAX_EVENTS ("rebuild_budget").
-EVICTION_CAUSES = ("idle", "capacity", "model_changed", "unreadable", "history_expired", "rebuild_budget")
 #: The model id of a state record that could not be read (see `SequenceState.unreadable`).
 UNREADABLE = "unreadable"
 
@@ -200,7 +195,7 @@ class Eviction:
 
     partition: int
     key: str
-    cause: str  # one of EVICTION_CAUSES
+    cause: str  # one of EVICTION_CAUSES (daemon/ops/metrics.py)
     n: int
     watermark: int
 

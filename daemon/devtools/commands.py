@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon.cli import EXIT_OK
+from daemon.errors import ExitCode
 
 if TYPE_CHECKING:
     from daemon.cli import Subparsers
@@ -33,7 +33,7 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
 
     path = make_demo_model(Path(args.path))
     print(f"demo model written to {path}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

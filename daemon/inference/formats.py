@@ -11,20 +11,17 @@ read as it is goes through untouched.
 Refused with a message naming the format and how to convert it: a TensorFlow
 SavedModel directory, an HDF5 file of weights only, any other file. Deciding
 what the model is made of (recurrent layers, Bidirectional, ...) is not done
-here: model.py checks the loaded model whatever its format.
+here: checks.py checks the loaded model whatever its format.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import h5py
 import keras

@@ -4,19 +4,67 @@ Each Metrics instance owns its registry, so tests and `lstmd replay` can build
 as many as they like without clashing in prometheus-client's global one.
 
 With LSTMD_WORKERS > 1 every worker writes its values to prometheus-client's
-multiprocess files and the supervisor serves their aggregate (daemon/workers.py):
+multiprocess files and the supervisor serves their aggregate (daemon/ops/pod.py):
 counters and histograms add up; each gauge says how (`multiprocess_mode`: live
 workers' sum, max or min). Without PROMETHEUS_MULTIPROC_DIR the modes are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.metrics import MetricWrapperBase
 
 from daemon import __version__
+
+# -- label values: every value a labelled metric takes, declared once. Each series
+# starts at 0 (`Metrics`), so dashboards and increase() in alerts see the first
+# event; the Literal types let mypy check every value the code counts under.
+
+#: lstmd_records_rejected{reason}: why a record went to the dead-letter topic (also its
+#: `lstmd.error.class` header: keep them stable).
+DeadLetterReason = Literal[
+    "missing_key",
+    "bad_key",
+    "too_large",
+    "bad_json",
+    "not_object",
+    "missing_x",
+    "bad_x",
+    "wrong_width",
+    "nonfinite",
+    "bad_field",
+    "nonfinite_output",
+]
+#: lstmd_duplicates_skipped{cause}: at or below the watermark, or a repeated `step`.
+DuplicateCause = Literal["redelivered", "step"]
+#: lstmd_sequence_resets{cause}: an input's `end`, its `start`, a pure end marker.
+ResetCause = Literal["end", "start", "marker"]
+#: lstmd_evictions{cause}: why a state is dropped before its sequence ended (also the
+#: notice's `cause`). A model change under LSTMD_ON_MODEL_CHANGE=rebuild drops a sequence
+#: only when its inputs can no longer be read again ("history_expired": retention deleted
+#: its first input) or reading them would exceed LSTMD_REBUILD_MAX_EVENTS ("rebuild_budget").
+EvictionCause = Literal[
+    "idle", "capacity", "model_changed", "unreadable", "history_expired", "rebuild_budget"
+]
+#: lstmd_rebalances{kind}.
+RebalanceKind = Literal["assigned", "revoked", "lost"]
+#: lstmd_state_records_written{kind}: a state, or a tombstone for an ended sequence.
+StateRecordKind = Literal["state", "tombstone"]
+#: lstmd_transaction_aborts{cause}.
+AbortCause = Literal["timeout", "fenced", "refused", "unavailable", "other"]
+#: lstmd_moved_sequences{partitioner}: murmur2 (Java, kafka-python), crc32 (librdkafka).
+Partitioner = Literal["murmur2", "crc32"]
+
+DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
+DUPLICATE_CAUSES: tuple[DuplicateCause, ...] = get_args(DuplicateCause)
+RESET_CAUSES: tuple[ResetCause, ...] = get_args(ResetCause)
+EVICTION_CAUSES: tuple[EvictionCause, ...] = get_args(EvictionCause)
+REBALANCE_KINDS: tuple[RebalanceKind, ...] = get_args(RebalanceKind)
+STATE_RECORD_KINDS: tuple[StateRecordKind, ...] = get_args(StateRecordKind)
+ABORT_CAUSES: tuple[AbortCause, ...] = get_args(AbortCause)
+PARTITIONERS: tuple[Partitioner, ...] = get_args(Partitioner)
 
 # Inference runs from ~2 us (fast engine, per event) to ~2 ms (predict_on_batch).
 INFERENCE_BUCKETS = (
@@ -57,7 +105,7 @@ LATENCY_BUCKETS = (
 class _PartitionGauge(Gauge):
     """A per-partition gauge that reads 0, not its last value, once its partition left.
 
-    With several workers (prometheus-client's multiprocess mode, daemon/workers.py)
+    With several workers (prometheus-client's multiprocess mode, daemon/ops/pod.py)
     `remove` only forgets the series in this process: the value stays in the
     process's file, and the pod's maximum over the workers would keep a lag the
     partition's new owner has long caught up. Set to 0 first, the new owner's value
@@ -163,8 +211,6 @@ class Metrics:
             ["partitioner"],
             registry=r,
         )
-        for partitioner in ("murmur2", "crc32"):  # both series start at 0
-            self.moved_sequences.labels(partitioner=partitioner)
         self.checkpoint = Histogram(
             "lstmd_checkpoint_duration_seconds",
             "Publishing a batch's outputs and state records and committing its offsets.",
@@ -239,6 +285,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+
+        # Every declared label value is a series at 0 from the start (see the top).
+        for metric, label, declared in (
+            (self.rejected, "reason", DEAD_LETTER_REASONS),
+            (self.duplicates, "cause", DUPLICATE_CAUSES),
+            (self.resets, "cause", RESET_CAUSES),
+            (self.evictions, "cause", EVICTION_CAUSES),
+            (self.rebalances, "kind", REBALANCE_KINDS),
+            (self.state_records, "kind", STATE_RECORD_KINDS),
+            (self.transaction_aborts, "cause", ABORT_CAUSES),
+            (self.moved_sequences, "partitioner", PARTITIONERS),
+        ):
+            for value in declared:
+                metric.labels(**{label: value})
 
     def describe(self, *, engine: str, delivery: str) -> None:
         self.build_info.labels(version=__version__, engine=engine, delivery=delivery).set(1)

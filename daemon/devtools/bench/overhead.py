@@ -121,7 +121,7 @@ BREAKDOWN = (
     ("state assign (swap)", "daemon/inference/engines/keras.py", "_assign"),
     ("state read-back", "daemon/inference/engines/keras.py", "_read"),
     ("check_batch", "daemon/inference/engines/contract.py", "check_batch"),
-    ("flatten_step_outputs", "daemon/inference/model.py", "flatten_step_outputs"),
+    ("flatten_step_outputs", "daemon/inference/servable.py", "flatten_step_outputs"),
     ("KerasEngine.step (all)", "daemon/inference/engines/keras.py", "step"),
 )
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from daemon.core.engine import Engine, StateSlot
 from daemon.core.state import StateTensors
-from daemon.inference.model import ServableModel, mask_value
+from daemon.inference.selfcheck import mask_value
+from daemon.inference.servable import ServableModel
 from daemon.inference.tolerance import describe_difference
 
 __all__ = [

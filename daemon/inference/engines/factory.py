@@ -5,7 +5,7 @@ from __future__ import annotations
 from daemon.core.engine import Engine
 from daemon.inference.engines.contract import parity_guard
 from daemon.inference.engines.keras import KerasEngine
-from daemon.inference.model import ServableModel
+from daemon.inference.servable import ServableModel
 
 #: The engine names `make_engine` knows (the values of LSTMD_ENGINE).
 ENGINES = ("keras", "fast")

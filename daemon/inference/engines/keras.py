@@ -9,7 +9,7 @@ import numpy as np
 from daemon.core.engine import StateSlot
 from daemon.core.state import StateTensors
 from daemon.inference.engines.contract import check_batch, check_state
-from daemon.inference.model import ServableModel
+from daemon.inference.servable import ServableModel
 
 
 class KerasEngine:

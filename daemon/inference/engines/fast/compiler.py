@@ -32,7 +32,8 @@ from daemon.inference.engines.fast.kernels import (
     weights,
 )
 from daemon.inference.engines.fast.types import Array, UnsupportedModel
-from daemon.inference.model import ServableModel, causal_padding, conv_buffer, layer_states
+from daemon.inference.layer_calls import causal_padding, conv_buffer, layer_states
+from daemon.inference.servable import ServableModel
 
 _CELLS: dict[type, Callable[[Any, str, Rows], Cell]] = {
     keras.layers.LSTMCell: LSTMKernel,

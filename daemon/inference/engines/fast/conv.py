@@ -3,7 +3,7 @@
 A causal Conv1D with kernel size K and dilation d computes the output at step t
 from the inputs at t - (K - 1) d, ..., t - d, t (zeros before the sequence's
 start). Its past (K - 1) d inputs are a state of the sequence, (pad, channels)
-oldest first, like a recurrent layer's (see `daemon.inference.model.conv_buffer`,
+oldest first, like a recurrent layer's (see `daemon.inference.layer_calls.conv_buffer`,
 which the batch-1 Keras copy holds the same way): one step concatenates the
 buffer with the new input into the window, applies the kernel to every d-th row
 of the window (one matrix product over the wave), and keeps the window's newest

@@ -14,7 +14,7 @@ from daemon.inference.engines.contract import check_batch, check_state, zero_sta
 from daemon.inference.engines.fast.blas import limit_blas_threads
 from daemon.inference.engines.fast.compiler import compile_model
 from daemon.inference.engines.fast.types import Array
-from daemon.inference.model import ServableModel
+from daemon.inference.servable import ServableModel
 from daemon.ops.logs import get_logger
 
 _F32 = np.dtype(np.float32)

@@ -1,0 +1,67 @@
+"""One daemon process: the whole pod, or one worker of it (see daemon/pod/__init__.py).
+
+A worker has no HTTP port of its own: it reports its probes to the supervisor
+(`StatusWriter`) and its metrics through the multiprocess files. Its start-up error
+is left for the supervisor to print once, instead of raised.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from daemon import __version__
+from daemon.config import Settings
+from daemon.errors import ExitCode, StartupError
+from daemon.ops import logs
+from daemon.ops.health import Health
+from daemon.ops.http import HttpServer
+from daemon.ops.metrics import Metrics
+from daemon.ops.pod import StatusWriter
+from daemon.pipeline import processor_from_settings
+from daemon.pod.roles import WorkerRole, stop_on_signals
+from daemon.streaming.loop import RunLoop
+
+
+def serve(settings: Settings, role: WorkerRole | None) -> int:
+    """Serve until SIGTERM or SIGINT (or, in a worker, the supervisor gone): the exit code."""
+    log = logs.get_logger("daemon")
+    log.info("starting", version=__version__, settings=settings.loggable())
+
+    stop = threading.Event()
+    stop_on_signals(stop, log)
+
+    metrics = Metrics()
+    # Liveness allows a full max.poll.interval: beyond it the group has given up on us anyway.
+    health = Health(liveness_timeout_s=settings.kafka_max_poll_interval_ms / 1000)
+    reporter: HttpServer | StatusWriter
+    if role is None:
+        reporter = HttpServer(settings.http_port, metrics, health)
+        reporter.start()
+        log.info("http_listening", port=reporter.port)
+    else:
+        reporter = StatusWriter(health, role.status_file, stop)
+        reporter.start()
+    try:
+        processor = processor_from_settings(settings, settings.model_path, metrics)
+        health.model_loaded = True
+        log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
+        RunLoop(settings, processor, metrics, health, stop).run()
+    except StartupError as exc:
+        if role is None:
+            raise
+        # Printed once by the supervisor; logged here too, so a worker never exits unexplained.
+        log.error("startup_failed", error=str(exc), error_class=type(exc).__name__)
+        role.report_startup_error(str(exc))
+        return ExitCode.STARTUP
+    except Exception as exc:
+        # Class and message as fields of their own: a log pipeline that drops the
+        # traceback still says why the process ended.
+        log.exception("fatal", error=str(exc), error_class=type(exc).__name__)
+        return ExitCode.ERROR
+    finally:
+        if isinstance(reporter, HttpServer):
+            reporter.stop()
+        else:
+            reporter.close()
+    log.info("stopped")
+    return ExitCode.OK
