@@ -1,5 +1,5 @@
 """The catch-up reader under restore and rebuild (daemon/streaming/catchup.py), with
-a fake input partition: it reads exactly the bounds its reading gives, a partition
+an in-memory input partition: it reads exactly the bounds its reading gives, a partition
 with nothing to read is done without being read, and a done partition is released.
 Restore and rebuild through it: tests/test_checkpointing.py, tests/test_rebuild.py."""
 
@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
-from daemon.replay import FileRecord
 from daemon.streaming.catchup import CatchUp, Pace
-from tests.fakes import FakeInputConsumer, settings
+from tests.fakes import settings
+from tests.support.kafka import MemoryKafka
 
 
 class Offsets:
@@ -32,11 +32,16 @@ class Offsets:
 
 
 def test_a_catch_up_reads_its_bounds_and_releases_each_partition_once_done(tmp_path: Path) -> None:
-    records: list[FileRecord | None] = [FileRecord("in", 0, i, 0, b"k", b"{}") for i in range(12)]
-    consumer = FakeInputConsumer(records, beginning=2)
+    kafka = MemoryKafka()
+    kafka.create_topic("in", 2)
+    for partition in (0, 1):
+        for _ in range(12):
+            kafka.produce("in", b"k", b"{}", partition)
+        kafka.delete_before("in", partition, 2)  # retention: the first offset is 2
+    consumer = kafka.reader()
     reading = Offsets()
     reads = CatchUp[list[int]](
-        lambda: cast(Any, consumer),
+        lambda: cast(KafkaConsumer, consumer),
         settings(tmp_path),
         "in",
         reading,
@@ -50,9 +55,9 @@ def test_a_catch_up_reads_its_bounds_and_releases_each_partition_once_done(tmp_p
     first = reads.step()
     assert [(d.partition, d.into) for d in first] == [(1, [])] and consumer.polls == 0
     assert reading.asked == [(0, 2, 12), (1, 2, 12)]
-    assert consumer.assigned == [TopicPartition("in", 0)] and list(reads.active) == [0]
+    assert consumer.assignment() == {TopicPartition("in", 0)} and list(reads.active) == [0]
     # Partition 0 from its start to its end, then released.
     second = reads.step()
     assert [(d.partition, d.into) for d in second] == [(0, [3, 4, 5, 6, 7])]
-    assert not reads.active and consumer.assigned == []
+    assert not reads.active and consumer.assignment() == set()
     assert reads.step() == [] and consumer.polls == 1

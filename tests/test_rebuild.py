@@ -8,35 +8,31 @@ tests/test_model_change.py."""
 from __future__ import annotations
 
 import os
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import pytest
-from kafka import TopicPartition
+from kafka import KafkaConsumer
+from kafka.errors import KafkaTimeoutError
 
-from daemon.config import load_settings
+from daemon.config import Settings, load_settings
 from daemon.core.processor import Processor
 from daemon.core.state import SequenceState, StateStore
 from daemon.errors import ConfigError
-from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord as Rec
 from daemon.streaming import rebuild
 from daemon.streaming.lifecycle import Phase
-from daemon.streaming.loop import Clients, RunLoop
+from daemon.streaming.loop import RunLoop
 from daemon.streaming.rebuild import Plan, Rebuilder, Recompute, Span, plan, rebuild_processor, stale
 from tests.fakes import (
-    FakeConsumer,
-    FakeInputConsumer,
-    FakeProducer,
     ScaledSumEngine,
-    checkpointer,
     recs,
     settings,
 )
+from tests.support.backends import Memory
+from tests.support.kafka import MemoryConsumer, MemoryKafka
 
 A, B = "m@aaaa", "m@bbbb"
 
@@ -123,7 +119,7 @@ def test_the_replay_publishes_nothing_and_counts_nothing_live() -> None:
     replayer = rebuild_processor(live)
     # No prediction is even encoded; its dead letters the rebuild drops.
     assert [o.kind.value for o in replayer.process(recs(EVENTS))] == ["dead_letter"]
-    assert live.metrics.events_consumed._value.get() == 0  # type: ignore[attr-defined]
+    assert cast(Metrics, live.metrics).registry.get_sample_value("lstmd_events_consumed_total") == 0
     assert replayer.engine is live.engine and replayer.store is not live.store
 
 
@@ -170,8 +166,17 @@ def test_a_first_input_deleted_during_the_read_loses_the_sequence() -> None:
     assert (state.n, state.tensors, state.watermark, state.last_step, saved_by) == (0, None, 12, 1, B)
 
 
-def rebuilder(tmp_path: Path, consumer: FakeInputConsumer, live: Processor, **extra: Any) -> Rebuilder:
-    return Rebuilder(lambda: cast(Any, consumer), settings(tmp_path, **extra), Metrics(), live)
+def input_partition(records: list[Rec]) -> tuple[MemoryKafka, MemoryConsumer]:
+    """An in-memory input partition holding `records`, and a reader of it."""
+    kafka = MemoryKafka()
+    kafka.create_topic("in", 2)
+    for r in records:
+        kafka.produce("in", r.key, r.value, 0)
+    return kafka, kafka.reader()
+
+
+def rebuilder(tmp_path: Path, reader: MemoryConsumer, live: Processor, **extra: Any) -> Rebuilder:
+    return Rebuilder(lambda: cast(KafkaConsumer, reader), settings(tmp_path, **extra), Metrics(), live)
 
 
 def test_the_rebuilder_reads_the_input_partition_in_slices(tmp_path: Path) -> None:
@@ -181,8 +186,9 @@ def test_the_rebuilder_reads_the_input_partition_in_slices(tmp_path: Path) -> No
     restored = saved(old)
     live = processor(B, 2.0)
     live.process(records)
-    consumer = FakeInputConsumer(list(records), fail_beginnings=1)
-    r = rebuilder(tmp_path, consumer, live)
+    kafka, reader = input_partition(records)
+    kafka.faults.offsets.append(KafkaTimeoutError("no leader"))
+    r = rebuilder(tmp_path, reader, live)
     assert r.begin(0, restored) is True
     assert r.step() == []  # the first offset not known yet: asked again
     done = []
@@ -193,9 +199,10 @@ def test_the_rebuilder_reads_the_input_partition_in_slices(tmp_path: Path) -> No
     assert [d.partition for d in done] == [0] and not r.active
     for key in "abd":
         assert described(done[0].states[key][0]) == described(live.store.get(0, key))
-    assert r.metrics.sequences_rebuilt._value.get() == 3  # type: ignore[attr-defined]
-    assert r.metrics.events_replayed._value.get() == done[0].replayed  # type: ignore[attr-defined]
-    assert consumer.assigned == []  # released once done
+    sample = r.metrics.registry.get_sample_value
+    assert sample("lstmd_sequences_rebuilt_total") == 3
+    assert sample("lstmd_rebuild_events_replayed_total") == done[0].replayed
+    assert reader.assignment() == set()  # released once done
     # Nothing saved under another model: no rebuild.
     assert r.begin(1, saved(live)) is False and 1 not in r.active
 
@@ -204,148 +211,139 @@ def test_a_rebuild_cancelled_mid_way_is_forgotten(tmp_path: Path) -> None:
     records = recs(EVENTS * 40)
     old = processor(A, 1.0)
     old.process(records)
-    consumer = FakeInputConsumer(list(records))
-    r = rebuilder(tmp_path, consumer, processor(B, 2.0))
+    _, reader = input_partition(records)
+    r = rebuilder(tmp_path, reader, processor(B, 2.0))
     r.begin(0, saved(old))
     r.reads.locate()
-    consumer.poll(max_records=100)  # a first poll's worth read
+    reader.poll(max_records=100)  # a first poll's worth read
     r.cancel([0])
-    assert not r.active and consumer.assigned == []
+    assert not r.active and reader.assignment() == set()
     assert r.step() == []
 
 
-def test_the_run_loop_checkpoints_the_rebuilt_states_before_serving(tmp_path: Path) -> None:
-    records = recs(EVENTS)
+# -- the run loop around a rebuild, on the in-memory Kafka ----------------------------
+def served_by_a(
+    tmp_path: Path, events: list[tuple[str, dict[str, object]]], **extra: Any
+) -> tuple[Memory, Settings]:
+    """The input topic holds `events`; model A answered them all and checkpointed its
+    states; then it stopped."""
+    kafka = Memory()
+    s = kafka.settings(tmp_path, checkpoint_interval_ms=0, **extra)
+    kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in events])
     old = processor(A, 1.0)
-    old.process(records)
-    live = processor(B, 2.0)
-    s = settings(tmp_path)
-    health = Health(60)
-    health.model_loaded = True
-    loop = RunLoop(s, live, cast(Metrics, live.metrics), health, threading.Event())
-    producer = FakeProducer()
-    consumer = FakeInputConsumer(list(records))
-    clients = Clients(
-        consumer=cast(Any, FakeConsumer()),
-        checkpointer=checkpointer(s, lambda: producer),
-        restorer=cast(Any, None),
-        rebuilder=rebuilder(tmp_path, consumer, live),
-        listener=cast(Any, None),
-    )
-    loop.partitions.assign([0])
-    loop.partitions.restore(0)
-    loop._adopt(clients, 0, saved(old))
-    assert loop.partitions.phase(0) is Phase.REBUILDING
-    assert health.ready() == (False, "rebuilding partitions [0] for the new model")
-    assert len(live.store) == 0  # nothing of the partition installed while it rebuilds
-    for _ in range(10):
-        loop._rebuild(clients)
-        if loop.partitions.phase(0) is Phase.ACTIVE:
-            break
-    assert loop.partitions.phase(0) is Phase.ACTIVE and health.ready() == (True, "ok")
-    written = sorted(
+    loop = kafka.loop(s, old, cast(Metrics, old.metrics))
+    consumed = "lstmd_events_consumed_total"
+    kafka.run_until([loop], lambda: old.metrics.registry.get_sample_value(consumed) == len(events))  # type: ignore[attr-defined]
+    loop.stop.set()
+    while loop.step():
+        pass
+    loop.close()
+    return kafka, s
+
+
+def written_by_b(kafka: Memory, s: Settings, since: int) -> list[tuple[int, str]]:
+    """(watermark, model) of the state records written after the first `since`."""
+    return sorted(
         (st.watermark, model)
-        for t, v in producer.sent
-        if t == s.state_topic_name and v
-        for st, model in [SequenceState.restore(v)]
+        for value in kafka.values(s.state_topic_name)[since:]
+        if value
+        for st, model in [SequenceState.restore(value)]
     )
-    assert written == [(12, B), (13, B), (14, B)]  # a, b and d rewritten under B, nothing published
-    assert [t for t, _ in producer.sent if t != s.state_topic_name] == []
-    expected = processor(B, 2.0)
-    expected.process(records)
+
+
+def slow_rebuild(monkeypatch: pytest.MonkeyPatch, kafka: Memory) -> None:
+    """Each step of a rebuild reads about two polls of 100 records."""
+    monkeypatch.setattr(rebuild, "RESTORE_SLICE_S", 0.05)
+    monkeypatch.setattr(rebuild, "MIN_POLL_RECORDS", 100)
+    monkeypatch.setattr(rebuild, "MAX_POLL_RECORDS", 100)
+    kafka.kafka.read_delay_s = 0.03
+
+
+def test_the_run_loop_checkpoints_the_rebuilt_states_before_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kafka, s = served_by_a(tmp_path, EVENTS * 40)  # 600 records
+    states_before = len(kafka.values(s.state_topic_name))
+    outputs_before = len(kafka.values(s.output_topic))
+    slow_rebuild(monkeypatch, kafka)
+    live = processor(B, 2.0)
+    loop = kafka.loop(s, live, cast(Metrics, live.metrics))
+    loop.health.model_loaded = True
+    kafka.run_until([loop], lambda: loop.partitions.phase(0) is Phase.REBUILDING)
+    assert loop.health.ready() == (False, "rebuilding partitions [0] for the new model")
+    assert len(live.store) == 0  # nothing of the partition installed while it rebuilds
+    kafka.run_until([loop], lambda: loop.partitions.phase(0) is Phase.ACTIVE)
+    assert loop.health.ready() == (True, "ok")
+    expected = processor(B, 2.0)  # what B builds live from the same inputs
+    expected.process(recs(EVENTS * 40))
+    # a, b and d rewritten under B before the partition serves; nothing published.
+    assert written_by_b(kafka, s, states_before) == sorted(
+        (expected.store.get(0, k).watermark, B) for k in "abd"
+    )
+    assert len(kafka.values(s.output_topic)) == outputs_before
     for key in "abd":
         assert described(live.store.get(0, key)) == described(expected.store.get(0, key))
 
 
-@dataclass
-class MidRebuild:
-    """A run loop with partition 0 rebuilding, part of its history read."""
-
-    loop: RunLoop
-    clients: Clients
-    live: Processor
-    producer: FakeProducer
-    consumer: FakeInputConsumer
-
-
-def mid_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: FakeConsumer) -> MidRebuild:
-    records = recs(EVENTS * 40)  # 600 records; a slice reads about two polls of 100
-    monkeypatch.setattr(rebuild, "RESTORE_SLICE_S", 0.05)
-    monkeypatch.setattr(rebuild, "MAX_POLL_RECORDS", 100)
-    old = processor(A, 1.0)
-    old.process(records)
+def mid_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Memory, Settings, RunLoop, int]:
+    """Model B's run loop with partition 0 rebuilding, part of its history read; and
+    how many state records there were before it."""
+    kafka, s = served_by_a(tmp_path, EVENTS * 40)
+    before = len(kafka.values(s.state_topic_name))
+    slow_rebuild(monkeypatch, kafka)
     live = processor(B, 2.0)
-    s = settings(tmp_path)
-    loop = RunLoop(s, live, cast(Metrics, live.metrics), Health(60), threading.Event())
-    producer = FakeProducer()
-    consumer = FakeInputConsumer(list(records), poll_s=0.03)
-    clients = Clients(
-        consumer=cast(Any, group),
-        checkpointer=checkpointer(s, lambda: producer),
-        restorer=cast(Any, type("R", (), {"cancel": lambda self, ps: None})()),
-        rebuilder=rebuilder(tmp_path, consumer, live),
-        listener=cast(Any, None),
-    )
-    loop.partitions.assign([0])
-    loop.partitions.restore(0)
-    loop._adopt(clients, 0, saved(old))
-    loop._rebuild(clients)
-    replay = clients.rebuilder.active[0].recompute
-    assert replay is not None and 0 < replay.read < 600  # under way
-    return MidRebuild(loop, clients, live, producer, consumer)
+    loop = kafka.loop(s, live, cast(Metrics, live.metrics))
+    kafka.run_until([loop], lambda: 0 in loop.clients.rebuilder.active)
+    loop.step()
+    recompute = loop.clients.rebuilder.active[0].recompute
+    assert recompute is not None and 0 < recompute.read < 600  # under way
+    return kafka, s, loop, before
 
 
 def test_a_partition_revoked_mid_rebuild_writes_nothing_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    r = mid_rebuild(tmp_path, monkeypatch, FakeConsumer())
-    r.loop._release(TopicPartition("in", 0), r.clients, "revoked")
-    assert not r.clients.rebuilder.active and r.consumer.assigned == []
-    assert r.loop.partitions.phase(0) is None and len(r.live.store) == 0
-    r.loop._flush(r.clients)
-    r.loop._rebuild(r.clients)
+    kafka, s, loop, before = mid_rebuild(tmp_path, monkeypatch)
+    other = kafka.kafka.consumer(s.group_id)  # another member joins and takes partition 0
+    other.subscribe([s.input_topic])
+    kafka.kafka.group(s.group_id).members.reverse()  # the round robin gives it partition 0
+    loop.step()
+    assert not loop.clients.rebuilder.active and loop.partitions.phase(0) is None
+    assert len(loop.store) == 0
+    for _ in range(3):
+        loop.step()
     # Nothing of the partition is written: its next owner restores the old model's
     # states and rebuilds again.
-    assert r.producer.sent == []
-
-
-class PausingConsumer(FakeConsumer):
-    def assignment(self) -> set[TopicPartition]:
-        return {TopicPartition("in", 0)}
-
-    def pause(self, *tps: TopicPartition) -> None: ...
+    assert len(kafka.values(s.state_topic_name)) == before and written_by_b(kafka, s, before) == []
 
 
 def test_sigterm_mid_rebuild_stops_without_writing_any_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    r = mid_rebuild(tmp_path, monkeypatch, PausingConsumer())
-    polls = r.consumer.polls
-    r.loop.stop.set()
-    assert not r.loop._shutdown_step(r.clients)  # the final checkpoint: nothing pending
-    assert r.consumer.polls == polls and r.producer.sent == [] and len(r.live.store) == 0
-    assert r.loop.partitions.phase(0) is Phase.REBUILDING  # never served, never written
+    kafka, s, loop, before = mid_rebuild(tmp_path, monkeypatch)
+    recompute = loop.clients.rebuilder.active[0].recompute
+    assert recompute is not None
+    read = recompute.read
+    loop.stop.set()
+    assert loop.step() is False  # the final checkpoint: nothing pending
+    assert recompute.read == read and len(loop.store) == 0  # not read on, not installed
+    assert len(kafka.values(s.state_topic_name)) == before
+    assert loop.partitions.phase(0) is Phase.REBUILDING  # never served, never written
 
 
 def test_reset_keeps_announcing_model_changed(tmp_path: Path) -> None:
-    old = processor(A, 1.0)
-    old.process(recs(EVENTS))
+    kafka, s = served_by_a(tmp_path, EVENTS, on_model_change="reset")
+    outputs_before = len(kafka.values(s.output_topic))
     live = processor(B, 2.0)
-    s = settings(tmp_path, on_model_change="reset")
-    loop = RunLoop(s, live, cast(Metrics, live.metrics), Health(60), threading.Event())
-    clients = cast(Clients, type("C", (), {"rebuilder": rebuilder(tmp_path, FakeInputConsumer([]), live)})())
-    loop.partitions.assign([0])
-    loop.partitions.restore(0)
-    loop._adopt(clients, 0, saved(old))
-    assert loop.partitions.phase(0) is Phase.ACTIVE
-    causes = sorted(
-        (orjson.loads(n.value or b"")["seq"], orjson.loads(n.value or b"")["cause"])
-        for n in loop.policy.notices
-    )
-    assert causes == [("a", "model_changed"), ("b", "model_changed"), ("d", "model_changed")]
-
-
-# -- warm start ------------------------------------------------------------------
+    loop = kafka.loop(s, live, cast(Metrics, live.metrics))
+    kafka.run_until([loop], lambda: loop.partitions.phase(0) is Phase.ACTIVE)
+    loop.step()
+    notices = [orjson.loads(v or b"") for v in kafka.values(s.output_topic)[outputs_before:]]
+    assert sorted((n["seq"], n["cause"]) for n in notices) == [
+        ("a", "model_changed"),
+        ("b", "model_changed"),
+        ("d", "model_changed"),
+    ]
 
 
 def test_inputs_before_the_cutoff_advance_the_states_and_publish_no_prediction() -> None:
@@ -372,7 +370,7 @@ def test_inputs_before_the_cutoff_advance_the_states_and_publish_no_prediction()
     ]
     values = [orjson.loads(o.value or b"") for o in out[1:]]
     assert [(v["seq"], v["n"], v["y"]) for v in values] == [("a", 2, [4.0]), ("b", 2, [6.0])]
-    assert proc.metrics.withheld._value.get() == 2  # type: ignore[attr-defined]
+    assert cast(Metrics, proc.metrics).registry.get_sample_value("lstmd_predictions_withheld_total") == 2
 
 
 # -- configuration -----------------------------------------------------------------

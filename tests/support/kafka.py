@@ -80,6 +80,7 @@ class Faults:
     commit: list[Exception] = field(default_factory=list)
     commit_transaction: list[Exception] = field(default_factory=list)
     abort_transaction: list[Exception] = field(default_factory=list)
+    offsets: list[Exception] = field(default_factory=list)  # a reader's beginning or end offsets
 
     @staticmethod
     def raise_next(queue: list[Exception]) -> None:
@@ -118,6 +119,8 @@ class MemoryKafka:
         # The error of every consumer commit while set (a member the group expelled).
         self.fail_commits: KafkaError | None = None
         self.faults = Faults()
+        # How long each poll of a reader (restore, rebuild) takes: a slow partition read.
+        self.read_delay_s = 0.0
         self.producers: list[MemoryProducer] = []
 
     # -- topics -------------------------------------------------------------------
@@ -328,11 +331,14 @@ class MemoryConsumer:
     def beginning_offsets(
         self, tps: Iterable[TopicPartition], timeout_ms: int | None = None
     ) -> dict[TopicPartition, int]:
+        self.kafka.faults.raise_next(self.kafka.faults.offsets)
         return {tp: self._beginning(tp) for tp in tps}
 
     def end_offsets(
         self, tps: Iterable[TopicPartition], timeout_ms: int | None = None
     ) -> dict[TopicPartition, int]:
+        if self.group_id is None:
+            self.kafka.faults.raise_next(self.kafka.faults.offsets)
         return {tp: self._part(tp).end for tp in tps}
 
     def partitions_for_topic(self, topic: str) -> set[int]:
@@ -352,6 +358,8 @@ class MemoryConsumer:
         self.polls += 1
         if self.group_id is not None:
             self.kafka.faults.raise_next(self.kafka.faults.poll)
+        elif self.kafka.read_delay_s:
+            time.sleep(self.kafka.read_delay_s)
         self._rebalance()
         budget = max_records or self.max_poll_records
         out: dict[TopicPartition, list[Any]] = {}
