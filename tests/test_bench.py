@@ -332,7 +332,7 @@ def test_restore_snapshots_are_what_the_restorer_adopts() -> None:
     from daemon.streaming.restore import adopt
 
     records = snapshots([(3,), (3,)], "m@abc", 5, seed=0)
-    states = {f"s{i}": SequenceState.restore(raw) for i, raw in enumerate(records)}
+    states = {f"s{i}": SequenceState.from_snapshot(raw) for i, raw in enumerate(records)}
     store = StateStore(0)
     assert adopt(store, "m@abc", 0, states, [(3,), (3,)]) == []
     assert len(store) == 5 and store.state_bytes() == 5 * 2 * 3 * 4

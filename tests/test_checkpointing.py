@@ -24,7 +24,7 @@ from kafka.future import Future
 
 from daemon.config import Settings
 from daemon.core.records import StateRecord
-from daemon.core.state import UNREADABLE, SequenceState
+from daemon.core.state import UNREADABLE, SavedState, SequenceState
 from daemon.errors import KafkaSetupError
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import Checkpointer, DeliveryFailed, TransactionFailed
@@ -118,7 +118,7 @@ def test_an_expelled_member_writes_no_state_records(tmp_path: Path) -> None:
     assert [topic for topic, _ in producer.sent] == ["out"]
 
 
-def restore(consumer: FakeStateConsumer, s: Settings) -> dict[str, tuple[SequenceState, str]]:
+def restore(consumer: FakeStateConsumer, s: Settings) -> dict[str, SavedState]:
     restorer = Restorer(cast(Any, consumer), s, Metrics())
     restorer.begin([0])
     for _ in range(5):
@@ -177,7 +177,7 @@ def test_a_forgotten_sequence_is_not_restored_and_the_bound_holds_after_a_restor
     assert sorted(states) == ["b", "c", "d"]
     proc, _ = make(model_id="m@1")
     proc.store.max_ended = 2
-    proc.store.committed(0, 5)  # the partition's committed position, read when assigned
+    proc.store.forget_ended_before(0, 5)  # the partition's committed position, read when assigned
     assert adopt(proc.store, proc.model_id, 0, states) == []
     # This process remembers fewer: the oldest restored goes, its record deleted.
     assert proc.store.ended() == 2 and proc.store.watermark(0, "b") == -1

@@ -138,7 +138,7 @@ def test_causal_conv_state_survives_a_snapshot(loaded: dict[str, ServableModel],
         state = SequenceState()
         got = [a.step([state], x[t : t + 1])[0] for t in range(5)]
         state.n = 5
-        restored, _ = SequenceState.restore(state.snapshot("m@0"))
+        restored, _ = SequenceState.from_snapshot(state.snapshot("m@0"))
         assert [t.shape for t in restored.tensors or []] == model.state_shapes
         got += [b.step([restored], x[t : t + 1])[0] for t in range(5, 9)]
         assert_matches(np.stack(got), want)

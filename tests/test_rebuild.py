@@ -18,7 +18,7 @@ from kafka.errors import KafkaTimeoutError
 
 from daemon.config import Settings, load_settings
 from daemon.core.processor import Processor
-from daemon.core.state import SequenceState, StateStore
+from daemon.core.state import SavedState, SequenceState, StateStore
 from daemon.errors import ConfigError
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord as Rec
@@ -48,10 +48,10 @@ def processor(model_id: str, scale: float, **kwargs: Any) -> Processor:
     )
 
 
-def saved(proc: Processor, partition: int = 0) -> dict[str, tuple[SequenceState, str]]:
+def saved(proc: Processor, partition: int = 0) -> dict[str, SavedState]:
     """The partition's states as a restore reads them back: the records a checkpoint wrote."""
     return {
-        key: SequenceState.restore(value)
+        key: SequenceState.from_snapshot(value)
         for p, key, value in proc.store.take_changes(proc.model_id)
         if p == partition and value is not None
     }
@@ -247,7 +247,7 @@ def written_by_b(kafka: Memory, s: Settings, since: int) -> list[tuple[int, str]
         (st.watermark, model)
         for value in kafka.values(s.state_topic_name)[since:]
         if value
-        for st, model in [SequenceState.restore(value)]
+        for st, model in [SequenceState.from_snapshot(value)]
     )
 
 

@@ -12,7 +12,7 @@ def test_snapshot_round_trip_is_exact() -> None:
     rng = np.random.default_rng(0)
     tensors = [rng.normal(size=8).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)]
     state = SequenceState(tensors=tensors, n=7, watermark=41, first_offset=30, last_step=6)
-    back, model = SequenceState.restore(state.snapshot("m@abc"))
+    back, model = SequenceState.from_snapshot(state.snapshot("m@abc"))
     assert model == "m@abc"
     assert (back.n, back.watermark, back.first_offset, back.last_step) == (7, 41, 30, 6)
     assert back.tensors is not None
@@ -21,31 +21,31 @@ def test_snapshot_round_trip_is_exact() -> None:
 
 
 def test_reset_record_keeps_the_watermark() -> None:
-    back, _ = SequenceState.restore(SequenceState(watermark=9).snapshot("m"))
+    back, _ = SequenceState.from_snapshot(SequenceState(watermark=9).snapshot("m"))
     assert back.tensors is None and back.n == 0 and back.watermark == 9
 
 
 @pytest.mark.parametrize("raw", [b"", b"LSTMD1", b"LSTMD1\x05\x00\x00\x00{bad}", b"XX" * 10])
 def test_corrupt_snapshots_are_refused(raw: bytes) -> None:
     with pytest.raises(SnapshotError):
-        SequenceState.restore(raw)
+        SequenceState.from_snapshot(raw)
 
 
 def test_changes_and_ended_watermarks() -> None:
     store = StateStore()
     a = store.get(0, "a")
     a.tensors, a.n, a.watermark = [np.ones(2, np.float32)], 1, 5
-    store.touched(0, "a")
+    store.mark_changed(0, "a")
     changes = store.take_changes("m")
     assert [(p, k) for p, k, _ in changes] == [(0, "a")]
     assert store.take_changes("m") == []
     store.end(0, "a")
     assert len(store) == 0 and store.watermark(0, "a") == 5
     ((_, key, raw),) = store.take_changes("m")
-    restored, _ = SequenceState.restore(raw or b"")
+    restored, _ = SequenceState.from_snapshot(raw or b"")
     assert key == "a" and restored.n == 0 and restored.watermark == 5
-    assert store.committed(0, 5) == []  # offset 5 itself not yet committed
-    assert store.committed(0, 6) == ["a"]
+    assert store.forget_ended_before(0, 5) == []  # offset 5 itself not yet committed
+    assert store.forget_ended_before(0, 6) == ["a"]
     assert store.watermark(0, "a") == -1
 
 
@@ -84,7 +84,7 @@ def test_a_version_1_record_is_still_read() -> None:
     header = b'{"model":"m@1","wm":5,"first":2,"n":3,"step":4,"reset":false,"shapes":[[2]]}'
     body = np.array([1.5, -2.0], dtype="<f4").tobytes()
     raw = b"LSTMD1" + len(header).to_bytes(4, "little") + header + body
-    state, model = SequenceState.restore(raw, restored_at=12.5)
+    state, model = SequenceState.from_snapshot(raw, restored_at=12.5)
     assert (model, state.n, state.watermark, state.first_offset, state.last_step) == ("m@1", 3, 5, 2, 4)
     assert state.tensors is not None and state.tensors[0].tolist() == [1.5, -2.0]
     assert state.last_seen == 12.5
@@ -94,7 +94,7 @@ def test_the_last_use_survives_a_snapshot() -> None:
     import time
 
     state = SequenceState(n=1, tensors=[np.zeros(2, np.float32)], last_seen=time.monotonic() - 100)
-    back, _ = SequenceState.restore(state.snapshot("m"))
+    back, _ = SequenceState.from_snapshot(state.snapshot("m"))
     assert 99 < time.monotonic() - back.last_seen < 101
 
 
@@ -113,9 +113,9 @@ def test_an_evicted_sequence_keeps_its_last_step() -> None:
         ("a", 1, True),
     ]
     # Its reset record carries the step, and it is not tombstoned after the commit.
-    changes = {key: SequenceState.restore(v)[0] for _, key, v in proc.store.take_changes("m@0") if v}
+    changes = {key: SequenceState.from_snapshot(v)[0] for _, key, v in proc.store.take_changes("m@0") if v}
     assert changes["a"].n == 0 and changes["a"].last_step == 5
-    assert proc.store.committed(0, 10) == []
+    assert proc.store.forget_ended_before(0, 10) == []
 
 
 def test_the_memory_of_evicted_sequences_is_bounded() -> None:
@@ -125,18 +125,18 @@ def test_the_memory_of_evicted_sequences_is_bounded() -> None:
     for i, key in enumerate("abcdefgh"):
         s = store.get(0, key)
         s.tensors, s.n, s.watermark, s.last_step, s.last_seen = [np.ones(1, np.float32)], 1, i, 7, float(i)
-        store.touched(0, key)
+        store.mark_changed(0, key)
         store.evict_over_capacity()  # evicts the previous key: 7 in all, a to g
     assert store.ended() == 7  # nothing committed yet: every watermark may still be redelivered
     store.take_changes("m")
     # Five too many, but only a, b and c are below the commit: they go, d to g wait.
-    assert store.committed(0, 3) == []
+    assert store.forget_ended_before(0, 3) == []
     assert store.ended() == 4 and [store.watermark(0, k) for k in "abcd"] == [-1, -1, -1, 3]
     assert sorted((k, v) for _, k, v in store.take_changes("m")) == [(k, None) for k in "abc"]
-    store.committed(0, 100)
+    store.forget_ended_before(0, 100)
     assert store.ended() == 2 and store.watermark(0, "f") == 5 and store.watermark(0, "g") == 6
     assert sorted((k, v) for _, k, v in store.take_changes("m")) == [(k, None) for k in "de"]
-    store.committed(0, 101)
+    store.forget_ended_before(0, 101)
     assert store.take_changes("m") == []  # within the bound: nothing more goes
 
 

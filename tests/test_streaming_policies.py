@@ -20,7 +20,7 @@ from kafka.errors import (
     RebalanceInProgressError,
 )
 
-from daemon.core.state import SequenceState, StateStore
+from daemon.core.state import SavedState, SequenceState, StateStore
 from daemon.errors import KafkaSetupError
 from daemon.ops.health import Health
 from daemon.streaming import loop as loop_module
@@ -48,7 +48,9 @@ def test_a_state_of_another_model_is_dropped_announced_and_keeps_its_watermark()
     proc, _ = make(model_id="new@1")
     mine = SequenceState(tensors=[np.array([2.0], np.float32)], n=2, watermark=7)
     theirs = SequenceState(tensors=[np.array([9.0], np.float32)], n=4, watermark=8)
-    evicted = adopt(proc.store, proc.model_id, 0, {"a": (mine, "new@1"), "b": (theirs, "old@0")})
+    evicted = adopt(
+        proc.store, proc.model_id, 0, {"a": SavedState(mine, "new@1"), "b": SavedState(theirs, "old@0")}
+    )
     assert [(e.key, e.cause, e.n, e.watermark) for e in evicted] == [("b", "model_changed", 4, 8)]
     notice = orjson.loads(proc.announce(evicted)[0].value or b"")
     assert notice["evicted"] is True and notice["cause"] == "model_changed"
@@ -66,7 +68,7 @@ def test_a_renamed_model_file_is_the_same_model() -> None:
     one = np.array([1.0], np.float32)
     renamed = SequenceState(tensors=[one], n=3, watermark=4)
     other = SequenceState(tensors=[one], n=2, watermark=5)
-    states = {"r": (renamed, "a@0123456789ab"), "o": (other, "a@ba9876543210")}
+    states = {"r": SavedState(renamed, "a@0123456789ab"), "o": SavedState(other, "a@ba9876543210")}
     evicted = adopt(proc.store, proc.model_id, 0, states)
     assert [(e.key, e.cause) for e in evicted] == [("o", "model_changed")]
     got = outputs(proc, recs([("r", {"x": [1]}), ("o", {"x": [1]})], start=6))
@@ -86,7 +88,7 @@ def test_after_a_restore_the_oldest_watermark_is_evicted_first() -> None:
     proc, _ = make(model_id="new@1", max_sequences=2)
     one = np.array([1.0], np.float32)
     restored = {
-        key: (SequenceState(tensors=[one], n=1, watermark=wm, last_seen=100.0), "new@1")
+        key: SavedState(SequenceState(tensors=[one], n=1, watermark=wm, last_seen=100.0), "new@1")
         for key, wm in (("late", 9), ("early", 3))
     }
     adopt(proc.store, proc.model_id, 0, restored)
@@ -101,7 +103,7 @@ def test_after_a_restore_the_least_recently_used_is_evicted_first() -> None:
     stale = SequenceState(tensors=[one], n=1, watermark=9, last_seen=now - 3600)
     fresh = SequenceState(tensors=[one], n=1, watermark=3, last_seen=now - 1)
     restored = {
-        key: SequenceState.restore(state.snapshot("new@1"))
+        key: SequenceState.from_snapshot(state.snapshot("new@1"))
         for key, state in (("stale", stale), ("fresh", fresh))
     }
     adopt(proc.store, proc.model_id, 0, restored)
@@ -118,16 +120,16 @@ def test_offsets_of_a_deferred_commit_are_kept_for_the_next() -> None:
     batch = recs([("a", {"x": [1]})])
     out = proc.process(batch)
     pol.processed(batch)
-    first = pol.take(out)
+    first = pol.next_checkpoint(out)
     assert first is not None and first.offsets == {TP: 1}
-    pol.did(first, committed=False)  # the group was rebalancing
+    pol.checkpointed(first, committed=False)  # the group was rebalancing
     assert pol.offsets == {TP: 1}
     batch = recs([("b", {"x": [1]})], start=1)
     out = proc.process(batch)
     pol.processed(batch)
-    second = pol.take(out)
+    second = pol.next_checkpoint(out)
     assert second is not None and second.offsets == {TP: 2} and pol.offsets == {}
-    pol.did(second, committed=True)
+    pol.checkpointed(second, committed=True)
     assert pol.offsets == {}
 
 
@@ -138,19 +140,19 @@ def test_an_eviction_is_checkpointed_at_once() -> None:
     out = proc.process(batch)
     pol.processed(batch)
     assert not pol.due(out)  # within the interval, no eviction: outputs only
-    first = pol.take(out)
+    first = pol.next_checkpoint(out)
     assert first is not None
-    pol.did(first, committed=True)
+    pol.checkpointed(first, committed=True)
     batch = recs([("b", {"x": [1]})], start=1)
     out = proc.process(batch)
     pol.processed(batch)
     assert pol.due(out)  # still within the interval, but "a" was evicted
-    last = pol.take(out)
+    last = pol.next_checkpoint(out)
     assert last is not None
     assert [o.notice for o in last.outputs] == [False, True]
     # Not only the notice: the reset record and the offsets, within the interval.
     assert [(s.key, s.value is not None) for s in last.states if s.key == "a"] == [("a", True)]
-    assert SequenceState.restore(next(s.value for s in last.states if s.key == "a") or b"")[0].n == 0
+    assert SequenceState.from_snapshot(next(s.value for s in last.states if s.key == "a") or b"")[0].n == 0
     assert last.offsets == {TP: 2}
 
 
@@ -164,10 +166,10 @@ def test_an_evicted_sequence_past_the_bound_is_tombstoned_and_its_step_forgotten
         batch = recs([(key, {"x": [1], "step": 1})], start=offset)
         out = proc.process(batch)
         pol.processed(batch)
-        cp = pol.take(out)
+        cp = pol.next_checkpoint(out)
         assert cp is not None
-        pol.did(cp, committed=True)
-    last = pol.take([])
+        pol.checkpointed(cp, committed=True)
+    last = pol.next_checkpoint([])
     assert last is not None and [(s.key, s.value) for s in last.states] == [("a", None)]
     assert proc.store.ended() == 1
     # b's step 1 retried is still a duplicate; a's is the first step of a new sequence.
@@ -180,19 +182,19 @@ def test_a_checkpoint_is_due_after_its_interval_and_carries_only_what_changed() 
     proc, _ = make(model_id="new@1")
     now = [0.0]
     pol = policy(proc.store, interval_s=1.0, now=now)
-    assert pol.take([]) is None  # nothing pending: no checkpoint at all
+    assert pol.next_checkpoint([]) is None  # nothing pending: no checkpoint at all
     batch = recs([("a", {"x": [1]}), ("a", {"end": True})])
     out = proc.process(batch)
     pol.processed(batch)
     assert not pol.due(out) and pol.due(out, force=True)
     now[0] = 1.0
     assert pol.due(out)
-    cp = pol.take(out)
+    cp = pol.next_checkpoint(out)
     assert cp is not None and [s.key for s in cp.states] == ["a"]  # a's reset record
-    pol.did(cp, committed=True)
+    pol.checkpointed(cp, committed=True)
     # The reset is committed: its watermark is no longer needed, the next checkpoint
     # deletes it.
-    later = pol.take([])
+    later = pol.next_checkpoint([])
     assert later is not None and [(s.key, s.value) for s in later.states] == [("a", None)]
 
 
@@ -213,11 +215,11 @@ def test_readiness_follows_the_partition_lifecycle() -> None:
     parts.assign([0, 1])
     assert parts.phase(0) is Phase.ASSIGNED and not parts.serving(0)
     assert health.ready() == (False, "restoring partitions [0, 1]")
-    parts.restore(0)
+    parts.begin_restore(0)
     assert parts.phase(0) is Phase.RESTORING and parts.in_phase(Phase.ASSIGNED) == [1]
     parts.restored(1)  # not restoring yet: no change
     assert parts.phase(1) is Phase.ASSIGNED
-    parts.restore(1)
+    parts.begin_restore(1)
     parts.restored(0)
     parts.restored(1)
     assert parts.phase(1) is Phase.ACTIVE and health.ready() == (True, "ok")
@@ -288,7 +290,7 @@ def test_an_aborted_final_transaction_is_not_called_checkpointed(
     kafka, loop = one_record(tmp_path, delivery="exactly-once")
     producer = cast(MemoryProducer, loop.clients.checkpointer.producer)
     assert producer.calls.count("commit_transaction") == 1
-    loop.store.touched(0, "a")  # a changed state in hand at SIGTERM
+    loop.store.mark_changed(0, "a")  # a changed state in hand at SIGTERM
     kafka.kafka.faults.commit_transaction.append(ProducerFencedError("a rebalance moved the partition"))
     shut_down(loop)
     assert producer.calls.count("abort_transaction") == 1

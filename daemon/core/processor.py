@@ -141,7 +141,7 @@ class Processor:
     def _admit(self, i: int, rec: InputRecord, plan: _Plan) -> codec.Event | None:
         """The record's event, or None: a redelivered input (counted), or one that
         cannot be decoded (its dead letter planned as output `i`)."""
-        if rec.offset <= self.store.high_watermark(rec.partition):
+        if rec.offset <= self.store.processed_to(rec.partition):
             self._skipped("redelivered")
             return None
         self.store.advance(rec.partition, rec.offset)
@@ -207,7 +207,7 @@ class Processor:
             if state.n == 0:  # ended or reset: a fresh state is zeros, keep only its watermark
                 self.store.end(partition, key)
             else:
-                self.store.touched(partition, key)
+                self.store.mark_changed(partition, key)
 
     def _skipped(self, cause: DuplicateCause) -> None:
         self.metrics.duplicates.labels(cause=cause).inc()

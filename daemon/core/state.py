@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -106,7 +106,7 @@ class SequenceState:
 
     @classmethod
     def unreadable(cls, raw: bytes, previous: SequenceState | None) -> SequenceState:
-        """What is left of a record `restore` refused: its watermark, steps and last
+        """What is left of a record `from_snapshot` refused: its watermark, steps and last
         step if its header reads (the tensors are what is lost), else those of the
         key's previous record, a lower bound. Installed as a reset state, announced."""
         header = _header(raw)
@@ -120,7 +120,7 @@ class SequenceState:
         return cls()
 
     @classmethod
-    def restore(cls, raw: bytes, restored_at: float | None = None) -> tuple[SequenceState, str]:
+    def from_snapshot(cls, raw: bytes, restored_at: float | None = None) -> SavedState:
         """Inverse of `snapshot`: the state and the identity of the model it belongs to.
 
         A version-1 record does not say when it was last used: it counts as used at
@@ -155,9 +155,17 @@ class SequenceState:
                 state.last_seen = time.monotonic() - max(0.0, time.time() - float(used))
             elif restored_at is not None:
                 state.last_seen = restored_at
-            return state, str(header["model"])
+            return SavedState(state, str(header["model"]))
         except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"corrupt state snapshot: {exc}") from None
+
+
+class SavedState(NamedTuple):
+    """A state as a snapshot holds it: the state and the model it was saved under
+    (restore installs it only for the same model; rebuild recomputes it otherwise)."""
+
+    state: SequenceState
+    model_id: str
 
 
 def snapshot_bytes(model_id: str, shapes: Sequence[tuple[int, ...]]) -> int:
@@ -267,7 +275,7 @@ class StateStore:
         ended = self._ended.get(partition, {}).get(key)
         return NO_OFFSET if ended is None else ended[0]
 
-    def high_watermark(self, partition: int) -> int:
+    def processed_to(self, partition: int) -> int:
         return self._high.get(partition, NO_OFFSET)
 
     def advance(self, partition: int, offset: int) -> None:
@@ -278,7 +286,7 @@ class StateStore:
         return self._states.get(partition) or _NO_STATES
 
     # -- changes ----------------------------------------------------------------
-    def touched(self, partition: int, key: str) -> None:
+    def mark_changed(self, partition: int, key: str) -> None:
         """A state changed: its next checkpoint must carry it."""
         self._dirty.setdefault(partition, set()).add(key)
 
@@ -288,7 +296,7 @@ class StateStore:
         if state is not None:
             self._count -= 1
             self._remember(partition, key, state)
-            self.touched(partition, key)
+            self.mark_changed(partition, key)
 
     def _remember(self, partition: int, key: str, state: SequenceState) -> None:
         """What is kept of a sequence that holds no state: its watermark and last step."""
@@ -333,7 +341,7 @@ class StateStore:
         self._dirty.clear()
         return out
 
-    def committed(self, partition: int, offset: int) -> list[str]:
+    def forget_ended_before(self, partition: int, offset: int) -> list[str]:
         """Offsets below `offset` are committed: ended sequences at or below it no
         longer need their watermark. Returns the keys whose records may now be
         tombstoned. An evicted sequence keeps its reset record: it holds the last
@@ -365,7 +373,7 @@ class StateStore:
             del self._stepped[(partition, key)]
             del self._ended[partition][key]
             self._forgotten.setdefault(partition, set()).add(key)
-            self.touched(partition, key)
+            self.mark_changed(partition, key)
 
     def ended(self) -> int:
         """How many sequences that hold no state are remembered (watermark, last step)."""

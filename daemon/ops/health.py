@@ -11,7 +11,7 @@ class PartitionView(Protocol):
     """The run loop's partition lifecycle, as the probes read it (from another thread)."""
 
     def owned(self) -> Set[int]: ...
-    def restoring(self) -> Set[int]: ...
+    def not_serving(self) -> Set[int]: ...
     def rebuilding(self) -> Set[int]: ...
 
 
@@ -19,7 +19,7 @@ class _Unassigned:
     def owned(self) -> Set[int]:
         return frozenset()
 
-    def restoring(self) -> Set[int]:
+    def not_serving(self) -> Set[int]:
         return frozenset()
 
     def rebuilding(self) -> Set[int]:
@@ -59,7 +59,7 @@ class Health:
         rebuilding = self.partitions.rebuilding()
         if rebuilding:  # after a model change: replaying their open sequences' inputs
             return False, f"rebuilding partitions {sorted(rebuilding)} for the new model"
-        restoring = self.partitions.restoring()
-        if restoring:
-            return False, f"restoring partitions {sorted(restoring)}"
+        waiting = self.partitions.not_serving()
+        if waiting:  # assigned or restoring
+            return False, f"restoring partitions {sorted(waiting)}"
         return True, "ok"

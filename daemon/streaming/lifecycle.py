@@ -44,7 +44,7 @@ class Partitions:
             self._position.pop(p, None)
         self._publish()
 
-    def restore(self, partition: int) -> None:
+    def begin_restore(self, partition: int) -> None:
         if self._phase.get(partition) is Phase.ASSIGNED:
             self._phase[partition] = Phase.RESTORING
             self._publish()
@@ -54,7 +54,7 @@ class Partitions:
             self._phase[partition] = Phase.ACTIVE
             self._publish()
 
-    def rebuild(self, partition: int) -> None:
+    def begin_rebuild(self, partition: int) -> None:
         """Restored, with sequences of another model to replay before it serves."""
         if self._phase.get(partition) is Phase.RESTORING:
             self._phase[partition] = Phase.REBUILDING
@@ -94,7 +94,7 @@ class Partitions:
     def owned(self) -> frozenset[int]:
         return self._view[0]
 
-    def restoring(self) -> frozenset[int]:
+    def not_serving(self) -> frozenset[int]:
         """Owned but not serving yet (assigned, restoring or rebuilding)."""
         return self._view[1]
 

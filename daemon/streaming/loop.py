@@ -29,7 +29,7 @@ from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
-from daemon.core.state import SequenceState, snapshot_bytes
+from daemon.core.state import SavedState, snapshot_bytes
 from daemon.kafka.acl import authorization_failure, fenced_instance
 from daemon.kafka.clients import (
     make_consumer,
@@ -214,7 +214,7 @@ class RunLoop:
         polled = self._poll(clients.consumer)
         if self._apply_rebalance(clients):
             polled = {}  # rewound to the committed offsets: polled again
-        self._restore(clients)
+        self._catch_up(clients)
         batch = self._accept(clients.consumer, polled)
         self._checkpoint(clients, self._process(batch))
         if batch and self.on_batch is not None:
@@ -414,7 +414,7 @@ class RunLoop:
         """
         if self._closing or self._revocation_failure is not None:
             return None
-        cp = self.policy.take(self.policy.take_notices())
+        cp = self.policy.next_checkpoint(self.policy.take_notices())
         if cp is None:
             return None
         started = time.monotonic()
@@ -432,7 +432,7 @@ class RunLoop:
             )
             return None
         finally:
-            self.policy.did(cp, committed=False)
+            self.policy.checkpointed(cp, committed=False)
         log.info(
             "revocation_checkpointed",
             partitions=sorted(tp.partition for tp in revoked),
@@ -496,7 +496,7 @@ class RunLoop:
             self.store.drop_partition(tp.partition)
         self.partitions.assign(tp.partition for tp in tps)
 
-    def _restore(self, clients: Clients) -> None:
+    def _catch_up(self, clients: Clients) -> None:
         """Move assigned partitions on: a stable committed position first, then their
         states from the state topic; a partition restored serves, unless its open
         sequences of another model are rebuilt first (`_rebuild`)."""
@@ -508,10 +508,10 @@ class RunLoop:
             self._rebuild(clients)
         self.metrics.active_sequences.set(len(self.store))
 
-    def _adopt(self, clients: Clients, partition: int, states: dict[str, tuple[SequenceState, str]]) -> None:
+    def _adopt(self, clients: Clients, partition: int, states: dict[str, SavedState]) -> None:
         """Install a restored partition's states and serve it, or rebuild it first."""
         if self.settings.on_model_change == "rebuild" and clients.rebuilder.begin(partition, states):
-            self.partitions.rebuild(partition)
+            self.partitions.begin_rebuild(partition)
             log.info(
                 "partition_rebuilding",
                 partition=partition,
@@ -533,7 +533,7 @@ class RunLoop:
             p = done.partition
             evicted = adopt(self.store, self.processor.model_id, p, done.states, self.processor.state_shapes)
             for key in done.changed:
-                self.store.touched(p, key)
+                self.store.mark_changed(p, key)
             self.policy.notify(self.processor.announce(done.evictions + evicted))
             ready.append(p)
             log.info(
@@ -588,7 +588,7 @@ class RunLoop:
                 continue
             if committed is not None:
                 self.policy.assigned(tp, committed)
-            self.partitions.restore(p)
+            self.partitions.begin_restore(p)
             clients.restorer.begin([p])
 
     # -- processing and checkpoints ---------------------------------------------
@@ -615,7 +615,7 @@ class RunLoop:
         if not self.policy.due(outputs, force=force or checkpointer.failing()):
             checkpointer.send(outputs)  # acknowledged by the next checkpoint
             return
-        cp = self.policy.take(outputs)
+        cp = self.policy.next_checkpoint(outputs)
         if cp is None:
             return
         try:
@@ -624,9 +624,9 @@ class RunLoop:
             self._recover(clients)
             return
         except DeliveryFailed:
-            self.policy.did(cp, committed=False)  # still pending: the shutdown warning names it
+            self.policy.checkpointed(cp, committed=False)  # still pending: the shutdown warning names it
             raise
-        self.policy.did(cp, committed)
+        self.policy.checkpointed(cp, committed)
 
     def _recover(self, clients: Clients) -> None:
         """After an aborted transaction the states in memory include work that was

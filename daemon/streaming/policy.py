@@ -80,7 +80,7 @@ class CheckpointPolicy:
         store may forget its restored ended sequences below it (`StateStore.committed`)."""
         self.committed[tp] = position
         self.tombstones += [
-            StateRecord(tp.partition, k, None) for k in self.store.committed(tp.partition, position)
+            StateRecord(tp.partition, k, None) for k in self.store.forget_ended_before(tp.partition, position)
         ]
 
     def notify(self, notices: Sequence[OutputRecord]) -> None:
@@ -99,7 +99,7 @@ class CheckpointPolicy:
             or self.clock() - self._at >= self.interval_s
         )
 
-    def take(self, outputs: list[OutputRecord]) -> Checkpoint | None:
+    def next_checkpoint(self, outputs: list[OutputRecord]) -> Checkpoint | None:
         """The checkpoint of everything pending, with `outputs`; None if there is nothing."""
         if not (outputs or self.offsets or self.tombstones or self.store.has_changes()):
             return None
@@ -110,7 +110,7 @@ class CheckpointPolicy:
         self._at = self.clock()
         return cp
 
-    def did(self, cp: Checkpoint, committed: bool) -> None:
+    def checkpointed(self, cp: Checkpoint, committed: bool) -> None:
         """Apply the outcome of `cp`: committed, or its offsets refused by the group."""
         if not committed:
             # Kept for the next checkpoint; `release` drops those of partitions revoked.
@@ -120,7 +120,8 @@ class CheckpointPolicy:
         for tp, offset in cp.offsets.items():
             # Resets now committed no longer need their watermark: delete them.
             self.tombstones += [
-                StateRecord(tp.partition, key, None) for key in self.store.committed(tp.partition, offset)
+                StateRecord(tp.partition, key, None)
+                for key in self.store.forget_ended_before(tp.partition, offset)
             ]
 
     def release(self, tp: TopicPartition) -> None:

@@ -36,7 +36,15 @@ from kafka.consumer.fetcher import ConsumerRecord
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import InputRecord
-from daemon.core.state import NO_OFFSET, UNREADABLE, Eviction, SequenceState, StateStore, same_model
+from daemon.core.state import (
+    NO_OFFSET,
+    UNREADABLE,
+    Eviction,
+    SavedState,
+    SequenceState,
+    StateStore,
+    same_model,
+)
 from daemon.ops.metrics import Metrics
 from daemon.streaming.catchup import CatchUp, Pace
 from daemon.streaming.restore import RESTORE_SLICE_S
@@ -53,10 +61,10 @@ INITIAL_COST_S = 50e-6
 # One wait for the input partition's first and end offsets (asked again at the next step).
 BEGINNING_TIMEOUT_MS = 1000
 
-Restored = dict[str, tuple[SequenceState, str]]
+Restored = dict[str, SavedState]
 
 
-def stale(states: Mapping[str, tuple[SequenceState, str]], model_id: str) -> dict[str, SequenceState]:
+def stale(states: Mapping[str, SavedState], model_id: str) -> dict[str, SequenceState]:
     """The restored open sequences a rebuild recomputes: saved (readably) under another
     model. Reset records carry no tensors and unreadable ones no history: `adopt`
     handles both as it always did."""
@@ -224,10 +232,12 @@ class Recompute:
             # this model's steps have left none).
             state = self.processor.store.get(p, name)
             state.last_seen = saved.last_seen
-            states[name] = (state, model_id)
+            states[name] = SavedState(state, model_id)
         for ev in evictions:
             saved = self.saved[ev.key]
-            states[ev.key] = (SequenceState(watermark=saved.watermark, last_step=saved.last_step), model_id)
+            states[ev.key] = SavedState(
+                SequenceState(watermark=saved.watermark, last_step=saved.last_step), model_id
+            )
         return Rebuilt(
             partition=p,
             states=states,

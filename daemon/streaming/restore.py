@@ -18,6 +18,7 @@ from daemon.config import Settings
 from daemon.core.state import (
     UNREADABLE,
     Eviction,
+    SavedState,
     SequenceState,
     SnapshotError,
     StateStore,
@@ -44,7 +45,7 @@ RESTORE_POLL_RECORDS = 5000
 @dataclass
 class _Restoring:
     began: float = field(default_factory=time.monotonic)  # version-1 records' last use
-    states: dict[str, tuple[SequenceState, str]] = field(default_factory=dict)
+    states: dict[str, SavedState] = field(default_factory=dict)
 
 
 class _Snapshots:
@@ -60,14 +61,14 @@ class _Snapshots:
                 into.states.pop(key, None)
                 continue
             try:
-                into.states[key] = SequenceState.restore(rec.value, into.began)
+                into.states[key] = SequenceState.from_snapshot(rec.value, into.began)
             except SnapshotError as exc:
                 # An older record of the key would be a wrong state, not a
                 # fallback: the sequence starts over, announced, and keeps
                 # its watermark so no input is applied twice.
                 previous = into.states.get(key)
                 lost = SequenceState.unreadable(rec.value, previous[0] if previous else None)
-                into.states[key] = (lost, UNREADABLE)
+                into.states[key] = SavedState(lost, UNREADABLE)
                 log.error(
                     "state_record_unreadable",
                     partition=partition,
@@ -111,9 +112,9 @@ class Restorer:
     def cancel(self, partitions: Iterable[int]) -> None:
         self.reads.cancel(list(partitions))
 
-    def step(self) -> dict[int, dict[str, tuple[SequenceState, str]]]:
+    def step(self) -> dict[int, dict[str, SavedState]]:
         """Read for at most one slice; return the partitions now complete."""
-        done: dict[int, dict[str, tuple[SequenceState, str]]] = {}
+        done: dict[int, dict[str, SavedState]] = {}
         for partition, into, seconds in self.reads.step():
             done[partition] = into.states
             self.metrics.restore.observe(seconds)
@@ -125,7 +126,7 @@ def adopt(
     store: StateStore,
     model_id: str,
     partition: int,
-    states: dict[str, tuple[SequenceState, str]],
+    states: dict[str, SavedState],
     state_shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> list[Eviction]:
     """Install a restored partition's states; returns the evictions to announce.
@@ -148,7 +149,7 @@ def adopt(
         if cause is not None:
             evicted.append(Eviction(partition, key, cause, state.n, state.watermark))
             state = SequenceState(watermark=state.watermark, last_step=state.last_step)
-            store.touched(partition, key)
+            store.mark_changed(partition, key)
         store.install(partition, key, state)
     # Ended sequences restored past LSTMD_MAX_ENDED_SEQUENCES are forgotten now, oldest
     # first (their records deleted by the next checkpoint), not at the next commit.

@@ -7,7 +7,7 @@ daemon.devtools.bench.memory HOW MODEL COUNT`) reads its resident set size
 sequences of the demo model's shape, collects garbage, reads VmRSS again and
 prints the difference over COUNT. HOW is how the states got there:
 
-* `restored`: as a restore leaves them: `SequenceState.restore` of a snapshot
+* `restored`: as a restore leaves them: `SequenceState.from_snapshot` of a snapshot
   record (random tensors), `StateStore.install` (no TensorFlow in the process);
 * `processed`: as serving leaves them: one input per sequence through
   `Processor.process` with the fast engine, in batches of `scale_batch`, each
@@ -70,7 +70,7 @@ def _fill_restored(count: int, model_name: str, seed: int) -> tuple[Any, int, in
             gc.collect()
             before = rss_bytes()  # set up, one chunk of records in hand
         for i, raw in enumerate(records):
-            state, _ = SequenceState.restore(raw)
+            state, _ = SequenceState.from_snapshot(raw)
             store.install(0, f"s{start + i:07d}", state)
         del records
     return store, before, record_bytes

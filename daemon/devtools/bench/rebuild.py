@@ -96,11 +96,12 @@ def _live(model: Any, engine: Any, sequences: int, steps: int) -> float:
 
 
 def _rebuild(model: Any, engine: Any, sequences: int, steps: int) -> tuple[float, int]:
+    from daemon.core.state import SavedState
     from daemon.streaming.rebuild import Recompute, plan, rebuild_processor
 
     live = _processor(model, engine)
     saved = saved_states(sequences, steps)
-    restored = {k: (s, "old@0") for k, s in saved.items()}
+    restored = {k: SavedState(s, "old@0") for k, s in saved.items()}
     took = 0.0
     started = time.perf_counter()
     recompute = Recompute(plan(0, saved, 0, sequences * steps), saved, rebuild_processor(live))
@@ -152,6 +153,7 @@ def _produce(bootstrap: str, topic: str, sequences: int, steps: int) -> None:
 
 def _rebuilder(settings: Any, model: Any, engine: Any, sequences: int, steps: int) -> float:
     """Seconds of the daemon's Rebuilder over the topic: begin + step() until rebuilt."""
+    from daemon.core.state import SavedState
     from daemon.kafka.clients import make_restore_consumer
     from daemon.ops.metrics import Metrics
     from daemon.streaming.rebuild import Rebuilder
@@ -160,7 +162,7 @@ def _rebuilder(settings: Any, model: Any, engine: Any, sequences: int, steps: in
     consumer = make_restore_consumer(settings)
     try:
         rebuilder = Rebuilder(lambda: consumer, settings, Metrics(), live)
-        restored = {k: (s, "old@0") for k, s in saved_states(sequences, steps).items()}
+        restored = {k: SavedState(s, "old@0") for k, s in saved_states(sequences, steps).items()}
         started = time.perf_counter()
         rebuilder.begin(0, restored)
         done: list[Any] = []

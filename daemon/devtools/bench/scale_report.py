@@ -84,7 +84,7 @@ def format_scale(report: dict[str, Any]) -> list[str]:
         out += _aligned(lines)
         out.append(
             "memory: RSS (VmRSS) of a fresh process per row, filled StateStore minus the process set up, "
-            "over the count; restored = SequenceState.restore + install, processed = one input per "
+            "over the count; restored = SequenceState.from_snapshot + install, processed = one input per "
             "sequence through Processor + fast engine"
         )
     if scale := part("scale"):
