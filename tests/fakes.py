@@ -26,7 +26,7 @@ from daemon.core.records import Kind, OutputRecord
 from daemon.core.state import StateStore, StateTensors
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord as Rec
-from daemon.streaming.delivery import Checkpointer
+from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
 
 TP = TopicPartition("in", 0)
 
@@ -99,8 +99,8 @@ def settings(tmp_path: Path, **extra: Any) -> Settings:
     )
 
 
-def checkpointer(s: Settings, make: Callable[[], object]) -> Checkpointer:
-    return Checkpointer(s, cast(Callable[[], KafkaProducer], make), Metrics(), threading.Event())
+def checkpointer(s: Settings, make: Callable[[], object]) -> AtLeastOnce | Transactional:
+    return make_delivery(s, cast(Callable[[], KafkaProducer], make), Metrics(), threading.Event())
 
 
 class FakeProducer:

@@ -27,7 +27,7 @@ from daemon.core.records import Kind, OutputRecord
 from daemon.kafka.clients import max_message_bytes
 from daemon.ops.metrics import DEAD_LETTER_REASONS, Metrics
 from daemon.replay import FileRecord
-from daemon.streaming.delivery import Checkpointer, SendRefused, TransactionFailed
+from daemon.streaming.delivery import SendRefused, TransactionFailed, make_delivery
 from daemon.streaming.policy import Checkpoint
 from tests.fakes import TP, FakeConsumer, FakeProducer, make, output, settings
 
@@ -165,7 +165,7 @@ def test_every_record_is_answered_once_and_every_answer_is_sent(
     producer = KafkaLikeProducer(max_message_bytes(s))
     abandon = threading.Event()
     abandon.set()  # a failed send would raise at once (DeliveryFailed, TransactionFailed), not retry
-    cp = Checkpointer(s, cast(Any, lambda: producer), Metrics(), threading.Event(), abandon=abandon)
+    cp = make_delivery(s, cast(Any, lambda: producer), Metrics(), threading.Event(), abandon=abandon)
     assert cp.commit(FakeConsumer(), Checkpoint(outputs=outputs, offsets={TP: len(records)}))  # type: ignore[arg-type]
     assert [(t, k, v) for t, k, v, _ in producer.records] == [
         ("in.dlq" if o.dead_letter else "out", o.key, o.value) for o in outputs
@@ -223,7 +223,7 @@ def test_a_non_kafka_error_from_send_is_that_records_failure(tmp_path: Path) -> 
         return made[-1]
 
     metrics = Metrics()
-    cp = Checkpointer(settings(tmp_path), cast(Any, producer), metrics, threading.Event())
+    cp = make_delivery(settings(tmp_path), cast(Any, producer), metrics, threading.Event())
     records = [output(b"a", b"1"), output(b"b", b"2"), output(b"c", b"3")]
     # Pipelined (between checkpoints): the send returns; the refused record fails alone.
     cp.send(records)
@@ -238,7 +238,7 @@ def test_a_non_kafka_error_from_send_is_that_records_failure(tmp_path: Path) -> 
 def test_a_non_kafka_error_from_send_aborts_the_transaction(tmp_path: Path) -> None:
     RefusesOnce.refused = 0
     producer = RefusesOnce()
-    cp = Checkpointer(
+    cp = make_delivery(
         settings(tmp_path, delivery="exactly-once"), cast(Any, lambda: producer), Metrics(), threading.Event()
     )
     with pytest.raises(TransactionFailed) as caught:  # the run loop restores and recomputes
@@ -255,7 +255,7 @@ def test_a_dead_letter_the_client_refuses_is_sent_bare(tmp_path: Path) -> None:
     producer = KafkaLikeProducer(max_message_bytes(s), refuse_keys=True)
     proc, _ = make()
     [letter] = proc.process([FileRecord("in", 0, 0, 0, b"k", b"not json", (("a", b"1"),))])
-    cp = Checkpointer(s, cast(Any, lambda: producer), Metrics(), threading.Event())
+    cp = make_delivery(s, cast(Any, lambda: producer), Metrics(), threading.Event())
     assert cp.commit(FakeConsumer(), Checkpoint(outputs=[letter], offsets={TP: 1}))  # type: ignore[arg-type]
     [(topic, key, value, headers)] = producer.records
     assert (topic, key, value) == ("in.dlq", None, b"")
@@ -281,7 +281,7 @@ def test_a_batch_the_broker_refuses_costs_its_dead_letters_their_values_not_keys
         [FileRecord("in", 0, 0, 0, b"a", HUGE), FileRecord("in", 0, 1, 0, b"b", b"x" * 3000)]
     )
     abandon = threading.Event()
-    cp = Checkpointer(
+    cp = make_delivery(
         settings(tmp_path), cast(Any, RefusesFirstBatch), Metrics(), threading.Event(), abandon=abandon
     )
     threading.Timer(10, abandon.set).start()  # never reached: one backoff, then the resend succeeds

@@ -27,7 +27,7 @@ from daemon.core.records import StateRecord
 from daemon.core.state import UNREADABLE, SavedState, SequenceState
 from daemon.errors import KafkaSetupError
 from daemon.ops.metrics import Metrics
-from daemon.streaming.delivery import Checkpointer, DeliveryFailed, TransactionFailed
+from daemon.streaming.delivery import DeliveryFailed, TransactionFailed, make_delivery
 from daemon.streaming.policy import Checkpoint
 from daemon.streaming.restore import Restorer, adopt
 from tests.fakes import (
@@ -227,7 +227,7 @@ def test_a_retry_at_sigterm_goes_on_until_the_shutdown_deadline(tmp_path: Path) 
         made.append(Down())
         return made[-1]
 
-    cp = Checkpointer(settings(tmp_path), cast(Any, make), Metrics(), stop, abandon=abandon)
+    cp = make_delivery(settings(tmp_path), cast(Any, make), Metrics(), stop, abandon=abandon)
     stop.set()  # SIGTERM: the checkpoint in hand still retries...
     threading.Timer(1.5, abandon.set).start()  # ...until the deadline
     started = time.monotonic()

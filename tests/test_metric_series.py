@@ -24,7 +24,7 @@ from kafka.errors import (
 
 from daemon.ops.health import Health
 from daemon.ops.metrics import DEAD_LETTER_REASONS, EVICTION_CAUSES
-from daemon.streaming.delivery import ABORT_CAUSES, Checkpointer, abort_cause
+from daemon.streaming.delivery import ABORT_CAUSES, abort_cause, make_delivery
 from daemon.streaming.loop import RunLoop
 from tests.fakes import FakeProducer, make, settings
 
@@ -32,7 +32,7 @@ from tests.fakes import FakeProducer, make, settings
 def test_every_known_label_value_starts_at_zero(tmp_path: Path) -> None:
     proc, metrics = make()
     s = settings(tmp_path, delivery="exactly-once")
-    Checkpointer(s, lambda: cast(KafkaProducer, FakeProducer()), metrics, threading.Event())
+    make_delivery(s, lambda: cast(KafkaProducer, FakeProducer()), metrics, threading.Event())
     RunLoop(s, proc, metrics, Health(60), threading.Event())
     text = metrics.exposition().decode()
     expected = (

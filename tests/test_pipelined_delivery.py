@@ -20,8 +20,8 @@ from kafka.future import Future
 from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.kafka.retry import Backoff
 from daemon.ops.metrics import Metrics
-from daemon.streaming import delivery, loop
-from daemon.streaming.delivery import CheckpointAbandoned, Checkpointer
+from daemon.streaming import loop
+from daemon.streaming.delivery import CheckpointAbandoned, Delivery, at_least_once, make_delivery
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import Checkpoint
 from tests.fakes import TP, FakeConsumer, make, settings
@@ -82,7 +82,7 @@ def out(value: bytes, key: bytes = b"k", partition: int = 0, ts_ms: int = 0) -> 
     )
 
 
-def pipeline(tmp_path: Path, log: list[str], **kw: Any) -> tuple[Checkpointer, list[LateAcks], Metrics]:
+def pipeline(tmp_path: Path, log: list[str], **kw: Any) -> tuple[Delivery, list[LateAcks], Metrics]:
     producers: list[LateAcks] = []
 
     def make() -> LateAcks:
@@ -90,7 +90,7 @@ def pipeline(tmp_path: Path, log: list[str], **kw: Any) -> tuple[Checkpointer, l
         return producers[-1]
 
     metrics = Metrics()
-    return Checkpointer(settings(tmp_path), make, metrics, threading.Event()), producers, metrics  # type: ignore[arg-type]
+    return make_delivery(settings(tmp_path), make, metrics, threading.Event()), producers, metrics  # type: ignore[arg-type]
 
 
 def test_outputs_are_sent_without_waiting_and_acknowledged_before_states_and_offsets(tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_outputs_are_sent_without_waiting_and_acknowledged_before_states_and_off
 def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_commit(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(delivery, "Backoff", _NoWait)
+    monkeypatch.setattr(at_least_once, "Backoff", _NoWait)
     log: list[str] = []
     lost_once: set[bytes] = set()
 
@@ -143,7 +143,7 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
 
 
 def test_outputs_in_flight_are_bounded(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(delivery, "MAX_IN_FLIGHT_BYTES", 10)
+    monkeypatch.setattr(at_least_once, "MAX_IN_FLIGHT_BYTES", 10)
     log: list[str] = []
     cp, producers, _ = pipeline(tmp_path, log)
     cp.send([out(b"123456")])
@@ -169,7 +169,7 @@ def test_a_revoked_partitions_failed_outputs_are_not_resent(tmp_path: Path) -> N
 def test_an_expelled_member_resends_no_output(tmp_path: Path, monkeypatch: Any) -> None:
     """Outputs are fenced like states: a failed prediction resent by a member the group
     expelled could land after its partition's next owner published the key's newer one."""
-    monkeypatch.setattr(delivery, "Backoff", _NoWait)
+    monkeypatch.setattr(at_least_once, "Backoff", _NoWait)
     log: list[str] = []
     lost = iter([True])  # the broker loses the first send only
     cp, producers, _ = pipeline(tmp_path, log, fail=lambda key, value: next(lost, False))
@@ -184,7 +184,7 @@ def test_an_expelled_member_resends_no_output(tmp_path: Path, monkeypatch: Any) 
 
 
 def test_a_member_expelled_during_the_retries_stops_resending(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(delivery, "Backoff", _NoWait)
+    monkeypatch.setattr(at_least_once, "Backoff", _NoWait)
     log: list[str] = []
     lost = iter([True] * 5)  # the broker loses the first five sends, then takes them
     cp, _, _ = pipeline(tmp_path, log, fail=lambda key, value: next(lost, False))
@@ -235,7 +235,7 @@ def backlogged_loop(
 ) -> tuple[Memory, RunLoop, Metrics]:
     """A run loop on the in-memory Kafka whose outputs are not acknowledged (held),
     with a bound of one byte in flight: its first outputs make it backlogged."""
-    monkeypatch.setattr(delivery, "MAX_IN_FLIGHT_BYTES", 1)
+    monkeypatch.setattr(at_least_once, "MAX_IN_FLIGHT_BYTES", 1)
     monkeypatch.setattr(loop, "HOUSEKEEPING_INTERVAL_S", 0.0)
     kafka = Memory()
     kafka.kafka.hold_acks = True

@@ -14,7 +14,8 @@ from kafka.structs import OffsetAndMetadata
 
 from daemon.kafka.listener import RebalanceEvents
 from daemon.ops.metrics import Metrics
-from daemon.streaming.delivery import COMMIT_TIMEOUT_MS
+from daemon.streaming.delivery import AtLeastOnce
+from daemon.streaming.delivery.at_least_once import COMMIT_TIMEOUT_MS
 from daemon.streaming.restore import END_TIMEOUT_MS, Restorer
 from tests.fakes import FakeConsumer, FakeProducer, FakeStateConsumer, checkpointer, finish, settings
 
@@ -66,7 +67,7 @@ def test_offset_commits_and_the_restores_end_offsets_wait_with_a_bound(tmp_path:
     retry until the deadline."""
     consumer = FakeConsumer()
     cp = checkpointer(settings(tmp_path), FakeProducer)
-    assert cp._commit_offsets(cast(Any, consumer), {TP: 3})
+    assert isinstance(cp, AtLeastOnce) and cp._commit_offsets(cast(Any, consumer), {TP: 3})
     assert consumer.commit_timeouts == [COMMIT_TIMEOUT_MS]
     state = FakeStateConsumer([])
     Restorer(cast(Any, state), settings(tmp_path), Metrics()).begin([0])

@@ -22,9 +22,9 @@ from daemon.config import Settings
 from daemon.core.records import OutputRecord, StateRecord
 from daemon.kafka.topics import PARTITIONERS, Layout, known_layout, moved_sequences
 from daemon.ops.metrics import Metrics
-from daemon.streaming import delivery as delivery_module
 from daemon.streaming import loop as loop_module
-from daemon.streaming.delivery import Checkpointer
+from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
+from daemon.streaming.delivery import producer as producer_module
 from tests.fakes import make, output, settings
 from tests.support.backends import Memory
 from tests.support.kafka import MemoryProducer
@@ -79,13 +79,13 @@ def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MutableMapping[str, A
     loggers are replaced: one used before (cache_logger_on_first_use) would
     otherwise keep writing past structlog's capture."""
     with structlog.testing.capture_logs() as captured:
-        for module in (delivery_module, loop_module):
+        for module in (producer_module, loop_module):
             monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
         yield captured
 
 
-def checkpointer(tmp_path: Path, producer: Producer) -> Checkpointer:
-    cp = Checkpointer(settings(tmp_path), lambda: producer, Metrics(), threading.Event())  # type: ignore[arg-type,return-value]
+def checkpointer(tmp_path: Path, producer: Producer) -> AtLeastOnce | Transactional:
+    cp = make_delivery(settings(tmp_path), lambda: producer, Metrics(), threading.Event())  # type: ignore[arg-type,return-value]
     cp.same_partitions = True
     return cp
 
@@ -163,7 +163,7 @@ def test_a_state_record_for_a_partition_the_state_topic_lacks_fails_and_is_retri
     s = settings(tmp_path)
     producer = Producer(Cluster(counts(tmp_path, 6, 6, 6, 3)))
     cp = checkpointer(tmp_path, producer)
-    sent = cp._send([], [StateRecord(5, "k", b"state"), StateRecord(1, "j", b"state")])
+    sent = cp.out.send([StateRecord(5, "k", b"state"), StateRecord(1, "j", b"state")])
     assert isinstance(sent[0][1].exception, UnknownTopicOrPartitionError)
     assert not sent[1][1].succeeded()  # failed with it, both resent after the backoff
     assert producer.sent == []
@@ -174,7 +174,7 @@ def test_another_value_error_of_send_is_not_taken_for_a_new_partition(tmp_path: 
     cluster = Cluster(counts(tmp_path, 3, 3, 3, 3))
     cp = checkpointer(tmp_path, Producer(cluster))
     with pytest.raises(ValueError, match="Need at least one"):
-        cp._send_to(settings(tmp_path).output_topic, 1, key=None, value=None)
+        cp.out.send_to(settings(tmp_path).output_topic, 1, key=None, value=None)
     assert cluster.refreshes == 0
 
 

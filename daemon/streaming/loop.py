@@ -52,7 +52,7 @@ from daemon.kafka.topics import (
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
-from daemon.streaming.delivery import Checkpointer, DeliveryFailed, TransactionFailed
+from daemon.streaming.delivery import Delivery, DeliveryFailed, TransactionFailed, make_delivery
 from daemon.streaming.lifecycle import Partitions, Phase
 from daemon.streaming.policy import CheckpointPolicy
 from daemon.streaming.rebuild import Rebuilder
@@ -92,7 +92,7 @@ class Clients:
     to `RunLoop.start`, closed by `RunLoop.close`."""
 
     consumer: KafkaConsumer
-    checkpointer: Checkpointer
+    checkpointer: Delivery
     restorer: Restorer
     rebuilder: Rebuilder
     listener: RebalanceEvents
@@ -335,7 +335,7 @@ class RunLoop:
         tests plug in another Kafka. The producer is built first: it may wait for
         Kafka (DeliveryFailed if `stop` is set meanwhile), and then nothing else is
         open yet."""
-        checkpointer = Checkpointer(
+        checkpointer = make_delivery(
             self.settings, make_producer, self.metrics, self.stop, abandon=self.abandon, beat=self.health.beat
         )
         consumer = make_consumer()
