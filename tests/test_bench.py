@@ -6,14 +6,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from kafka.future import Future
 
 from daemon.cli import main
+from daemon.core.records import StateRecord
 from daemon.devtools import bench
 from daemon.devtools.bench.peer import PEER_SCRIPT, PeerSection, has_quix
-from daemon.devtools.bench.profile import PHASE_RULES
+from daemon.devtools.bench.profile import PHASE_RULES, classify
 from daemon.devtools.localkafka import LocalKafka
+from daemon.streaming.policy import Checkpoint
+from tests.fakes import FakeConsumer, FakeProducer, checkpointer, output, settings
 
 TINY = bench.BenchConfig(
     sections=("engine",),
@@ -435,3 +440,20 @@ def test_compression_section_structure(kafka: LocalKafka) -> None:
         assert r["records_per_s"] > 0 and r["cpu_us_per_record"] > 0
     table = bench.format_table(report)
     assert "wire B/rec" in table and "vs keras" not in table
+
+
+def test_the_profile_names_the_sends_of_outputs_and_of_state_records(tmp_path: Path) -> None:
+    """Each producer.send of a checkpoint is named by what it sends (the rules once
+    named none: every send was "checkpoint other")."""
+    named: list[tuple[str, str]] = []
+
+    class Producer(FakeProducer):
+        def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any) -> Future:
+            named.append((topic, classify(sys._getframe())))
+            return super().send(topic, key, value)
+
+    cp = checkpointer(settings(tmp_path), Producer)
+    cp.send([output(value=b"1")])
+    cp.commit(FakeConsumer(), Checkpoint(outputs=[output(value=b"2")], states=[StateRecord(0, "k", b"s")]))  # type: ignore[arg-type]
+    outputs, states = "producer.send (outputs)", "producer.send (state records)"
+    assert named == [("out", outputs), ("out", outputs), ("g.state", states)]
