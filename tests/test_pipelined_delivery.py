@@ -20,7 +20,7 @@ from kafka.future import Future
 from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.kafka.retry import Backoff
 from daemon.ops.metrics import Metrics
-from daemon.streaming import loop
+from daemon.streaming import housekeeping
 from daemon.streaming.delivery import CheckpointAbandoned, Delivery, at_least_once, make_delivery
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import Checkpoint
@@ -236,7 +236,7 @@ def backlogged_loop(
     """A run loop on the in-memory Kafka whose outputs are not acknowledged (held),
     with a bound of one byte in flight: its first outputs make it backlogged."""
     monkeypatch.setattr(at_least_once, "MAX_IN_FLIGHT_BYTES", 1)
-    monkeypatch.setattr(loop, "HOUSEKEEPING_INTERVAL_S", 0.0)
+    monkeypatch.setattr(housekeeping, "HOUSEKEEPING_INTERVAL_S", 0.0)
     kafka = Memory()
     kafka.kafka.hold_acks = True
     s = kafka.settings(tmp_path, partitions=partitions, checkpoint_interval_ms=60_000)

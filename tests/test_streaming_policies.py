@@ -288,7 +288,7 @@ def test_an_aborted_final_transaction_is_not_called_checkpointed(
 
     monkeypatch.setattr(loop_module, "log", Log())
     kafka, loop = one_record(tmp_path, delivery="exactly-once")
-    producer = cast(MemoryProducer, loop.clients.checkpointer.producer)
+    producer = cast(MemoryProducer, loop.clients.delivery.producer)
     assert producer.calls.count("commit_transaction") == 1
     loop.store.mark_changed(0, "a")  # a changed state in hand at SIGTERM
     kafka.kafka.faults.commit_transaction.append(ProducerFencedError("a rebalance moved the partition"))

@@ -22,6 +22,7 @@ from daemon.config import Settings
 from daemon.core.records import OutputRecord, StateRecord
 from daemon.kafka.topics import PARTITIONERS, Layout, known_layout, moved_sequences
 from daemon.ops.metrics import Metrics
+from daemon.streaming import housekeeping, layout
 from daemon.streaming import loop as loop_module
 from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
 from daemon.streaming.delivery import producer as producer_module
@@ -79,7 +80,7 @@ def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MutableMapping[str, A
     loggers are replaced: one used before (cache_logger_on_first_use) would
     otherwise keep writing past structlog's capture."""
     with structlog.testing.capture_logs() as captured:
-        for module in (producer_module, loop_module):
+        for module in (producer_module, loop_module, layout):
             monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
         yield captured
 
@@ -200,7 +201,7 @@ def answered_on(kafka: Memory, s: Settings, key: str) -> list[int]:
 def test_the_run_loop_realigns_outputs_and_announces_the_moved_sequences(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
 ) -> None:
-    monkeypatch.setattr(loop_module, "HOUSEKEEPING_INTERVAL_S", 0.0)
+    monkeypatch.setattr(housekeeping, "HOUSEKEEPING_INTERVAL_S", 0.0)
     kafka = Memory()
     s = kafka.settings(tmp_path, partitions=3)
     one = orjson.dumps({"x": [1]})
@@ -235,7 +236,7 @@ def test_the_run_loop_realigns_outputs_and_announces_the_moved_sequences(
 def test_an_input_partition_without_a_state_partition_waits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
 ) -> None:
-    monkeypatch.setattr(loop_module, "HOUSEKEEPING_INTERVAL_S", 0.0)
+    monkeypatch.setattr(housekeeping, "HOUSEKEEPING_INTERVAL_S", 0.0)
     kafka = Memory()
     s = kafka.settings(tmp_path, partitions=6)
     kafka.kafka.topics[s.state_topic] = kafka.kafka.topics[s.state_topic][:3]  # created smaller
@@ -255,7 +256,7 @@ def test_an_input_partition_without_a_state_partition_waits(
         "partition_waiting_for_state",
     ]
     assert next(e["waiting"] for e in logs if e["event"] == "state_partitions_missing") == [3, 4, 5]
-    producer = cast(MemoryProducer, loop.clients.checkpointer.producer)
+    producer = cast(MemoryProducer, loop.clients.delivery.producer)
     assert producer._metadata.updates == 3  # asked once for each partition, when it began to wait
     grown(kafka, s, state=6)  # the state topic grew
     kafka.run_until([loop], lambda: answered_on(kafka, s, "b") == [4])

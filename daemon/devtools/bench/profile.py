@@ -61,8 +61,11 @@ PHASE_RULES: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("daemon/streaming/loop.py", None, "consumer.poll", "poll (fetch, parse: kafka-python)"),
     ("daemon/streaming/loop.py", None, "take_changes", "state snapshots (take_changes)"),
     ("daemon/streaming/loop.py", None, "StateRecord", "state snapshots (take_changes)"),
-    ("daemon/streaming/loop.py", "_housekeeping", None, "housekeeping"),
+    ("daemon/streaming/housekeeping.py", None, None, "housekeeping"),
+    ("daemon/streaming/layout.py", None, None, "housekeeping"),
     ("daemon/streaming/loop.py", None, None, "run loop other"),
+    ("daemon/streaming/assignment.py", None, None, "run loop other"),
+    ("daemon/streaming/checkpoints.py", None, None, "checkpoint other"),
 )
 IDLE_FUNCTIONS = frozenset({"select", "poll", "wait", "sleep", "_wait_for_tstate_lock", "acquire"})
 
