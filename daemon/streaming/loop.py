@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 
 from daemon.config import Settings
@@ -91,6 +91,9 @@ class RunLoop:
             every_batch=settings.delivery == "exactly-once",
         )
         self.topics = TopicWatch(settings, self.store, metrics)
+        # Builds a run's clients: `connect` for the real Kafka; `startup.assemble` from
+        # any Kafka's client factories (the seam where tests plug in the in-memory one).
+        self.startup = Startup(settings, processor, metrics, health, stop, self.abandon)
         self._throttled = False
         self._run: _Run | None = None
         # The rewinds counted when the shutdown phase began (None before it).
@@ -125,24 +128,11 @@ class RunLoop:
     def connect(self) -> Clients | None:
         """The real Kafka clients of a run, topics checked (startup.py); None if asked
         to stop first."""
-        found = self._startup().connect()
+        found = self.startup.connect()
         if found is None:
             return None
         clients, self.topics.input_partitions = found
         return clients
-
-    def assemble(
-        self,
-        make_consumer: Callable[[], KafkaConsumer],
-        make_producer: Callable[[], KafkaProducer],
-        make_reader: Callable[[], KafkaConsumer],
-    ) -> Clients:
-        """A run's clients from any Kafka's factories: the seam where tests plug in
-        the in-memory Kafka (tests/support/kafka.py)."""
-        return self._startup().assemble(make_consumer, make_producer, make_reader)
-
-    def _startup(self) -> Startup:
-        return Startup(self.settings, self.processor, self.metrics, self.health, self.stop, self.abandon)
 
     def start(self, clients: Clients) -> None:
         """Take the clients of this run and join the group: `step` may be called from now on."""

@@ -93,7 +93,7 @@ class Memory:
         loop = _new_loop(settings, processor, metrics)
         txn = transactional_id(settings)
         loop.start(
-            loop.assemble(
+            loop.startup.assemble(
                 lambda: cast(KafkaConsumer, self.kafka.consumer(settings.group_id)),
                 lambda: cast(KafkaProducer, self.kafka.producer(txn)),
                 lambda: cast(KafkaConsumer, self.kafka.reader()),
