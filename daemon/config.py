@@ -71,6 +71,7 @@ class Settings(PipelineSettings):
     group_id: str = Field(min_length=1)
     model_path: Path
 
+    # One name per topic in the code: the defaults are resolved at validation.
     dlq_topic: str = Field(default="", description="default <input topic>.dlq")
     state_topic: str = Field(default="", description="default <group id>.state")
     delivery: Delivery = "at-least-once"
@@ -178,6 +179,20 @@ class Settings(PipelineSettings):
     def _codec(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_topics(cls, data: Any) -> Any:
+        """The dead-letter and state topics' default names, derived from the input topic
+        and the group: filled in here, so `dlq_topic` and `state_topic` are the only
+        names of those topics anywhere in the daemon."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if not data.get("dlq_topic") and data.get("input_topic"):
+                data["dlq_topic"] = f"{data['input_topic']}.dlq"
+            if not data.get("state_topic") and data.get("group_id"):
+                data["state_topic"] = f"{data['group_id']}.state"
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         problems: list[str] = []
@@ -193,8 +208,8 @@ class Settings(PipelineSettings):
         topics = {
             "LSTMD_INPUT_TOPIC": self.input_topic,
             "LSTMD_OUTPUT_TOPIC": self.output_topic,
-            "LSTMD_DLQ_TOPIC": self.dead_letter_topic,
-            "LSTMD_STATE_TOPIC": self.state_topic_name,
+            "LSTMD_DLQ_TOPIC": self.dlq_topic,
+            "LSTMD_STATE_TOPIC": self.state_topic,
         }
         by_name: dict[str, list[str]] = {}
         for variable, topic in topics.items():
@@ -215,14 +230,6 @@ class Settings(PipelineSettings):
     @property
     def bootstrap_servers(self) -> list[str]:
         return self.kafka_bootstrap_servers.split(",")
-
-    @property
-    def dead_letter_topic(self) -> str:
-        return self.dlq_topic or f"{self.input_topic}.dlq"
-
-    @property
-    def state_topic_name(self) -> str:
-        return self.state_topic or f"{self.group_id}.state"
 
     @property
     def rebuild_budget(self) -> int:

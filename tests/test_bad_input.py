@@ -266,9 +266,9 @@ def test_topics_created_meanwhile_by_another_pod_are_used(kafka: LocalKafka, top
         assert ensure_topics(racing, settings) == 3  # type: ignore[arg-type]
         parts = {
             t["name"]: len(t["partitions"])
-            for t in admin.describe_topics([names["out"], state, settings.dead_letter_topic])
+            for t in admin.describe_topics([names["out"], state, settings.dlq_topic])
         }
-        assert parts == {names["out"]: 3, state: 3, settings.dead_letter_topic: 3}
+        assert parts == {names["out"]: 3, state: 3, settings.dlq_topic: 3}
     finally:
         admin.close()
 

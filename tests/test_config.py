@@ -43,7 +43,7 @@ def test_defaults(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
         clean_env.setenv(k, v)
     s = load_settings()
     assert s.bootstrap_servers == ["127.0.0.1:9092", "127.0.0.1:9093"]
-    assert s.dead_letter_topic == "events.dlq"
+    assert s.dlq_topic == "events.dlq"
     assert (s.engine, s.delivery, s.http_port, s.log_format) == ("keras", "at-least-once", 9102, "json")
 
 

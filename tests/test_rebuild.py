@@ -245,7 +245,7 @@ def written_by_b(kafka: Memory, s: Settings, since: int) -> list[tuple[int, str]
     """(watermark, model) of the state records written after the first `since`."""
     return sorted(
         (st.watermark, model)
-        for value in kafka.values(s.state_topic_name)[since:]
+        for value in kafka.values(s.state_topic)[since:]
         if value
         for st, model in [SequenceState.from_snapshot(value)]
     )
@@ -263,7 +263,7 @@ def test_the_run_loop_checkpoints_the_rebuilt_states_before_serving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kafka, s = served_by_a(tmp_path, EVENTS * 40)  # 600 records
-    states_before = len(kafka.values(s.state_topic_name))
+    states_before = len(kafka.values(s.state_topic))
     outputs_before = len(kafka.values(s.output_topic))
     slow_rebuild(monkeypatch, kafka)
     live = processor(B, 2.0)
@@ -289,7 +289,7 @@ def mid_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Memory
     """Model B's run loop with partition 0 rebuilding, part of its history read; and
     how many state records there were before it."""
     kafka, s = served_by_a(tmp_path, EVENTS * 40)
-    before = len(kafka.values(s.state_topic_name))
+    before = len(kafka.values(s.state_topic))
     slow_rebuild(monkeypatch, kafka)
     live = processor(B, 2.0)
     loop = kafka.loop(s, live, cast(Metrics, live.metrics))
@@ -314,7 +314,7 @@ def test_a_partition_revoked_mid_rebuild_writes_nothing_of_it(
         loop.step()
     # Nothing of the partition is written: its next owner restores the old model's
     # states and rebuilds again.
-    assert len(kafka.values(s.state_topic_name)) == before and written_by_b(kafka, s, before) == []
+    assert len(kafka.values(s.state_topic)) == before and written_by_b(kafka, s, before) == []
 
 
 def test_sigterm_mid_rebuild_stops_without_writing_any_of_it(
@@ -327,7 +327,7 @@ def test_sigterm_mid_rebuild_stops_without_writing_any_of_it(
     loop.stop.set()
     assert loop.step() is False  # the final checkpoint: nothing pending
     assert recompute.read == read and len(loop.store) == 0  # not read on, not installed
-    assert len(kafka.values(s.state_topic_name)) == before
+    assert len(kafka.values(s.state_topic)) == before
     assert loop.partitions.phase(0) is Phase.REBUILDING  # never served, never written
 
 

@@ -97,7 +97,7 @@ def out(partition: int) -> OutputRecord:
 
 def counts(tmp_path: Path, inp: int, out: int, dlq: int, state: int) -> dict[str, int]:
     s = settings(tmp_path)
-    return {s.input_topic: inp, s.output_topic: out, s.dead_letter_topic: dlq, s.state_topic_name: state}
+    return {s.input_topic: inp, s.output_topic: out, s.dlq_topic: dlq, s.state_topic: state}
 
 
 # -- which keys a grown input topic moves ----------------------------------------------
@@ -128,9 +128,9 @@ def test_known_layout_reads_the_producers_metadata_and_tracks_a_topic_it_lacks(t
     s = settings(tmp_path)
     full = counts(tmp_path, 6, 3, 3, 6)
     assert known_layout(Producer(Cluster(full)), s) == Layout(6, 3, 3, 6)  # type: ignore[arg-type]
-    fresh = Producer(Cluster({k: v for k, v in full.items() if k != s.dead_letter_topic}))
+    fresh = Producer(Cluster({k: v for k, v in full.items() if k != s.dlq_topic}))
     assert known_layout(fresh, s) is None  # type: ignore[arg-type]
-    assert fresh.tracked == [s.dead_letter_topic]  # known from the next refresh on
+    assert fresh.tracked == [s.dlq_topic]  # known from the next refresh on
     assert known_layout(SimpleNamespace(), s) is None  # type: ignore[arg-type]  # not kafka-python's
 
 
@@ -168,7 +168,7 @@ def test_a_state_record_for_a_partition_the_state_topic_lacks_fails_and_is_retri
     assert isinstance(sent[0][1].exception, UnknownTopicOrPartitionError)
     assert not sent[1][1].succeeded()  # failed with it, both resent after the backoff
     assert producer.sent == []
-    assert s.state_topic_name in str(sent[0][1].exception)
+    assert s.state_topic in str(sent[0][1].exception)
 
 
 def test_another_value_error_of_send_is_not_taken_for_a_new_partition(tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ def grown(kafka: Memory, s: Settings, **counts: int) -> None:
     topics = {
         "input": s.input_topic,
         "output": s.output_topic,
-        "dlq": s.dead_letter_topic,
+        "dlq": s.dlq_topic,
         "state": s.state_topic,
     }
     for name, total in counts.items():

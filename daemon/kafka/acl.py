@@ -51,8 +51,8 @@ def topic_roles(settings: Settings) -> dict[str, tuple[list[str], set[str]]]:
     for topic, variable, needs in (
         (settings.input_topic, "LSTMD_INPUT_TOPIC", {"READ"}),
         (settings.output_topic, "LSTMD_OUTPUT_TOPIC", {"WRITE"}),
-        (settings.dead_letter_topic, "LSTMD_DLQ_TOPIC", {"WRITE"}),
-        (settings.state_topic_name, "LSTMD_STATE_TOPIC", {"READ", "WRITE"}),
+        (settings.dlq_topic, "LSTMD_DLQ_TOPIC", {"WRITE"}),
+        (settings.state_topic, "LSTMD_STATE_TOPIC", {"READ", "WRITE"}),
     ):
         variables, ops = roles.setdefault(topic, ([], set()))
         variables.append(variable)

@@ -64,11 +64,11 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     wanted: dict[str, dict[str, Any]] = {
         settings.input_topic: {"num_partitions": partitions},
         settings.output_topic: {"num_partitions": partitions},
-        settings.dead_letter_topic: {
+        settings.dlq_topic: {
             "num_partitions": partitions,
             "configs": {"max.message.bytes": str(max_message_bytes(settings))},
         },
-        settings.state_topic_name: {"num_partitions": partitions, "configs": STATE_TOPIC_CONFIG},
+        settings.state_topic: {"num_partitions": partitions, "configs": STATE_TOPIC_CONFIG},
     }
     missing = {t: spec for t, spec in wanted.items() if t not in existing}
     if missing and not settings.create_topics:
@@ -81,10 +81,10 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
         log.info("topics_created", topics=sorted(missing), partitions=partitions)
         # Whoever won a creation race chose the partition count: read it back.
         partitions = _partitions(admin, settings.input_topic)
-    state_partitions = _partitions(admin, settings.state_topic_name)
+    state_partitions = _partitions(admin, settings.state_topic)
     if state_partitions < partitions:
         raise KafkaSetupError(
-            f"state topic {settings.state_topic_name} has {state_partitions} partitions, the input "
+            f"state topic {settings.state_topic} has {state_partitions} partitions, the input "
             f"topic {settings.input_topic} has {partitions}: add partitions to the state topic "
             f"(kafka-topics.sh --alter --partitions {partitions}); it needs at least the input's"
         )
@@ -102,7 +102,7 @@ def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_b
     limit must leave room for them. A topic whose configuration cannot be read (no
     DescribeConfigs ACL) is not checked: a warning says so.
     """
-    topic = settings.state_topic_name
+    topic = settings.state_topic
     needed = value_bytes + STATE_RECORD_OVERHEAD_BYTES
     try:
         described = admin.describe_configs([ConfigResource("TOPIC", topic)], config_filter="all")
@@ -123,7 +123,7 @@ def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_b
 def outputs_aligned(admin: KafkaAdminClient, settings: Settings, partitions: int) -> bool:
     """Whether the output and dead-letter topics have the input's partition count (at
     start-up; `Layout.aligned` while running)."""
-    topics = (settings.output_topic, settings.dead_letter_topic)
+    topics = (settings.output_topic, settings.dlq_topic)
     return all(_partitions(admin, topic) == partitions for topic in topics)
 
 
@@ -155,8 +155,8 @@ def _topics(settings: Settings) -> tuple[str, str, str, str]:
     return (
         settings.input_topic,
         settings.output_topic,
-        settings.dead_letter_topic,
-        settings.state_topic_name,
+        settings.dlq_topic,
+        settings.state_topic,
     )
 
 

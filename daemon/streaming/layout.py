@@ -52,7 +52,7 @@ class TopicWatch:
         if layout.stateless:
             log.error(
                 "state_partitions_missing",
-                state_topic=self.settings.state_topic_name,
+                state_topic=self.settings.state_topic,
                 layout=vars(layout),
                 waiting=list(layout.stateless),
                 action=f"add partitions to the state topic: at least {layout.input}",
@@ -93,7 +93,7 @@ class TopicWatch:
             log.info(
                 "partition_waiting_for_state",
                 partition=partition,
-                state_topic=self.settings.state_topic_name,
+                state_topic=self.settings.state_topic,
                 state_partitions=known,
             )
         return True

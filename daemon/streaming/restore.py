@@ -91,7 +91,7 @@ class Restorer:
         self.reads = CatchUp[_Restoring](
             lambda: consumer,
             settings,
-            settings.state_topic_name,
+            settings.state_topic,
             _Snapshots(),
             pace,
             waiting="restore_waiting",

@@ -97,7 +97,7 @@ class Startup:
             "kafka_ready",
             input_topic=settings.input_topic,
             partitions=partitions,
-            state_topic=settings.state_topic_name,
+            state_topic=settings.state_topic,
             delivery=settings.delivery,
             outputs_by_input_partition=aligned,
         )

@@ -89,7 +89,7 @@ def raw_read(settings: Any) -> tuple[int, float]:
 
     consumer = make_restore_consumer(settings)
     try:
-        tp = TopicPartition(settings.state_topic_name, 0)
+        tp = TopicPartition(settings.state_topic, 0)
         started = time.perf_counter()
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)
@@ -147,11 +147,11 @@ class RestoreSection:
             settings = _settings(bootstrap, group, model_file(spec))
             from daemon.kafka.topics import STATE_TOPIC_CONFIG
 
-            create_topics_for_bench(bootstrap, {settings.state_topic_name: 1}, STATE_TOPIC_CONFIG)
+            create_topics_for_bench(bootstrap, {settings.state_topic: 1}, STATE_TOPIC_CONFIG)
             records = snapshots(shapes, model_id, config.restore_states, config.seed)
             record_bytes = statistics.median(len(r) for r in records)
             log(f"bench: restore {spec.name}: writing {len(records):,} snapshot records ...")
-            _write(bootstrap, settings.state_topic_name, records)
+            _write(bootstrap, settings.state_topic, records)
             del records
             raw: list[tuple[int, float]] = []
             restored: list[tuple[int, float]] = []

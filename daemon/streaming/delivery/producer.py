@@ -193,7 +193,7 @@ class Producer:
         its own) is sent smaller (`OutputRecord.without_value`), down to the daemon's
         headers alone, which always go: a dead letter can always be sent."""
         if isinstance(item, StateRecord):
-            topic = self.settings.state_topic_name
+            topic = self.settings.state_topic
             return item, self.send_to(topic, item.partition, key=item.key.encode(), value=item.value)
         if item.dead_letter and item.value and (item.partition, item.offset) in self._oversized:
             item = _too_large(item, "broker")
@@ -231,7 +231,7 @@ class Producer:
         refresh_metadata(self.kafka, wait_s=METADATA_WAIT_S)
         if not unlisted(self.kafka, topic, partition):
             return self.kafka.send(topic, partition=partition, **record)
-        if topic == self.settings.state_topic_name:
+        if topic == self.settings.state_topic:
             raise UnknownTopicOrPartitionError(f"{topic} has no partition {partition}")
         self.same_partitions = False
         log.warning(
@@ -242,8 +242,8 @@ class Producer:
     def topic(self, item: Record) -> str:
         s = self.settings
         if isinstance(item, StateRecord):
-            return s.state_topic_name
-        return s.dead_letter_topic if item.dead_letter else s.output_topic
+            return s.state_topic
+        return s.dlq_topic if item.dead_letter else s.output_topic
 
     # -- dead letters too large for the topic ------------------------------------------
     def note_oversized(self, sent: Iterable[tuple[Record, Future]]) -> None:
