@@ -23,8 +23,8 @@ from kafka.errors import (
 )
 
 from daemon.ops.health import Health
-from daemon.ops.metrics import DEAD_LETTER_REASONS, EVICTION_CAUSES
-from daemon.streaming.delivery import ABORT_CAUSES, abort_cause, make_delivery
+from daemon.ops.metrics import ABORT_CAUSES, DEAD_LETTER_REASONS, EVICTION_CAUSES
+from daemon.streaming.delivery import abort_cause, make_delivery
 from daemon.streaming.loop import RunLoop
 from tests.fakes import FakeProducer, make, settings
 

@@ -37,20 +37,17 @@ from daemon.core.records import OutputRecord
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery.at_least_once import AtLeastOnce
 from daemon.streaming.delivery.errors import (
-    ABORT_CAUSES,
     CheckpointAbandoned,
     DeliveryFailed,
     SendRefused,
     TransactionFailed,
     abort_cause,
 )
-from daemon.streaming.delivery.pipeline import count_from_zero
 from daemon.streaming.delivery.producer import Producer
 from daemon.streaming.delivery.transactional import Transactional
 from daemon.streaming.policy import Checkpoint
 
 __all__ = [
-    "ABORT_CAUSES",
     "AtLeastOnce",
     "CheckpointAbandoned",
     "Delivery",
@@ -123,7 +120,6 @@ def make_delivery(
     """The pipeline of `settings.delivery`, with a producer ready to send (waited for
     while the cluster does not answer; DeliveryFailed if `stop` is set meanwhile).
     `abandon` defaults to `stop`; `Producer` says what each of the three is for."""
-    count_from_zero(metrics)
     transactional = settings.delivery == "exactly-once"
     out = Producer(
         settings,

@@ -29,14 +29,13 @@ from daemon.config import Settings
 from daemon.errors import KafkaSetupError
 from daemon.kafka.acl import authorization_failure
 from daemon.ops.logs import get_logger
+from daemon.ops.metrics import AbortCause
 
 # The package's logger, as before delivery was split into modules.
 log = get_logger(__package__ or __name__)
 
 # Broker refusals of a record itself: after one, a transactional producer is unusable.
 RECORD_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError, OutOfOrderSequenceNumberError)
-# Why a transaction was aborted, as a bounded metric label (the log names the error).
-ABORT_CAUSES = ("timeout", "fenced", "refused", "unavailable", "other")
 
 
 class SendRefused(KafkaError):
@@ -62,8 +61,9 @@ class CheckpointAbandoned(TransactionFailed):
     abort."""
 
 
-def abort_cause(exc: KafkaError) -> str:
-    """The ABORT_CAUSES label of an error that aborted a transaction."""
+def abort_cause(exc: KafkaError) -> AbortCause:
+    """Why a transaction was aborted, as its bounded metric label (declared with the
+    others in daemon/ops/metrics.py; the log names the error itself)."""
     if isinstance(exc, RECORD_REFUSALS):
         return "refused"
     if isinstance(exc, (ProducerFencedError, InvalidProducerEpochError, CommitFailedError)):

@@ -20,7 +20,6 @@ from kafka.structs import ConsumerGroupMetadata
 
 from daemon.core.records import Kind, StateRecord
 from daemon.ops.metrics import Metrics
-from daemon.streaming.delivery.errors import ABORT_CAUSES
 from daemon.streaming.delivery.order import Record
 from daemon.streaming.delivery.producer import Producer
 from daemon.streaming.policy import Checkpoint
@@ -79,14 +78,6 @@ class Pipeline(abc.ABC):
                 predictions += 1
                 self.metrics.end_to_end.observe(now - item.source_timestamp_ms / 1000.0)
         self.metrics.predictions.inc(predictions)
-
-
-def count_from_zero(metrics: Metrics) -> None:
-    """Every label value of delivery's metrics starts at 0, whichever the mode."""
-    for kind in ("state", "tombstone"):
-        metrics.state_records.labels(kind=kind)
-    for cause in ABORT_CAUSES:
-        metrics.transaction_aborts.labels(cause=cause)
 
 
 def expelled(group: ConsumerGroupMetadata) -> bool:
