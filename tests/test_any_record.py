@@ -1,7 +1,7 @@
 """Whatever a producer can write is answered or dead-lettered, and every answer can be
 sent: record shapes (null, empty, not UTF-8, huge keys, values and headers, header
-values that are null) through the processor and the checkpointer's send path, with a
-producer that refuses what kafka-python's refuses. And an error the client raises
+values that are null) through the processor and the checkpointer's send path, on the
+in-memory Kafka, whose producer refuses what kafka-python's refuses. And an error the client raises
 for one record's send is that record's failure, never an exception out of the loop.
 
 The same against the real broker, written by librdkafka: tests/test_foreign_producers.py.
@@ -11,68 +11,32 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, cast
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
-from kafka.errors import MessageSizeTooLargeError
-from kafka.future import Future
-from kafka.record.default_records import DefaultRecordBatchBuilder
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from daemon.core import codec
 from daemon.core.records import Kind, OutputRecord
-from daemon.kafka.clients import max_message_bytes
 from daemon.ops.metrics import DEAD_LETTER_REASONS, Metrics
 from daemon.replay import FileRecord
-from daemon.streaming.delivery import SendRefused, TransactionFailed, make_delivery
+from daemon.streaming.delivery import SendRefused, TransactionFailed
 from daemon.streaming.policy import Checkpoint
-from tests.fakes import TP, FakeConsumer, FakeProducer, make, output, settings
+from tests.fakes import TP, make, output, settings
+from tests.support.backends import memory_delivery, memory_kafka, memory_member
+from tests.support.kafka import MemoryKafka
 
 LIMIT = codec.DEAD_LETTER_VALUE_BYTES  # LSTMD_MAX_RECORD_BYTES's default is the same 1 MiB
 HUGE = b"h" * (LIMIT + 10)
 
 
-class KafkaLikeProducer(FakeProducer):
-    """Refuses a send as kafka-python 3.0.12's KafkaProducer.send does (its checks,
-    in its order), and acknowledges the rest."""
-
-    def __init__(self, max_request_size: int, *, refuse_keys: bool = False) -> None:
-        super().__init__()
-        self.max_request_size = max_request_size
-        self.refuse_keys = refuse_keys  # as a client with a bug would, for any record with a key
-        self.records: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
-
-    def send(
-        self,
-        topic: str,
-        key: bytes | None = None,
-        value: bytes | None = None,
-        headers: Any = None,
-        **_: Any,
-    ) -> Future:
-        if value is None and key is None:
-            raise ValueError("Need at least one: key or value")
-        if key is not None and self.refuse_keys:
-            raise TypeError("this client refuses every key")
-        headers = [] if headers is None else headers
-        if not isinstance(headers, list):
-            raise TypeError("headers must be list-type")
-        if not all(
-            isinstance(h, tuple) and len(h) == 2 and isinstance(h[0], str) and isinstance(h[1], bytes)
-            for h in headers
-        ):
-            raise TypeError("All headers items must be (str, bytes) tuples")
-        for part in (key, value):
-            if part is not None and not isinstance(part, bytes):
-                raise TypeError(f"Unsupported type for serialized key or value: {type(part)}")
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)  # type: ignore[no-untyped-call]
-        if size > self.max_request_size:
-            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
-        self.records.append((topic, key, value, list(headers)))
-        return super().send(topic, key, value)
+def sent_in_order(kafka: MemoryKafka, *topics: str) -> list[ConsumerRecord]:
+    """The records that landed on `topics`, in the order they were appended."""
+    return sorted((r for t in topics for r in kafka.records(t)), key=lambda r: r.timestamp)
 
 
 # -- record shapes ------------------------------------------------------------------
@@ -162,12 +126,13 @@ def test_every_record_is_answered_once_and_every_answer_is_sent(
         if out.dead_letter:
             check_dead_letter(out, rec)
     s = settings(tmp_path, delivery=delivery)
-    producer = KafkaLikeProducer(max_message_bytes(s))
+    kafka = memory_kafka(s)
     abandon = threading.Event()
     abandon.set()  # a failed send would raise at once (DeliveryFailed, TransactionFailed), not retry
-    cp = make_delivery(s, cast(Any, lambda: producer), Metrics(), threading.Event(), abandon=abandon)
-    assert cp.commit(FakeConsumer(), Checkpoint(outputs=outputs, offsets={TP: len(records)}))  # type: ignore[arg-type]
-    assert [(t, k, v) for t, k, v, _ in producer.records] == [
+    cp = memory_delivery(kafka, s, abandon=abandon)
+    consumer = memory_member(kafka, s)
+    assert cp.commit(consumer, Checkpoint(outputs=outputs, offsets={TP: len(records)}))
+    assert [(r.topic, r.key, r.value) for r in sent_in_order(kafka, s.output_topic, s.dlq_topic)] == [
         ("in.dlq" if o.dead_letter else "out", o.key, o.value) for o in outputs
     ]
 
@@ -201,48 +166,47 @@ def test_a_huge_key_is_dead_lettered_bare(tmp_path: Path) -> None:
 # -- one record's send error is that record's problem ----------------------------------
 
 
-class RefusesOnce(FakeProducer):
+def refuses_once(topic: str, key: bytes | None, value: bytes | None) -> Exception | None:
     """kafka-python raises ValueError (not a KafkaError) for a partition its metadata
     does not know yet: the first send of the record with value b"2" meets it."""
+    if value == b"2" and not REFUSED:
+        REFUSED.append(value)
+        return ValueError(f"Unrecognized partition 5 for topic {topic}")
+    return None
 
-    refused = 0
 
-    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **kw: Any) -> Future:
-        if value == b"2" and not RefusesOnce.refused:
-            RefusesOnce.refused += 1
-            raise ValueError(f"Unrecognized partition 5 for topic {topic}")
-        return super().send(topic, key, value)
+REFUSED: list[bytes] = []
 
 
 def test_a_non_kafka_error_from_send_is_that_records_failure(tmp_path: Path) -> None:
-    RefusesOnce.refused = 0
-    made: list[RefusesOnce] = []
-
-    def producer() -> RefusesOnce:
-        made.append(RefusesOnce())
-        return made[-1]
-
+    REFUSED.clear()
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    kafka.refuse_sends = refuses_once
     metrics = Metrics()
-    cp = make_delivery(settings(tmp_path), cast(Any, producer), metrics, threading.Event())
+    cp = memory_delivery(kafka, s, metrics)
     records = [output(b"a", b"1"), output(b"b", b"2"), output(b"c", b"3")]
     # Pipelined (between checkpoints): the send returns; the refused record fails alone.
     cp.send(records)
     assert cp.failing()
-    assert [v for _, v in made[0].sent] == [b"1", b"3"]
+    assert [v for _, v in kafka.producers[0].sent] == [b"1", b"3"]
     # The checkpoint resends it (on a new producer, after a backoff) and commits.
-    assert cp.commit(FakeConsumer(), Checkpoint(offsets={TP: 3}))  # type: ignore[arg-type]
-    assert [v for p in made for _, v in p.sent] == [b"1", b"3", b"2"]
+    assert cp.commit(memory_member(kafka, s), Checkpoint(offsets={TP: 3}))
+    assert [v for p in kafka.producers for _, v in p.sent] == [b"1", b"3", b"2"]
+    assert kafka.values(s.output_topic) == [b"1", b"3", b"2"]
     assert metrics.registry.get_sample_value("lstmd_produce_errors_total") == 1
 
 
 def test_a_non_kafka_error_from_send_aborts_the_transaction(tmp_path: Path) -> None:
-    RefusesOnce.refused = 0
-    producer = RefusesOnce()
-    cp = make_delivery(
-        settings(tmp_path, delivery="exactly-once"), cast(Any, lambda: producer), Metrics(), threading.Event()
-    )
+    REFUSED.clear()
+    s = settings(tmp_path, delivery="exactly-once")
+    kafka = memory_kafka(s)
+    kafka.refuse_sends = refuses_once
+    cp = memory_delivery(kafka, s)
+    [producer] = kafka.producers
+    consumer = memory_member(kafka, s)
     with pytest.raises(TransactionFailed) as caught:  # the run loop restores and recomputes
-        cp.commit(FakeConsumer(), Checkpoint(outputs=[output(b"b", b"2")], offsets={TP: 1}))  # type: ignore[arg-type]
+        cp.commit(consumer, Checkpoint(outputs=[output(b"b", b"2")], offsets={TP: 1}))
     assert isinstance(caught.value.__cause__, SendRefused) and "Unrecognized partition" in str(caught.value)
     assert producer.calls[-1] == "abort_transaction" and "commit_transaction" not in producer.calls
 
@@ -252,42 +216,43 @@ def test_a_dead_letter_the_client_refuses_is_sent_bare(tmp_path: Path) -> None:
     (no key, b"" value, the daemon's headers) is always sendable."""
 
     s = settings(tmp_path)
-    producer = KafkaLikeProducer(max_message_bytes(s), refuse_keys=True)
+    kafka = memory_kafka(s)
+    # As a client with a bug would, for any record with a key.
+    kafka.refuse_sends = lambda topic, key, value: TypeError("this client refuses every key") if key else None
     proc, _ = make()
     [letter] = proc.process([FileRecord("in", 0, 0, 0, b"k", b"not json", (("a", b"1"),))])
-    cp = make_delivery(s, cast(Any, lambda: producer), Metrics(), threading.Event())
-    assert cp.commit(FakeConsumer(), Checkpoint(outputs=[letter], offsets={TP: 1}))  # type: ignore[arg-type]
-    [(topic, key, value, headers)] = producer.records
-    assert (topic, key, value) == ("in.dlq", None, b"")
-    assert dict(headers)[codec.VALUE_OMITTED] == b"8" and dict(headers)[codec.KEY_OMITTED] == b"1"
+    cp = memory_delivery(kafka, s)
+    assert cp.commit(memory_member(kafka, s), Checkpoint(outputs=[letter], offsets={TP: 1}))
+    [record] = sent_in_order(kafka, s.output_topic, s.dlq_topic)
+    assert (record.topic, record.key, record.value) == ("in.dlq", None, b"")
+    headers = dict(record.headers)
+    assert headers[codec.VALUE_OMITTED] == b"8" and headers[codec.KEY_OMITTED] == b"1"
 
 
 def test_a_batch_the_broker_refuses_costs_its_dead_letters_their_values_not_keys(tmp_path: Path) -> None:
     """The broker refuses a whole batch for one large record: on the resend each dead
     letter of it goes without its value, and one already without keeps its key."""
-    refusals: list[int] = []
+    refusals: list[bytes | None] = []
 
-    class RefusesFirstBatch(FakeProducer):
-        def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **kw: Any) -> Future:
-            self.records.append((key, value, dict(kw.get("headers") or [])))
-            if not refusals or len(refusals) < 2:
-                refusals.append(1)
-                return Future().failure(MessageSizeTooLargeError("batch over max.message.bytes"))
-            return Future().success(None)
+    def refuses_first_batch(topic: str, key: bytes | None, value: bytes | None) -> KafkaError | None:
+        if len(refusals) < 2:
+            refusals.append(key)
+            return MessageSizeTooLargeError("batch over max.message.bytes")
+        return None
 
-    RefusesFirstBatch.records = []  # type: ignore[attr-defined]
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    kafka.fail_sends = refuses_first_batch
     proc, _ = make()
     letters = proc.process(
         [FileRecord("in", 0, 0, 0, b"a", HUGE), FileRecord("in", 0, 1, 0, b"b", b"x" * 3000)]
     )
     abandon = threading.Event()
-    cp = make_delivery(
-        settings(tmp_path), cast(Any, RefusesFirstBatch), Metrics(), threading.Event(), abandon=abandon
-    )
+    cp = memory_delivery(kafka, s, abandon=abandon)
     threading.Timer(10, abandon.set).start()  # never reached: one backoff, then the resend succeeds
-    assert cp.commit(FakeConsumer(), Checkpoint(outputs=letters, offsets={TP: 2}))  # type: ignore[arg-type]
-    sent = RefusesFirstBatch.records[-2:]  # type: ignore[attr-defined]
-    assert [(k, v, h[codec.VALUE_OMITTED]) for k, v, h in sent] == [
+    assert cp.commit(memory_member(kafka, s), Checkpoint(outputs=letters, offsets={TP: 2}))
+    sent = [(r.key, r.value, dict(r.headers)[codec.VALUE_OMITTED]) for r in kafka.records(s.dlq_topic)]
+    assert refusals == [b"a", b"b"] and sent == [
         (b"a", None, str(len(HUGE)).encode()),
         (b"b", None, b"3000"),
     ]

@@ -6,10 +6,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from kafka.future import Future
 
 from daemon.cli import main
 from daemon.core.records import StateRecord
@@ -18,7 +16,8 @@ from daemon.devtools.bench.peer import PEER_SCRIPT, PeerSection, has_quix
 from daemon.devtools.bench.profile import PHASE_RULES, classify
 from daemon.devtools.localkafka import LocalKafka
 from daemon.streaming.policy import Checkpoint
-from tests.fakes import FakeConsumer, FakeProducer, checkpointer, output, settings
+from tests.fakes import output, settings
+from tests.support.backends import memory_delivery, memory_kafka, memory_member
 
 TINY = bench.BenchConfig(
     sections=("engine",),
@@ -447,13 +446,15 @@ def test_the_profile_names_the_sends_of_outputs_and_of_state_records(tmp_path: P
     named none: every send was "checkpoint other")."""
     named: list[tuple[str, str]] = []
 
-    class Producer(FakeProducer):
-        def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any) -> Future:
-            named.append((topic, classify(sys._getframe())))
-            return super().send(topic, key, value)
+    def name(topic: str, key: bytes | None, value: bytes | None) -> None:
+        named.append((topic, classify(sys._getframe())))  # called inside producer.send
 
-    cp = checkpointer(settings(tmp_path), Producer)
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    kafka.refuse_sends = name
+    cp = memory_delivery(kafka, s)
     cp.send([output(value=b"1")])
-    cp.commit(FakeConsumer(), Checkpoint(outputs=[output(value=b"2")], states=[StateRecord(0, "k", b"s")]))  # type: ignore[arg-type]
+    consumer = memory_member(kafka, s)
+    cp.commit(consumer, Checkpoint(outputs=[output(value=b"2")], states=[StateRecord(0, "k", b"s")]))
     outputs, states = "producer.send (outputs)", "producer.send (state records)"
     assert named == [("out", outputs), ("out", outputs), ("g.state", states)]

@@ -1,125 +1,122 @@
 """Checkpoints when Kafka misbehaves: a rebalance under a commit, a producer that
-cannot be built, an expelled member's transaction. Unit tests with fake clients;
-the same paths run against the real broker in tests/test_faults.py."""
+cannot be built, an expelled member's transaction. Unit tests on the in-memory Kafka
+(tests/support/kafka.py); the same paths run against the real broker in
+tests/test_faults.py."""
 
 from __future__ import annotations
 
 import threading
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import pytest
-from kafka import TopicPartition
+from kafka import KafkaConsumer
 from kafka.errors import (
     CommitFailedError,
     FencedInstanceIdError,
+    KafkaError,
     KafkaTimeoutError,
     ProducerFencedError,
     RebalanceInProgressError,
     TopicAuthorizationFailedError,
 )
-from kafka.future import Future
 
 from daemon.config import Settings
 from daemon.core.records import StateRecord
 from daemon.core.state import UNREADABLE, SavedState, SequenceState
 from daemon.errors import KafkaSetupError
 from daemon.ops.metrics import Metrics
-from daemon.streaming.delivery import DeliveryFailed, TransactionFailed, make_delivery
+from daemon.streaming.delivery import DeliveryFailed, TransactionFailed
 from daemon.streaming.policy import Checkpoint
 from daemon.streaming.restore import Restorer, adopt
-from tests.fakes import (
-    TP,
-    FakeConsumer,
-    FakeProducer,
-    FakeStateConsumer,
-    checkpointer,
-    make,
-    output,
-    outputs,
-    recs,
-    settings,
-)
+from tests.fakes import TP, make, output, outputs, recs, settings
+from tests.support.backends import memory_delivery, memory_kafka, memory_member
+from tests.support.kafka import MemoryConsumer, MemoryKafka
 
 
 @pytest.mark.parametrize("error", [RebalanceInProgressError(), CommitFailedError()])
-def test_a_commit_during_a_rebalance_is_deferred_not_retried(tmp_path: Path, error: Exception) -> None:
-    cp = checkpointer(settings(tmp_path), FakeProducer)
-    consumer = FakeConsumer(commit_error=error)
+def test_a_commit_during_a_rebalance_is_deferred_not_retried(tmp_path: Path, error: KafkaError) -> None:
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    cp = memory_delivery(kafka, s)
+    consumer = memory_member(kafka, s)
+    kafka.faults.commit.append(error)
     started = time.monotonic()
-    committed = cp.commit(consumer, Checkpoint(outputs=[output()], offsets={TP: 5}))  # type: ignore[arg-type]
+    committed = cp.commit(consumer, Checkpoint(outputs=[output()], offsets={TP: 5}))
     # Only poll() completes a rebalance: a retry loop here would never end.
     assert committed is False
-    assert consumer.commits == 1 and time.monotonic() - started < 1.0
+    tried = cast(MemoryConsumer, consumer)
+    assert len(tried.commit_timeouts) == 1 and tried.commits == [] and time.monotonic() - started < 1.0
 
 
 def test_a_fenced_static_member_names_its_instance_id(tmp_path: Path) -> None:
-    cp = checkpointer(settings(tmp_path, group_instance_id="lstmd-0"), FakeProducer)
+    s = settings(tmp_path, group_instance_id="lstmd-0")
+    kafka = memory_kafka(s)
+    cp = memory_delivery(kafka, s)
+    kafka.faults.commit.append(FencedInstanceIdError())
     with pytest.raises(KafkaSetupError, match=r"lstmd-0.*LSTMD_GROUP_INSTANCE_ID"):
-        cp.commit(
-            FakeConsumer(commit_error=FencedInstanceIdError()),  # type: ignore[arg-type]
-            Checkpoint(offsets={TP: 5}),
-        )
+        cp.commit(memory_member(kafka, s), Checkpoint(offsets={TP: 5}))
 
 
 def test_a_producer_is_awaited_while_the_cluster_does_not_answer(tmp_path: Path) -> None:
-    attempts: list[int] = []
-
-    def make() -> FakeProducer:
-        attempts.append(1)
-        if len(attempts) < 3:
-            raise KafkaTimeoutError("Unable to bootstrap")
-        return FakeProducer()
-
-    cp = checkpointer(settings(tmp_path), make)
-    assert isinstance(cast(object, cp.producer), FakeProducer) and len(attempts) == 3
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    kafka.faults.connect += [KafkaTimeoutError("Unable to bootstrap")] * 2
+    cp = memory_delivery(kafka, s)
+    assert kafka.faults.connect == [] and len(kafka.producers) == 1  # two refusals, then one built
+    assert cast(object, cp.producer) is kafka.producers[0]
 
 
 def test_an_expelled_member_commits_no_transaction(tmp_path: Path) -> None:
-    producer = FakeProducer()
-    cp = checkpointer(settings(tmp_path, delivery="exactly-once"), lambda: producer)
+    s = settings(tmp_path, delivery="exactly-once")
+    kafka = memory_kafka(s)
+    cp = memory_delivery(kafka, s)
+    [producer] = kafka.producers
     with pytest.raises(TransactionFailed):
-        cp.commit(
-            FakeConsumer(generation=-1),  # type: ignore[arg-type]
-            Checkpoint(outputs=[output()], offsets={TP: 5}),
-        )
+        cp.commit(memory_member(kafka, s, expelled=True), Checkpoint(outputs=[output()], offsets={TP: 5}))
     assert "send_offsets_to_transaction" not in producer.calls
     assert "commit_transaction" not in producer.calls
     assert producer.calls[-1] == "abort_transaction"
 
 
 def test_a_fenced_producer_is_replaced_after_the_abort_fails(tmp_path: Path) -> None:
-    made: list[FakeProducer] = []
-
-    def make() -> FakeProducer:
-        made.append(FakeProducer(abort_error=ProducerFencedError() if not made else None))
-        return made[-1]
-
-    cp = checkpointer(settings(tmp_path, delivery="exactly-once"), make)
-    made[0].send = lambda *a, **k: Future().failure(KafkaTimeoutError())  # type: ignore[method-assign]
+    s = settings(tmp_path, delivery="exactly-once")
+    kafka = memory_kafka(s)
+    cp = memory_delivery(kafka, s)
+    made = kafka.producers
+    kafka.fail_sends = lambda *_: KafkaTimeoutError()
+    kafka.faults.abort_transaction.append(ProducerFencedError())
     with pytest.raises(TransactionFailed):
-        cp.commit(FakeConsumer(), Checkpoint(outputs=[output()], offsets={TP: 5}))  # type: ignore[arg-type]
+        cp.commit(memory_member(kafka, s), Checkpoint(outputs=[output()], offsets={TP: 5}))
     assert cast(object, cp.producer) is made[1] and "close" in made[0].calls
     assert made[1].calls == ["init_transactions"]
 
 
 def test_an_expelled_member_writes_no_state_records(tmp_path: Path) -> None:
-    producer = FakeProducer()
-    cp = checkpointer(settings(tmp_path), lambda: producer)
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    cp = memory_delivery(kafka, s)
+    [producer] = kafka.producers
     state = StateRecord(0, "a", b"state")
     with pytest.raises(TransactionFailed):  # the run loop restores, as after an abort
         cp.commit(
-            FakeConsumer(generation=-1),  # type: ignore[arg-type]
+            memory_member(kafka, s, expelled=True),
             Checkpoint(outputs=[output()], states=[state], offsets={TP: 5}),
         )
     # The outputs are out (a restart repeats them identically); no state record is.
     assert [topic for topic, _ in producer.sent] == ["out"]
 
 
-def restore(consumer: FakeStateConsumer, s: Settings) -> dict[str, SavedState]:
-    restorer = Restorer(cast(Any, consumer), s, Metrics())
+def restore(
+    s: Settings, records: list[tuple[bytes, bytes | None]], kafka: MemoryKafka | None = None
+) -> dict[str, SavedState]:
+    """Restore partition 0 of the state topic holding `records`."""
+    kafka = kafka or memory_kafka(s)
+    for key, value in records:
+        kafka.produce(s.state_topic, key, value)
+    restorer = Restorer(cast(KafkaConsumer, kafka.reader()), s, Metrics())
     restorer.begin([0])
     for _ in range(5):
         done = restorer.step()
@@ -130,9 +127,7 @@ def restore(consumer: FakeStateConsumer, s: Settings) -> dict[str, SavedState]:
 
 def test_an_unreadable_state_record_starts_the_sequence_over(tmp_path: Path) -> None:
     good = SequenceState(tensors=[np.array([1.0], np.float32)], n=1, watermark=4).snapshot("m@1")
-    states = restore(
-        FakeStateConsumer([(b"a", good), (b"b", good), (b"a", b"not a state")]), settings(tmp_path)
-    )
+    states = restore(settings(tmp_path), [(b"a", good), (b"b", good), (b"a", b"not a state")])
     # "a" must not fall back to its older record: that state is behind its inputs. It
     # starts over, announced, and keeps the only watermark left (a lower bound).
     assert sorted(states) == ["a", "b"] and states["b"][1] == "m@1"
@@ -149,8 +144,8 @@ def test_a_state_record_with_misfit_tensors_keeps_its_watermark(tmp_path: Path) 
     misfit = SequenceState(tensors=[np.zeros(5, np.float32)], n=9, watermark=8, last_step=7)
     corrupt = misfit.snapshot("m@1")[:-4]  # a tensor cut short: the header still reads
     states = restore(
-        FakeStateConsumer([(b"a", fits.snapshot("m@1")), (b"b", misfit.snapshot("m@1")), (b"c", corrupt)]),
         settings(tmp_path),
+        [(b"a", fits.snapshot("m@1")), (b"b", misfit.snapshot("m@1")), (b"c", corrupt)],
     )
     proc, metrics = make(model_id="m@1")
     evicted = adopt(proc.store, proc.model_id, 0, states, state_shapes=[(1,)])
@@ -173,7 +168,7 @@ def test_a_forgotten_sequence_is_not_restored_and_the_bound_holds_after_a_restor
 
     # "a" was forgotten by the previous owner (its tombstone), b, c, d were remembered.
     records = [(b"a", ended(1)), (b"b", ended(2)), (b"c", ended(3)), (b"d", ended(4)), (b"a", None)]
-    states = restore(FakeStateConsumer(records), settings(tmp_path))
+    states = restore(settings(tmp_path), records)
     assert sorted(states) == ["b", "c", "d"]
     proc, _ = make(model_id="m@1")
     proc.store.max_ended = 2
@@ -189,17 +184,19 @@ def test_a_forgotten_sequence_is_not_restored_and_the_bound_holds_after_a_restor
 
 def test_a_restore_waits_for_the_state_partition_end(tmp_path: Path) -> None:
     good = SequenceState(tensors=[np.array([1.0], np.float32)], n=1, watermark=4).snapshot("m@1")
-    states = restore(FakeStateConsumer([(b"a", good)], fail_ends=2), settings(tmp_path))
-    assert states["a"][0].watermark == 4
-
-
-class RefusedStateConsumer(FakeStateConsumer):
-    def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict[TopicPartition, list[Any]]:
-        raise TopicAuthorizationFailedError()
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    kafka.faults.offsets += [KafkaTimeoutError("no leader")] * 2
+    states = restore(s, [(b"a", good)], kafka)
+    assert states["a"][0].watermark == 4 and kafka.faults.offsets == []
 
 
 def test_read_on_the_state_topic_revoked_ends_the_daemon_naming_it(tmp_path: Path) -> None:
-    restorer = Restorer(cast(Any, RefusedStateConsumer([(b"a", None)])), settings(tmp_path), Metrics())
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    kafka.produce(s.state_topic, b"a", None)
+    kafka.faults.read.append(TopicAuthorizationFailedError())
+    restorer = Restorer(cast(KafkaConsumer, kafka.reader()), s, Metrics())
     restorer.begin([0])
     with pytest.raises(KafkaSetupError, match=r"g\.state.*LSTMD_STATE_TOPIC"):
         restorer.step()
@@ -207,55 +204,45 @@ def test_read_on_the_state_topic_revoked_ends_the_daemon_naming_it(tmp_path: Pat
 
 def test_an_expelled_member_commits_no_transaction_without_offsets(tmp_path: Path) -> None:
     # A tombstone alone (no new offsets) must not land over the next owner's state.
-    producer = FakeProducer()
-    cp = checkpointer(settings(tmp_path, delivery="exactly-once"), lambda: producer)
+    s = settings(tmp_path, delivery="exactly-once")
+    kafka = memory_kafka(s)
+    cp = memory_delivery(kafka, s)
+    [producer] = kafka.producers
     with pytest.raises(TransactionFailed):
-        cp.commit(FakeConsumer(generation=-1), Checkpoint(states=[StateRecord(0, "a", None)]))  # type: ignore[arg-type]
+        cp.commit(memory_member(kafka, s, expelled=True), Checkpoint(states=[StateRecord(0, "a", None)]))
     assert "commit_transaction" not in producer.calls
     assert producer.calls[-1] == "abort_transaction"
 
 
 def test_a_retry_at_sigterm_goes_on_until_the_shutdown_deadline(tmp_path: Path) -> None:
-    class Down(FakeProducer):
-        def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any) -> Future:
-            return Future().failure(KafkaTimeoutError("broker down"))
-
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    kafka.fail_sends = lambda *_: KafkaTimeoutError("broker down")
     stop, abandon = threading.Event(), threading.Event()
-    made: list[Down] = []
-
-    def make() -> Down:
-        made.append(Down())
-        return made[-1]
-
-    cp = make_delivery(settings(tmp_path), cast(Any, make), Metrics(), stop, abandon=abandon)
+    cp = memory_delivery(kafka, s, stop=stop, abandon=abandon)
     stop.set()  # SIGTERM: the checkpoint in hand still retries...
     threading.Timer(1.5, abandon.set).start()  # ...until the deadline
     started = time.monotonic()
     with pytest.raises(DeliveryFailed):
-        cp.commit(FakeConsumer(), Checkpoint(outputs=[output()], offsets={TP: 5}))  # type: ignore[arg-type]
-    assert 1.4 < time.monotonic() - started < 5 and len(made) >= 2  # retried, on a new producer
+        cp.commit(memory_member(kafka, s), Checkpoint(outputs=[output()], offsets={TP: 5}))
+    assert 1.4 < time.monotonic() - started < 5 and len(kafka.producers) >= 2  # retried, on a new producer
 
 
 def test_a_partial_failure_is_resent_in_each_keys_order(tmp_path: Path) -> None:
-    class FirstOfAFails(FakeProducer):
-        failed_once = False
+    s = settings(tmp_path)
+    kafka = memory_kafka(s)
+    lost: list[bytes | None] = []
 
-        def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any) -> Future:
-            if key == b"a" and value == b"1" and not FirstOfAFails.failed_once:
-                FirstOfAFails.failed_once = True
-                return Future().failure(KafkaTimeoutError("one record lost"))
-            return super().send(topic, key, value)
+    def first_of_a_fails(topic: str, key: bytes | None, value: bytes | None) -> KafkaError | None:
+        if key == b"a" and value == b"1" and not lost:
+            lost.append(value)
+            return KafkaTimeoutError("one record lost")
+        return None
 
-    producers: list[FirstOfAFails] = []
-
-    def make() -> FirstOfAFails:
-        producers.append(FirstOfAFails())
-        return producers[-1]
-
-    cp = checkpointer(settings(tmp_path), make)
+    kafka.fail_sends = first_of_a_fails
+    cp = memory_delivery(kafka, s)
     records = [output(key=b"a", value=b"1"), output(key=b"b", value=b"x"), output(key=b"a", value=b"2")]
-    assert cp.commit(FakeConsumer(), Checkpoint(outputs=records, offsets={TP: 3}))  # type: ignore[arg-type]
-    delivered = [value for p in producers for _, value in p.sent]
+    assert cp.commit(memory_member(kafka, s), Checkpoint(outputs=records, offsets={TP: 3}))
     # "a"=2 was acknowledged before "a"=1 was resent: it goes again after it, and the
     # last copy of each of a's records is in a's order; "b" is not repeated.
-    assert delivered == [b"x", b"2", b"1", b"2"]
+    assert kafka.values(s.output_topic) == [b"x", b"2", b"1", b"2"]

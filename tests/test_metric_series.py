@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import cast
 
 import pytest
-from kafka import KafkaProducer
 from kafka.errors import (
     CommitFailedError,
     KafkaConnectionError,
@@ -24,15 +22,16 @@ from kafka.errors import (
 
 from daemon.ops.health import Health
 from daemon.ops.metrics import ABORT_CAUSES, DEAD_LETTER_REASONS, EVICTION_CAUSES
-from daemon.streaming.delivery import abort_cause, make_delivery
+from daemon.streaming.delivery import abort_cause
 from daemon.streaming.loop import RunLoop
-from tests.fakes import FakeProducer, make, settings
+from tests.fakes import make, settings
+from tests.support.backends import memory_delivery, memory_kafka
 
 
 def test_every_known_label_value_starts_at_zero(tmp_path: Path) -> None:
     proc, metrics = make()
     s = settings(tmp_path, delivery="exactly-once")
-    make_delivery(s, lambda: cast(KafkaProducer, FakeProducer()), metrics, threading.Event())
+    memory_delivery(memory_kafka(s), s, metrics)
     RunLoop(s, proc, metrics, Health(60), threading.Event())
     text = metrics.exposition().decode()
     expected = (

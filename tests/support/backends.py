@@ -21,8 +21,10 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
+from daemon.kafka.clients import max_message_bytes
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
+from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
 from daemon.streaming.loop import RunLoop, transactional_id
 from tests.support.kafka import MemoryKafka
 
@@ -67,6 +69,47 @@ def _settings(tmp_path: Path, bootstrap: str, names: dict[str, str], **extra: An
     )
 
 
+def memory_kafka(settings: Settings, partitions: int = 1) -> MemoryKafka:
+    """An in-memory Kafka with the settings' four topics (input, output, dead-letter,
+    state), for a unit test of one part (delivery, restore) without a run loop."""
+    kafka = MemoryKafka()
+    names = (settings.input_topic, settings.output_topic, settings.dlq_topic)
+    kafka.create_topics(*names, settings.state_topic, partitions=partitions)
+    return kafka
+
+
+def memory_member(kafka: MemoryKafka, settings: Settings, *, expelled: bool = False) -> KafkaConsumer:
+    """The group's only member, owning every input partition (`expelled`: the group has
+    since expelled it: it is no member any more, and its commits fail)."""
+    consumer = kafka.member(settings.input_topic, group_id=settings.group_id)
+    if expelled:
+        consumer.expel()
+    return cast(KafkaConsumer, consumer)
+
+
+def memory_delivery(
+    kafka: MemoryKafka,
+    settings: Settings,
+    metrics: Metrics | None = None,
+    *,
+    abandon: threading.Event | None = None,
+    stop: threading.Event | None = None,
+    max_request_size: int | None = None,
+) -> AtLeastOnce | Transactional:
+    """The delivery pipeline of `settings.delivery` on `kafka`'s producers, built as the
+    run loop builds it (`make_delivery`; `max_request_size` as the daemon configures
+    it unless given); `kafka.producers` are the ones it made."""
+    txn = transactional_id(settings)
+    size = max_request_size or max_message_bytes(settings)
+    return make_delivery(
+        settings,
+        lambda: cast(KafkaProducer, kafka.producer(txn, max_request_size=size)),
+        metrics or Metrics(),
+        stop or threading.Event(),
+        abandon=abandon,
+    )
+
+
 def _new_loop(settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
     return RunLoop(settings, processor, metrics, Health(60), threading.Event())
 
@@ -95,7 +138,7 @@ class Memory:
         loop.start(
             loop.startup.assemble(
                 lambda: cast(KafkaConsumer, self.kafka.consumer(settings.group_id)),
-                lambda: cast(KafkaProducer, self.kafka.producer(txn)),
+                lambda: cast(KafkaProducer, self.kafka.producer(txn, max_message_bytes(settings))),
                 lambda: cast(KafkaConsumer, self.kafka.reader()),
             )
         )

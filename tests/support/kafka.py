@@ -17,12 +17,20 @@ and on the real broker. It is a model of Kafka's semantics, kept small:
   rebalance each member applies at its next poll: the revoked partitions first
   (its listener's `on_partitions_revoked`, awaited as kafka-python's IO thread does),
   then the assigned ones; `expel` makes a member lose everything (`on_partitions_lost`);
-- sends are acknowledged at once, or held until `acknowledge()` (`hold_acks`), or
-  failed by `fail_sends` (a function of topic and key returning the error);
-- `faults` queues the errors the next calls raise (a poll, a commit, a transaction's
-  commit or abort), one per call, as a broker away or a group rebalancing would.
+- a send is checked as kafka-python 3.0.12's `send` checks it before queueing it
+  (key or value, header and value types, `max_request_size`, a partition its
+  metadata lists) and `refuse_sends` may make it raise anything else the client
+  raises; a producer sees partitions added since it last refreshed its metadata only
+  at its next refresh when `stale_metadata` is set;
+- sends are acknowledged at once, or held until `acknowledge()` (`hold_acks`) or
+  until their producer flushes (`ack_on_flush`), and the broker's answer is a
+  failure where `fail_sends` (a function of topic, key and value) says so;
+- `faults` queues the errors the next calls raise (building a client, a poll, a
+  commit, a transaction's commit or abort), one per call, as a broker away or a
+  group rebalancing would.
 
-Every call is recorded where a test asks what the daemon did (`calls`, `commits`).
+Every call is recorded where a test asks what the daemon did (`calls`, `commits`),
+and `journal` tells the order of sends, flushes, acknowledgements and commits.
 """
 
 from __future__ import annotations
@@ -38,14 +46,17 @@ from kafka.cluster import ClusterMetadata
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (
     CommitFailedError,
+    KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     ProducerFencedError,
     UnknownTopicOrPartitionError,
 )
 from kafka.future import Future
 from kafka.partitioner.default import murmur2
 from kafka.producer.future import RecordMetadata
+from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 Headers = Sequence[tuple[str, bytes | None]]
@@ -78,6 +89,8 @@ class Faults:
 
     poll: list[Exception] = field(default_factory=list)
     commit: list[Exception] = field(default_factory=list)
+    connect: list[Exception] = field(default_factory=list)  # building a producer (bootstrap)
+    read: list[Exception] = field(default_factory=list)  # a reader's poll (restore, rebuild)
     commit_transaction: list[Exception] = field(default_factory=list)
     abort_transaction: list[Exception] = field(default_factory=list)
     offsets: list[Exception] = field(default_factory=list)  # a reader's beginning or end offsets
@@ -111,11 +124,22 @@ class MemoryKafka:
         self.topics: dict[str, list[_Partition]] = {}
         self.groups: dict[str, _Group] = {}
         self.clock_ms = itertools.count(1_700_000_000_000)
-        # A send's error, or None to accept it (producer side, before acknowledgement).
-        self.fail_sends: Callable[[str, bytes | None], KafkaError | None] | None = None
-        # Held acknowledgements: (future, append) in send order, answered by `acknowledge`.
+        # The broker's answer to a send of (topic, key, value): an error, or None to
+        # take the record. Given when the send is acknowledged (at once, or when held).
+        self.fail_sends: Callable[[str, bytes | None, bytes | None], KafkaError | None] | None = None
+        # An error the client's `send` raises for (topic, key, value) before queueing it
+        # (one of its own checks, or a client bug), or None. Called at every send.
+        self.refuse_sends: Callable[[str, bytes | None, bytes | None], Exception | None] | None = None
+        # Held acknowledgements, in send order, answered by `acknowledge`...
         self.hold_acks = False
-        self._held: list[tuple[Future, Callable[[], RecordMetadata]]] = []
+        # ...or by their producer's flush (the broker answers while the client waits).
+        self.ack_on_flush = False
+        self._held: list[_Held] = []
+        # Producers see partition counts as of their last metadata refresh, not live.
+        self.stale_metadata = False
+        # Sends, flushes, acknowledgements and consumer commits, in order, e.g.
+        # "send out b'1'", "flush", "ack out b'1'", "commit".
+        self.journal: list[str] = []
         # The error of every consumer commit while set (a member the group expelled).
         self.fail_commits: KafkaError | None = None
         self.faults = Faults()
@@ -126,6 +150,10 @@ class MemoryKafka:
     # -- topics -------------------------------------------------------------------
     def create_topic(self, name: str, partitions: int = 1) -> None:
         self.topics.setdefault(name, [_Partition() for _ in range(partitions)])
+
+    def create_topics(self, *names: str, partitions: int = 1) -> None:
+        for name in names:
+            self.create_topic(name, partitions)
 
     def add_partitions(self, name: str, total: int) -> None:
         parts = self.topics[name]
@@ -185,14 +213,14 @@ class MemoryKafka:
         return record
 
     # -- acknowledgements ---------------------------------------------------------
-    def acknowledge(self, n: int | None = None) -> int:
-        """Answer the first `n` held sends (all by default); how many were answered."""
-        take, self._held = (
-            self._held[: len(self._held) if n is None else n],
-            self._held[len(self._held) if n is None else n :],
-        )
-        for future, append in take:
-            future.success(append())
+    def acknowledge(self, n: int | None = None, producer: MemoryProducer | None = None) -> int:
+        """Answer the first `n` held sends (all by default; of `producer` only, if
+        given); how many were answered."""
+        mine = [h for h in self._held if producer is None or h.producer is producer]
+        take = mine[: len(mine) if n is None else n]
+        self._held = [h for h in self._held if h not in take]
+        for held in take:
+            held.answer()
         return len(take)
 
     @property
@@ -206,12 +234,25 @@ class MemoryKafka:
     def consumer(self, group_id: str = "g", max_poll_records: int = 500) -> MemoryConsumer:
         return MemoryConsumer(self, group_id, max_poll_records)
 
+    def member(self, *topics: str, group_id: str = "g") -> MemoryConsumer:
+        """A consumer that joined the group on `topics` and took its share (one poll:
+        empty topics, or it reads their first records)."""
+        consumer = self.consumer(group_id)
+        consumer.subscribe(topics)
+        consumer.poll()
+        return consumer
+
     def reader(self) -> MemoryConsumer:
         """A consumer without a group, read by assignment (restore and rebuild)."""
         return MemoryConsumer(self, None, 500)
 
-    def producer(self, transactional_id: str | None = None) -> MemoryProducer:
-        producer = MemoryProducer(self, transactional_id)
+    def producer(
+        self, transactional_id: str | None = None, max_request_size: int = 1048576
+    ) -> MemoryProducer:
+        """A producer (`max_request_size`: kafka-python's default); raises the next
+        `faults.connect` error first, as a cluster that does not answer would."""
+        self.faults.raise_next(self.faults.connect)
+        producer = MemoryProducer(self, transactional_id, max_request_size)
         for other in self.producers:
             if transactional_id is not None and other.transactional_id == transactional_id:
                 other.fenced = True  # init_transactions of the same id fences the older one
@@ -238,6 +279,7 @@ class MemoryConsumer:
         self.polls = 0
         self.commits: list[dict[TopicPartition, int]] = []
         self.commit_timeouts: list[int | None] = []
+        self.end_timeouts: list[int | None] = []  # each end_offsets call's bound
 
     # -- the group ----------------------------------------------------------------
     def subscribe(self, topics: Iterable[str], listener: Any = None) -> None:
@@ -337,6 +379,7 @@ class MemoryConsumer:
     def end_offsets(
         self, tps: Iterable[TopicPartition], timeout_ms: int | None = None
     ) -> dict[TopicPartition, int]:
+        self.end_timeouts.append(timeout_ms)
         if self.group_id is None:
             self.kafka.faults.raise_next(self.kafka.faults.offsets)
         return {tp: self._part(tp).end for tp in tps}
@@ -358,8 +401,10 @@ class MemoryConsumer:
         self.polls += 1
         if self.group_id is not None:
             self.kafka.faults.raise_next(self.kafka.faults.poll)
-        elif self.kafka.read_delay_s:
-            time.sleep(self.kafka.read_delay_s)
+        else:
+            self.kafka.faults.raise_next(self.kafka.faults.read)
+            if self.kafka.read_delay_s:
+                time.sleep(self.kafka.read_delay_s)
         self._rebalance()
         budget = max_records or self.max_poll_records
         out: dict[TopicPartition, list[Any]] = {}
@@ -405,6 +450,7 @@ class MemoryConsumer:
         assert self.group_id is not None
         self.kafka.group(self.group_id).committed.update(plain)
         self.commits.append(plain)
+        self.kafka.journal.append("commit")
 
     def close(self, autocommit: bool = False, timeout_ms: int | None = None) -> None:
         """Leaving the group revokes its partitions (the listener sees it, as in kafka-python)."""
@@ -416,31 +462,76 @@ class MemoryConsumer:
 
 
 class _Metadata(ClusterMetadata):
-    """The producer's view of partition counts (kafka-python keeps it in ClusterMetadata)."""
+    """The producer's view of partition counts (kafka-python keeps it in ClusterMetadata):
+    live, or with `stale_metadata` the counts of its last refresh (`request_update`)."""
 
     def __init__(self, kafka: MemoryKafka) -> None:
         super().__init__()
         self.kafka = kafka
         self.updates = 0
+        self._seen = self._counts()
+
+    def _counts(self) -> dict[str, int]:
+        return {topic: len(parts) for topic, parts in self.kafka.topics.items()}
 
     def partitions_for_topic(self, topic: str) -> set[int] | None:
-        count = self.kafka.partition_count(topic)
+        count = (self._seen if self.kafka.stale_metadata else self._counts()).get(topic, 0)
         return set(range(count)) if count else None
 
     def request_update(self) -> Future:
         self.updates += 1
+        self._seen = self._counts()
         return Future().success(self)
+
+
+class _Sender:
+    """kafka-python's sender thread, as far as the daemon reaches into it: the topics
+    it is asked to keep metadata for (`tracked`); it has no thread to force-close."""
+
+    def __init__(self) -> None:
+        self.tracked: list[str] = []
+
+    def add_topic(self, topic: str) -> None:
+        self.tracked.append(topic)
+
+    def is_alive(self) -> bool:
+        return False
+
+
+@dataclass(eq=False)
+class _Held:
+    """A send waiting for the broker's answer (`hold_acks`, `ack_on_flush`)."""
+
+    producer: MemoryProducer
+    future: Future
+    append: Callable[[], RecordMetadata]
+    error: KafkaError | None
+    topic: str
+    value: bytes | None
+
+    def answer(self) -> None:
+        if self.error is not None:
+            self.future.failure(self.error)
+            return
+        self.future.success(self.append())
+        self.producer.kafka.journal.append(f"ack {self.topic} {self.value!r}")
+
+    def drop(self) -> None:
+        """The producer was closed without waiting: the record fails (force close)."""
+        self.future.failure(KafkaConnectionError("producer closed before the record was acknowledged"))
 
 
 class MemoryProducer:
     """kafka-python's KafkaProducer, as far as the daemon calls it."""
 
-    def __init__(self, kafka: MemoryKafka, transactional_id: str | None) -> None:
+    def __init__(self, kafka: MemoryKafka, transactional_id: str | None, max_request_size: int) -> None:
         self.kafka = kafka
         self.transactional_id = transactional_id
+        self.max_request_size = max_request_size
         self._metadata = _Metadata(kafka)
+        self._sender = _Sender()
         self.calls: list[str] = []
-        self.sent: list[tuple[str, bytes | None]] = []  # every send: topic, value
+        self.sent: list[tuple[str, bytes | None]] = []  # every send queued: topic, value
         self.fenced = False
         self.closed = False
         self._transaction: list[Callable[[], RecordMetadata]] | None = None
@@ -455,46 +546,66 @@ class MemoryProducer:
         partition: int | None = None,
         timestamp_ms: int | None = None,
     ) -> Future:
-        if key is None and value is None:
-            raise ValueError("Need at least one: key or value")  # as kafka-python 3.0.12
-        if self.kafka.partition_count(topic) == 0:
+        kafka = self.kafka
+        refusal = kafka.refuse_sends(topic, key, value) if kafka.refuse_sends is not None else None
+        if refusal is not None:
+            raise refusal
+        headers = _checked(key, value, headers)
+        known = self._metadata.partitions_for_topic(topic)
+        if known is None:
             raise KafkaTimeoutError(f"topic {topic} not in metadata")
         if partition is None:
-            partition = _by_key(key, self.kafka.partition_count(topic))
-        elif partition >= self.kafka.partition_count(topic):
-            raise ValueError("Unrecognized partition")  # as kafka-python 3.0.12
+            partition = _by_key(key, len(known))
+        elif partition not in known:
+            raise ValueError(f"Unrecognized partition {partition} for topic {topic}")  # kafka-python 3.0.12
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)  # type: ignore[no-untyped-call]
+        if size > self.max_request_size:
+            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
         self.sent.append((topic, value))
+        kafka.journal.append(f"send {topic} {value!r}")
         future = Future()
-        error = self.kafka.fail_sends(topic, key) if self.kafka.fail_sends is not None else None
-        if error is not None:
-            return future.failure(error)
+        error = kafka.fail_sends(topic, key, value) if kafka.fail_sends is not None else None
         part = partition
 
         def append() -> RecordMetadata:
-            rec = self.kafka._append(topic, part, key, value, list(headers or ()), timestamp_ms)
+            rec = kafka._append(topic, part, key, value, list(headers), timestamp_ms)
             return RecordMetadata(
                 topic, part, TopicPartition(topic, part), rec.offset, rec.timestamp, None, 0, 0, 0
             )
 
         if self._transaction is not None:
+            if error is not None:
+                return future.failure(error)
             self._transaction.append(append)  # visible at commit
             return future.success(
                 RecordMetadata(topic, part, TopicPartition(topic, part), -1, -1, None, 0, 0, 0)
             )
-        if self.kafka.hold_acks:
-            self.kafka._held.append((future, append))
-            return future
-        return future.success(append())
+        held = _Held(self, future, append, error, topic, value)
+        if kafka.hold_acks or kafka.ack_on_flush:
+            kafka._held.append(held)
+        else:
+            held.answer()
+        return future
 
     def flush(self, timeout: float | None = None) -> None:
         self.calls.append("flush")
-        if any(not f.is_done for f, _ in self.kafka._held):
+        self.kafka.journal.append("flush")
+        if self.kafka.ack_on_flush:
+            self.kafka.acknowledge(producer=self)
+        if any(h.producer is self for h in self.kafka._held):
             if timeout is not None:
                 time.sleep(min(timeout, 0.01))
             raise KafkaTimeoutError("acknowledgements held")
 
     def close(self, timeout: float | None = None) -> None:
+        """Its sends still held are answered (`ack_on_flush`: close flushes first) or
+        fail, as kafka-python's force close fails them."""
         self.calls.append("close")
+        if self.kafka.ack_on_flush:
+            self.kafka.acknowledge(producer=self)
+        for held in [h for h in self.kafka._held if h.producer is self]:
+            self.kafka._held.remove(held)
+            held.drop()
         self.closed = True
 
     # -- transactions -------------------------------------------------------------
@@ -535,10 +646,22 @@ class MemoryProducer:
             raise ProducerFencedError("another producer with this transactional id")
 
 
-def _metadata(topic: str, partition: int, offset: int, timestamp: int) -> RecordMetadata:
-    return RecordMetadata(
-        topic, partition, TopicPartition(topic, partition), offset, timestamp, None, 0, 0, 0
-    )
+def _checked(key: bytes | None, value: bytes | None, headers: Headers | None) -> list[tuple[str, bytes]]:
+    """The headers, after kafka-python 3.0.12's checks of a send, in its order."""
+    if key is None and value is None:
+        raise ValueError("Need at least one: key or value")
+    headers = [] if headers is None else headers
+    if not isinstance(headers, list):
+        raise TypeError("headers must be list-type")
+    if not all(
+        isinstance(h, tuple) and len(h) == 2 and isinstance(h[0], str) and isinstance(h[1], bytes)
+        for h in headers
+    ):
+        raise TypeError("All headers items must be (str, bytes) tuples")
+    for part in (key, value):
+        if part is not None and not isinstance(part, bytes):
+            raise TypeError(f"Unsupported type for serialized key or value: {type(part)}")
+    return headers
 
 
 def _offsets(offsets: dict[TopicPartition, Any]) -> dict[TopicPartition, int]:
