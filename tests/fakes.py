@@ -1,24 +1,20 @@
-"""Fakes shared by the unit tests: an engine, records, settings, Kafka clients, a state slot.
+"""Fakes shared by the unit tests: an engine, records, settings, a state slot.
 
 Each stands in for one real part at one seam and records what it was asked;
-tests import them from here, never from another test module.
+tests import them from here, never from another test module. Kafka is not faked
+here: the unit tests run on the in-memory Kafka (tests/support/kafka.py).
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import orjson
-from kafka import KafkaProducer, TopicPartition
-from kafka.errors import KafkaTimeoutError
-from kafka.future import Future
-from kafka.structs import ConsumerGroupMetadata
+from kafka import TopicPartition
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
@@ -26,7 +22,6 @@ from daemon.core.records import Kind, OutputRecord
 from daemon.core.state import StateStore, StateTensors
 from daemon.ops.metrics import Metrics
 from daemon.replay import FileRecord as Rec
-from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
 
 TP = TopicPartition("in", 0)
 
@@ -82,7 +77,7 @@ class Slot:
     tensors: StateTensors | None = None
 
 
-# -- configuration and Kafka ----------------------------------------------------
+# -- configuration and records ----------------------------------------------------
 
 
 def settings(tmp_path: Path, **extra: Any) -> Settings:
@@ -99,97 +94,8 @@ def settings(tmp_path: Path, **extra: Any) -> Settings:
     )
 
 
-def checkpointer(s: Settings, make: Callable[[], object]) -> AtLeastOnce | Transactional:
-    return make_delivery(s, cast(Callable[[], KafkaProducer], make), Metrics(), threading.Event())
-
-
-class FakeProducer:
-    def __init__(self, abort_error: Exception | None = None) -> None:
-        self.sent: list[tuple[str, bytes | None]] = []
-        self.calls: list[str] = []
-        self.abort_error = abort_error
-
-    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any) -> Future:
-        self.sent.append((topic, value))
-        return Future().success(None)
-
-    def flush(self, timeout: float | None = None) -> None:
-        self.calls.append("flush")
-
-    def close(self, timeout: float | None = None) -> None:
-        self.calls.append("close")
-
-    def __getattr__(self, name: str) -> Any:  # the transactional calls, recorded
-        def call(*_: Any) -> None:
-            self.calls.append(name)
-            if name == "abort_transaction" and self.abort_error is not None:
-                raise self.abort_error
-
-        return call
-
-
-class FakeConsumer:
-    def __init__(self, commit_error: Exception | None = None, generation: int = 3) -> None:
-        self.commit_error = commit_error
-        self.commits = 0
-        self.generation = generation
-        self.commit_timeouts: list[int | None] = []  # each commit's bound
-        self.async_commits: list[dict[TopicPartition, Any]] = []
-
-    def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int | None = None) -> None:
-        self.commits += 1
-        self.commit_timeouts.append(timeout_ms)
-        if self.commit_error is not None:
-            raise self.commit_error
-
-    def commit_async(self, offsets: dict[TopicPartition, Any]) -> Future:
-        """Answered at once: awaiting it does not yield to kafka-python's loop."""
-        self.async_commits.append(offsets)
-        if self.commit_error is not None:
-            return Future().failure(self.commit_error)
-        return Future().success(None)
-
-    def group_metadata(self) -> ConsumerGroupMetadata:
-        return ConsumerGroupMetadata("g", self.generation, "member-1", None)
-
-
 def output(key: bytes = b"k", value: bytes = b"{}") -> OutputRecord:
     return OutputRecord(Kind.PREDICTION, key=key, value=value, partition=0, offset=0, source_timestamp_ms=0)
-
-
-class FakeStateConsumer:
-    """A state partition holding `records`, read in one poll."""
-
-    def __init__(self, records: list[tuple[bytes, bytes | None]], fail_ends: int = 0) -> None:
-        self.records = records
-        self.fail_ends = fail_ends
-        self.read = False
-        self.end_timeouts: list[int | None] = []  # each end_offsets call's bound
-
-    def end_offsets(
-        self, tps: list[TopicPartition], timeout_ms: int | None = None
-    ) -> dict[TopicPartition, int]:
-        self.end_timeouts.append(timeout_ms)
-        if self.fail_ends:
-            self.fail_ends -= 1
-            raise KafkaTimeoutError("no leader")
-        return dict.fromkeys(tps, len(self.records))
-
-    def assign(self, tps: list[TopicPartition]) -> None: ...
-
-    def seek_to_beginning(self, *tps: TopicPartition) -> None: ...
-
-    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
-        return len(self.records) if self.read else 0
-
-    def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict[TopicPartition, list[Any]]:
-        self.read = True
-        return {
-            TopicPartition("state", 0): [
-                type("Rec", (), {"key": k, "value": v, "offset": i})()
-                for i, (k, v) in enumerate(self.records)
-            ]
-        }
 
 
 class ScaledSumEngine(SumEngine):
@@ -201,67 +107,3 @@ class ScaledSumEngine(SumEngine):
 
     def step(self, slots: Sequence[object], xs: np.ndarray) -> np.ndarray:
         return super().step(slots, xs * np.float32(self.scale))
-
-
-class FakeInputConsumer:
-    """An input partition (offsets from `beginning`) read by assignment: `records`
-    may be shorter than the offsets (deleted ones are None), polled `max_records` at a time."""
-
-    def __init__(
-        self, records: list[Rec | None], beginning: int = 0, fail_beginnings: int = 0, poll_s: float = 0.0
-    ) -> None:
-        self.records = records
-        self.poll_s = poll_s  # each poll takes this long (a slice then holds few polls)
-        self.beginning = beginning
-        self.fail_beginnings = fail_beginnings
-        self.assigned: list[TopicPartition] = []
-        self.positions: dict[TopicPartition, int] = {}
-        self.polls = 0
-
-    def beginning_offsets(
-        self, tps: list[TopicPartition], timeout_ms: int | None = None
-    ) -> dict[TopicPartition, int]:
-        if self.fail_beginnings:
-            self.fail_beginnings -= 1
-            raise KafkaTimeoutError("no leader")
-        return dict.fromkeys(tps, self.beginning)
-
-    def end_offsets(
-        self, tps: list[TopicPartition], timeout_ms: int | None = None
-    ) -> dict[TopicPartition, int]:
-        return dict.fromkeys(tps, len(self.records))
-
-    def assign(self, tps: list[TopicPartition]) -> None:
-        self.assigned = list(tps)
-        self.positions = {tp: self.positions.get(tp, self.beginning) for tp in tps}
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.positions[tp] = max(offset, self.beginning)  # out of range: auto reset to earliest
-
-    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
-        return self.positions[tp]
-
-    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Any]]:
-        self.polls += 1
-        if self.poll_s:
-            time.sleep(self.poll_s)
-        out: dict[TopicPartition, list[Any]] = {}
-        for tp in self.assigned:
-            at = self.positions[tp]
-            chunk = [r for r in self.records[at : at + max_records] if r is not None]
-            self.positions[tp] = min(len(self.records), at + max_records)
-            if chunk:
-                out[tp] = chunk
-        return out
-
-    def close(self) -> None: ...
-
-
-def finish(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a rebalance-listener callback (kafka-python awaits them on its IO thread)
-    whose awaits are all answered already, as the fakes' are."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    raise AssertionError("the callback waited on kafka-python's loop")

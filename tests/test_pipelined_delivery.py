@@ -1,79 +1,32 @@
 """At-least-once, pipelined: outputs are sent without waiting, and a checkpoint
 acknowledges what it covers before it writes states and commits offsets.
 
-A producer whose acknowledgements arrive only when it is flushed (as the broker's
-would, later) shows the order of events; the real-broker crash tests
-(tests/test_faults.py) show nothing is lost with it.
+The in-memory Kafka's broker answers a send only when its producer flushes
+(`ack_on_flush`, as the broker would, later), and its journal shows the order of
+events; the real-broker crash tests (tests/test_faults.py) show nothing is lost with it.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import pytest
-from kafka.errors import KafkaTimeoutError
-from kafka.future import Future
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.kafka.retry import Backoff
 from daemon.ops.metrics import Metrics
 from daemon.streaming import housekeeping
-from daemon.streaming.delivery import CheckpointAbandoned, Delivery, at_least_once, make_delivery
+from daemon.streaming.delivery import CheckpointAbandoned, Delivery, at_least_once
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import Checkpoint
-from tests.fakes import TP, FakeConsumer, make, settings
-from tests.support.backends import Memory
-from tests.support.kafka import MemoryConsumer
-
-
-class LateAcks:
-    """Acknowledges what it was sent only when flushed; `fail` decides which fail."""
-
-    def __init__(self, log: list[str], fail: Any = lambda key, value: False) -> None:
-        self.log = log
-        self.fail = fail
-        self.pending: list[tuple[str, bytes | None, bytes | None, Future]] = []
-        self.partitions: list[int | None] = []
-
-    def send(
-        self,
-        topic: str,
-        key: bytes | None = None,
-        value: bytes | None = None,
-        partition: int | None = None,
-        **_: Any,
-    ) -> Future:
-        future = Future()
-        self.pending.append((topic, key, value, future))
-        self.partitions.append(partition)
-        self.log.append(f"send {topic} {value!r}")
-        return future
-
-    def flush(self, timeout: float | None = None) -> None:
-        self.log.append("flush")
-        pending, self.pending = self.pending, []
-        for topic, key, value, future in pending:
-            if self.fail(key, value):
-                future.failure(KafkaTimeoutError("lost"))
-            else:
-                future.success(None)
-                self.log.append(f"ack {topic} {value!r}")
-
-    def close(self, timeout: float | None = None) -> None:
-        self.log.append("close")
-
-
-class LoggingConsumer(FakeConsumer):
-    def __init__(self, log: list[str]) -> None:
-        super().__init__()
-        self.log = log
-
-    def commit(self, offsets: dict[Any, Any], timeout_ms: int | None = None) -> None:
-        self.log.append("commit")
-        super().commit(offsets)
+from tests.fakes import TP, make, settings
+from tests.support.backends import Memory, memory_delivery, memory_kafka
+from tests.support.kafka import MemoryConsumer, MemoryKafka
 
 
 def out(value: bytes, key: bytes = b"k", partition: int = 0, ts_ms: int = 0) -> OutputRecord:
@@ -82,25 +35,38 @@ def out(value: bytes, key: bytes = b"k", partition: int = 0, ts_ms: int = 0) -> 
     )
 
 
-def pipeline(tmp_path: Path, log: list[str], **kw: Any) -> tuple[Delivery, list[LateAcks], Metrics]:
-    producers: list[LateAcks] = []
+def pipeline(
+    tmp_path: Path,
+    fail: Callable[[bytes | None, bytes | None], bool] = lambda key, value: False,
+    partitions: int = 1,
+) -> tuple[Delivery, MemoryKafka, Metrics]:
+    """At-least-once delivery on an in-memory Kafka that acknowledges a send when its
+    producer flushes; `fail(key, value)` decides which the broker loses."""
+    s = settings(tmp_path)
+    kafka = memory_kafka(s, partitions)
+    kafka.ack_on_flush = True
 
-    def make() -> LateAcks:
-        producers.append(LateAcks(log, **kw))
-        return producers[-1]
+    def lost(topic: str, key: bytes | None, value: bytes | None) -> KafkaError | None:
+        return KafkaTimeoutError("lost") if fail(key, value) else None
 
+    kafka.fail_sends = lost
     metrics = Metrics()
-    return make_delivery(settings(tmp_path), make, metrics, threading.Event()), producers, metrics  # type: ignore[arg-type]
+    return memory_delivery(kafka, s, metrics), kafka, metrics
+
+
+def member(kafka: MemoryKafka) -> KafkaConsumer:
+    """The only member of group "g" on "in" (the settings' group and input topic)."""
+    return cast(KafkaConsumer, kafka.member("in"))
 
 
 def test_outputs_are_sent_without_waiting_and_acknowledged_before_states_and_offsets(tmp_path: Path) -> None:
-    log: list[str] = []
-    cp, _, metrics = pipeline(tmp_path, log)
+    cp, kafka, metrics = pipeline(tmp_path)
+    log = kafka.journal
     cp.send([out(b"1")])
     cp.send([out(b"2")])
     assert log == ["send out b'1'", "send out b'2'"]  # no flush between poll batches
     state = StateRecord(0, "k", b"s")
-    assert cp.commit(LoggingConsumer(log), Checkpoint(outputs=[out(b"3")], states=[state], offsets={TP: 3}))  # type: ignore[arg-type]
+    assert cp.commit(member(kafka), Checkpoint(outputs=[out(b"3")], states=[state], offsets={TP: 3}))
     assert log[2:] == [
         "send out b'3'",
         "flush",  # the checkpoint waits for every output it covers...
@@ -119,7 +85,6 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     monkeypatch.setattr(at_least_once, "Backoff", _NoWait)
-    log: list[str] = []
     lost_once: set[bytes] = set()
 
     def fail(key: bytes | None, value: bytes | None) -> bool:
@@ -128,11 +93,12 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
             return True
         return False
 
-    cp, producers, metrics = pipeline(tmp_path, log, fail=fail)
+    cp, kafka, metrics = pipeline(tmp_path, fail=fail)
     cp.send([out(b"a1", b"a"), out(b"b1", b"b"), out(b"a2", b"a")])
-    producers[0].flush()  # the broker answers between two poll batches
+    kafka.acknowledge()  # the broker answers between two poll batches
     assert cp.failing()  # the loop then takes a checkpoint at once
-    assert cp.commit(LoggingConsumer(log), Checkpoint(offsets={TP: 3}))  # type: ignore[arg-type]
+    assert cp.commit(member(kafka), Checkpoint(offsets={TP: 3}))
+    log = kafka.journal
     acked = [entry.split()[-1] for entry in log if entry.startswith("ack")]
     # a2 was acknowledged before a1 was lost: it goes again after a1; b is not repeated.
     assert acked == ["b'b1'", "b'a2'", "b'a1'", "b'a2'"]
@@ -144,72 +110,70 @@ def test_a_failed_output_is_resent_with_the_later_outputs_of_its_key_before_the_
 
 def test_outputs_in_flight_are_bounded(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(at_least_once, "MAX_IN_FLIGHT_BYTES", 10)
-    log: list[str] = []
-    cp, producers, _ = pipeline(tmp_path, log)
+    cp, kafka, _ = pipeline(tmp_path)
     cp.send([out(b"123456")])
     assert not cp.backlogged()
     cp.send([out(b"123456")])
     assert cp.backlogged()  # 12 bytes unacknowledged
-    producers[0].flush()
+    kafka.acknowledge()
     assert not cp.backlogged()
 
 
 def test_a_revoked_partitions_failed_outputs_are_not_resent(tmp_path: Path) -> None:
-    log: list[str] = []
-    cp, producers, _ = pipeline(tmp_path, log, fail=lambda key, value: value == b"p1")
+    cp, kafka, _ = pipeline(tmp_path, fail=lambda key, value: value == b"p1")
     cp.send([out(b"p1", b"one", partition=1), out(b"p0", b"zero", partition=0)])
-    producers[0].flush()
+    kafka.acknowledge()
     assert cp.failing()
     cp.release(1)  # its next owner recomputes p1 from the last commit
     assert not cp.failing()
-    assert cp.commit(LoggingConsumer(log), Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
-    assert [e for e in log if e.startswith("send")] == ["send out b'p1'", "send out b'p0'"]
+    assert cp.commit(member(kafka), Checkpoint(offsets={TP: 1}))
+    assert [e for e in kafka.journal if e.startswith("send")] == ["send out b'p1'", "send out b'p0'"]
 
 
 def test_an_expelled_member_resends_no_output(tmp_path: Path, monkeypatch: Any) -> None:
     """Outputs are fenced like states: a failed prediction resent by a member the group
     expelled could land after its partition's next owner published the key's newer one."""
     monkeypatch.setattr(at_least_once, "Backoff", _NoWait)
-    log: list[str] = []
     lost = iter([True])  # the broker loses the first send only
-    cp, producers, _ = pipeline(tmp_path, log, fail=lambda key, value: next(lost, False))
+    cp, kafka, _ = pipeline(tmp_path, fail=lambda key, value: next(lost, False))
+    expelled = member(kafka)
     cp.send([out(b"old")])
-    producers[0].flush()  # lost; meanwhile the group expelled this member
-    expelled = LoggingConsumer(log)
-    expelled.generation = -1
+    kafka.acknowledge()  # lost; meanwhile the group expelled this member
+    cast(MemoryConsumer, expelled).expel()
     with pytest.raises(CheckpointAbandoned):  # the run loop restores, as after an abort
-        cp.commit(expelled, Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
-    assert [e for e in log if e.startswith("send")] == ["send out b'old'"]
-    assert "commit" not in log
+        cp.commit(expelled, Checkpoint(offsets={TP: 1}))
+    assert [e for e in kafka.journal if e.startswith("send")] == ["send out b'old'"]
+    assert "commit" not in kafka.journal
 
 
 def test_a_member_expelled_during_the_retries_stops_resending(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(at_least_once, "Backoff", _NoWait)
-    log: list[str] = []
-    lost = iter([True] * 5)  # the broker loses the first five sends, then takes them
-    cp, _, _ = pipeline(tmp_path, log, fail=lambda key, value: next(lost, False))
-    consumer = LoggingConsumer(log)
-    generations = iter([3, 3, -1])  # a member for the first resend only
+    losses: list[bytes | None] = []
+    consumer: list[KafkaConsumer] = []
 
-    def group_metadata() -> Any:
-        consumer.generation = next(generations)
-        return FakeConsumer.group_metadata(consumer)
+    def fail(key: bytes | None, value: bytes | None) -> bool:
+        """The broker loses the first five sends; the group expels the member while
+        the third is in flight (it was a member for the first resend only)."""
+        losses.append(value)
+        if len(losses) == 3:
+            cast(MemoryConsumer, consumer[0]).expel()
+        return len(losses) <= 5
 
-    consumer.group_metadata = group_metadata  # type: ignore[method-assign]
+    cp, kafka, _ = pipeline(tmp_path, fail=fail)
+    consumer.append(member(kafka))
     cp.send([out(b"old")])
     with pytest.raises(CheckpointAbandoned):
-        cp.commit(consumer, Checkpoint(offsets={TP: 1}))  # type: ignore[arg-type]
-    assert [e for e in log if e.startswith("send")] == ["send out b'old'"] * 3
-    assert "commit" not in log
+        cp.commit(consumer[0], Checkpoint(offsets={TP: 1}))
+    assert [e for e in kafka.journal if e.startswith("send")] == ["send out b'old'"] * 3
+    assert "commit" not in kafka.journal
 
 
 def test_latency_and_count_are_taken_at_the_acknowledgement(tmp_path: Path) -> None:
-    log: list[str] = []
-    cp, producers, metrics = pipeline(tmp_path, log)
+    cp, kafka, metrics = pipeline(tmp_path)
     latency = "lstmd_end_to_end_latency_seconds_sum"
     cp.send([out(b"1", ts_ms=1)])
     assert metrics.registry.get_sample_value(latency) == 0  # sent, not acknowledged
-    producers[0].flush()
+    kafka.acknowledge()
     assert (metrics.registry.get_sample_value(latency) or 0) > 1e9  # seconds since the record's timestamp
     assert (
         metrics.registry.get_sample_value("lstmd_predictions_produced_total") == 1
@@ -217,12 +181,12 @@ def test_latency_and_count_are_taken_at_the_acknowledgement(tmp_path: Path) -> N
 
 
 def test_outputs_go_to_their_input_partition_when_the_topics_are_aligned(tmp_path: Path) -> None:
-    log: list[str] = []
-    cp, producers, _ = pipeline(tmp_path, log)
-    cp.send([out(b"1", partition=2)])
+    cp, kafka, _ = pipeline(tmp_path, partitions=4)
+    cp.send([out(b"1", partition=2)])  # by key: murmur2(b"k") puts it in partition 0 of 4
     cp.same_partitions = True
     cp.send([out(b"2", partition=2)])
-    assert producers[0].partitions == [None, 2]
+    kafka.acknowledge()
+    assert [(r.value, r.partition) for r in kafka.records("out")] == [(b"1", 0), (b"2", 2)]
 
 
 class _NoWait(Backoff):

@@ -5,7 +5,6 @@ sequences a grown input topic moves (daemon/kafka/topics.py, delivery, run loop)
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,64 +13,19 @@ from typing import Any, cast
 import orjson
 import pytest
 import structlog
-from kafka.cluster import ClusterMetadata
+from kafka import KafkaProducer
 from kafka.errors import UnknownTopicOrPartitionError
-from kafka.future import Future
 
 from daemon.config import Settings
 from daemon.core.records import OutputRecord, StateRecord
 from daemon.kafka.topics import PARTITIONERS, Layout, known_layout, moved_sequences
-from daemon.ops.metrics import Metrics
 from daemon.streaming import housekeeping, layout
 from daemon.streaming import loop as loop_module
-from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
+from daemon.streaming.delivery import AtLeastOnce, Transactional
 from daemon.streaming.delivery import producer as producer_module
 from tests.fakes import make, output, settings
-from tests.support.backends import Memory
-from tests.support.kafka import MemoryProducer
-
-
-class Cluster(ClusterMetadata):
-    """kafka-python's metadata with partition counts set by hand; a refresh (request_update)
-    brings `fresh`, as the broker's answer would."""
-
-    def __init__(self, counts: dict[str, int], fresh: dict[str, int] | None = None) -> None:
-        super().__init__()
-        self.counts, self.fresh, self.refreshes = dict(counts), fresh, 0
-
-    def partitions_for_topic(self, topic: str) -> set[int] | None:
-        return set(range(self.counts[topic])) if topic in self.counts else None
-
-    def request_update(self) -> Future:
-        self.refreshes += 1
-        if self.fresh is not None:
-            self.counts.update(self.fresh)
-        return Future().success(self)
-
-
-class Producer:
-    """kafka-python's send() refusals: an explicit partition its metadata does not list,
-    and a record with neither key nor value."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self._metadata = cluster
-        self.sent: list[tuple[str, int | None]] = []
-        self.tracked: list[str] = []
-        self._sender = SimpleNamespace(add_topic=self.tracked.append)
-
-    def send(
-        self, topic: str, partition: int | None = None, key: Any = None, value: Any = None, **_: Any
-    ) -> Future:
-        if key is None and value is None:
-            raise ValueError("Need at least one: key or value")
-        if partition is not None and partition not in (self._metadata.partitions_for_topic(topic) or ()):
-            raise ValueError(f"Unrecognized partition {partition} for topic {topic}")
-        self.sent.append((topic, partition))
-        return Future().success(None)
-
-    def flush(self, timeout: float | None = None) -> None: ...
-
-    def close(self, timeout: float | None = None) -> None: ...
+from tests.support.backends import Memory, memory_delivery
+from tests.support.kafka import MemoryKafka, MemoryProducer
 
 
 @pytest.fixture
@@ -85,8 +39,9 @@ def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MutableMapping[str, A
         yield captured
 
 
-def checkpointer(tmp_path: Path, producer: Producer) -> AtLeastOnce | Transactional:
-    cp = make_delivery(settings(tmp_path), lambda: producer, Metrics(), threading.Event())  # type: ignore[arg-type,return-value]
+def delivery(kafka: MemoryKafka, s: Settings) -> AtLeastOnce | Transactional:
+    """At-least-once delivery with outputs going to their input's partition number."""
+    cp = memory_delivery(kafka, s)
     cp.same_partitions = True
     return cp
 
@@ -95,9 +50,17 @@ def out(partition: int) -> OutputRecord:
     return dataclasses.replace(output(), partition=partition)
 
 
-def counts(tmp_path: Path, inp: int, out: int, dlq: int, state: int) -> dict[str, int]:
+def cluster(tmp_path: Path, inp: int, out: int, dlq: int, state: int) -> tuple[MemoryKafka, Settings]:
+    """The four topics with these partition counts; producers see partitions added
+    later only when they refresh their metadata."""
     s = settings(tmp_path)
-    return {s.input_topic: inp, s.output_topic: out, s.dlq_topic: dlq, s.state_topic: state}
+    kafka = MemoryKafka()
+    kafka.stale_metadata = True
+    counts = {s.input_topic: inp, s.output_topic: out, s.dlq_topic: dlq, s.state_topic: state}
+    for topic, partitions in counts.items():
+        if partitions:
+            kafka.create_topic(topic, partitions)
+    return kafka, s
 
 
 # -- which keys a grown input topic moves ----------------------------------------------
@@ -125,62 +88,61 @@ def test_layout_alignment_and_input_partitions_without_state() -> None:
 
 
 def test_known_layout_reads_the_producers_metadata_and_tracks_a_topic_it_lacks(tmp_path: Path) -> None:
-    s = settings(tmp_path)
-    full = counts(tmp_path, 6, 3, 3, 6)
-    assert known_layout(Producer(Cluster(full)), s) == Layout(6, 3, 3, 6)  # type: ignore[arg-type]
-    fresh = Producer(Cluster({k: v for k, v in full.items() if k != s.dlq_topic}))
-    assert known_layout(fresh, s) is None  # type: ignore[arg-type]
+    kafka, s = cluster(tmp_path, 6, 3, 3, 6)
+    assert known_layout(cast(KafkaProducer, kafka.producer()), s) == Layout(6, 3, 3, 6)
+    kafka, s = cluster(tmp_path, 6, 3, 0, 6)  # no dead-letter topic in its metadata yet
+    fresh = kafka.producer()
+    assert known_layout(cast(KafkaProducer, fresh), s) is None
     assert fresh.tracked == [s.dlq_topic]  # known from the next refresh on
     assert known_layout(SimpleNamespace(), s) is None  # type: ignore[arg-type]  # not kafka-python's
 
 
 # -- a send for a partition the producer does not know yet -----------------------------
 def test_an_output_for_a_partition_added_since_the_last_refresh_goes_there(tmp_path: Path) -> None:
-    s = settings(tmp_path)
-    cluster = Cluster(counts(tmp_path, 3, 3, 3, 3), fresh=counts(tmp_path, 6, 6, 6, 6))
-    producer = Producer(cluster)
-    cp = checkpointer(tmp_path, producer)
+    kafka, s = cluster(tmp_path, 3, 3, 3, 3)
+    cp = delivery(kafka, s)
+    grown(kafka, s, input=6, output=6, dlq=6, state=6)
     cp.send([out(5)])
-    assert producer.sent == [(s.output_topic, 5)] and cluster.refreshes == 1
+    assert [r.partition for r in kafka.records(s.output_topic)] == [5]
+    assert kafka.producers[0].metadata_updates == 1
     assert cp.same_partitions and not cp.failing()
 
 
 def test_an_output_for_a_partition_the_output_topic_lacks_goes_by_key_from_then_on(
     tmp_path: Path, logs: list[MutableMapping[str, Any]]
 ) -> None:
-    s = settings(tmp_path)
-    cluster = Cluster(counts(tmp_path, 3, 3, 3, 3), fresh=counts(tmp_path, 6, 3, 3, 6))
-    producer = Producer(cluster)
-    cp = checkpointer(tmp_path, producer)
+    kafka, s = cluster(tmp_path, 3, 3, 3, 3)
+    cp = delivery(kafka, s)
+    grown(kafka, s, input=6, state=6)
     cp.send([out(5), out(4)])
-    assert producer.sent == [(s.output_topic, None), (s.output_topic, None)]
-    assert not cp.same_partitions and cluster.refreshes == 1 and not cp.failing()
+    by_key = murmur2_partition(b"k", 3)
+    assert [r.partition for r in kafka.records(s.output_topic)] == [by_key, by_key]
+    assert not cp.same_partitions and kafka.producers[0].metadata_updates == 1 and not cp.failing()
     assert [e["event"] for e in logs] == ["outputs_by_key"]
 
 
 def test_a_state_record_for_a_partition_the_state_topic_lacks_fails_and_is_retried(
     tmp_path: Path,
 ) -> None:
-    s = settings(tmp_path)
-    producer = Producer(Cluster(counts(tmp_path, 6, 6, 6, 3)))
-    cp = checkpointer(tmp_path, producer)
+    kafka, s = cluster(tmp_path, 6, 6, 6, 3)
+    cp = delivery(kafka, s)
     sent = cp.out.send([StateRecord(5, "k", b"state"), StateRecord(1, "j", b"state")])
     assert isinstance(sent[0][1].exception, UnknownTopicOrPartitionError)
     assert not sent[1][1].succeeded()  # failed with it, both resent after the backoff
-    assert producer.sent == []
+    assert kafka.producers[0].sent == [] and kafka.records(s.state_topic) == []
     assert s.state_topic in str(sent[0][1].exception)
 
 
 def test_another_value_error_of_send_is_not_taken_for_a_new_partition(tmp_path: Path) -> None:
-    cluster = Cluster(counts(tmp_path, 3, 3, 3, 3))
-    cp = checkpointer(tmp_path, Producer(cluster))
+    kafka, s = cluster(tmp_path, 3, 3, 3, 3)
+    cp = delivery(kafka, s)
     with pytest.raises(ValueError, match="Need at least one"):
-        cp.out.send_to(settings(tmp_path).output_topic, 1, key=None, value=None)
-    assert cluster.refreshes == 0
+        cp.out.send_to(s.output_topic, 1, key=None, value=None)
+    assert kafka.producers[0].metadata_updates == 0
 
 
 # -- the run loop's watch over the topics, on the in-memory Kafka -------------------
-def grown(kafka: Memory, s: Settings, **counts: int) -> None:
+def grown(kafka: MemoryKafka, s: Settings, **counts: int) -> None:
     """Partitions added to the named topics ("input", "output", "dlq", "state")."""
     topics = {
         "input": s.input_topic,
@@ -189,7 +151,7 @@ def grown(kafka: Memory, s: Settings, **counts: int) -> None:
         "state": s.state_topic,
     }
     for name, total in counts.items():
-        kafka.kafka.add_partitions(topics[name], total)
+        kafka.add_partitions(topics[name], total)
 
 
 def answered_on(kafka: Memory, s: Settings, key: str) -> list[int]:
@@ -213,17 +175,17 @@ def test_the_run_loop_realigns_outputs_and_announces_the_moved_sequences(
     kafka.run_until([loop], lambda: len(kafka.kafka.records(s.output_topic)) == 5)
     assert answered_on(kafka, s, "a") == [1]  # by input partition: aligned
     logs.clear()
-    grown(kafka, s, state=6)  # the state topic grew first: nothing to say
+    grown(kafka.kafka, s, state=6)  # the state topic grew first: nothing to say
     loop.step()
     assert not [e for e in logs if e["event"] in ("input_partitions_added", "outputs_partitioning")]
-    grown(kafka, s, input=6)  # then the input: outputs go by key, moves announced
+    grown(kafka.kafka, s, input=6)  # then the input: outputs go by key, moves announced
     loop.step()  # seen at its next housekeeping
     by_key = murmur2_partition(b"a", 3)
     assert by_key != 0
     kafka.produce(s.input_topic, [(b"a", one, 0)])  # a probe whose key hashes elsewhere
     kafka.run_until([loop], lambda: len(answered_on(kafka, s, "a")) == 2)
     assert answered_on(kafka, s, "a") == [1, by_key]
-    grown(kafka, s, output=6, dlq=6)  # then the output topics: aligned again
+    grown(kafka.kafka, s, output=6, dlq=6)  # then the output topics: aligned again
     loop.step()
     kafka.produce(s.input_topic, [(b"a", one, 0)])
     kafka.run_until([loop], lambda: len(answered_on(kafka, s, "a")) == 3)
@@ -257,8 +219,8 @@ def test_an_input_partition_without_a_state_partition_waits(
     ]
     assert next(e["waiting"] for e in logs if e["event"] == "state_partitions_missing") == [3, 4, 5]
     producer = cast(MemoryProducer, loop.clients.delivery.producer)
-    assert producer._metadata.updates == 3  # asked once for each partition, when it began to wait
-    grown(kafka, s, state=6)  # the state topic grew
+    assert producer.metadata_updates == 3  # asked once for each partition, when it began to wait
+    grown(kafka.kafka, s, state=6)  # the state topic grew
     kafka.run_until([loop], lambda: answered_on(kafka, s, "b") == [4])
 
 

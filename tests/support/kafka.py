@@ -537,6 +537,16 @@ class MemoryProducer:
         self._transaction: list[Callable[[], RecordMetadata]] | None = None
         self._offsets: tuple[str, dict[TopicPartition, int]] | None = None
 
+    @property
+    def tracked(self) -> list[str]:
+        """The topics it was asked to keep metadata for (kafka-python's sender.add_topic)."""
+        return self._sender.tracked
+
+    @property
+    def metadata_updates(self) -> int:
+        """How many metadata refreshes it was asked for."""
+        return self._metadata.updates
+
     def send(
         self,
         topic: str,
