@@ -38,10 +38,10 @@ test: venv kafka lint check
 
 # Container and Kubernetes files: kustomize overlays validated (strict), yamllint,
 # hadolint, promtool rules and alert unit tests, dashboard queries, and
-# tests/test_deploy.py (manifests vs daemon; a live scrape linted by promtool).
+# tests/pod/test_deploy.py (manifests vs daemon; a live scrape linted by promtool).
 check: venv kafka deploy-tools promtool
 	$(BIN)/python deploy/check.py
-	$(BIN)/python -m pytest -q tests/test_deploy.py
+	$(BIN)/python -m pytest -q tests/pod/test_deploy.py
 
 DEPLOY_STAMP := $(VENV)/.deploy-tools-$(shell cksum pyproject.toml | cut -d' ' -f1)
 

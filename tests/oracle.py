@@ -16,7 +16,7 @@ x[: t + 1] on its own:
 * the outputs are concatenated in `keras.tree.flatten` order (list order; dict
   outputs by sorted key).
 
-Keras 2 HDF5 files (tests/keras2_models.py) are checked against the same
+Keras 2 HDF5 files (tests/support/keras2_models.py) are checked against the same
 definition evaluated by Keras 2 itself (tf_keras, in a subprocess): its
 `expected_outputs`. Loading them here would go through the very translation
 under test.
@@ -24,7 +24,7 @@ under test.
 This is deliberately the slow, obviously-correct way (T calls for T steps, no
 padding, no masking): the test models are tiny. Its only assumption beyond Keras
 is that a 3-D output has its time axis at 1, which holds for every model in
-tests/models.py.
+tests/support/models.py.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from daemon.devtools.bench.e2e import ENGINE_CACHE, E2ESection, Round
 # (file suffix, function or None for any, text in the source line or None, phase),
 # tried on each frame from the innermost outwards; the first match names the sample.
 # A suffix is a path under the repository (a folder if it ends with "/"): a file
-# that moves must move here too (tests/test_bench.py checks that they exist).
+# that moves must move here too (tests/devtools/test_bench.py checks that they exist).
 PHASE_RULES: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("prometheus_client", None, None, "prometheus metrics"),
     ("daemon/core/codec.py", "decode", None, "codec.decode"),

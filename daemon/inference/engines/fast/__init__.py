@@ -87,7 +87,7 @@ order of its additions, by the number of rows, so a row of a 1-row and of an
 8-row product differ by up to ~1e-5. Every product therefore goes through
 kernels.py `Product`, which cuts the wave into blocks of a fixed number of rows
 (8, the last block zero-padded); the element-wise ufuncs and the per-row means
-are independent of a row's place already (tests/test_engine_repeats.py checks
+are independent of a row's place already (tests/inference/test_engine_repeats.py checks
 both). Whether a BLAS gives a row the same bits at every place of a block is
 not promised, so `FastEngine.self_test` checks it at start-up through the whole
 plan and falls back to blocks of 4, then of 1 (one matrix-vector product per
