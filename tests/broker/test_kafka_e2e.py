@@ -160,7 +160,12 @@ def test_two_workers_share_the_partitions_and_report_as_one_pod(
     finally:
         assert daemon.stop() == 0, "\n".join(daemon.lines[-30:])
     check_predictions(model, stream, placed, outputs)
-    assert metric(text, "lstmd_events_consumed_total") == len(stream.events)
+    # At-least-once: a rebalance between the workers may hand a partition over with its
+    # states checkpointed but its offsets not committed (the revocation commit can meet
+    # the rebalance); its next owner reads those inputs again and skips each one as
+    # redelivered. Every input is taken once more than that, no more.
+    redelivered = metric(text, 'lstmd_duplicates_skipped_total{cause="redelivered"}')
+    assert metric(text, "lstmd_events_consumed_total") - redelivered == len(stream.events)
     assert metric(text, "lstmd_assigned_partitions") == 4
     assert all(f'lstmd_consumer_lag{{partition="{p}"}}' in text for p in range(4))
     assigned = [ev for ev in daemon.events() if ev.get("event") == "partitions_assigned"]
