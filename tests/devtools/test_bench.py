@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,8 +14,11 @@ import pytest
 from daemon.cli import main
 from daemon.core.records import StateRecord
 from daemon.devtools import bench
+from daemon.devtools.bench.broker import cpu_s_per_million, peak_rss_mib, tree, tree_cpu_seconds, workers
+from daemon.devtools.bench.latency import Paced, latency_row, percentiles
 from daemon.devtools.bench.peer import PEER_SCRIPT, PeerSection, has_quix
 from daemon.devtools.bench.profile import PHASE_RULES, classify
+from daemon.devtools.bench.versus import Outcome, format_versus, versus_row, versus_table
 from daemon.devtools.localkafka import LocalKafka
 from daemon.streaming.policy import Checkpoint
 from tests.support.backends import memory_delivery, memory_kafka, memory_member
@@ -221,6 +226,13 @@ def test_bench_options() -> None:
     with pytest.raises(ValueError, match="kafka"):
         bench.config_from_args(parser.parse_args(["--sections", "kafka"]))
     assert bench.main(["--sections", "nope"]) == 2
+    versus = bench.config_from_args(
+        parser.parse_args(["--sections", "e2e", "--versus", "--versus-events", "9", "--latency-rounds", "2"])
+    )
+    assert versus.sections == ("e2e", "latency", "versus")
+    assert (versus.versus_events, versus.latency_rounds, versus.versus_processes) == (9, 2, (1, 2))
+    with pytest.raises(ValueError, match="latency contenders flink"):
+        bench.config_from_args(parser.parse_args(["--versus", "--latency-contenders", "lstmd,flink"]))
 
 
 def test_summary_ratios() -> None:
@@ -403,19 +415,27 @@ def test_latency_section_measures_every_paced_event(kafka: LocalKafka) -> None:
     """A short steady stream: every paced event has a prediction and a latency."""
     config = bench.BenchConfig(
         sections=("latency",),
-        e2e_sequences=5,
-        e2e_partitions=2,
+        versus_sequences=5,
+        versus_partitions=2,
         latency_rate=100,
         latency_seconds=2.0,
         latency_rounds=1,
+        latency_contenders=("lstmd",),  # `lstmd run`, one process; the peer needs its own venv
         bootstrap=kafka.bootstrap,
     )
     report = bench.run(config)
     (row,) = report["rows"]
     assert row["section"] == "latency" and row["rounds"] == 1, row["note"]
+    assert (row["requested"], row["processes"], row["model"]) == ("lstmd", 1, "lstm16x5")
     assert row["events"] == 200  # every paced event, none of the warm-up
     assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"] <= row["latency_max_ms"]
-    assert row["note"].startswith("p50/p99 = per event") and ";" not in row["note"]
+    assert row["note"].startswith("per event") and ";" not in row["note"]
+    assert row["cpu_s_per_million_events"] > 0 and row["worker_peak_rss_mib"] > 0
+    assert [x["lstmd"] for x in report["versus"][:3]] == [
+        row["latency_p50_ms"],
+        row["latency_p99_ms"],
+        row["latency_max_ms"],
+    ]
 
 
 @pytest.mark.kafka
@@ -458,3 +478,126 @@ def test_the_profile_names_the_sends_of_outputs_and_of_state_records(tmp_path: P
     cp.commit(consumer, Checkpoint(outputs=[output(value=b"2")], states=[StateRecord(0, "k", b"s")]))
     outputs, states = "producer.send (outputs)", "producer.send (state records)"
     assert named == [("out", outputs), ("out", outputs), ("g.state", states)]
+
+
+# -- lstmd versus the Quix peer (issue 19): the figures' arithmetic on fixed inputs ----------
+
+
+def test_latency_percentiles_and_the_medians_over_rounds() -> None:
+    """p50 / p99 / max per round (NumPy's linear percentiles), then medians of rounds."""
+    assert percentiles([float(v) for v in range(1, 101)]) == (50.5, 99.01, 100.0)
+    assert percentiles([4.0, 1.0, 3.0, 2.0]) == pytest.approx((2.5, 3.97, 4.0), rel=1e-12, abs=0)
+    config = bench.BenchConfig(versus_sequences=7, latency_rate=50)
+    rounds = [
+        Paced(
+            outcome=Outcome(cpu_s_per_million=30.0, worker_peak_rss_mib=[100.0]), latencies=[1.0, 2.0, 3.0]
+        ),
+        Paced(outcome=Outcome(cpu_s_per_million=10.0, worker_peak_rss_mib=[300.0]), latencies=[5.0, 5.0]),
+        Paced(error="quix exited with code 1: boom"),
+        Paced(
+            outcome=Outcome(cpu_s_per_million=20.0, worker_peak_rss_mib=[200.0]), latencies=[7.0, 9.0, 11.0]
+        ),
+    ]
+    row = latency_row("latency", "quix", rounds, config)
+    # p50s 2, 5, 9; p99s 2.98, 5, 10.96; maxima 3, 5, 11: the medians of the three rounds that completed
+    assert (row["latency_p50_ms"], row["latency_p99_ms"], row["latency_max_ms"]) == (5.0, 5.0, 5.0)
+    assert row["rounds"] == 3 and row["events"] == 3 and row["events_per_s"] == 50.0
+    assert (row["cpu_s_per_million_events"], row["worker_peak_rss_mib"]) == (20.0, 200.0)
+    assert row["per_round"]["latency_p50_p99_max_ms"] == [
+        [2.0, 2.98, 3.0],
+        [5.0, 5.0, 5.0],
+        [9.0, 10.96, 11.0],
+    ]
+    assert row["note"].endswith("; quix exited with code 1: boom")
+
+
+def test_cpu_and_peak_rss_accounting_over_process_trees() -> None:
+    """CPU: the roots and all their descendants; RSS: per worker, the tree's leaves."""
+    procs = {
+        1: (0, 500.0),  # init: not a contender's
+        10: (1, 2.0),  # lstmd's supervisor
+        11: (10, 30.5),  # its workers
+        12: (10, 29.5),
+        13: (12, 1.0),  # a worker's child
+        20: (1, 40.0),  # a peer process, alone
+        21: (1, 41.0),  # another one in the same group
+        30: (1, 7.0),  # someone else's
+    }
+    assert tree(procs, [10]) == {10, 11, 12, 13}
+    assert tree(procs, [20, 21, 99]) == {20, 21}  # 99: gone
+    assert tree_cpu_seconds(10, procs) == 63.0
+    assert tree_cpu_seconds([20, 21], procs) == 81.0
+    assert tree_cpu_seconds(99, procs) is None
+    assert workers(procs, tree(procs, [10])) == {11, 13}
+    assert workers(procs, tree(procs, [20])) == {20}
+    # CPU seconds per million events = CPU microseconds per event, between two samples
+    assert cpu_s_per_million((1_000, 12.0), (151_000, 15.0)) == 20.0
+    assert cpu_s_per_million((5, 1.0), (5, 2.0)) is None
+    rss = peak_rss_mib(os.getpid())
+    assert rss is not None and rss > 1.0
+    assert peak_rss_mib(-1) is None
+
+
+def test_versus_rows_and_the_table() -> None:
+    """Per contender and process count: medians of the rounds; the table pairs lstmd
+    with the peer and divides lstmd's figure by the peer's."""
+    config = bench.BenchConfig(versus_events=1000)
+
+    def outcomes(*figures: tuple[float, float, list[float]]) -> list[Outcome]:
+        return [Outcome(events_per_s=e, cpu_s_per_million=c, worker_peak_rss_mib=m) for e, c, m in figures]
+
+    rows = [
+        versus_row(
+            "versus",
+            "lstmd",
+            1,
+            outcomes((100.0, 50.0, [700.0]), (80.0, 70.0, [710.0]), (90.0, 60.0, [690.0])),
+            config,
+        ),
+        versus_row(
+            "versus",
+            "quix",
+            1,
+            outcomes((120.0, 40.0, [90.0]), (110.0, 45.0, [100.0]), (130.0, 35.0, [95.0])),
+            config,
+        ),
+        versus_row("versus", "lstmd", 2, outcomes((150.0, 80.0, [600.0, 720.0])), config),
+        versus_row("versus", "quix", 2, [Outcome(error="quix timed out after 180 s")], config),
+        {
+            "section": "latency",
+            "requested": "lstmd",
+            "processes": 1,
+            "latency_p50_ms": 20.0,
+            "latency_p99_ms": 100.0,
+        },
+        {
+            "section": "latency",
+            "requested": "quix",
+            "processes": 1,
+            "latency_p50_ms": 5.0,
+            "latency_p99_ms": 40.0,
+        },
+    ]
+    assert (rows[0]["events_per_s"], rows[0]["cpu_s_per_million_events"], rows[0]["worker_peak_rss_mib"]) == (
+        90.0,
+        60.0,
+        700.0,
+    )
+    assert rows[0]["per_round"]["events_per_s"] == [100.0, 80.0, 90.0]
+    assert rows[2]["worker_peak_rss_mib"] == 720.0  # the larger worker
+    assert (
+        rows[3]["rounds"] == 0
+        and rows[3]["events_per_s"] is None
+        and rows[3]["note"] == "quix timed out after 180 s"
+    )
+    table = {x["figure"]: (x["lstmd"], x["quix"], x["lstmd_vs_quix"]) for x in versus_table(rows)}
+    assert table["latency at a steady rate, p50 ms (one process each)"] == (20.0, 5.0, 4.0)
+    assert table["latency at a steady rate, p99 ms (one process each)"] == (100.0, 40.0, 2.5)
+    assert table["latency at a steady rate, max ms (one process each)"] == (None, None, None)
+    assert table["throughput, one process each, events/s"] == (90.0, 120.0, 0.75)
+    assert table["CPU s per million events, one process each"] == (60.0, 40.0, 1.5)
+    assert table["peak RSS per worker, one process each, MiB"] == (700.0, 95.0, 700.0 / 95.0)
+    assert table["throughput, 2 processes each, events/s"] == (150.0, None, None)
+    text = "\n".join(format_versus({"versus": versus_table(rows)}))
+    assert re.search(r"\nthroughput, one process each, events/s +90\.0 +120 +0\.75\n", text)
+    assert re.search(r"\nlatency at a steady rate, max ms \(one process each\) +- +- +-\n", text)

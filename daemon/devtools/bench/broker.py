@@ -10,13 +10,15 @@ process (the peer) is timed the same way as those in this one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ class Broker:
 
     def __init__(self) -> None:
         self.local: Any = None
-        self.inputs: dict[tuple[str, int, int, int, int], str] = {}
+        self.inputs: dict[tuple[str, int, int, int, int, int], str] = {}
         self.fast_outputs: str | None = None  # a complete fast e2e round's output topic
 
     def bootstrap(self, config: BenchConfig, log: Log) -> str:
@@ -63,17 +65,23 @@ class Broker:
             local.cleanup()
 
     def input_topic(self, config: BenchConfig, log: Log) -> tuple[str, str]:
-        """(bootstrap, topic) of the run's input stream, produced once per broker and shape."""
+        """(bootstrap, topic) of the e2e input stream, produced once per broker and shape."""
+        return self.stream(config, log, config.e2e_events, config.e2e_sequences, config.e2e_partitions)
+
+    def stream(
+        self, config: BenchConfig, log: Log, events: int, sequences: int, partitions: int, features: int = 1
+    ) -> tuple[str, str]:
+        """(bootstrap, topic) of an input stream of this shape, produced once per broker."""
         bootstrap = self.bootstrap(config, log)
-        key = (bootstrap, config.e2e_events, config.e2e_sequences, config.e2e_partitions, config.seed)
+        key = (bootstrap, events, sequences, partitions, config.seed, features)
         if key not in self.inputs:
             topic = unique("bench-in")
-            create_topics_for_bench(bootstrap, {topic: config.e2e_partitions})
+            create_topics_for_bench(bootstrap, {topic: partitions})
             log(
-                f"bench: producing {config.e2e_events:,} events of {config.e2e_sequences} sequences "
-                f"to {topic} ({config.e2e_partitions} partitions) ..."
+                f"bench: producing {events:,} events of {sequences} sequences, {features} feature(s), "
+                f"to {topic} ({partitions} partitions) ..."
             )
-            produce_stream(bootstrap, topic, config.e2e_events, config.e2e_sequences, config.seed)
+            produce_stream(bootstrap, topic, events, sequences, config.seed, features)
             self.inputs[key] = topic
         return bootstrap, self.inputs[key]
 
@@ -93,13 +101,16 @@ def create_topics_for_bench(
     create_topics(bootstrap, topics, config)
 
 
-def stream_value(seq: int, step: int) -> bytes:
-    """The demo's record shape: one feature, a smooth per-sequence signal in [0, 1]."""
-    v = 0.5 + 0.4 * math.sin(0.26 * step + 0.7 * seq)
-    return orjson.dumps({"x": [round(v, 5)]})
+def stream_value(seq: int, step: int, features: int = 1) -> bytes:
+    """The demo's record shape: a smooth per-sequence signal in [0, 1] per feature
+    (feature j a phase of 1.3 j further; the first one is the demo's single feature)."""
+    x = [round(0.5 + 0.4 * math.sin(0.26 * step + 0.7 * seq + 1.3 * j), 5) for j in range(features)]
+    return orjson.dumps({"x": x})
 
 
-def produce_stream(bootstrap: str, topic: str, events: int, sequences: int, seed: int) -> None:
+def produce_stream(
+    bootstrap: str, topic: str, events: int, sequences: int, seed: int, features: int = 1
+) -> None:
     """`events` events, sequence i % sequences at its step i // sequences, keyed
     `s<seq>` (partitioned by key, like any producer), acknowledged."""
     from kafka import KafkaProducer
@@ -111,7 +122,9 @@ def produce_stream(bootstrap: str, topic: str, events: int, sequences: int, seed
     try:
         for i in range(events):
             seq = (i + offset) % sequences
-            producer.send(topic, key=f"s{seq:05d}".encode(), value=stream_value(seq, i // sequences))
+            producer.send(
+                topic, key=f"s{seq:05d}".encode(), value=stream_value(seq, i // sequences, features)
+            )
         producer.flush(timeout=120)
     finally:
         producer.close(timeout=30)
@@ -174,15 +187,18 @@ class EndOffsets:
         self.close()
 
 
-def tree_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds used so far by a process and its descendants (the
-    supervisor and its workers), from Linux's /proc; None where there is none."""
-    procs: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+Procs = dict[int, tuple[int, float]]
+"""pid -> (parent pid, user + system CPU seconds so far), as /proc has them."""
+
+
+def read_procs() -> Procs:
+    """Every process's parent and CPU seconds, from Linux's /proc (empty where there is none)."""
+    procs: Procs = {}
     tick = os.sysconf("SC_CLK_TCK")
     try:
         entries = [e for e in os.listdir("/proc") if e.isdigit()]
     except OSError:
-        return None
+        return procs
     for entry in entries:
         try:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
@@ -190,23 +206,76 @@ def tree_cpu_seconds(pid: int) -> float | None:
             continue  # gone meanwhile
         # after the command: state, ppid, ..., utime (field 14), stime (field 15)
         procs[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    if pid not in procs:
+    return procs
+
+
+def tree(procs: Procs, roots: Sequence[int]) -> set[int]:
+    """The roots that exist and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in procs.items():
+        children.setdefault(parent, []).append(pid)
+    found: set[int] = set()
+    todo = [r for r in roots if r in procs]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+def tree_cpu_seconds(pid: int | Sequence[int], procs: Procs | None = None) -> float | None:
+    """User + system CPU seconds used so far by processes and their descendants (a
+    supervisor and its workers; several peer processes), from /proc; None if none of
+    them is there."""
+    procs = read_procs() if procs is None else procs
+    members = tree(procs, [pid] if isinstance(pid, int) else pid)
+    return sum(procs[p][1] for p in members) if members else None
+
+
+def workers(procs: Procs, members: set[int]) -> set[int]:
+    """The processes of a tree that do the work: those without children in it (a
+    pod's supervisor is not one of them; a single process is its own worker)."""
+    parents = {procs[p][0] for p in members}
+    return {p for p in members if p not in parents}
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """A live process's peak resident memory (VmHWM in /proc/<pid>/status), MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
         return None
-    total, tree = 0.0, {pid}
-    for p in sorted(procs):  # children have higher pids than their parents, nearly always
-        if p in tree or procs[p][0] in tree:
-            tree.add(p)
-            total += procs[p][1]
-    return total
+    return None
+
+
+def cpu_s_per_million(first: tuple[int, float], last: tuple[int, float]) -> float | None:
+    """CPU seconds per million events between two samples (events done, CPU seconds):
+    the same number as CPU microseconds per event."""
+    events, cpu = last[0] - first[0], last[1] - first[1]
+    return cpu / events * 1e6 if events > 0 else None
 
 
 @dataclass
 class ProcessRun:
-    """A contender in its own process: what went wrong ("" if nothing), and its CPU
-    (with its descendants') per output from its first output seen to the target."""
+    """Contender processes run to a target: what went wrong ("" if nothing), their
+    CPU (with their descendants') per output from their first output seen to the
+    target, and each worker's peak resident memory just before they were stopped."""
 
     error: str = ""
-    cpu_us_per_event: float | None = None
+    cpu_us_per_event: float | None = None  # = CPU seconds per million events
+    worker_peak_rss_mib: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One contender process: its command, where its output goes, its environment."""
+
+    command: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
 
 
 def run_until_outputs(
@@ -217,38 +286,64 @@ def run_until_outputs(
     timeout_s: float,
     env: dict[str, str] | None = None,
 ) -> ProcessRun:
-    """Run a contender in its own process (the peer, lstmd as a pod runs it) until
-    `target` records are in its output topic (`outputs`: bootstrap, topic,
-    partitions), then stop it with SIGTERM. CPU per event is sampled between the
-    first outputs seen and the target reached (start-up excluded: the per-core
-    figure, whatever else the machine runs). Its output goes to `log_path`."""
+    """One contender process: see `run_all_until_outputs`."""
+    return run_all_until_outputs([Launch(command, log_path, env)], outputs, target, timeout_s)
+
+
+def run_all_until_outputs(
+    launches: Sequence[Launch], outputs: tuple[str, str, int], target: int, timeout_s: float
+) -> ProcessRun:
+    """Run a contender's processes (the peer, or several peer processes in one group;
+    lstmd as a pod runs it) until `target` records are in their output topic
+    (`outputs`: bootstrap, topic, partitions), then stop them with SIGTERM. CPU per
+    event is sampled between the first outputs seen and the target reached (start-up
+    excluded: the per-core figure, whatever else the machine runs); the workers'
+    peak RSS (VmHWM) just before the SIGTERM. Each one's output goes to its log_path."""
     run = ProcessRun()
     counted = EndOffsets(*outputs)
-    first: tuple[int, float | None] | None = None
-    with counted, log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
+    first: tuple[int, float] | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    with counted, contextlib.ExitStack() as files:
+        for launch in launches:
+            out = files.enter_context(launch.log_path.open("wb"))
+            procs.append(
+                subprocess.Popen(
+                    launch.command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=launch.env,
+                )
+            )
+        pids = [p.pid for p in procs]
         deadline = time.monotonic() + timeout_s
         try:
             while (done := counted()) < target:
-                if first is None and done:
-                    first = (done, tree_cpu_seconds(proc.pid))
-                if proc.poll() is not None:
+                if first is None and done and (cpu := tree_cpu_seconds(pids)) is not None:
+                    first = (done, cpu)
+                if (gone := next((p for p in procs if p.poll() is not None), None)) is not None:
+                    log_path = launches[procs.index(gone)].log_path
                     tail = log_path.read_text(errors="replace")[-500:]
-                    run.error = f"exited with code {proc.returncode}: {tail}"
+                    run.error = f"exited with code {gone.returncode}: {tail}"
                     break
                 if time.monotonic() > deadline:
                     run.error = f"timed out after {timeout_s:.0f} s"
                     break
                 time.sleep(0.2)
             else:
-                cpu = tree_cpu_seconds(proc.pid)
-                if first is not None and first[1] is not None and cpu is not None and done > first[0]:
-                    run.cpu_us_per_event = (cpu - first[1]) / (done - first[0]) * 1e6
+                table = read_procs()
+                members = tree(table, pids)
+                cpu = tree_cpu_seconds(pids, table)
+                if first is not None and cpu is not None:
+                    run.cpu_us_per_event = cpu_s_per_million(first, (done, cpu))
+                run.worker_peak_rss_mib = sorted(
+                    rss for p in workers(table, members) if (rss := peak_rss_mib(p)) is not None
+                )
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
                 try:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:

@@ -48,11 +48,15 @@ MODELS: dict[str, ModelSpec] = {
         "TimeDistributed(Dense(1)), 4 features",
         layers="norm-lstm-ln",
     ),
+    # The job of issue 19's comparison with the Quix peer (sections latency, versus).
+    "lstm16x5": ModelSpec("lstm16x5", 5, 16, "sigmoid", "LSTM(16) + Dense(1, sigmoid), 5 features"),
 }
 
 
 # The model of the end-to-end sections (e2e, peer, profile): the demo's shape.
 E2E_MODEL = "demo"
+# The contenders of the sections latency and versus: lstmd (`lstmd run`) and the Quix peer.
+VERSUS_CONTENDERS = ("lstmd", "quix")
 # The engines a configuration may name.
 ENGINES = ("keras", "fast")
 
@@ -86,10 +90,20 @@ class BenchConfig:
     bootstrap: str | None = None  # a running broker; None: a LocalKafka for the run
     peer_python: str | None = None  # an interpreter with quixstreams; None: found or made
     profile_interval_s: float = 0.001
-    # A steady rate through lstmd fast (section latency; see latency.py).
+    # lstmd against the Quix peer, each in processes of its own (sections latency and
+    # versus; `--versus` runs both: the whole table of issue 19). The job: 1,000 keys of
+    # LSTM(16) over 5 features, 3 partitions.
+    versus_model: str = "lstm16x5"
+    versus_sequences: int = 1000
+    versus_partitions: int = 3
+    versus_events: int = 150_000  # versus: produced once, read whole by every contender
+    versus_rounds: int = 3
+    versus_processes: tuple[int, ...] = (1, 2)  # lstmd's LSTMD_WORKERS; as many peer processes
+    # A steady rate through each contender (section latency; see latency.py).
     latency_rate: int = 1000  # events per second
     latency_seconds: float = 15.0  # paced, per round
     latency_rounds: int = 3
+    latency_contenders: tuple[str, ...] = VERSUS_CONTENDERS
     # At scale (sections restore, memory, scale, keras-overhead; see scale.py).
     scale_rounds: int = 3  # rounds of the restore, scale and keras-overhead sections
     restore_states: int = 100_000  # open sequences written to the state partition

@@ -90,7 +90,16 @@ class Round:
         return [b - a for (a, _), (b, _) in itertools.pairwise(self.marks)]
 
 
-def _settings(bootstrap: str, input_topic: str, output_topic: str, engine: str, max_poll_records: int) -> Any:
+def lstmd_settings(
+    bootstrap: str,
+    input_topic: str,
+    output_topic: str,
+    engine: str,
+    max_poll_records: int = 500,
+    model_name: str = E2E_MODEL,
+) -> Any:
+    """The daemon's settings for a contender: every one at its default but the
+    round's topics and group, the model, the engine and max.poll.records."""
     from daemon.config import Settings
 
     group = unique(f"bench-{engine}")
@@ -99,7 +108,7 @@ def _settings(bootstrap: str, input_topic: str, output_topic: str, engine: str, 
         input_topic=input_topic,
         output_topic=output_topic,
         group_id=group,
-        model_path=model_file(MODELS[E2E_MODEL]),
+        model_path=model_file(MODELS[model_name]),
         engine=cast(Any, engine),
         create_topics=True,
         dlq_topic=f"{output_topic}.dlq",
@@ -393,7 +402,7 @@ class E2ESection:
         output = unique(f"bench-out-{contender}")
         create_topics_for_bench(bootstrap, {output: config.e2e_partitions}, OUTPUT_TOPIC_CONFIG)
         engine = contender if contender in ("keras", "fast") else "fast"
-        settings = _settings(bootstrap, input_topic, output, engine, config.e2e_max_poll_records)
+        settings = lstmd_settings(bootstrap, input_topic, output, engine, config.e2e_max_poll_records)
         if contender in POD_CONTENDERS:
             round_ = _pod(settings, POD_CONTENDERS[contender], target, config)
         elif contender == "passthrough":

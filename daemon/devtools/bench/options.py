@@ -46,6 +46,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="add the profile section: where the fast run loop's time goes per event",
     )
     p.add_argument(
+        "--versus",
+        action="store_true",
+        help="add the sections latency and versus: lstmd against the Quix peer at a steady rate "
+        "and flat out, one and two processes each, with CPU and memory (issue 19's table)",
+    )
+    p.add_argument(
+        "--versus-events",
+        type=int,
+        default=150_000,
+        help="versus: events produced once, read whole by every contender (default: 150000)",
+    )
+    p.add_argument(
+        "--versus-rounds", type=int, default=3, help="versus: rounds, the contenders alternating (default: 3)"
+    )
+    p.add_argument(
         "--scale",
         action="store_true",
         help="add the at-scale sections: restore, memory, scale, keras-overhead, rebuild",
@@ -173,6 +188,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--latency-seconds", type=float, default=15.0, help="latency: paced seconds per round (default: 15)"
     )
     p.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=3,
+        help="latency: rounds, the contenders alternating (default: 3)",
+    )
+    p.add_argument(
+        "--latency-contenders",
+        default="lstmd,quix",
+        help="latency: comma-separated, of lstmd, quix (default: lstmd,quix)",
+    )
+    p.add_argument(
         "--compression-events",
         type=int,
         default=20_000,
@@ -192,7 +218,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     sections = parse_list(args.sections)
     extra = tuple(
         name
-        for name, wanted in (("peer", args.peer), ("profile", args.profile))
+        for name, wanted in (
+            ("peer", args.peer),
+            ("profile", args.profile),
+            ("latency", args.versus),
+            ("versus", args.versus),
+        )
         if wanted and name not in sections
     )
     if args.scale:
@@ -225,6 +256,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         rebuild_broker_sequences=max(0, args.rebuild_broker_sequences),
         latency_rate=max(1, args.latency_rate),
         latency_seconds=max(1.0, args.latency_seconds),
+        latency_rounds=max(1, args.latency_rounds),
+        latency_contenders=parse_list(args.latency_contenders),
+        versus_events=max(1, args.versus_events),
+        versus_rounds=max(1, args.versus_rounds),
         compression_events=max(1, args.compression_events),
         compression_rounds=max(1, args.compression_rounds),
     )

@@ -29,9 +29,10 @@ import orjson
 from daemon.devtools.bench.broker import (
     BROKER,
     OUTPUT_TOPIC_CONFIG,
+    Launch,
     broker_rate,
     create_topics_for_bench,
-    run_until_outputs,
+    run_all_until_outputs,
     unique,
 )
 from daemon.devtools.bench.config import E2E_MODEL, MODELS, BenchConfig, Log, Row
@@ -97,12 +98,13 @@ def peer_python(config: BenchConfig, log: Log) -> str:
     return str(python)
 
 
-def peer_weights(path: Path) -> Path:
-    """The demo model's weights as NumPy arrays for the peer's step (keras extracts them)."""
+def peer_weights(path: Path, model_name: str = E2E_MODEL) -> Path:
+    """A bench model's weights (an LSTM and its Dense(1, sigmoid) head) as NumPy
+    arrays for the peer's step (keras extracts them)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    model = keras.models.load_model(model_file(MODELS[E2E_MODEL]), compile=False)
+    model = keras.models.load_model(model_file(MODELS[model_name]), compile=False)
     lstm = next(layer for layer in model.layers if isinstance(layer, keras.layers.LSTM))
     dense = next(layer for layer in model.layers if isinstance(layer, keras.layers.Dense))
     kernel, recurrent, bias = (np.asarray(w, dtype=np.float32) for w in lstm.get_weights())
@@ -152,6 +154,48 @@ def compare_predictions(
     return len(common), max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in common)
 
 
+class PeerProcesses:
+    """The launches of N peer processes in one consumer group (each with a state
+    directory of its own: RocksDB locks it), and their directories removed after."""
+
+    def __init__(
+        self,
+        python: str,
+        script: Path,
+        weights: Path,
+        model_id: str,
+        bootstrap: str,
+        input_topic: str,
+        output: str,
+    ) -> None:
+        self.python, self.script = python, script
+        self.args = {
+            "bootstrap": bootstrap,
+            "input": input_topic,
+            "output": output,
+            "group": unique("bench-quix"),
+            "weights": str(weights),
+            "model": model_id,
+        }
+        self.dirs: list[Path] = []
+
+    def launches(self, processes: int) -> list[Launch]:
+        out = []
+        for _ in range(processes):
+            state_dir = Path(tempfile.mkdtemp(prefix="quix-state-", dir=work_dir()))
+            self.dirs.append(state_dir)
+            args = self.args | {"state_dir": str(state_dir)}
+            out.append(Launch([self.python, str(self.script), json.dumps(args)], state_dir / "peer.log"))
+        return out
+
+    def __enter__(self) -> PeerProcesses:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for state_dir in self.dirs:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
 class PeerSection:
     """The same job as a Quix Streams application (see the module docstring)."""
 
@@ -196,26 +240,15 @@ class PeerSection:
     ) -> Round:
         output = unique("bench-out-quix")
         create_topics_for_bench(bootstrap, {output: config.e2e_partitions}, OUTPUT_TOPIC_CONFIG)
-        state_dir = Path(tempfile.mkdtemp(prefix="quix-state-", dir=work_dir()))
-        args = {
-            "bootstrap": bootstrap,
-            "input": input_topic,
-            "output": output,
-            "group": unique("bench-quix"),
-            "state_dir": str(state_dir),
-            "weights": str(weights),
-            "model": model_id,
-        }
-        run = run_until_outputs(
-            [python, str(script), json.dumps(args)],
-            state_dir / "peer.log",
-            (bootstrap, output, config.e2e_partitions),
-            config.e2e_events,
-            config.e2e_timeout_s,
-        )
+        with PeerProcesses(python, script, weights, model_id, bootstrap, input_topic, output) as peer:
+            run = run_all_until_outputs(
+                peer.launches(1),
+                (bootstrap, output, config.e2e_partitions),
+                config.e2e_events,
+                config.e2e_timeout_s,
+            )
         round_ = Round([], error=f"the peer {run.error}" if run.error else "")
         round_.cpu_us_per_event = run.cpu_us_per_event
-        shutil.rmtree(state_dir, ignore_errors=True)
         round_.topic = output
         if not round_.error:
             round_.outputs, round_.broker_events_per_s = broker_rate(bootstrap, output, config.e2e_partitions)

@@ -15,6 +15,7 @@ import numpy as np
 from daemon.devtools.bench.compression import format_compression
 from daemon.devtools.bench.config import E2E_MODEL, MODELS, BenchConfig, Row
 from daemon.devtools.bench.scale_report import SCALE_SECTIONS, format_scale
+from daemon.devtools.bench.versus import format_versus
 
 
 def add_ratios(rows: list[Row]) -> None:
@@ -164,7 +165,11 @@ def _ratio_name(name: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The rows as an aligned text table, the engines of one configuration together;
     then the end-to-end ratios and the profile, if they were run."""
-    rows = [r for r in report["rows"] if r["section"] not in ("profile", "compression", *SCALE_SECTIONS)]
+    rows = [
+        r
+        for r in report["rows"]
+        if r["section"] not in ("profile", "compression", "latency", "versus", *SCALE_SECTIONS)
+    ]
     meta = report["meta"]
     cfg = meta["config"]
     out: list[str] = []
@@ -279,6 +284,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"peer parity: {r['parity_compared']:,} of its predictions compared with lstmd "
                 f"fast's for the same inputs: max |y difference| {r['parity_max_abs_dy']:.1e}"
             )
+    out += format_versus(report)
     out += format_scale(report)
     out += format_compression(report["rows"])
     notes = {r["note"] for r in report["rows"] if r.get("note")}

@@ -9,7 +9,7 @@ from typing import Any
 
 from daemon.devtools.bench.broker import BROKER
 from daemon.devtools.bench.compression import CompressionSection
-from daemon.devtools.bench.config import ENGINES, MODELS, BenchConfig, Log, Row, Section
+from daemon.devtools.bench.config import ENGINES, MODELS, VERSUS_CONTENDERS, BenchConfig, Log, Row, Section
 from daemon.devtools.bench.e2e import E2ESection
 from daemon.devtools.bench.engine import EngineSection
 from daemon.devtools.bench.latency import LatencySection
@@ -21,6 +21,7 @@ from daemon.devtools.bench.rebuild import RebuildSection
 from daemon.devtools.bench.report import add_ratios, meta, summary
 from daemon.devtools.bench.restore import RestoreSection
 from daemon.devtools.bench.scale import ScaleSection
+from daemon.devtools.bench.versus import VersusSection, versus_table
 
 SECTIONS: dict[str, Section] = {
     "engine": EngineSection(),
@@ -28,6 +29,8 @@ SECTIONS: dict[str, Section] = {
     "peer": PeerSection(),
     "profile": ProfileSection(),
     "latency": LatencySection(),
+    # lstmd against the Quix peer, one and two processes each (`--versus`: with latency).
+    "versus": VersusSection(),
     # At scale (not in the default run; `--scale` adds them all).
     "restore": RestoreSection(),
     "memory": MemorySection(),
@@ -51,6 +54,13 @@ def check(config: BenchConfig) -> None:
             raise ValueError(
                 f"unknown or no {what}: {', '.join(unknown) or '(none)'}; known: {', '.join(known)}"
             )
+    if config.versus_model not in MODELS:
+        raise ValueError(f"unknown versus model {config.versus_model}; known: {', '.join(MODELS)}")
+    unknown = [c for c in config.latency_contenders if c not in VERSUS_CONTENDERS]
+    if unknown:
+        raise ValueError(
+            f"unknown latency contenders {', '.join(unknown)}; known: {', '.join(VERSUS_CONTENDERS)}"
+        )
     if not config.sequences or min(config.sequences) < 1:
         raise ValueError("sequence counts must be positive")
 
@@ -67,4 +77,7 @@ def run(config: BenchConfig, log: Log | None = None) -> dict[str, Any]:
     finally:
         BROKER.close()
     add_ratios(rows)
-    return {"meta": meta(config, time.time() - started), "rows": rows, "summary": summary(rows)}
+    report = {"meta": meta(config, time.time() - started), "rows": rows, "summary": summary(rows)}
+    if {"latency", "versus"} & set(config.sections):
+        report["versus"] = versus_table(rows)
+    return report
