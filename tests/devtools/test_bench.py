@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -601,3 +602,11 @@ def test_versus_rows_and_the_table() -> None:
     text = "\n".join(format_versus({"versus": versus_table(rows)}))
     assert re.search(r"\nthroughput, one process each, events/s +90\.0 +120 +0\.75\n", text)
     assert re.search(r"\nlatency at a steady rate, max ms \(one process each\) +- +- +-\n", text)
+
+
+def test_the_profile_classifies_a_frame_between_lines() -> None:
+    """A sampled frame's f_lineno can be None (it killed the sampler thread mid-round):
+    a rule that reads the source line then does not match, and the caller names it."""
+    code = types.SimpleNamespace(co_filename="/x/daemon/streaming/loop.py", co_name="run")
+    frame = types.SimpleNamespace(f_code=code, f_lineno=None, f_back=None)
+    assert classify(frame) == "run loop other"

@@ -79,7 +79,8 @@ def classify(frame: Any) -> str:
         for suffix, function, text, phase in PHASE_RULES:
             if suffix not in filename or (function is not None and code.co_name != function):
                 continue
-            if text is not None and text not in linecache.getline(code.co_filename, f.f_lineno):
+            # f_lineno is None while a frame is between lines (seen under the sampler)
+            if text is not None and text not in linecache.getline(code.co_filename, f.f_lineno or 0):
                 continue
             return phase
         f = f.f_back
