@@ -6,6 +6,7 @@ broken deployment in one round instead of one variable per crash loop.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,8 @@ Engine = Literal["keras", "fast"]
 Delivery = Literal["at-least-once", "exactly-once"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+#: The Kafka client library behind the client port (daemon/kafka/backends/).
+KafkaClient = Literal["kafka-python", "confluent-kafka"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 #: The codec of the daemon's own producers (kafka-python's compression_type; "none": off).
 Codec = Literal["gzip", "snappy", "lz4", "zstd"]
@@ -110,6 +113,9 @@ class Settings(PipelineSettings):
     # Warm start: inputs timestamped before this advance the states without a prediction.
     publish_from: AwareDatetime | None = Field(default=None, description="RFC 3339, with a time zone")
 
+    # The library of the consumer and producers: kafka-python (pure Python, always
+    # installed) or confluent-kafka (librdkafka: faster; the extra lstmd[librdkafka]).
+    kafka_client: KafkaClient = "kafka-python"
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism | None = None
     kafka_sasl_username: str | None = None
@@ -222,6 +228,11 @@ class Settings(PipelineSettings):
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             problems.append(
                 "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS: must be at most a third of LSTMD_KAFKA_SESSION_TIMEOUT_MS"
+            )
+        if self.kafka_client == "confluent-kafka" and importlib.util.find_spec("confluent_kafka") is None:
+            problems.append(
+                "LSTMD_KAFKA_CLIENT: confluent-kafka is not installed (pip install 'lstmd[librdkafka]'; "
+                "the image has it)"
             )
         if problems:
             raise ValueError("; ".join(problems))

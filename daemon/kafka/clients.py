@@ -1,26 +1,25 @@
-"""kafka-python clients built from Settings, and the kafka-python 3.0.12 workarounds they need.
+"""What every Kafka client the daemon opens shares, whichever library plays the port:
+the connection and security settings, the non-default values (each constant says
+why it was chosen), and the admin client of start-up.
 
-Every client the daemon opens comes from here, with the same connection and
-security settings; the constants say why each non-default value was chosen.
+The start-up checks (topics, ACLs, the state topic's record size: topics.py) run on
+kafka-python's admin client with either backend: they happen once, and speak in
+kafka-python's answers. The backends (backends/) build the consumers and producers.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka import KafkaAdminClient
 from kafka.errors import (
     AuthorizationError,
     KafkaConnectionError,
-    KafkaError,
     KafkaTimeoutError,
     SaslAuthenticationFailedError,
 )
-from kafka.producer.transaction_manager import TransactionManager
 
 from daemon import __version__
 from daemon.config import Codec, Settings
@@ -63,6 +62,8 @@ BOOTSTRAP_TIMEOUT_MS = 5000
 # topic change served within a minute, for one small Metadata request per client
 # every 30 s.
 METADATA_MAX_AGE_MS = 30_000
+# Fetch size of the readers (restore, rebuild): state records are up to a few MiB.
+RESTORE_FETCH_BYTES = 8 << 20
 
 
 def security_kwargs(settings: Settings) -> dict[str, Any]:
@@ -85,44 +86,6 @@ def security_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
-def make_consumer(settings: Settings) -> KafkaConsumer:
-    return KafkaConsumer(
-        **security_kwargs(settings),
-        group_id=settings.group_id,
-        group_instance_id=settings.group_instance_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        # Upstream producers may be transactional: never feed an aborted event to a state.
-        isolation_level="read_committed",
-        allow_auto_create_topics=False,
-        max_poll_records=settings.kafka_max_poll_records,
-        max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
-        session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
-        # kafka-python 3 takes assignor instances; its stubs still say classes.
-        partition_assignment_strategy=[CooperativeStickyAssignor()],  # type: ignore[list-item]
-        metadata_max_age_ms=METADATA_MAX_AGE_MS,
-    )
-
-
-def make_producer(settings: Settings, transactional_id: str | None = None) -> KafkaProducer:
-    return KafkaProducer(
-        **security_kwargs(settings),
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=PRODUCER_LINGER_MS,
-        batch_size=PRODUCER_BATCH_BYTES,
-        transactional_id=transactional_id,
-        transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
-        max_block_ms=MAX_BLOCK_MS,
-        max_request_size=max_message_bytes(settings),
-        compression_type=compression_type(settings),
-        # Building one during an outage waits this long, not kafka-python's 30 s.
-        bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
-        metadata_max_age_ms=METADATA_MAX_AGE_MS,
-    )
-
-
 def compression_type(settings: Settings) -> Codec | None:
     """LSTMD_KAFKA_COMPRESSION as kafka-python takes it (None: uncompressed). Its codec
     libraries are the daemon's dependencies, the same that decompress any input."""
@@ -135,19 +98,6 @@ def max_message_bytes(settings: Settings) -> int:
     """The largest record the daemon produces: a dead letter carrying a record of up to
     LSTMD_MAX_RECORD_BYTES (at least 1 MiB), plus its headers."""
     return max(DEAD_LETTER_VALUE_BYTES, settings.max_record_bytes) + RECORD_OVERHEAD_BYTES
-
-
-def make_restore_consumer(settings: Settings) -> KafkaConsumer:
-    """Reads the state topic by assignment (no group), committed transactions only."""
-    return KafkaConsumer(
-        **security_kwargs(settings),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=8 << 20,
-        metadata_max_age_ms=METADATA_MAX_AGE_MS,
-    )
 
 
 def wait_for_cluster(
@@ -185,97 +135,3 @@ def wait_for_cluster(
         if backoff.wait():
             break
     return None
-
-
-def close_producer(producer: KafkaProducer, timeout: float) -> None:
-    """Close, abandoning what is still unacknowledged after `timeout` (its futures fail).
-
-    kafka-python 3.0.12's close() flushes first and raises if that flush times
-    out, so it never reaches its own force-close: do that step here.
-    """
-    try:
-        producer.close(timeout=timeout)
-    except KafkaTimeoutError:
-        sender = getattr(producer, "_sender", None)  # private: no public force-close
-        if sender is not None and sender.is_alive():
-            sender.force_close()
-            sender.join(5.0)
-        producer._closed = True  # type: ignore[attr-defined]
-
-
-# kafka-python 3.0.12's send_offsets_to_transaction, commit_transaction and
-# abort_transaction wait for the coordinator without a bound: during a broker outage
-# the daemon would ignore SIGTERM until Kubernetes kills it. These make the same
-# requests and wait in slices, giving up (KafkaTimeoutError) after this long or when
-# `abandon` is set. A transaction given up on is fenced by the next producer with
-# the same transactional id (the daemon builds one), so nothing is half-committed.
-TRANSACTION_CALL_TIMEOUT_S = 30.0
-
-
-def send_offsets_to_transaction(
-    producer: KafkaProducer,
-    offsets: dict[Any, Any],
-    group: Any,
-    abandon: threading.Event,
-    beat: Callable[[], None],
-) -> None:
-    manager = _transaction_manager(producer)
-    if manager is None:  # not kafka-python 3.0's producer: its own (unbounded) call
-        producer.send_offsets_to_transaction(offsets, group)
-        return
-    _await(producer, manager.send_offsets_to_transaction(offsets, group), "offsets", abandon, beat)
-
-
-def commit_transaction(producer: KafkaProducer, abandon: threading.Event, beat: Callable[[], None]) -> None:
-    manager = _transaction_manager(producer)
-    if manager is None:
-        producer.commit_transaction()
-        return
-    _await(producer, manager.begin_commit(), "commit", abandon, beat)
-
-
-def abort_transaction(producer: KafkaProducer, abandon: threading.Event, beat: Callable[[], None]) -> None:
-    manager = _transaction_manager(producer)
-    if manager is None:
-        producer.abort_transaction()
-        return
-    _await(producer, manager.begin_abort(), "abort", abandon, beat)
-
-
-def _transaction_manager(producer: KafkaProducer) -> Any:
-    """kafka-python 3.0's (untyped, private) transaction manager, or None."""
-    manager = getattr(producer, "_transaction_manager", None)
-    return manager if isinstance(manager, TransactionManager) else None
-
-
-def _await(
-    producer: KafkaProducer, result: Any, what: str, abandon: threading.Event, beat: Callable[[], None]
-) -> None:
-    producer._sender.wakeup()  # type: ignore[attr-defined]  # as the public calls do
-    deadline = time.monotonic() + TRANSACTION_CALL_TIMEOUT_S
-    while not result.wait(timeout_ms=500):  # raises the request's error, if any
-        beat()
-        if abandon.is_set() or time.monotonic() > deadline:
-            raise KafkaTimeoutError(f"transaction {what} not answered by the coordinator")
-
-
-def partitions_for_topic(consumer: KafkaConsumer, topic: str, timeout_ms: int) -> set[int]:
-    """The consumer's known partitions of `topic`, asking the cluster for at most
-    `timeout_ms`. kafka-python 3.0.12's own `partitions_for_topic` waits for the
-    metadata answer without a bound: during an outage it would not see SIGTERM."""
-    cluster = getattr(consumer, "_cluster", None)
-    net, manager = getattr(consumer, "_net", None), getattr(consumer, "_manager", None)
-    if cluster is None or net is None or manager is None:  # another client version
-        return set(consumer.partitions_for_topic(topic) or ())
-    known = cluster.partitions_for_topic(topic)
-    if known:
-        return set(known)
-    stash = cluster.need_all_topic_metadata
-    cluster.need_all_topic_metadata = True
-    try:
-        net.run(manager.wait_for, cluster.request_update(), timeout_ms)
-    except KafkaError:
-        pass  # not answered in time: the caller asks again
-    finally:
-        cluster.need_all_topic_metadata = stash
-    return set(cluster.partitions_for_topic(topic) or ())

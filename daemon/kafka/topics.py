@@ -3,15 +3,13 @@ their partition counts are watched (partitions may be added at any time)."""
 
 from __future__ import annotations
 
-import threading
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource
-from kafka.cluster import ClusterMetadata
 from kafka.errors import AuthorizationError, GroupAuthorizationFailedError, KafkaError, for_code
 from kafka.partitioner.default import murmur2
 
@@ -19,6 +17,7 @@ from daemon.config import Settings
 from daemon.errors import KafkaSetupError
 from daemon.kafka.acl import authorization_failure, principal, topic_refusal, topic_roles
 from daemon.kafka.clients import max_message_bytes
+from daemon.kafka.port import RecordProducer
 from daemon.ops.logs import get_logger
 
 log = get_logger(__name__)
@@ -160,47 +159,22 @@ def _topics(settings: Settings) -> tuple[str, str, str, str]:
     )
 
 
-def known_layout(producer: KafkaProducer, settings: Settings) -> Layout | None:
+def known_layout(producer: RecordProducer, settings: Settings) -> Layout | None:
     """The four topics' partition counts in the producer's metadata: no request, the
     producer refreshes it every METADATA_MAX_AGE_MS (clients.py), all four topics in
-    one answer. None while it does not know one of them yet: it is asked to track it
-    (a new producer knows only the topics it has sent to)."""
-    metadata, counts = _metadata(producer), []
-    if metadata is None:
+    one answer. None while it does not know one of them yet (a new producer knows
+    only the topics it has sent to; asking makes it track them)."""
+    counts = [producer.partitions(topic) for topic in _topics(settings)]
+    if any(known is None for known in counts):
         return None
-    for topic in _topics(settings):
-        known = metadata.partitions_for_topic(topic)  # type: ignore[no-untyped-call]
-        if known is None:
-            producer._sender.add_topic(topic)  # type: ignore[attr-defined]  # thread-safe, no wait
-            return None
-        counts.append(len(known))
-    return Layout(*counts)
+    return Layout(*(len(known or ()) for known in counts))
 
 
-def _metadata(producer: KafkaProducer) -> ClusterMetadata | None:
-    """kafka-python's metadata of the producer (private: its public `partitions_for`
-    blocks), or None for another client."""
-    metadata = getattr(producer, "_metadata", None)
-    return metadata if isinstance(metadata, ClusterMetadata) else None
-
-
-def refresh_metadata(producer: KafkaProducer, wait_s: float = 0.0) -> None:
-    """Have the producer refresh its metadata now; wait for the answer up to `wait_s`."""
-    metadata = _metadata(producer)
-    if metadata is None:
-        return
-    done = threading.Event()
-    metadata.request_update().add_both(lambda *_: done.set())
-    if wait_s:
-        done.wait(wait_s)
-
-
-def unlisted(producer: KafkaProducer, topic: str, partition: int) -> bool:
+def unlisted(producer: RecordProducer, topic: str, partition: int) -> bool:
     """Whether the producer's metadata knows `topic` but not its partition `partition`:
-    kafka-python's `send` then refuses it (ValueError, "Unrecognized partition"). A
-    topic it does not know at all is not judged here: `send` waits for its metadata."""
-    metadata = _metadata(producer)
-    known = metadata.partitions_for_topic(topic) if metadata is not None else None  # type: ignore[no-untyped-call]
+    its `send` then refuses it (ValueError). A topic it does not know at all is not
+    judged here: `send` waits for its metadata."""
+    known = producer.partitions(topic)
     return known is not None and partition not in known
 
 

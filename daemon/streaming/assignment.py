@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import TopicPartition
-from kafka.errors import AuthorizationError, KafkaError
-
 from daemon.config import Settings
 from daemon.core.processor import Processor
+from daemon.core.records import InputRecord
 from daemon.core.state import SavedState, StateStore
 from daemon.kafka.acl import authorization_failure
+from daemon.kafka.errors import AuthorizationError, KafkaError
+from daemon.kafka.port import Polled, TopicPartition
 from daemon.kafka.retry import Backoff
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
@@ -136,7 +136,7 @@ class Assignment:
             self._rebuild()
         self.metrics.active_sequences.set(len(self.store))
 
-    def accept(self, polled: dict[TopicPartition, list[Any]]) -> list[Any]:
+    def accept(self, polled: Polled) -> list[InputRecord]:
         """The polled records ready to process, partitions in order. Records of a
         partition still restoring are given back: the consumer is rewound to the
         first of them."""

@@ -19,12 +19,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import AuthorizationError, KafkaError
-
 from daemon.config import Settings
+from daemon.core.records import InputRecord
 from daemon.kafka.acl import authorization_failure
+from daemon.kafka.errors import AuthorizationError, KafkaError
+from daemon.kafka.port import Reader, TopicPartition
 from daemon.ops.logs import get_logger
 
 log = get_logger(__name__)
@@ -33,6 +32,8 @@ log = get_logger(__name__)
 POSITION_TIMEOUT_MS = 200
 # One poll waits at most this for records: a slice holds several polls.
 POLL_TIMEOUT_MS = 100
+# Closing a reader (no group to leave) waits at most this.
+READER_CLOSE_TIMEOUT_MS = 5000
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -77,7 +78,7 @@ class Reading(Protocol[T_contra]):
         start at or past the end reads nothing: the partition is done at once."""
         ...
 
-    def read(self, partition: int, into: T_contra, records: Sequence[ConsumerRecord]) -> None:
+    def read(self, partition: int, into: T_contra, records: Sequence[InputRecord]) -> None:
         """Records of the partition, in offset order, in any slices."""
         ...
 
@@ -103,7 +104,7 @@ class CatchUp(Generic[T]):
 
     def __init__(
         self,
-        make_consumer: Callable[[], KafkaConsumer],
+        make_consumer: Callable[[], Reader],
         settings: Settings,
         topic: str,
         reading: Reading[T],
@@ -115,7 +116,7 @@ class CatchUp(Generic[T]):
         """`make_consumer` is called on the first read only (most runs never rebuild);
         `waiting` is the event logged while the broker cannot say where a read ends."""
         self._make_consumer = make_consumer
-        self._consumer: KafkaConsumer | None = None
+        self._consumer: Reader | None = None
         self.settings = settings
         self.topic = topic
         self.reading = reading
@@ -127,14 +128,14 @@ class CatchUp(Generic[T]):
         self._cost = pace.first_cost_s
 
     @property
-    def consumer(self) -> KafkaConsumer:
+    def consumer(self) -> Reader:
         if self._consumer is None:
             self._consumer = self._make_consumer()
         return self._consumer
 
     def close(self) -> None:
         if self._consumer is not None:
-            self._consumer.close()
+            self._consumer.close(READER_CLOSE_TIMEOUT_MS)
 
     def begin(self, partition: int, into: T) -> None:
         """Read `partition` into `into`; its bounds are asked at the next `locate` or step."""

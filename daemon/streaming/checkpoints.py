@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kafka import TopicPartition
-
 from daemon.config import Settings
 from daemon.core.records import OutputRecord
+from daemon.kafka.port import TopicPartition
 from daemon.ops.logs import get_logger
 from daemon.streaming.delivery import DeliveryFailed, TransactionFailed
 from daemon.streaming.policy import CheckpointPolicy
@@ -75,7 +74,7 @@ class Checkpoints:
 
     def before_revoke(self, revoked: set[TopicPartition]) -> dict[TopicPartition, int] | None:
         """Checkpoint what is in hand before partitions are revoked; the offsets for the
-        listener to commit (daemon/kafka/listener.py says why there).
+        consumer to commit (`RebalanceEvents` in daemon/kafka/port.py says why there).
 
         Runs on kafka-python's IO thread inside `poll()` or `close()`, while the loop's
         thread waits in that call, so the store, the policy and delivery are not

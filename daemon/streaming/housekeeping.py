@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
-
 from daemon.config import Settings
 from daemon.core.processor import Processor
+from daemon.kafka.errors import KafkaError
+from daemon.kafka.port import GroupConsumer, TopicPartition
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.layout import TopicWatch
@@ -54,7 +53,7 @@ class Housekeeping:
         self.metrics.ended_sequences.set(store.ended())
         self._report_lag(clients.consumer)
 
-    def _report_lag(self, consumer: KafkaConsumer) -> None:
+    def _report_lag(self, consumer: GroupConsumer) -> None:
         """Each assigned partition's lag: its end minus the next offset to process.
 
         The end is the high watermark of the partition's last fetch, except for a

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from daemon.config import Settings
 from daemon.core.state import StateStore
-from daemon.kafka.topics import Layout, known_layout, moved_sequences, refresh_metadata
+from daemon.kafka.topics import Layout, known_layout, moved_sequences
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import Delivery
@@ -89,7 +89,7 @@ class TopicWatch:
             return False
         if partition not in self._held:
             self._held.add(partition)
-            refresh_metadata(delivery.producer)
+            delivery.producer.refresh_metadata(0)
             log.info(
                 "partition_waiting_for_state",
                 partition=partition,

@@ -18,13 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
-
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
 from daemon.kafka.acl import authorization_failure, fenced_instance
+from daemon.kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
+from daemon.kafka.port import GroupConsumer, Polled
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -158,7 +157,7 @@ class RunLoop:
             # Exactly-once commits every poll batch in its transaction before the next
             # poll: a revocation finds nothing in hand.
             clients.listener.before_revoke = checkpoints.before_revoke
-        clients.consumer.subscribe([self.settings.input_topic], listener=clients.listener)  # type: ignore[arg-type]  # stubs predate the async listener
+        clients.consumer.subscribe(self.settings.input_topic, clients.listener)
         self.health.reason = "waiting for the group to assign partitions"
 
     @property
@@ -204,8 +203,8 @@ class RunLoop:
         clients = self._run.clients
         self._run.checkpoints.closing = True  # the close revokes: nothing is left to save
         close_ms = self.deadline.consumer_close_ms()
-        clients.consumer.close(autocommit=False, timeout_ms=close_ms)
-        clients.restorer.consumer.close(timeout_ms=close_ms)
+        clients.consumer.close(close_ms)
+        clients.restorer.consumer.close(close_ms)
         clients.rebuilder.close()
         clients.delivery.close(timeout=self.deadline.close_budget())
         log.info("kafka_closed")
@@ -242,7 +241,7 @@ class RunLoop:
         run.assignment.apply_rebalance(run.checkpoints.take_revocation_failure())
         return True
 
-    def _poll(self, consumer: KafkaConsumer) -> dict[TopicPartition, list[Any]]:
+    def _poll(self, consumer: GroupConsumer) -> Polled:
         """One poll. A broker gone is not a reason to exit: kafka-python 3.0.12 raises
         a retriable error (KafkaConnectionError from its coordinator lookup) out of
         `poll` during an outage, seen to end a worker in one start of six with the
@@ -250,7 +249,7 @@ class RunLoop:
         liveness probe is not beaten meanwhile, so a consumer that never recovers
         fails `/livez` after LSTMD_KAFKA_MAX_POLL_INTERVAL_MS."""
         try:
-            polled: dict[TopicPartition, list[Any]] = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
+            polled = consumer.poll(POLL_TIMEOUT_MS)
         except AuthorizationError as exc:  # a group or topic ACL: retrying cannot help
             raise authorization_failure(self.settings, exc) from None
         except FencedInstanceIdError:  # two pods with one LSTMD_GROUP_INSTANCE_ID

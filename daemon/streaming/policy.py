@@ -27,10 +27,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kafka import TopicPartition
-
 from daemon.core.records import InputRecord, OutputRecord, StateRecord
 from daemon.core.state import StateStore
+from daemon.kafka.port import TopicPartition
 
 
 @dataclass

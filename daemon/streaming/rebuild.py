@@ -30,9 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kafka import KafkaConsumer
-from kafka.consumer.fetcher import ConsumerRecord
-
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import InputRecord
@@ -45,6 +42,7 @@ from daemon.core.state import (
     StateStore,
     same_model,
 )
+from daemon.kafka.port import Reader
 from daemon.ops.metrics import Metrics
 from daemon.streaming.catchup import CatchUp, Pace
 from daemon.streaming.restore import RESTORE_SLICE_S
@@ -270,7 +268,7 @@ class _Inputs:
         into.recompute = Recompute(todo, into.saved, rebuild_processor(self.processor))
         return todo.start, todo.end  # no span: (0, 0), nothing to read
 
-    def read(self, partition: int, into: _Rebuilding, records: Sequence[ConsumerRecord]) -> None:
+    def read(self, partition: int, into: _Rebuilding, records: Sequence[InputRecord]) -> None:
         assert into.recompute is not None  # bounds come first
         into.recompute.feed(records)
 
@@ -282,7 +280,7 @@ class Rebuilder:
 
     def __init__(
         self,
-        make_consumer: Callable[[], KafkaConsumer],
+        make_consumer: Callable[[], Reader],
         settings: Settings,
         metrics: Metrics,
         processor: Processor,
@@ -304,7 +302,7 @@ class Rebuilder:
         self.active = self.reads.active
 
     @property
-    def consumer(self) -> KafkaConsumer:
+    def consumer(self) -> Reader:
         return self.reads.consumer
 
     def close(self) -> None:

@@ -11,10 +11,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer
-from kafka.consumer.fetcher import ConsumerRecord
-
 from daemon.config import Settings
+from daemon.core.records import InputRecord
 from daemon.core.state import (
     UNREADABLE,
     Eviction,
@@ -25,6 +23,7 @@ from daemon.core.state import (
     StateTensors,
     same_model,
 )
+from daemon.kafka.port import Reader
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.catchup import CatchUp, Pace
@@ -54,7 +53,7 @@ class _Snapshots:
     def bounds(self, partition: int, into: _Restoring, beginning: int | None, end: int) -> tuple[None, int]:
         return None, end  # the whole compacted partition
 
-    def read(self, partition: int, into: _Restoring, records: Sequence[ConsumerRecord]) -> None:
+    def read(self, partition: int, into: _Restoring, records: Sequence[InputRecord]) -> None:
         for rec in records:
             key = rec.key.decode("utf-8", "replace") if rec.key is not None else ""
             if rec.value is None:
@@ -84,7 +83,7 @@ class Restorer:
     """Reads a partition's states back from the compacted state topic, in slices
     between polls, up to the end the topic had when the restore began (a `CatchUp`)."""
 
-    def __init__(self, consumer: KafkaConsumer, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, consumer: Reader, settings: Settings, metrics: Metrics) -> None:
         self.consumer = consumer  # no group, read_committed
         self.metrics = metrics
         pace = Pace(RESTORE_SLICE_S, END_TIMEOUT_MS, RESTORE_POLL_RECORDS, RESTORE_POLL_RECORDS)

@@ -14,22 +14,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-
-from kafka import KafkaConsumer, KafkaProducer
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.state import snapshot_bytes
-from daemon.kafka.clients import (
-    make_consumer,
-    make_producer,
-    make_restore_consumer,
-    partitions_for_topic,
-    wait_for_cluster,
-)
-from daemon.kafka.listener import RebalanceEvents
+from daemon.kafka.backends import make_backend
+from daemon.kafka.clients import wait_for_cluster
+from daemon.kafka.port import Backend, GroupConsumer, RebalanceEvents
 from daemon.kafka.topics import check_state_record_size, ensure_topics, outputs_aligned
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
@@ -49,7 +41,7 @@ class Clients:
     """The Kafka side of one run: built by `connect` (or a test, on another Kafka),
     handed to `RunLoop.start`, closed by `RunLoop.close`."""
 
-    consumer: KafkaConsumer
+    consumer: GroupConsumer
     delivery: Delivery
     restorer: Restorer
     rebuilder: Rebuilder
@@ -101,39 +93,35 @@ class Startup:
             delivery=settings.delivery,
             outputs_by_input_partition=aligned,
         )
-        txn_id = transactional_id(settings)
         try:  # first: it may wait for Kafka, and then nothing else is open yet
-            clients = self.assemble(
-                lambda: make_consumer(settings),
-                lambda: make_producer(settings, txn_id),
-                lambda: make_restore_consumer(settings),
-            )
+            clients = self.assemble(make_backend(settings))
         except DeliveryFailed:  # asked to stop meanwhile
             return None
         clients.delivery.same_partitions = aligned
         self._await_metadata(clients.consumer)
         return clients, partitions
 
-    def assemble(
-        self,
-        make_consumer: Callable[[], KafkaConsumer],
-        make_producer: Callable[[], KafkaProducer],
-        make_reader: Callable[[], KafkaConsumer],
-    ) -> Clients:
-        """The run's parts around its Kafka clients, from their factories: the group's
-        consumer, the producer (delivery renews it), and readers by assignment (one
-        for the state topic's restore, one per rebuild of the input). The producer is
-        built first: it may wait for Kafka (DeliveryFailed if `stop` is set meanwhile),
-        and then nothing else is open yet."""
+    def assemble(self, backend: Backend) -> Clients:
+        """The run's parts around the clients of `backend` (the settings' client library,
+        or a test's in-memory Kafka): the group's consumer, the producer (delivery
+        renews it), and readers by assignment (one for the state topic's restore, one
+        per rebuild of the input). The producer is built first: it may wait for Kafka
+        (DeliveryFailed if `stop` is set meanwhile), and then nothing else is open yet."""
+        txn_id = transactional_id(self.settings)
         delivery = make_delivery(
-            self.settings, make_producer, self.metrics, self.stop, abandon=self.abandon, beat=self.health.beat
+            self.settings,
+            lambda: backend.producer(txn_id),
+            self.metrics,
+            self.stop,
+            abandon=self.abandon,
+            beat=self.health.beat,
         )
-        consumer = make_consumer()
-        restorer = Restorer(make_reader(), self.settings, self.metrics)
-        rebuilder = Rebuilder(make_reader, self.settings, self.metrics, self.processor)
-        return Clients(consumer, delivery, restorer, rebuilder, RebalanceEvents(consumer))
+        consumer = backend.consumer()
+        restorer = Restorer(backend.reader(), self.settings, self.metrics)
+        rebuilder = Rebuilder(backend.reader, self.settings, self.metrics, self.processor)
+        return Clients(consumer, delivery, restorer, rebuilder, RebalanceEvents())
 
-    def _await_metadata(self, consumer: KafkaConsumer) -> None:
+    def _await_metadata(self, consumer: GroupConsumer) -> None:
         """Have the input topic's partitions in the consumer's metadata before joining.
 
         kafka-python 3.0.12 can join a new group before it knows the topic's
@@ -142,7 +130,7 @@ class Startup:
         """
         topic = self.settings.input_topic
         deadline = time.monotonic() + METADATA_WAIT_S
-        while not partitions_for_topic(consumer, topic, timeout_ms=1000):
+        while not consumer.partitions_for_topic(topic, timeout_ms=1000):
             if time.monotonic() > deadline or self.stop.wait(0.2):
                 log.warning("input_metadata_missing", topic=topic)
                 return

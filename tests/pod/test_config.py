@@ -175,3 +175,27 @@ def test_compression_is_the_producers_codec(clean_env: pytest.MonkeyPatch, model
         ConfigError, match=r"LSTMD_KAFKA_COMPRESSION: .*'none', 'gzip', 'snappy', 'lz4' or 'zstd'"
     ):
         load_settings()
+
+
+def test_the_kafka_client_is_one_of_the_backends_and_must_be_installed(
+    clean_env: pytest.MonkeyPatch, model_file: Path
+) -> None:
+    import importlib.util
+
+    from daemon.kafka.backends import make_backend
+
+    for k, v in required(model_file).items():
+        clean_env.setenv(k, v)
+    assert make_backend(load_settings()).name == "kafka-python"  # the default
+    clean_env.setenv("LSTMD_KAFKA_CLIENT", "librdkafka")
+    with pytest.raises(ConfigError, match=r"LSTMD_KAFKA_CLIENT: .*'kafka-python' or 'confluent-kafka'"):
+        load_settings()
+    clean_env.setenv("LSTMD_KAFKA_CLIENT", "confluent-kafka")
+    real_find_spec = importlib.util.find_spec
+    clean_env.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "confluent_kafka" else real_find_spec(name, *a),
+    )
+    with pytest.raises(ConfigError, match=r"LSTMD_KAFKA_CLIENT: confluent-kafka is not installed"):
+        load_settings()

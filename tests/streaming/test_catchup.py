@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
 from daemon.streaming.catchup import CatchUp, Pace
+from tests.support.backends import ported
 from tests.support.fakes import settings
 from tests.support.kafka import MemoryKafka
 
@@ -41,7 +42,7 @@ def test_a_catch_up_reads_its_bounds_and_releases_each_partition_once_done(tmp_p
     consumer = kafka.reader()
     reading = Offsets()
     reads = CatchUp[list[int]](
-        lambda: cast(KafkaConsumer, consumer),
+        lambda: ported(consumer),
         settings(tmp_path),
         "in",
         reading,

@@ -8,11 +8,9 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer
 from kafka.errors import (
     CommitFailedError,
     FencedInstanceIdError,
@@ -31,9 +29,16 @@ from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import DeliveryFailed, TransactionFailed
 from daemon.streaming.policy import Checkpoint
 from daemon.streaming.restore import Restorer, adopt
-from tests.support.backends import memory_delivery, memory_kafka, memory_member
+from tests.support.backends import (
+    memory_delivery,
+    memory_kafka,
+    memory_member,
+    ported,
+    unported,
+    unported_producer,
+)
 from tests.support.fakes import TP, make, output, outputs, recs, settings
-from tests.support.kafka import MemoryConsumer, MemoryKafka
+from tests.support.kafka import MemoryKafka
 
 
 @pytest.mark.parametrize("error", [RebalanceInProgressError(), CommitFailedError()])
@@ -47,7 +52,7 @@ def test_a_commit_during_a_rebalance_is_deferred_not_retried(tmp_path: Path, err
     committed = cp.commit(consumer, Checkpoint(outputs=[output()], offsets={TP: 5}))
     # Only poll() completes a rebalance: a retry loop here would never end.
     assert committed is False
-    tried = cast(MemoryConsumer, consumer)
+    tried = unported(consumer)
     assert len(tried.commit_timeouts) == 1 and tried.commits == [] and time.monotonic() - started < 1.0
 
 
@@ -66,7 +71,7 @@ def test_a_producer_is_awaited_while_the_cluster_does_not_answer(tmp_path: Path)
     kafka.faults.connect += [KafkaTimeoutError("Unable to bootstrap")] * 2
     cp = memory_delivery(kafka, s)
     assert kafka.faults.connect == [] and len(kafka.producers) == 1  # two refusals, then one built
-    assert cast(object, cp.producer) is kafka.producers[0]
+    assert unported_producer(cp.producer) is kafka.producers[0]
 
 
 def test_an_expelled_member_commits_no_transaction(tmp_path: Path) -> None:
@@ -90,7 +95,7 @@ def test_a_fenced_producer_is_replaced_after_the_abort_fails(tmp_path: Path) -> 
     kafka.faults.abort_transaction.append(ProducerFencedError())
     with pytest.raises(TransactionFailed):
         cp.commit(memory_member(kafka, s), Checkpoint(outputs=[output()], offsets={TP: 5}))
-    assert cast(object, cp.producer) is made[1] and "close" in made[0].calls
+    assert unported_producer(cp.producer) is made[1] and "close" in made[0].calls
     assert made[1].calls == ["init_transactions"]
 
 
@@ -116,7 +121,7 @@ def restore(
     kafka = kafka or memory_kafka(s)
     for key, value in records:
         kafka.produce(s.state_topic, key, value)
-    restorer = Restorer(cast(KafkaConsumer, kafka.reader()), s, Metrics())
+    restorer = Restorer(ported(kafka.reader()), s, Metrics())
     restorer.begin([0])
     for _ in range(5):
         done = restorer.step()
@@ -196,7 +201,7 @@ def test_read_on_the_state_topic_revoked_ends_the_daemon_naming_it(tmp_path: Pat
     kafka = memory_kafka(s)
     kafka.produce(s.state_topic, b"a", None)
     kafka.faults.read.append(TopicAuthorizationFailedError())
-    restorer = Restorer(cast(KafkaConsumer, kafka.reader()), s, Metrics())
+    restorer = Restorer(ported(kafka.reader()), s, Metrics())
     restorer.begin([0])
     with pytest.raises(KafkaSetupError, match=r"g\.state.*LSTMD_STATE_TOPIC"):
         restorer.step()

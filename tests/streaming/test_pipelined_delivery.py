@@ -10,23 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import pytest
-from kafka import KafkaConsumer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from daemon.core.records import Kind, OutputRecord, StateRecord
+from daemon.kafka.port import GroupConsumer
 from daemon.kafka.retry import Backoff
 from daemon.ops.metrics import Metrics
 from daemon.streaming import housekeeping
 from daemon.streaming.delivery import CheckpointAbandoned, Delivery, at_least_once
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import Checkpoint
-from tests.support.backends import Memory, memory_delivery, memory_kafka
+from tests.support.backends import Memory, memory_delivery, memory_kafka, ported, unported
 from tests.support.fakes import TP, make, settings
-from tests.support.kafka import MemoryConsumer, MemoryKafka
+from tests.support.kafka import MemoryKafka
 
 
 def out(value: bytes, key: bytes = b"k", partition: int = 0, ts_ms: int = 0) -> OutputRecord:
@@ -54,9 +54,9 @@ def pipeline(
     return memory_delivery(kafka, s, metrics), kafka, metrics
 
 
-def member(kafka: MemoryKafka) -> KafkaConsumer:
+def member(kafka: MemoryKafka) -> GroupConsumer:
     """The only member of group "g" on "in" (the settings' group and input topic)."""
-    return cast(KafkaConsumer, kafka.member("in"))
+    return ported(kafka.member("in"))
 
 
 def test_outputs_are_sent_without_waiting_and_acknowledged_before_states_and_offsets(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_an_expelled_member_resends_no_output(tmp_path: Path, monkeypatch: Any) 
     expelled = member(kafka)
     cp.send([out(b"old")])
     kafka.acknowledge()  # lost; meanwhile the group expelled this member
-    cast(MemoryConsumer, expelled).expel()
+    unported(expelled).expel()
     with pytest.raises(CheckpointAbandoned):  # the run loop restores, as after an abort
         cp.commit(expelled, Checkpoint(offsets={TP: 1}))
     assert [e for e in kafka.journal if e.startswith("send")] == ["send out b'old'"]
@@ -149,14 +149,14 @@ def test_an_expelled_member_resends_no_output(tmp_path: Path, monkeypatch: Any) 
 def test_a_member_expelled_during_the_retries_stops_resending(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(at_least_once, "Backoff", _NoWait)
     losses: list[bytes | None] = []
-    consumer: list[KafkaConsumer] = []
+    consumer: list[GroupConsumer] = []
 
     def fail(key: bytes | None, value: bytes | None) -> bool:
         """The broker loses the first five sends; the group expels the member while
         the third is in flight (it was a member for the first resend only)."""
         losses.append(value)
         if len(losses) == 3:
-            cast(MemoryConsumer, consumer[0]).expel()
+            unported(consumer[0]).expel()
         return len(losses) <= 5
 
     cp, kafka, _ = pipeline(tmp_path, fail=fail)
@@ -221,7 +221,7 @@ def test_the_loop_pauses_its_partitions_while_outputs_are_backlogged(
     one = orjson.dumps({"x": [1]})
     kafka.produce("in", [(b"a", one, 0), (b"b", one, 0)])
     kafka.run_until([rl], lambda: consumed(metrics) == 2)
-    consumer = cast(MemoryConsumer, rl.clients.consumer)
+    consumer = unported(rl.clients.consumer)
     kafka.produce("in", [(b"c", one, 0)])
     for _ in range(3):
         rl.step()

@@ -13,7 +13,6 @@ from typing import Any, cast
 
 import orjson
 import pytest
-from kafka import KafkaConsumer
 from kafka.errors import KafkaTimeoutError
 
 from daemon.config import Settings, load_settings
@@ -26,7 +25,7 @@ from daemon.streaming import rebuild
 from daemon.streaming.lifecycle import Phase
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.rebuild import Plan, Rebuilder, Recompute, Span, plan, rebuild_processor, stale
-from tests.support.backends import Memory
+from tests.support.backends import Memory, ported
 from tests.support.fakes import (
     ScaledSumEngine,
     recs,
@@ -176,7 +175,7 @@ def input_partition(records: list[Rec]) -> tuple[MemoryKafka, MemoryConsumer]:
 
 
 def rebuilder(tmp_path: Path, reader: MemoryConsumer, live: Processor, **extra: Any) -> Rebuilder:
-    return Rebuilder(lambda: cast(KafkaConsumer, reader), settings(tmp_path, **extra), Metrics(), live)
+    return Rebuilder(lambda: ported(reader), settings(tmp_path, **extra), Metrics(), live)
 
 
 def test_the_rebuilder_reads_the_input_partition_in_slices(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import orjson
@@ -28,14 +28,13 @@ from daemon.streaming.lifecycle import Partitions, Phase
 from daemon.streaming.loop import RunLoop
 from daemon.streaming.policy import CheckpointPolicy
 from daemon.streaming.restore import adopt
-from tests.support.backends import Memory
+from tests.support.backends import Memory, unported, unported_producer
 from tests.support.fakes import (
     TP,
     make,
     outputs,
     recs,
 )
-from tests.support.kafka import MemoryConsumer, MemoryProducer
 
 
 def policy(store: StateStore, interval_s: float = 1.0, now: list[float] | None = None) -> CheckpointPolicy:
@@ -267,7 +266,7 @@ def test_sigterm_during_a_rebalance_retries_the_deferred_final_commit(tmp_path: 
     group = kafka.kafka.group(loop.settings.group_id)
     assert group.committed == {}
     kafka.kafka.faults.commit += [RebalanceInProgressError(), RebalanceInProgressError()]
-    consumer = cast(MemoryConsumer, loop.clients.consumer)
+    consumer = unported(loop.clients.consumer)
     polls = consumer.polls
     shut_down(loop)
     assert group.committed == {TP: 1}  # committed after the rebalance
@@ -288,7 +287,7 @@ def test_an_aborted_final_transaction_is_not_called_checkpointed(
 
     monkeypatch.setattr(loop_module, "log", Log())
     kafka, loop = one_record(tmp_path, delivery="exactly-once")
-    producer = cast(MemoryProducer, loop.clients.delivery.producer)
+    producer = unported_producer(loop.clients.delivery.producer)
     assert producer.calls.count("commit_transaction") == 1
     loop.store.mark_changed(0, "a")  # a changed state in hand at SIGTERM
     kafka.kafka.faults.commit_transaction.append(ProducerFencedError("a rebalance moved the partition"))

@@ -13,7 +13,6 @@ from typing import Any, cast
 import orjson
 import pytest
 import structlog
-from kafka import KafkaProducer
 from kafka.errors import UnknownTopicOrPartitionError
 
 from daemon.config import Settings
@@ -23,9 +22,9 @@ from daemon.streaming import housekeeping, layout
 from daemon.streaming import loop as loop_module
 from daemon.streaming.delivery import AtLeastOnce, Transactional
 from daemon.streaming.delivery import producer as producer_module
-from tests.support.backends import Memory, memory_delivery
+from tests.support.backends import Memory, memory_delivery, ported_producer, unported_producer
 from tests.support.fakes import make, output, settings
-from tests.support.kafka import MemoryKafka, MemoryProducer
+from tests.support.kafka import MemoryKafka
 
 
 @pytest.fixture
@@ -89,12 +88,13 @@ def test_layout_alignment_and_input_partitions_without_state() -> None:
 
 def test_known_layout_reads_the_producers_metadata_and_tracks_a_topic_it_lacks(tmp_path: Path) -> None:
     kafka, s = cluster(tmp_path, 6, 3, 3, 6)
-    assert known_layout(cast(KafkaProducer, kafka.producer()), s) == Layout(6, 3, 3, 6)
+    assert known_layout(ported_producer(kafka.producer()), s) == Layout(6, 3, 3, 6)
     kafka, s = cluster(tmp_path, 6, 3, 0, 6)  # no dead-letter topic in its metadata yet
     fresh = kafka.producer()
-    assert known_layout(cast(KafkaProducer, fresh), s) is None
+    assert known_layout(ported_producer(fresh), s) is None
     assert fresh.tracked == [s.dlq_topic]  # known from the next refresh on
-    assert known_layout(SimpleNamespace(), s) is None  # type: ignore[arg-type]  # not kafka-python's
+    no_metadata = SimpleNamespace(send=print)  # not kafka-python's producer
+    assert known_layout(ported_producer(cast(Any, no_metadata)), s) is None
 
 
 # -- a send for a partition the producer does not know yet -----------------------------
@@ -218,7 +218,7 @@ def test_an_input_partition_without_a_state_partition_waits(
         "partition_waiting_for_state",
     ]
     assert next(e["waiting"] for e in logs if e["event"] == "state_partitions_missing") == [3, 4, 5]
-    producer = cast(MemoryProducer, loop.clients.delivery.producer)
+    producer = unported_producer(loop.clients.delivery.producer)
     assert producer.metadata_updates == 3  # asked once for each partition, when it began to wait
     grown(kafka.kafka, s, state=6)  # the state topic grew
     kafka.run_until([loop], lambda: answered_on(kafka, s, "b") == [4])

@@ -21,12 +21,13 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
+from daemon.kafka.backends.kafka_python import KafkaPythonBackend, KafkaPythonConsumer, KafkaPythonProducer
 from daemon.kafka.clients import max_message_bytes
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
 from daemon.streaming.loop import RunLoop, transactional_id
-from tests.support.kafka import MemoryKafka
+from tests.support.kafka import MemoryConsumer, MemoryKafka, MemoryProducer
 
 
 class Backend(Protocol):
@@ -78,13 +79,44 @@ def memory_kafka(settings: Settings, partitions: int = 1) -> MemoryKafka:
     return kafka
 
 
-def memory_member(kafka: MemoryKafka, settings: Settings, *, expelled: bool = False) -> KafkaConsumer:
+def ported(consumer: MemoryConsumer) -> KafkaPythonConsumer:
+    """An in-memory consumer as the daemon sees a Kafka consumer: behind the port, in
+    the kafka-python backend's wrapper (the in-memory Kafka speaks kafka-python's API)."""
+    return KafkaPythonConsumer(cast(KafkaConsumer, consumer))
+
+
+def ported_producer(producer: MemoryProducer) -> KafkaPythonProducer:
+    return KafkaPythonProducer(cast(KafkaProducer, producer))
+
+
+def unported(consumer: object) -> MemoryConsumer:
+    """The in-memory consumer inside a port consumer of `memory_backend` (to read what
+    it saw: commits, their bounds)."""
+    return cast(MemoryConsumer, cast(KafkaPythonConsumer, consumer).client)
+
+
+def unported_producer(producer: object) -> MemoryProducer:
+    return cast(MemoryProducer, cast(KafkaPythonProducer, producer).client)
+
+
+def memory_backend(kafka: MemoryKafka, settings: Settings) -> KafkaPythonBackend:
+    """The port's backend on the in-memory Kafka: the kafka-python backend's wrappers
+    around in-memory clients, made as the daemon makes them."""
+    return KafkaPythonBackend(
+        settings,
+        consumers=lambda: cast(KafkaConsumer, kafka.consumer(settings.group_id)),
+        readers=lambda: cast(KafkaConsumer, kafka.reader()),
+        producers=lambda txn: cast(KafkaProducer, kafka.producer(txn, max_message_bytes(settings))),
+    )
+
+
+def memory_member(kafka: MemoryKafka, settings: Settings, *, expelled: bool = False) -> KafkaPythonConsumer:
     """The group's only member, owning every input partition (`expelled`: the group has
     since expelled it: it is no member any more, and its commits fail)."""
     consumer = kafka.member(settings.input_topic, group_id=settings.group_id)
     if expelled:
         consumer.expel()
-    return cast(KafkaConsumer, consumer)
+    return ported(consumer)
 
 
 def memory_delivery(
@@ -103,7 +135,7 @@ def memory_delivery(
     size = max_request_size or max_message_bytes(settings)
     return make_delivery(
         settings,
-        lambda: cast(KafkaProducer, kafka.producer(txn, max_request_size=size)),
+        lambda: ported_producer(kafka.producer(txn, max_request_size=size)),
         metrics or Metrics(),
         stop or threading.Event(),
         abandon=abandon,
@@ -134,14 +166,7 @@ class Memory:
 
     def loop(self, settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
         loop = _new_loop(settings, processor, metrics)
-        txn = transactional_id(settings)
-        loop.start(
-            loop.startup.assemble(
-                lambda: cast(KafkaConsumer, self.kafka.consumer(settings.group_id)),
-                lambda: cast(KafkaProducer, self.kafka.producer(txn, max_message_bytes(settings))),
-                lambda: cast(KafkaConsumer, self.kafka.reader()),
-            )
-        )
+        loop.start(loop.startup.assemble(memory_backend(self.kafka, settings)))
         return loop
 
     def values(self, topic: str) -> list[bytes | None]:

@@ -4,11 +4,11 @@ The broker is the project's LocalKafka, started for the run unless
 `BenchConfig.bootstrap` names one (broker.py). `e2e_events` events of
 `e2e_sequences` interleaved sequences of the demo model's shape (`{"x": [v]}`)
 are produced once to an input topic of `e2e_partitions` partitions; then, in
-each round, in turn: `passthrough`, a kafka-python consume-produce loop with no
-model and the daemon's own client settings (daemon.kafka.clients'
-make_consumer / make_producer): poll, one send per input, flush, commit per poll batch; and
-lstmd's real run loop (daemon.streaming.loop.RunLoop, in-process, in a thread,
-at-least-once, state topic included) with each engine. Every contender reads
+each round, in turn: `passthrough`, a consume-produce loop with no model on the
+daemon's own clients (the port's backend of LSTMD_KAFKA_CLIENT): poll, one send
+per input, flush, commit per poll batch; and lstmd's real run loop
+(daemon.streaming.loop.RunLoop, in-process, in a thread, at-least-once, state
+topic included) with each engine. Every contender reads
 the whole input topic from the start under a fresh consumer group and writes to
 its own output topic. Timing: from the end of the first poll batch's checkpoint
 (its outputs acknowledged, offsets committed: the first outputs have appeared)
@@ -120,32 +120,31 @@ def lstmd_settings(
 def _passthrough(settings: Any, target: int, stop: threading.Event, marks: list[tuple[float, int]]) -> None:
     """The baseline: the daemon's clients, no model. Poll, one send per input (the
     input's key and value), flush, commit the batch's offsets."""
-    from kafka import TopicPartition
-    from kafka.structs import OffsetAndMetadata
+    from daemon.kafka.backends import make_backend
+    from daemon.kafka.port import RebalanceEvents, TopicPartition
 
-    from daemon.kafka.clients import make_consumer, make_producer
-
-    consumer = make_consumer(settings)
-    producer = make_producer(settings)
-    consumer.subscribe([settings.input_topic])
+    backend = make_backend(settings)
+    consumer = backend.consumer()
+    producer = backend.producer(None)
+    consumer.subscribe(settings.input_topic, RebalanceEvents())
     done = 0
     try:
         while not stop.is_set():
-            polled = consumer.poll(timeout_ms=200)
+            polled = consumer.poll(200)
             batch = [rec for tp in sorted(polled, key=lambda t: t.partition) for rec in polled[tp]]
             if not batch:
                 continue
             for rec in batch:
-                producer.send(settings.output_topic, key=rec.key, value=rec.value)
+                producer.send(settings.output_topic, partition=None, key=rec.key, value=rec.value)
             producer.flush(timeout=30)
             offsets = {TopicPartition(rec.topic, rec.partition): rec.offset + 1 for rec in batch}
-            consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            consumer.commit(offsets, timeout_ms=30_000)
             marks.append((time.perf_counter(), len(batch)))
             done += len(batch)
             if done >= target:
                 stop.set()
     finally:
-        consumer.close(autocommit=False)
+        consumer.close(5000)
         producer.close(timeout=30)
 
 

@@ -154,12 +154,12 @@ def _produce(bootstrap: str, topic: str, sequences: int, steps: int) -> None:
 def _rebuilder(settings: Any, model: Any, engine: Any, sequences: int, steps: int) -> float:
     """Seconds of the daemon's Rebuilder over the topic: begin + step() until rebuilt."""
     from daemon.core.state import SavedState
-    from daemon.kafka.clients import make_restore_consumer
+    from daemon.kafka.backends import make_backend
     from daemon.ops.metrics import Metrics
     from daemon.streaming.rebuild import Rebuilder
 
     live = _processor(model, engine)
-    consumer = make_restore_consumer(settings)
+    consumer = make_backend(settings).reader()
     try:
         rebuilder = Rebuilder(lambda: consumer, settings, Metrics(), live)
         restored = {k: SavedState(s, "old@0") for k, s in saved_states(sequences, steps).items()}
@@ -173,7 +173,7 @@ def _rebuilder(settings: Any, model: Any, engine: Any, sequences: int, steps: in
             raise RuntimeError(f"rebuilt {done[0].rebuilt} of {sequences}, replayed {done[0].replayed}")
         return took
     finally:
-        consumer.close()
+        consumer.close(5000)
 
 
 class RebuildSection:

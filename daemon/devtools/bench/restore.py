@@ -83,34 +83,33 @@ def _write(bootstrap: str, topic: str, records: list[bytes]) -> None:
 
 def raw_read(settings: Any) -> tuple[int, float]:
     """(records, seconds) of reading state partition 0 to its end, decoding nothing."""
-    from kafka import TopicPartition
+    from daemon.kafka.backends import make_backend
+    from daemon.kafka.port import TopicPartition
 
-    from daemon.kafka.clients import make_restore_consumer
-
-    consumer = make_restore_consumer(settings)
+    consumer = make_backend(settings).reader()
     try:
         tp = TopicPartition(settings.state_topic, 0)
         started = time.perf_counter()
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)
-        end = consumer.end_offsets([tp])[tp]
+        end = consumer.end_offsets([tp], timeout_ms=30_000)[tp]
         count = 0
-        while (consumer.position(tp) or 0) < end:
-            for records in consumer.poll(timeout_ms=100, max_records=5000).values():
+        while (consumer.position(tp, timeout_ms=30_000) or 0) < end:
+            for records in consumer.poll(100, max_records=5000).values():
                 count += len(records)
         return count, time.perf_counter() - started
     finally:
-        consumer.close()
+        consumer.close(5000)
 
 
 def restore_once(settings: Any, model_id: str, shapes: list[tuple[int, ...]]) -> tuple[int, float]:
     """(states installed, seconds) of `Restorer.begin` + `step()` until done + `adopt`."""
     from daemon.core.state import StateStore
-    from daemon.kafka.clients import make_restore_consumer
+    from daemon.kafka.backends import make_backend
     from daemon.ops.metrics import Metrics
     from daemon.streaming.restore import Restorer, adopt
 
-    consumer = make_restore_consumer(settings)
+    consumer = make_backend(settings).reader()
     try:
         restorer = Restorer(consumer, settings, Metrics())
         store = StateStore(0)
@@ -125,7 +124,7 @@ def restore_once(settings: Any, model_id: str, shapes: list[tuple[int, ...]]) ->
             raise RuntimeError(f"{len(evicted)} restored states were discarded")
         return len(store), took
     finally:
-        consumer.close()
+        consumer.close(5000)
 
 
 class RestoreSection:

@@ -10,13 +10,13 @@ package publishes it, in the mode LSTMD_DELIVERY picks at start-up
 * exactly-once (transactional.py): outputs, state records and offsets in one
   Kafka transaction per checkpoint (every poll batch).
 
-Both send through one producer wrapper (producer.py: the kafka-python calls) and
+Both send through one producer wrapper (producer.py: every producer call) and
 resend after a failure by one rule (order.py: from a key's first failure on, its
 later records go again). `Delivery` is what the run loop calls, in either mode.
 
 A planned revocation (a worker or pod joining, this one leaving) is checkpointed
-inside kafka-python's revocation callback (daemon/kafka/listener.py, the run
-loop's `_before_revoke`): outputs and states acknowledged (`deliver`, bounded by
+inside the consumer's revocation callback (`RebalanceEvents` in
+daemon/kafka/port.py; `Checkpoints.before_revoke`): outputs and states acknowledged (`deliver`, bounded by
 `within`), offsets committed within the generation that revoked them, so the next
 owner repeats nothing. A lost partition's uncommitted work is dropped: its next
 owner recomputes it from the last checkpoint. docs/guarantees.md states what each
@@ -30,10 +30,9 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from kafka import KafkaConsumer, KafkaProducer
-
 from daemon.config import Settings
 from daemon.core.records import OutputRecord
+from daemon.kafka.port import GroupConsumer, RecordProducer
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery.at_least_once import AtLeastOnce
 from daemon.streaming.delivery.errors import (
@@ -68,11 +67,11 @@ class Delivery(Protocol):
     same_partitions: bool
 
     @property
-    def producer(self) -> KafkaProducer:
+    def producer(self) -> RecordProducer:
         """The producer in use (its metadata tells the topics' partition counts)."""
         ...
 
-    def commit(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool:
+    def commit(self, consumer: GroupConsumer, cp: Checkpoint) -> bool:
         """Make `cp` durable; False if the group would not take its offsets (they stay
         pending). Raises TransactionFailed (restore), DeliveryFailed (shutdown)."""
         ...
@@ -81,7 +80,7 @@ class Delivery(Protocol):
         """Outputs between checkpoints (at-least-once), acknowledged by the next."""
         ...
 
-    def deliver(self, consumer: KafkaConsumer, cp: Checkpoint) -> None:
+    def deliver(self, consumer: GroupConsumer, cp: Checkpoint) -> None:
         """`cp`'s records acknowledged, its offsets left to commit (a revocation)."""
         ...
 
@@ -110,7 +109,7 @@ class Delivery(Protocol):
 
 def make_delivery(
     settings: Settings,
-    make_producer: Callable[[], KafkaProducer],
+    make_producer: Callable[[], RecordProducer],
     metrics: Metrics,
     stop: threading.Event,
     *,

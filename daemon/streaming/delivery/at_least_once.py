@@ -15,30 +15,26 @@ write of a checkpoint. docs/guarantees.md says what a crash repeats.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import (
+from daemon.core.records import Kind, OutputRecord, StateRecord
+from daemon.kafka.acl import fenced_instance
+from daemon.kafka.errors import (
     AuthorizationError,
     CommitFailedError,
     FencedInstanceIdError,
     KafkaError,
     RebalanceInProgressError,
 )
-from kafka.future import Future
-from kafka.structs import OffsetAndMetadata
-
-from daemon.core.records import Kind, OutputRecord, StateRecord
-from daemon.kafka.acl import fenced_instance
+from daemon.kafka.port import Future, GroupConsumer, TopicPartition
 from daemon.kafka.retry import Backoff
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery.errors import CheckpointAbandoned, DeliveryFailed, not_authorized
 from daemon.streaming.delivery.order import KeyOrder, Record, Sent, in_key_order
-from daemon.streaming.delivery.pipeline import Pipeline, member
+from daemon.streaming.delivery.pipeline import Pipeline
 from daemon.streaming.delivery.producer import Producer
 from daemon.streaming.policy import Checkpoint
 
@@ -149,11 +145,11 @@ class AtLeastOnce(Pipeline):
         self.out.renew()
 
     # -- a checkpoint ------------------------------------------------------------------
-    def _commit(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool:
+    def _commit(self, consumer: GroupConsumer, cp: Checkpoint) -> bool:
         self.deliver(consumer, cp)
         return self._commit_offsets(consumer, cp.offsets)
 
-    def deliver(self, consumer: KafkaConsumer, cp: Checkpoint) -> None:
+    def deliver(self, consumer: GroupConsumer, cp: Checkpoint) -> None:
         """Every output and state record of the checkpoint acknowledged, its offsets
         left for the caller to commit (`commit`, or the revocation listener, which
         commits from kafka-python's IO thread).
@@ -165,7 +161,7 @@ class AtLeastOnce(Pipeline):
         would then keep the stale one); the next owner recomputes it instead.
         """
         self.send(cp.outputs)
-        owner = functools.partial(member, consumer)
+        owner = consumer.member
         self._wait()  # a checkpoint covers every output in flight
         settled = self.in_flight.settle()
         # A prediction acknowledged once was counted then (`_acknowledged`): when it
@@ -235,17 +231,14 @@ class AtLeastOnce(Pipeline):
             self.out.build()
             sent, account = self._send_fenced(resend, owner), True
 
-    def _commit_offsets(self, consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
+    def _commit_offsets(self, consumer: GroupConsumer, offsets: dict[TopicPartition, int]) -> bool:
         """Commit, riding out a coordinator that is moving or a broker that is down."""
         if not offsets:
             return True
         backoff = Backoff(self.out.abandon, beat=self.out.beat)
         while True:
             try:
-                consumer.commit(
-                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
-                    timeout_ms=COMMIT_TIMEOUT_MS,
-                )
+                consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
                 self.metrics.commits.inc()
                 return True
             except (CommitFailedError, RebalanceInProgressError) as exc:

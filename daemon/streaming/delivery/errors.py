@@ -8,7 +8,10 @@ kafka-python's errors, while daemon/errors.py must not import kafka (a contract)
 
 from __future__ import annotations
 
-from kafka.errors import (
+from daemon.config import Settings
+from daemon.errors import KafkaSetupError
+from daemon.kafka.acl import authorization_failure
+from daemon.kafka.errors import (
     CommitFailedError,
     CoordinatorNotAvailableError,
     InvalidProducerEpochError,
@@ -24,10 +27,6 @@ from kafka.errors import (
     RecordListTooLargeError,
     RequestTimedOutError,
 )
-
-from daemon.config import Settings
-from daemon.errors import KafkaSetupError
-from daemon.kafka.acl import authorization_failure
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import AbortCause
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kafka.future import Future
-
 from daemon.core.records import OutputRecord, StateRecord
+from daemon.kafka.port import Future
 
 Record = OutputRecord | StateRecord
 # Records handed to the producer, in send order, with their acknowledgements.

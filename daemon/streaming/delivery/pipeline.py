@@ -1,6 +1,5 @@
 """What the two delivery pipelines share: the producer they send through, the
-checkpoint's timing, the count of what became durable, and how a member knows the
-group expelled it (the fence of every write that is not a transaction's).
+checkpoint's timing and the count of what became durable.
 
 Each pipeline says only what a checkpoint is in its mode: at_least_once.py
 (pipelined sends, acknowledged by the next checkpoint, then an offset commit) and
@@ -14,11 +13,8 @@ import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.future import Future
-from kafka.structs import ConsumerGroupMetadata
-
 from daemon.core.records import Kind, StateRecord
+from daemon.kafka.port import Future, GroupConsumer, RecordProducer
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery.order import Record
 from daemon.streaming.delivery.producer import Producer
@@ -34,7 +30,7 @@ class Pipeline(abc.ABC):
         self.metrics = metrics
 
     @property
-    def producer(self) -> KafkaProducer:
+    def producer(self) -> RecordProducer:
         """The producer in use now (its metadata tells the topics' partition counts)."""
         return self.out.kafka
 
@@ -53,7 +49,7 @@ class Pipeline(abc.ABC):
     def close(self, timeout: float) -> None:
         self.out.close(timeout)
 
-    def commit(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool:
+    def commit(self, consumer: GroupConsumer, cp: Checkpoint) -> bool:
         """Make the checkpoint durable. Returns False if the offsets could not be
         committed because the group moved on (at-least-once: harmless repeats)."""
         started = time.perf_counter()
@@ -63,7 +59,7 @@ class Pipeline(abc.ABC):
             self.metrics.checkpoint.observe(time.perf_counter() - started)
 
     @abc.abstractmethod
-    def _commit(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool: ...
+    def _commit(self, consumer: GroupConsumer, cp: Checkpoint) -> bool: ...
 
     def _account(self, sent: Iterable[tuple[Record, Future]]) -> None:
         """Count what became durable: state records by kind, predictions with their
@@ -78,13 +74,3 @@ class Pipeline(abc.ABC):
                 predictions += 1
                 self.metrics.end_to_end.observe(now - item.source_timestamp_ms / 1000.0)
         self.metrics.predictions.inc(predictions)
-
-
-def expelled(group: ConsumerGroupMetadata) -> bool:
-    """kafka-python reset the generation: the group expelled this member
-    (max.poll.interval exceeded, session expired), its partitions are another's."""
-    return bool(group.generation_id < 0)
-
-
-def member(consumer: KafkaConsumer) -> bool:
-    return not expelled(consumer.group_metadata())  # type: ignore[no-untyped-call]

@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from kafka import KafkaProducer
-from kafka.errors import (
+from daemon.config import Settings
+from daemon.core.records import OutputRecord, StateRecord
+from daemon.kafka.errors import (
     AuthorizationError,
     KafkaError,
     KafkaTimeoutError,
@@ -25,13 +26,9 @@ from kafka.errors import (
     RecordListTooLargeError,
     UnknownTopicOrPartitionError,
 )
-from kafka.future import Future
-
-from daemon.config import Settings
-from daemon.core.records import OutputRecord, StateRecord
-from daemon.kafka.clients import close_producer
+from daemon.kafka.port import Future, RecordProducer
 from daemon.kafka.retry import Backoff
-from daemon.kafka.topics import refresh_metadata, unlisted
+from daemon.kafka.topics import unlisted
 from daemon.ops.logs import get_logger
 from daemon.streaming.delivery.errors import DeliveryFailed, SendRefused, not_authorized
 from daemon.streaming.delivery.order import Record, Sent
@@ -62,7 +59,7 @@ class Producer:
     def __init__(
         self,
         settings: Settings,
-        make: Callable[[], KafkaProducer],
+        make: Callable[[], RecordProducer],
         *,
         transactional: bool,
         stop: threading.Event,
@@ -83,7 +80,7 @@ class Producer:
         self.kafka = self._new(stop)
 
     # -- the producer's life -------------------------------------------------------
-    def _new(self, stop: threading.Event) -> KafkaProducer:
+    def _new(self, stop: threading.Event) -> RecordProducer:
         """A producer ready to send, waiting out a cluster that does not answer yet.
 
         Building one bootstraps (and, transactional, finds the transaction
@@ -92,7 +89,7 @@ class Producer:
         """
         backoff = Backoff(stop, beat=self.beat)
         while True:
-            producer: KafkaProducer | None = None
+            producer: RecordProducer | None = None
             try:
                 producer = self.make()
                 if self.transactional:
@@ -100,7 +97,7 @@ class Producer:
                 return producer
             except KafkaError as exc:
                 if producer is not None:
-                    close_producer(producer, 0)
+                    producer.close(0)
                 if isinstance(exc, AuthorizationError):
                     raise not_authorized(self.settings, exc) from None
                 log.warning("producer_unavailable", error=str(exc), retry_in_s=backoff.delay)
@@ -121,7 +118,7 @@ class Producer:
         self.build()
 
     def close(self, timeout: float) -> None:
-        close_producer(self.kafka, timeout)
+        self.kafka.close(timeout)
 
     def flush(self) -> None:
         """Wait for every acknowledgement, up to FLUSH_TIMEOUT_S, in one-second slices
@@ -228,7 +225,7 @@ class Producer:
         except ValueError:
             if partition is None or not unlisted(self.kafka, topic, partition):
                 raise  # another refusal, e.g. neither key nor value
-        refresh_metadata(self.kafka, wait_s=METADATA_WAIT_S)
+        self.kafka.refresh_metadata(METADATA_WAIT_S)
         if not unlisted(self.kafka, topic, partition):
             return self.kafka.send(topic, partition=partition, **record)
         if topic == self.settings.state_topic:

@@ -14,12 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NoReturn
 
-from kafka import KafkaConsumer
-from kafka.errors import AuthorizationError, CommitFailedError, KafkaError
-from kafka.structs import OffsetAndMetadata
-
 from daemon.core.records import OutputRecord
-from daemon.kafka.clients import abort_transaction, commit_transaction, send_offsets_to_transaction
+from daemon.kafka.errors import AuthorizationError, CommitFailedError, KafkaError
+from daemon.kafka.port import GroupConsumer
 from daemon.ops.logs import get_logger
 from daemon.streaming.delivery.errors import (
     RECORD_REFUSALS,
@@ -27,7 +24,7 @@ from daemon.streaming.delivery.errors import (
     abort_cause,
     not_authorized,
 )
-from daemon.streaming.delivery.pipeline import Pipeline, expelled
+from daemon.streaming.delivery.pipeline import Pipeline
 from daemon.streaming.policy import Checkpoint
 
 # The package's logger, as before delivery was split into modules.
@@ -37,7 +34,7 @@ log = get_logger(__package__ or __name__)
 class Transactional(Pipeline):
     """Its producer is transactional (`Producer.transactional`)."""
 
-    def _commit(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool:
+    def _commit(self, consumer: GroupConsumer, cp: Checkpoint) -> bool:
         """The checkpoint's transaction, committed (True) or aborted (TransactionFailed)."""
         out = self.out
         topic: str | None = None  # of the refused record, if one was
@@ -54,20 +51,14 @@ class Transactional(Pipeline):
             # alone could otherwise land over the partitions' next owner): an expelled
             # member commits nothing, and the offsets (the policy sends those of every
             # owned partition) make the broker check the group generation (KIP-447).
-            group = consumer.group_metadata()  # type: ignore[no-untyped-call]
-            if expelled(group):
+            group = consumer.group_metadata()
+            if not consumer.member():
                 # The broker would accept offsets without a generation unchecked,
                 # for partitions that another member may own now.
                 raise CommitFailedError("not a member of the group any more")
             if cp.offsets:
-                send_offsets_to_transaction(
-                    out.kafka,
-                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in cp.offsets.items()},
-                    group,
-                    out.abandon,
-                    out.beat,
-                )
-            commit_transaction(out.kafka, out.abandon, out.beat)
+                out.kafka.send_offsets_to_transaction(cp.offsets, group, out.abandon, out.beat)
+            out.kafka.commit_transaction(out.abandon, out.beat)
         except KafkaError as exc:
             self._abort(exc, topic)
         self._account(sent)
@@ -85,7 +76,7 @@ class Transactional(Pipeline):
         # new producer starts clean.
         unusable = isinstance(exc, RECORD_REFUSALS)
         try:
-            abort_transaction(self.out.kafka, self.out.abandon, self.out.beat)
+            self.out.kafka.abort_transaction(self.out.abandon, self.out.beat)
         except KafkaError as abort_exc:
             # Fatal for this producer (e.g. its epoch was bumped because the
             # transaction outlived its timeout): the broker aborts the
@@ -105,7 +96,7 @@ class Transactional(Pipeline):
         producer refuses a send outside a transaction."""
         raise TypeError("exactly-once delivery sends outputs only in a checkpoint's transaction")
 
-    def deliver(self, consumer: KafkaConsumer, cp: Checkpoint) -> None:
+    def deliver(self, consumer: GroupConsumer, cp: Checkpoint) -> None:
         """Never called: a revocation finds nothing in hand (each poll batch was
         committed in its transaction before the next poll)."""
         raise TypeError("exactly-once delivery has no checkpoint outside a transaction")
