@@ -25,6 +25,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/lstmd
 # The lock first: this layer (TensorFlow, ~600 MB) is rebuilt only when the lock changes.
+# It holds the librdkafka extra too (confluent-kafka: LSTMD_KAFKA_CLIENT=confluent-kafka).
 COPY requirements.lock ./
 RUN /opt/lstmd/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./

@@ -67,13 +67,13 @@ promtool: venv
 	cd $(CURDIR) && rm -rf build/promtool
 
 # requirements.lock (the image's dependencies, linux x86_64, CPython 3.11, hashed)
-# from pyproject.toml's runtime dependencies. Keeps current pins unless UPGRADE=1.
+# from pyproject.toml's runtime dependencies and the librdkafka extra. Keeps current pins unless UPGRADE=1.
 UV_VERSION := 0.13.9
 
 lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
 	build/lock-venv/bin/python -m pip install --quiet uv==$(UV_VERSION)
-	build/lock-venv/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
+	build/lock-venv/bin/uv pip compile pyproject.toml --extra librdkafka --quiet --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --generate-hashes $(if $(UPGRADE),--upgrade) \
 	  --custom-compile-command "make lock" -o requirements.lock
 	rm -rf build/lock-venv

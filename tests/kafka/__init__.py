@@ -1,0 +1,1 @@
+"""Unit tests of the Kafka client port's backends (no broker)."""

@@ -1,0 +1,192 @@
+"""The confluent-kafka backend without a broker: librdkafka's errors in kafka-python's
+classes, the settings in librdkafka's names (and accepted by librdkafka), and the
+producer's bounded waits against a broker that is not there."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka import KafkaError as RdError
+from kafka import errors
+
+from daemon.kafka.backends import confluent
+from daemon.kafka.backends.confluent import (
+    ConfluentProducer,
+    consumer_config,
+    producer_config,
+    reader_config,
+    translate,
+)
+from tests.support.fakes import settings
+
+
+@pytest.mark.parametrize(
+    ("code", "commit", "expected"),
+    [
+        (RdError._TIMED_OUT, False, errors.KafkaTimeoutError),
+        (RdError._MSG_TIMED_OUT, False, errors.KafkaTimeoutError),
+        (RdError._TRANSPORT, False, errors.KafkaConnectionError),
+        (RdError._ALL_BROKERS_DOWN, False, errors.KafkaConnectionError),
+        (RdError._AUTHENTICATION, False, errors.SaslAuthenticationFailedError),
+        (RdError._FENCED, False, errors.ProducerFencedError),
+        (RdError.PRODUCER_FENCED, False, errors.ProducerFencedError),
+        (RdError.FENCED_INSTANCE_ID, False, errors.FencedInstanceIdError),
+        (RdError.FENCED_INSTANCE_ID, True, errors.FencedInstanceIdError),
+        (RdError.MSG_SIZE_TOO_LARGE, False, errors.MessageSizeTooLargeError),
+        (RdError._UNKNOWN_PARTITION, False, errors.UnknownTopicOrPartitionError),
+        (RdError.TOPIC_AUTHORIZATION_FAILED, False, errors.TopicAuthorizationFailedError),
+        (RdError._PURGE_INFLIGHT, False, errors.KafkaTimeoutError),
+        # The group moved on: what kafka-python's commit raises.
+        (RdError.ILLEGAL_GENERATION, True, errors.CommitFailedError),
+        (RdError.UNKNOWN_MEMBER_ID, True, errors.CommitFailedError),
+        (RdError.REBALANCE_IN_PROGRESS, True, errors.RebalanceInProgressError),
+        # Outside a commit a broker's code is its own class.
+        (RdError.ILLEGAL_GENERATION, False, errors.IllegalGenerationError),
+    ],
+)
+def test_errors_become_kafka_pythons_classes(code: int, commit: bool, expected: type[Exception]) -> None:
+    exc = translate(RdError(code), commit=commit)
+    assert type(exc) is expected
+
+
+def test_another_local_error_keeps_librdkafkas_retriability() -> None:
+    exc = translate(RdError(RdError._NODE_UPDATE, retriable=True))
+    assert type(exc) is errors.KafkaError
+    assert exc.retriable is True
+    assert "_NODE_UPDATE" in str(exc)
+
+
+def test_consumer_settings_mean_what_they_mean_for_kafka_python(tmp_path: Path) -> None:
+    s = settings(
+        tmp_path,
+        group_instance_id="pod-0",
+        kafka_session_timeout_ms=6000,
+        kafka_heartbeat_interval_ms=2000,
+        kafka_max_poll_interval_ms=60_000,
+    )
+    config = consumer_config(s)
+    del config["logger"]
+    assert config == {
+        "bootstrap.servers": "127.0.0.1:1",
+        "client.id": "lstmd-0.1.0",
+        "security.protocol": "PLAINTEXT",
+        "reconnect.backoff.max.ms": 1000,
+        "topic.metadata.refresh.interval.ms": 30_000,
+        "log_level": 4,
+        "group.id": "g",
+        "group.instance.id": "pod-0",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "allow.auto.create.topics": False,
+        "max.poll.interval.ms": 60_000,
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 2000,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "enable.partition.eof": False,
+    }
+    assert "group.instance.id" not in consumer_config(settings(tmp_path))
+    Consumer(consumer_config(s)).close()  # librdkafka knows every name and value
+    Consumer(reader_config(s)).close()
+
+
+def test_security_settings_and_the_password_from_its_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    for path in (ca, cert, key):
+        path.write_text("pem")
+    s = settings(
+        tmp_path,
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="lstmd",
+        kafka_sasl_password_file=secret,
+        kafka_ssl_cafile=ca,
+        kafka_ssl_certfile=cert,
+        kafka_ssl_keyfile=key,
+    )
+    config = producer_config(s, None)
+    assert {k: v for k, v in config.items() if k.startswith(("sasl.", "ssl.", "security."))} == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "lstmd",
+        "sasl.password": "s3cret",
+        "ssl.ca.location": str(ca),
+        "ssl.certificate.location": str(cert),
+        "ssl.key.location": str(key),
+    }
+    plain = settings(
+        tmp_path,
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism="PLAIN",
+        kafka_sasl_username="u",
+        kafka_sasl_password="p",
+    )
+    assert not any(k.startswith("ssl.") for k in producer_config(plain, None))
+    Producer(producer_config(plain, None)).close()  # librdkafka takes it as it is
+
+
+def test_producer_settings(tmp_path: Path) -> None:
+    s = settings(tmp_path, kafka_compression="zstd", max_record_bytes=4 << 20)
+    config = producer_config(s, None)
+    expected = {
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "batch.size": 128 << 10,
+        "message.max.bytes": (4 << 20) + (64 << 10),
+        "compression.type": "zstd",
+        "message.timeout.ms": 120_000,
+    }
+    assert {k: config[k] for k in expected} == expected
+    assert "transactional.id" not in config
+    tx = producer_config(settings(tmp_path, kafka_compression="none"), "lstmd-0")
+    assert (tx["transactional.id"], tx["transaction.timeout.ms"], tx["message.timeout.ms"]) == (
+        "lstmd-0",
+        10_000,
+        10_000,
+    )
+    assert tx["compression.type"] == "none"
+    Producer(tx).close()
+
+
+def test_close_abandons_what_an_absent_broker_never_acknowledged(tmp_path: Path) -> None:
+    producer = ConfluentProducer(settings(tmp_path), None)
+    futures = [producer.send("t", partition=0, key=b"k", value=b"v") for _ in range(3)]
+    started = time.monotonic()
+    producer.close(0.5)
+    took = time.monotonic() - started
+    assert took < 1.5
+    assert [f.is_done for f in futures] == [True, True, True]
+    assert all(isinstance(f.exception, errors.KafkaTimeoutError) for f in futures)
+
+
+def test_flush_is_bounded(tmp_path: Path) -> None:
+    producer = ConfluentProducer(settings(tmp_path), None)
+    producer.send("t", partition=None, key=b"k", value=b"v")
+    with pytest.raises(errors.KafkaTimeoutError, match="1 records not acknowledged"):
+        producer.flush(0.2)
+    producer.close(0)
+
+
+def test_a_full_queue_is_retried_then_timed_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = confluent.producer_config
+
+    def tiny_queue(*args: Any) -> dict[str, Any]:
+        return {**original(*args), "queue.buffering.max.messages": 1}
+
+    monkeypatch.setattr(confluent, "producer_config", tiny_queue)
+    monkeypatch.setattr(confluent, "MAX_BLOCK_MS", 300)
+    producer = ConfluentProducer(settings(tmp_path), None)
+    producer.send("t", partition=0, key=b"k", value=b"1")
+    started = time.monotonic()
+    with pytest.raises(errors.KafkaTimeoutError, match="queue stayed full for 300 ms"):
+        producer.send("t", partition=0, key=b"k", value=b"2")
+    assert 0.3 <= time.monotonic() - started < 1.0
+    producer.close(0)
