@@ -15,6 +15,16 @@ from tests.support.backends import Backend, Broker, Memory
 TopicFactory = Callable[..., dict[str, str]]
 
 
+@pytest.fixture(autouse=True)
+def kafka_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """LSTMD_KAFKA_CLIENT for every daemon the test starts, in process or not
+    (tests/support/streams.py `daemon_env` passes it on): kafka-python unless the
+    module runs on both (`BOTH_CLIENTS`)."""
+    client: str = getattr(request, "param", "kafka-python")
+    monkeypatch.setenv("LSTMD_KAFKA_CLIENT", client)
+    return client
+
+
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[LocalKafka]:
     """The session's broker: started once (~2-3 s), shared by every Kafka test."""
@@ -56,14 +66,21 @@ def kafka_broker_factory() -> Iterator[Callable[..., LocalKafka]]:
         broker.cleanup()
 
 
-@pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.kafka)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("kafka-python", marks=pytest.mark.kafka),
+        pytest.param("confluent-kafka", marks=pytest.mark.kafka),
+    ]
+)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """The Kafka a scenario runs on: the in-memory one (unit) or the session's broker
-    (marker `kafka`): one scenario, written once (tests/support/backends.py)."""
+    (marker `kafka`) with the daemon on either client library: one scenario, written
+    once (tests/support/backends.py)."""
     if request.param == "memory":
         chosen: Backend = Memory()
     else:
         broker: LocalKafka = request.getfixturevalue("kafka")
-        chosen = Broker(broker.bootstrap, request.getfixturevalue("topics"))
+        chosen = Broker(broker.bootstrap, request.getfixturevalue("topics"), client=request.param)
     yield chosen
     chosen.close()

@@ -112,13 +112,17 @@ class RunLoop:
         except DeliveryFailed as exc:
             # The shutdown deadline passed with work in hand. Nothing is lost: no
             # offset was committed past an output or state not yet durable.
+            repeated: dict[str, dict[str, int | None]] = {
+                str(p): {"committed": c, "processed_to": o} for p, (c, o) in self.policy.uncommitted().items()
+            }
+            # Partitions still catching up (e.g. rewound after an aborted transaction)
+            # have no figure here: their next owner repeats from the committed offset.
+            for p in sorted(self.partitions.not_serving()):
+                repeated.setdefault(str(p), {"committed": None, "processed_to": None})
             log.warning(
                 "shutdown_incomplete",
                 reason=str(exc),
-                repeated_by_next_owner={
-                    str(p): {"committed": c, "processed_to": o}
-                    for p, (c, o) in self.policy.uncommitted().items()
-                },
+                repeated_by_next_owner=repeated,
                 message="the next owner of these partitions repeats their inputs from the committed offsets",
             )
         finally:

@@ -20,6 +20,7 @@ from daemon.inference.model import load_model
 from daemon.kafka.topics import STATE_RECORD_OVERHEAD_BYTES, ensure_topics
 from tests.conftest import TopicFactory
 from tests.support import models
+from tests.support.backends import BOTH_CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     Stream,
@@ -32,7 +33,7 @@ from tests.support.streams import (
     scrape,
 )
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, BOTH_CLIENTS]
 
 MAX_BYTES = 4096
 

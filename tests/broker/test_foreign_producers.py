@@ -25,6 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 
 from daemon.devtools.localkafka import LocalKafka, create_topics
 from tests.support import models
+from tests.support.backends import BOTH_CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     Stream,
@@ -34,7 +35,7 @@ from tests.support.streams import (
     interleaved_stream,
 )
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, BOTH_CLIENTS]
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")
 # A valid event's headers, as another client may set them: one with a null value.

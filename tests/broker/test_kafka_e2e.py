@@ -16,6 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from daemon.devtools.localkafka import LocalKafka
 from tests.conftest import TopicFactory
 from tests.support import models
+from tests.support.backends import BOTH_CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     check_predictions,
@@ -28,7 +29,7 @@ from tests.support.streams import (
     scrape,
 )
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, BOTH_CLIENTS]
 
 
 @pytest.fixture(scope="module")

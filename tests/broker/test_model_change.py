@@ -31,6 +31,7 @@ from daemon.devtools.localkafka import LocalKafka
 from tests.conftest import TopicFactory
 from tests.oracle import assert_matches, expected_outputs_many
 from tests.support import models
+from tests.support.backends import BOTH_CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     Stream,
@@ -41,7 +42,7 @@ from tests.support.streams import (
     produce,
 )
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, BOTH_CLIENTS]
 
 
 @pytest.fixture(scope="module")

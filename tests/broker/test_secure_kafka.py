@@ -20,6 +20,7 @@ import pytest
 
 from daemon.devtools.localkafka import LocalKafka, LocalPki, create_topics, make_test_pki, secure_listeners
 from tests.support import models
+from tests.support.backends import BOTH_CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     check_predictions,
@@ -29,7 +30,7 @@ from tests.support.streams import (
     produce,
 )
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300), BOTH_CLIENTS]
 
 USER = "lstmd"
 # Random per run, so finding it in a log can only mean the daemon leaked it.

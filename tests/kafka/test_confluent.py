@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import KafkaError as RdError
 from kafka import errors
 
@@ -190,3 +190,36 @@ def test_a_full_queue_is_retried_then_timed_out(tmp_path: Path, monkeypatch: pyt
         producer.send("t", partition=0, key=b"k", value=b"2")
     assert 0.3 <= time.monotonic() - started < 1.0
     producer.close(0)
+
+
+class _Fatal:
+    """A librdkafka producer in a fatal state: flush and purge raise (as seen after a
+    transaction the broker refused to end, INVALID_TXN_STATE)."""
+
+    def __init__(self, real: Producer) -> None:
+        self.real = real
+
+    def flush(self, *args: Any, **kwargs: Any) -> int:
+        raise KafkaException(RdError(RdError.INVALID_TXN_STATE, "Failed to end transaction", fatal=True))
+
+    purge = flush
+
+    def poll(self, *args: Any) -> int:
+        return int(self.real.poll(*args))
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_a_fatal_producer_is_closed_without_raising_and_its_flush_raises_kafka_pythons_error(
+    tmp_path: Path,
+) -> None:
+    """Delivery closes a producer in a fatal state to replace it (`renew`): the close
+    must not raise (it did: the daemon exited 1 during a broker outage, exactly-once)."""
+    producer = ConfluentProducer(settings(tmp_path), None)
+    real = producer._producer
+    producer._producer = _Fatal(real)  # type: ignore[assignment]
+    with pytest.raises(errors.KafkaError):
+        producer.flush(0.1)
+    producer.close(0.1)  # does not raise
+    real.flush(0)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from daemon.config import Settings
@@ -28,6 +29,12 @@ from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
 from daemon.streaming.loop import RunLoop, transactional_id
 from tests.support.kafka import MemoryConsumer, MemoryKafka, MemoryProducer
+
+# The client libraries the daemon runs on (LSTMD_KAFKA_CLIENT). A real-broker module
+# runs on both with `BOTH_CLIENTS` in its `pytestmark` (the fixture `kafka_client`,
+# tests/conftest.py); the others on the default.
+CLIENTS = ("kafka-python", "confluent-kafka")
+BOTH_CLIENTS = pytest.mark.parametrize("kafka_client", CLIENTS, indirect=True)
 
 
 class Backend(Protocol):
@@ -192,6 +199,8 @@ class Broker:
     bootstrap: str
     make_topics: Callable[..., dict[str, str]]
     name: str = "broker"
+    # The daemon's Kafka client library (LSTMD_KAFKA_CLIENT).
+    client: str = "kafka-python"
     _readers: dict[str, tuple[KafkaConsumer, dict[int, list[bytes | None]]]] = field(default_factory=dict)
 
     def settings(self, tmp_path: Path, partitions: int = 1, **extra: Any) -> Settings:
@@ -199,7 +208,7 @@ class Broker:
             {"in": partitions, "out": partitions, "dlq": partitions, "state": partitions}
         )
         names["group"] = f"g-{names['in']}"
-        return _settings(tmp_path, self.bootstrap, names, **extra)
+        return _settings(tmp_path, self.bootstrap, names, **({"kafka_client": self.client} | extra))
 
     def produce(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, int]]) -> None:
         from confluent_kafka import Producer  # a third-party client, as users' producers are

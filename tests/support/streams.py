@@ -232,8 +232,11 @@ def metric(text: str, name: str) -> float:
 
 
 def daemon_env(bootstrap: str, names: dict[str, str], model: Path, **extra: str) -> dict[str, str]:
+    """The environment of a daemon on the test's topics: this process's without its
+    LSTMD_ variables, but with its LSTMD_KAFKA_CLIENT (tests/conftest.py `kafka_client`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")}
     env |= {
+        "LSTMD_KAFKA_CLIENT": os.environ.get("LSTMD_KAFKA_CLIENT", "kafka-python"),
         "LSTMD_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "LSTMD_INPUT_TOPIC": names["in"],
         "LSTMD_OUTPUT_TOPIC": names["out"],

@@ -4,8 +4,6 @@ extra `lstmd[librdkafka]`). `LSTMD_KAFKA_CLIENT` picks one at start-up."""
 
 from __future__ import annotations
 
-import importlib
-
 from daemon.config import Settings
 from daemon.kafka.port import Backend
 
@@ -14,9 +12,9 @@ def make_backend(settings: Settings) -> Backend:
     """The clients of `settings.kafka_client`; confluent-kafka is imported only when
     chosen (settings validation already said whether it is installed)."""
     if settings.kafka_client == "confluent-kafka":
-        module = importlib.import_module("daemon.kafka.backends.confluent")
-        backend: Backend = module.ConfluentBackend(settings)
-        return backend
+        from daemon.kafka.backends.confluent import ConfluentBackend
+
+        return ConfluentBackend(settings)
     from daemon.kafka.backends.kafka_python import KafkaPythonBackend
 
     return KafkaPythonBackend(settings)

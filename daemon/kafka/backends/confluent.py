@@ -56,6 +56,7 @@ from daemon.kafka.clients import (
     PRODUCER_BATCH_BYTES,
     PRODUCER_LINGER_MS,
     RECONNECT_BACKOFF_MAX_MS,
+    RESTORE_FETCH_BYTES,
     TRANSACTION_TIMEOUT_MS,
     max_message_bytes,
 )
@@ -189,7 +190,7 @@ def common_config(settings: Settings) -> dict[str, Any]:
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
-    """clients.make_consumer's settings. max.poll.records has no librdkafka setting:
+    """kafka_python.make_consumer's settings. max.poll.records has no librdkafka setting:
     `poll` asks `consume` for at most that many records."""
     config = {
         **common_config(settings),
@@ -212,8 +213,8 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 
 
 def reader_config(settings: Settings) -> dict[str, Any]:
-    """clients.make_restore_consumer's settings. librdkafka insists on a group id even
-    for a consumer that only assigns: this one never joins it and never commits."""
+    """The readers' settings (kafka_python.make_reader's). librdkafka insists on a group
+    id even for a consumer that only assigns: this one never joins it and never commits."""
     return {
         **common_config(settings),
         "group.id": f"{settings.group_id}.reader",
@@ -223,11 +224,12 @@ def reader_config(settings: Settings) -> dict[str, Any]:
         "isolation.level": "read_committed",
         "allow.auto.create.topics": False,
         "enable.partition.eof": False,
+        "max.partition.fetch.bytes": RESTORE_FETCH_BYTES,
     }
 
 
 def producer_config(settings: Settings, transactional_id: str | None) -> dict[str, Any]:
-    """clients.make_producer's settings. librdkafka never blocks in produce() (its
+    """kafka_python.make_producer's settings. librdkafka never blocks in produce() (its
     queue full is a BufferError: `send` retries it for up to clients.MAX_BLOCK_MS)."""
     config: dict[str, Any] = {
         **common_config(settings),
@@ -386,8 +388,15 @@ class _Reading:
         if self._pending_error is not None:
             pending, self._pending_error = self._pending_error, None
             raise pending
+        wanted = max_records or self._max_records
         with _translated():
-            messages = self._consumer.consume(max_records or self._max_records, _seconds(timeout_ms))
+            # librdkafka's consume waits until it has `wanted` records or the timeout
+            # passed (kafka-python's poll returns with what has arrived): at a low rate
+            # every poll would wait its whole timeout. Wait for the first record only,
+            # then take what is already fetched without waiting.
+            messages = self._consumer.consume(1, _seconds(timeout_ms))
+            if messages and wanted > 1:
+                messages += self._consumer.consume(wanted - 1, 0)
         polled: dict[TopicPartition, list[Record]] = {}
         failure: Exception | None = None
         for message in messages:
@@ -696,20 +705,30 @@ class ConfluentProducer:
                 raise _raised(exc) from exc
 
     def flush(self, timeout: float) -> None:
-        left = self._producer.flush(max(0.0, timeout))
+        try:
+            left = self._producer.flush(max(0.0, timeout))
+        except KafkaException as exc:  # e.g. a fatal transactional error
+            raise _raised(exc) from exc
         if left:
             raise errors.KafkaTimeoutError(f"{left} records not acknowledged in {timeout} s")
 
     def close(self, timeout: float) -> None:
         """Flush for `timeout`, then purge what is left: its futures fail
-        (KafkaTimeoutError), as kafka-python's force-close fails them."""
+        (KafkaTimeoutError), as kafka-python's force-close fails them. Never raises: a
+        producer in a fatal state (librdkafka raises from `flush` then) is closed all
+        the same, which is what delivery closes it for."""
         if self._closing.is_set():
             return
-        left = self._producer.flush(max(0.0, timeout))
+        try:
+            left = self._producer.flush(max(0.0, timeout))
+        except KafkaException as exc:
+            log.warning("producer_closed_failed", error=str(exc))
+            left = len(self._producer)
         if left:
             log.warning("producer_closed_unacknowledged", records=left, timeout_s=timeout)
-            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
-            self._producer.poll(0)  # the purged records' reports: their futures fail
+            with contextlib.suppress(KafkaException):
+                self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+                self._producer.poll(0)  # the purged records' reports: their futures fail
         self._closing.set()
         self._wake_metadata.set()
         self._poller.join(2 * POLL_INTERVAL_S)
