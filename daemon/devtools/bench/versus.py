@@ -112,10 +112,8 @@ class Contenders:
         self.peer_error = ""
         self.python = ""
         self.weights: Path | None = None
+        # A backend not installed: its contender's rounds end at once, saying why.
         self.client_errors = {c: client_missing(client) for c, client in LSTMD_CONTENDERS.items()}
-        for contender in versus_contenders(config):
-            if self.client_errors.get(contender):
-                log(f"bench: {contender} is skipped: {self.client_errors[contender]}")
         if "quix" in versus_contenders(config, config.latency_contenders) or "versus" in config.sections:
             try:
                 self.python = peer_python(config, log)
