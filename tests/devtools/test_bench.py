@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -16,10 +17,19 @@ from daemon.cli import main
 from daemon.core.records import StateRecord
 from daemon.devtools import bench
 from daemon.devtools.bench.broker import cpu_s_per_million, peak_rss_mib, tree, tree_cpu_seconds, workers
+from daemon.devtools.bench.config import versus_contenders
 from daemon.devtools.bench.latency import Paced, latency_row, percentiles
 from daemon.devtools.bench.peer import PEER_SCRIPT, PeerSection, has_quix
 from daemon.devtools.bench.profile import PHASE_RULES, classify
-from daemon.devtools.bench.versus import Outcome, format_versus, versus_row, versus_table
+from daemon.devtools.bench.versus import (
+    Contenders,
+    Outcome,
+    client_missing,
+    format_versus,
+    lstmd_env,
+    versus_row,
+    versus_table,
+)
 from daemon.devtools.localkafka import LocalKafka
 from daemon.streaming.policy import Checkpoint
 from tests.support.backends import memory_delivery, memory_kafka, memory_member
@@ -232,8 +242,16 @@ def test_bench_options() -> None:
     )
     assert versus.sections == ("e2e", "latency", "versus")
     assert (versus.versus_events, versus.latency_rounds, versus.versus_processes) == (9, 2, (1, 2))
+    assert versus.versus_clients == ("kafka-python", "confluent-kafka")
+    assert versus.latency_contenders == ("lstmd", "lstmd-librdkafka", "quix")
     with pytest.raises(ValueError, match="latency contenders flink"):
         bench.config_from_args(parser.parse_args(["--versus", "--latency-contenders", "lstmd,flink"]))
+    one = bench.config_from_args(parser.parse_args(["--versus", "--versus-clients", "confluent-kafka"]))
+    assert one.versus_clients == ("confluent-kafka",)
+    with pytest.raises(
+        ValueError, match="unknown Kafka clients aiokafka; known: kafka-python, confluent-kafka"
+    ):
+        bench.config_from_args(parser.parse_args(["--versus", "--versus-clients", "kafka-python,aiokafka"]))
 
 
 def test_summary_ratios() -> None:
@@ -412,8 +430,10 @@ def test_rebuild_section_structure() -> None:
 
 
 @pytest.mark.kafka
-def test_latency_section_measures_every_paced_event(kafka: LocalKafka) -> None:
-    """A short steady stream: every paced event has a prediction and a latency."""
+@pytest.mark.parametrize("contender", ["lstmd", "lstmd-librdkafka"])
+def test_latency_section_measures_every_paced_event(kafka: LocalKafka, contender: str) -> None:
+    """A short steady stream through `lstmd run` with each Kafka client backend:
+    every paced event has a prediction and a latency."""
     config = bench.BenchConfig(
         sections=("latency",),
         versus_sequences=5,
@@ -421,22 +441,23 @@ def test_latency_section_measures_every_paced_event(kafka: LocalKafka) -> None:
         latency_rate=100,
         latency_seconds=2.0,
         latency_rounds=1,
-        latency_contenders=("lstmd",),  # `lstmd run`, one process; the peer needs its own venv
+        latency_contenders=(contender,),  # `lstmd run`, one process; the peer needs its own venv
         bootstrap=kafka.bootstrap,
     )
     report = bench.run(config)
     (row,) = report["rows"]
     assert row["section"] == "latency" and row["rounds"] == 1, row["note"]
-    assert (row["requested"], row["processes"], row["model"]) == ("lstmd", 1, "lstm16x5")
+    assert (row["requested"], row["processes"], row["model"]) == (contender, 1, "lstm16x5")
     assert row["events"] == 200  # every paced event, none of the warm-up
     assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"] <= row["latency_max_ms"]
     assert row["note"].startswith("per event") and ";" not in row["note"]
     assert row["cpu_s_per_million_events"] > 0 and row["worker_peak_rss_mib"] > 0
-    assert [x["lstmd"] for x in report["versus"][:3]] == [
+    assert [x[contender] for x in report["versus"][:3]] == [
         row["latency_p50_ms"],
         row["latency_p99_ms"],
         row["latency_max_ms"],
     ]
+    assert list(report["versus"][0]) == ["figure", contender, "quix", f"{contender}_vs_quix"]
 
 
 @pytest.mark.kafka
@@ -540,8 +561,9 @@ def test_cpu_and_peak_rss_accounting_over_process_trees() -> None:
 
 
 def test_versus_rows_and_the_table() -> None:
-    """Per contender and process count: medians of the rounds; the table pairs lstmd
-    with the peer and divides lstmd's figure by the peer's."""
+    """Per contender and process count: medians of the rounds; the table has a
+    column per lstmd backend and the peer's, and divides each backend's figure by
+    the peer's."""
     config = bench.BenchConfig(versus_events=1000)
 
     def outcomes(*figures: tuple[float, float, list[float]]) -> list[Outcome]:
@@ -557,12 +579,20 @@ def test_versus_rows_and_the_table() -> None:
         ),
         versus_row(
             "versus",
+            "lstmd-librdkafka",
+            1,
+            outcomes((200.0, 20.0, [650.0]), (240.0, 25.0, [660.0]), (180.0, 30.0, [640.0])),
+            config,
+        ),
+        versus_row(
+            "versus",
             "quix",
             1,
             outcomes((120.0, 40.0, [90.0]), (110.0, 45.0, [100.0]), (130.0, 35.0, [95.0])),
             config,
         ),
         versus_row("versus", "lstmd", 2, outcomes((150.0, 80.0, [600.0, 720.0])), config),
+        versus_row("versus", "lstmd-librdkafka", 2, outcomes((300.0, 32.0, [610.0, 620.0])), config),
         versus_row("versus", "quix", 2, [Outcome(error="quix timed out after 180 s")], config),
         {
             "section": "latency",
@@ -570,6 +600,13 @@ def test_versus_rows_and_the_table() -> None:
             "processes": 1,
             "latency_p50_ms": 20.0,
             "latency_p99_ms": 100.0,
+        },
+        {
+            "section": "latency",
+            "requested": "lstmd-librdkafka",
+            "processes": 1,
+            "latency_p50_ms": 4.0,
+            "latency_p99_ms": 10.0,
         },
         {
             "section": "latency",
@@ -585,23 +622,85 @@ def test_versus_rows_and_the_table() -> None:
         700.0,
     )
     assert rows[0]["per_round"]["events_per_s"] == [100.0, 80.0, 90.0]
-    assert rows[2]["worker_peak_rss_mib"] == 720.0  # the larger worker
-    assert (
-        rows[3]["rounds"] == 0
-        and rows[3]["events_per_s"] is None
-        and rows[3]["note"] == "quix timed out after 180 s"
+    assert (rows[0]["engine"], rows[1]["engine"]) == (
+        "lstmd run (fast, kafka-python)",
+        "lstmd run (fast, confluent-kafka)",
     )
-    table = {x["figure"]: (x["lstmd"], x["quix"], x["lstmd_vs_quix"]) for x in versus_table(rows)}
-    assert table["latency at a steady rate, p50 ms (one process each)"] == (20.0, 5.0, 4.0)
-    assert table["latency at a steady rate, p99 ms (one process each)"] == (100.0, 40.0, 2.5)
-    assert table["latency at a steady rate, max ms (one process each)"] == (None, None, None)
-    assert table["throughput, one process each, events/s"] == (90.0, 120.0, 0.75)
-    assert table["CPU s per million events, one process each"] == (60.0, 40.0, 1.5)
-    assert table["peak RSS per worker, one process each, MiB"] == (700.0, 95.0, 700.0 / 95.0)
-    assert table["throughput, 2 processes each, events/s"] == (150.0, None, None)
-    text = "\n".join(format_versus({"versus": versus_table(rows)}))
-    assert re.search(r"\nthroughput, one process each, events/s +90\.0 +120 +0\.75\n", text)
-    assert re.search(r"\nlatency at a steady rate, max ms \(one process each\) +- +- +-\n", text)
+    assert rows[3]["worker_peak_rss_mib"] == 720.0  # the larger worker
+    assert (
+        rows[5]["rounds"] == 0
+        and rows[5]["events_per_s"] is None
+        and rows[5]["note"] == "quix timed out after 180 s"
+    )
+    lines = versus_table(rows)
+    assert list(lines[0]) == [
+        "figure",
+        "lstmd",
+        "lstmd-librdkafka",
+        "quix",
+        "lstmd_vs_quix",
+        "lstmd-librdkafka_vs_quix",
+    ]
+    table = {x["figure"]: tuple(list(x.values())[1:]) for x in lines}
+    assert table["latency at a steady rate, p50 ms (one process each)"] == (20.0, 4.0, 5.0, 4.0, 0.8)
+    assert table["latency at a steady rate, p99 ms (one process each)"] == (100.0, 10.0, 40.0, 2.5, 0.25)
+    assert table["latency at a steady rate, max ms (one process each)"] == (None, None, None, None, None)
+    assert table["throughput, one process each, events/s"] == (90.0, 200.0, 120.0, 0.75, 200.0 / 120.0)
+    assert table["CPU s per million events, one process each"] == (60.0, 25.0, 40.0, 1.5, 0.625)
+    assert table["peak RSS per worker, one process each, MiB"] == (
+        700.0,
+        650.0,
+        95.0,
+        700.0 / 95.0,
+        650.0 / 95.0,
+    )
+    assert table["throughput, 2 processes each, events/s"] == (150.0, 300.0, None, None, None)
+    assert table["CPU s per million events, 2 processes each"] == (80.0, 32.0, None, None, None)
+    assert len(lines) == 11  # 5 at the steady rate, 3 per process count
+    text = "\n".join(format_versus({"versus": lines}))
+    assert re.search(r"\n +lstmd +lstmd-librdkafka +Quix peer +lstmd / Quix +lstmd-librdkafka / Quix\n", text)
+    assert re.search(r"\nthroughput, one process each, events/s +90\.0 +200 +120 +0\.75 +1\.67\n", text)
+    assert re.search(r"\nlatency at a steady rate, max ms \(one process each\)( +-){5}\n", text)
+    assert (
+        "lstmd: LSTMD_KAFKA_CLIENT=kafka-python; lstmd-librdkafka: LSTMD_KAFKA_CLIENT=confluent-kafka" in text
+    )
+    # One backend asked: its column and ratio only, the peer's kept.
+    only = versus_table([r for r in rows if r["requested"] != "lstmd"])
+    assert list(only[0]) == ["figure", "lstmd-librdkafka", "quix", "lstmd-librdkafka_vs_quix"]
+    assert only[0]["lstmd-librdkafka_vs_quix"] == 0.8
+
+
+def test_the_versus_contenders_per_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An lstmd contender per Kafka client backend: each runs `lstmd run` with its
+    LSTMD_KAFKA_CLIENT whatever the bench's environment has, only those of
+    versus_clients run, and a backend not installed is skipped, saying why."""
+    assert versus_contenders(bench.BenchConfig()) == ("lstmd", "lstmd-librdkafka", "quix")
+    librdkafka = bench.BenchConfig(versus_clients=("confluent-kafka",))
+    assert versus_contenders(librdkafka) == ("lstmd-librdkafka", "quix")
+    assert versus_contenders(librdkafka, ("lstmd", "quix")) == ("quix",)
+    assert versus_contenders(bench.BenchConfig(versus_clients=()), ("lstmd", "lstmd-librdkafka")) == ()
+    s = settings(tmp_path, dlq_topic="out.dlq")
+    monkeypatch.setenv("LSTMD_KAFKA_CLIENT", "confluent-kafka")
+    env = lstmd_env(s, 2, "lstmd")
+    assert (env["LSTMD_KAFKA_CLIENT"], env["LSTMD_WORKERS"], env["LSTMD_ENGINE"]) == (
+        "kafka-python",
+        "2",
+        "fast",
+    )
+    assert lstmd_env(s, 1, "lstmd-librdkafka")["LSTMD_KAFKA_CLIENT"] == "confluent-kafka"
+    assert client_missing("kafka-python") == client_missing("confluent-kafka") == ""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name: None if name == "confluent_kafka" else find_spec(name),
+    )
+    said = "skipped: confluent-kafka is not installed (pip install 'lstmd[librdkafka]')"
+    assert client_missing("confluent-kafka") == said
+    config = bench.BenchConfig(sections=("latency",), latency_contenders=("lstmd-librdkafka",))
+    contenders = Contenders(config, print)
+    outcome = contenders.run("lstmd-librdkafka", 1, "127.0.0.1:1", "in", 10, 1.0, output="out")
+    assert (outcome.error, outcome.events_per_s) == (said, None)
 
 
 def test_the_profile_classifies_a_frame_between_lines() -> None:

@@ -15,10 +15,12 @@ prints a table or JSON. Sections, each described in its module's docstring:
 * `compression` (compression.py; not in the default run): the daemon's producer
   with each codec of LSTMD_KAFKA_COMPRESSION: throughput, CPU and bytes on the wire.
 * `latency` (latency.py) and `versus` (versus.py; neither in the default run;
-  `--versus` runs both): `lstmd run` against the Quix peer, each in processes of
-  its own, on the same job: latency at a steady 1,000 events/s, throughput with
-  one and two processes each, CPU seconds per million events and peak RSS per
-  worker; the report's "versus" is the table of the two.
+  `--versus` runs both): `lstmd run` with each Kafka client backend (`lstmd`:
+  kafka-python, `lstmd-librdkafka`: confluent-kafka; `--versus-clients`) against
+  the Quix peer, each in processes of its own, on the same job: latency at a
+  steady 1,000 events/s, throughput with one and two processes each, CPU seconds
+  per million events and peak RSS per worker; the report's "versus" is the table
+  of the two, a column per contender and a ratio to the peer per backend.
 
 config.py says what a run is asked to do, runner.py runs it, report.py turns
 its rows into ratios, a table and JSON, and options.py is the command line

@@ -55,8 +55,13 @@ MODELS: dict[str, ModelSpec] = {
 
 # The model of the end-to-end sections (e2e, peer, profile): the demo's shape.
 E2E_MODEL = "demo"
-# The contenders of the sections latency and versus: lstmd (`lstmd run`) and the Quix peer.
-VERSUS_CONTENDERS = ("lstmd", "quix")
+# The lstmd contenders of the sections latency and versus: `lstmd run` with each
+# backend of the Kafka client port, by the LSTMD_KAFKA_CLIENT it runs with.
+LSTMD_CONTENDERS: dict[str, str] = {"lstmd": "kafka-python", "lstmd-librdkafka": "confluent-kafka"}
+# The backends a configuration may name (`versus_clients`), in the table's order.
+KAFKA_CLIENTS = tuple(LSTMD_CONTENDERS.values())
+# Every contender of those sections: lstmd with each backend, and the Quix peer.
+VERSUS_CONTENDERS = (*LSTMD_CONTENDERS, "quix")
 # The engines a configuration may name.
 ENGINES = ("keras", "fast")
 
@@ -99,11 +104,14 @@ class BenchConfig:
     versus_events: int = 150_000  # versus: produced once, read whole by every contender
     versus_rounds: int = 3
     versus_processes: tuple[int, ...] = (1, 2)  # lstmd's LSTMD_WORKERS; as many peer processes
+    # The Kafka client backends lstmd runs with in both sections (LSTMD_KAFKA_CLIENT
+    # values): one lstmd contender each (LSTMD_CONTENDERS), each against the peer.
+    versus_clients: tuple[str, ...] = KAFKA_CLIENTS
     # A steady rate through each contender (section latency; see latency.py).
     latency_rate: int = 1000  # events per second
     latency_seconds: float = 15.0  # paced, per round
     latency_rounds: int = 3
-    latency_contenders: tuple[str, ...] = VERSUS_CONTENDERS
+    latency_contenders: tuple[str, ...] = VERSUS_CONTENDERS  # those of versus_clients' backends run
     # At scale (sections restore, memory, scale, keras-overhead; see scale.py).
     scale_rounds: int = 3  # rounds of the restore, scale and keras-overhead sections
     restore_states: int = 100_000  # open sequences written to the state partition
@@ -127,6 +135,16 @@ class BenchConfig:
     compression_events: int = 20_000  # predictions per codec and round
     compression_sequences: int = 1_000
     compression_rounds: int = 3
+
+
+def versus_contenders(config: BenchConfig, asked: tuple[str, ...] = VERSUS_CONTENDERS) -> tuple[str, ...]:
+    """The contenders of `asked` that the configuration runs, in the table's order:
+    lstmd with each backend of `versus_clients`, then the peer."""
+    return tuple(
+        c
+        for c in VERSUS_CONTENDERS
+        if c in asked and (c not in LSTMD_CONTENDERS or LSTMD_CONTENDERS[c] in config.versus_clients)
+    )
 
 
 class Section(Protocol):

@@ -1,5 +1,5 @@
 """The `latency` section: how long an event takes at a steady rate, through lstmd
-and through the Quix peer.
+(with each backend of its Kafka client port) and through the Quix peer.
 
 Throughput sections push a backlog through as fast as they can; a production
 stream arrives at a rate, and what its users see is each event's delay. Here a
@@ -7,10 +7,12 @@ producer (a thread of the bench) paces `latency_rate` events per second of the
 versus job (versus.py: `versus_sequences` keys of the `versus_model`'s features,
 `versus_partitions` partitions) for `latency_seconds` into a fresh input topic,
 while one contender serves it in a process of its own: `lstmd` is `lstmd run`
-with LSTMD_WORKERS=1 (fast engine, every other setting the daemon's default:
-at-least-once, pipelined, checkpoint every second), `quix` one process of the
-Quix peer (its defaults: at-least-once, commit every 5 s). The contenders
-(`latency_contenders`) alternate within each round. The pacing starts only once
+with LSTMD_WORKERS=1 and LSTMD_KAFKA_CLIENT=kafka-python (fast engine, every
+other setting the daemon's default: at-least-once, pipelined checkpoint),
+`lstmd-librdkafka` the same with LSTMD_KAFKA_CLIENT=confluent-kafka, `quix` one
+process of the Quix peer (its defaults: at-least-once, commit every 5 s). The
+contenders (`latency_contenders`, less the lstmd ones whose backend is not in
+`versus_clients`) alternate within each round. The pacing starts only once
 the contender has answered the warm-up event of every sequence (group join,
 restore and model start-up are not latency).
 
@@ -43,7 +45,7 @@ from daemon.devtools.bench.broker import (
     stream_value,
     unique,
 )
-from daemon.devtools.bench.config import MODELS, BenchConfig, Log, Row
+from daemon.devtools.bench.config import MODELS, BenchConfig, Log, Row, versus_contenders
 from daemon.devtools.bench.versus import LABELS, Contenders, Outcome, median
 
 
@@ -55,9 +57,10 @@ class LatencySection:
     def run(self, config: BenchConfig, log: Log) -> list[Row]:
         bootstrap = BROKER.bootstrap(config, log)
         contenders = Contenders(config, log)
-        results: dict[str, list[Paced]] = {c: [] for c in config.latency_contenders}
+        names = versus_contenders(config, config.latency_contenders)
+        results: dict[str, list[Paced]] = {c: [] for c in names}
         for i in range(config.latency_rounds):
-            for contender in config.latency_contenders:
+            for contender in names:
                 log(
                     f"bench: latency round {i + 1}/{config.latency_rounds} {contender}: "
                     f"{config.latency_rate:,} events/s for {config.latency_seconds:.0f} s ..."
@@ -66,7 +69,7 @@ class LatencySection:
                 if paced.error:
                     log(f"bench: {paced.error}")
                 results[contender].append(paced)
-        return [latency_row(self.name, c, results[c], config) for c in config.latency_contenders]
+        return [latency_row(self.name, c, results[c], config) for c in names]
 
     def _round(self, bootstrap: str, config: BenchConfig, contenders: Contenders, contender: str) -> Paced:
         partitions, sequences = config.versus_partitions, config.versus_sequences

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from daemon.devtools.bench.config import BenchConfig
+from daemon.devtools.bench.config import KAFKA_CLIENTS, VERSUS_CONTENDERS, BenchConfig
 from daemon.devtools.bench.report import format_table
 from daemon.devtools.bench.runner import SECTIONS, check, run
 from daemon.devtools.bench.scale_report import SCALE_SECTIONS
@@ -59,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--versus-rounds", type=int, default=3, help="versus: rounds, the contenders alternating (default: 3)"
+    )
+    p.add_argument(
+        "--versus-clients",
+        default=",".join(KAFKA_CLIENTS),
+        help="latency, versus: the Kafka client backends lstmd runs with, one contender each "
+        f"(LSTMD_KAFKA_CLIENT values, comma-separated; default: {','.join(KAFKA_CLIENTS)})",
     )
     p.add_argument(
         "--scale",
@@ -195,8 +201,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--latency-contenders",
-        default="lstmd,quix",
-        help="latency: comma-separated, of lstmd, quix (default: lstmd,quix)",
+        default=",".join(VERSUS_CONTENDERS),
+        help=f"latency: comma-separated, of {', '.join(VERSUS_CONTENDERS)}; lstmd ones only if their "
+        f"backend is in --versus-clients (default: {','.join(VERSUS_CONTENDERS)})",
     )
     p.add_argument(
         "--compression-events",
@@ -260,6 +267,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         latency_contenders=parse_list(args.latency_contenders),
         versus_events=max(1, args.versus_events),
         versus_rounds=max(1, args.versus_rounds),
+        versus_clients=parse_list(args.versus_clients),
         compression_events=max(1, args.compression_events),
         compression_rounds=max(1, args.compression_rounds),
     )

@@ -8,6 +8,7 @@ import os
 import platform
 from collections.abc import Sequence
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -131,11 +132,13 @@ def meta(config: BenchConfig, seconds: float) -> dict[str, Any]:
 
         meta["tensorflow"] = tf.__version__
         meta["keras"] = keras.__version__
-        from importlib.metadata import version
-
         meta["kafka_python"] = version("kafka-python")
     except ImportError:  # pragma: no cover - all are dependencies
         pass
+    try:  # the librdkafka backend's (an optional extra); its wheel carries librdkafka
+        meta["confluent_kafka"] = version("confluent-kafka")
+    except PackageNotFoundError:
+        meta["confluent_kafka"] = None
     return meta
 
 

@@ -9,7 +9,16 @@ from typing import Any
 
 from daemon.devtools.bench.broker import BROKER
 from daemon.devtools.bench.compression import CompressionSection
-from daemon.devtools.bench.config import ENGINES, MODELS, VERSUS_CONTENDERS, BenchConfig, Log, Row, Section
+from daemon.devtools.bench.config import (
+    ENGINES,
+    KAFKA_CLIENTS,
+    MODELS,
+    VERSUS_CONTENDERS,
+    BenchConfig,
+    Log,
+    Row,
+    Section,
+)
 from daemon.devtools.bench.e2e import E2ESection
 from daemon.devtools.bench.engine import EngineSection
 from daemon.devtools.bench.latency import LatencySection
@@ -61,6 +70,9 @@ def check(config: BenchConfig) -> None:
         raise ValueError(
             f"unknown latency contenders {', '.join(unknown)}; known: {', '.join(VERSUS_CONTENDERS)}"
         )
+    unknown = [c for c in config.versus_clients if c not in KAFKA_CLIENTS]
+    if unknown:
+        raise ValueError(f"unknown Kafka clients {', '.join(unknown)}; known: {', '.join(KAFKA_CLIENTS)}")
     if not config.sequences or min(config.sequences) < 1:
         raise ValueError("sequence counts must be positive")
 
