@@ -74,6 +74,20 @@ def test_a_producer_is_awaited_while_the_cluster_does_not_answer(tmp_path: Path)
     assert unported_producer(cp.producer) is kafka.producers[0]
 
 
+def test_no_producer_is_built_past_the_shutdown_deadline(tmp_path: Path) -> None:
+    """A producer replaced after the deadline (an abort during a broker outage) would
+    not be used, and building one may wait for the cluster: librdkafka's
+    init_transactions held a SIGTERM'd daemon 5 s past LSTMD_SHUTDOWN_TIMEOUT_S."""
+    s = settings(tmp_path, delivery="exactly-once")
+    kafka = memory_kafka(s)
+    abandon = threading.Event()
+    cp = memory_delivery(kafka, s, abandon=abandon)
+    abandon.set()
+    with pytest.raises(DeliveryFailed, match="asked to stop"):
+        cp.restart()
+    assert len(kafka.producers) == 1 and "close" in kafka.producers[0].calls
+
+
 def test_an_expelled_member_commits_no_transaction(tmp_path: Path) -> None:
     s = settings(tmp_path, delivery="exactly-once")
     kafka = memory_kafka(s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -261,7 +262,10 @@ class DaemonProcess:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "daemon", "run"],
+            env=env | {"PYTHONFAULTHANDLER": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -293,9 +297,20 @@ class DaemonProcess:
         raise AssertionError(f"no {event!r} log line; log tail:\n" + "\n".join(self.lines[-30:]))
 
     def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, and the exit code. A daemon still running after `timeout` is made to
+        dump every thread's stack (SIGABRT: PYTHONFAULTHANDLER is set) into the
+        assertion's log tail: where it hangs, not only that it does."""
         if self.proc.poll() is None:
             self.proc.terminate()
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(timeout=30)
+            self._reader.join(timeout=5)
+            raise AssertionError(
+                f"no exit {timeout} s after SIGTERM; log tail:\n" + "\n".join(self.lines[-150:])
+            ) from None
         self._reader.join(timeout=5)
         return code
 

@@ -89,6 +89,11 @@ class Producer:
         """
         backoff = Backoff(stop, beat=self.beat)
         while True:
+            if stop.is_set():
+                # Past the shutdown deadline (or SIGTERM at start-up) a producer would
+                # not be used: building one may wait for the cluster (librdkafka's
+                # init_transactions waits MAX_BLOCK_MS), past the deadline.
+                raise DeliveryFailed("no producer built: asked to stop")
             producer: RecordProducer | None = None
             try:
                 producer = self.make()
