@@ -25,7 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 
 from daemon.devtools.localkafka import LocalKafka, create_topics
 from tests.support import models
-from tests.support.backends import BOTH_CLIENTS
+from tests.support.backends import CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     Stream,
@@ -35,7 +35,7 @@ from tests.support.streams import (
     interleaved_stream,
 )
 
-pytestmark = [pytest.mark.kafka, BOTH_CLIENTS]
+pytestmark = pytest.mark.kafka
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")
 # A valid event's headers, as another client may set them: one with a null value.
@@ -110,8 +110,8 @@ def set_topic_compression(bootstrap: str, topic: str, codec: str) -> None:
         future.result(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def run(kafka: LocalKafka) -> Iterator[Run]:
+@pytest.fixture(scope="module", params=CLIENTS)
+def run(kafka: LocalKafka, request: pytest.FixtureRequest) -> Iterator[Run]:
     """The topic, written in turn by: a librdkafka producer of each codec (a sixth of
     the stream each, two bad records among them), a transaction that aborts, one that
     commits (lz4, the next sixth), and after the topic is set to compression.type=zstd,
@@ -176,7 +176,8 @@ def run(kafka: LocalKafka) -> Iterator[Run]:
             aborted.add(landed[tag])
     result = Run(model, names, stream, placed, bad, aborted, committed={placed[i] for i in parts[4]})
 
-    daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, model))
+    # Once per client library (LSTMD_KAFKA_CLIENT): the module's tests read each run.
+    daemon = DaemonProcess(daemon_env(kafka.bootstrap, names, model, LSTMD_KAFKA_CLIENT=request.param))
     try:
         result.outputs = consume(
             kafka.bootstrap,

@@ -42,7 +42,7 @@ from tests.support.streams import (
     produce,
 )
 
-pytestmark = [pytest.mark.kafka, BOTH_CLIENTS]
+pytestmark = pytest.mark.kafka
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def _first_event(stream: Stream, key: str, seg: int) -> int:
     return min(i for i, (k, s, _) in stream.segment_of.items() if (k, s) == (key, seg))
 
 
+@BOTH_CLIENTS
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_model_upgrade_rebuilds_every_open_sequence(
     kafka: LocalKafka, topics: TopicFactory, model_a: Path, model_b: Path, delivery: str

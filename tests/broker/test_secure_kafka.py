@@ -30,7 +30,7 @@ from tests.support.streams import (
     produce,
 )
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300), BOTH_CLIENTS]
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
 USER = "lstmd"
 # Random per run, so finding it in a log can only mean the daemon leaked it.
@@ -117,6 +117,7 @@ def run_stream(
     return daemon
 
 
+@BOTH_CLIENTS
 def test_sasl_ssl_scram_sha_512_stream_matches_the_oracle(
     secure_kafka: SecureKafka, model: Path, tmp_path: Path
 ) -> None:
@@ -133,6 +134,7 @@ def test_sasl_ssl_scram_sha_512_stream_matches_the_oracle(
     assert not leaked(daemon, PASSWORD)
 
 
+@BOTH_CLIENTS
 def test_mutual_tls_with_a_client_certificate(secure_kafka: SecureKafka, model: Path) -> None:
     names = make_topics(secure_kafka, "mtls")
     pki = secure_kafka.pki
