@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.future import Future
-from kafka.structs import ConsumerGroupMetadata
+from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from daemon.core.records import Kind, StateRecord
 from daemon.ops.metrics import Metrics
@@ -65,6 +66,20 @@ class Pipeline(abc.ABC):
     @abc.abstractmethod
     def _commit(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool: ...
 
+    # -- checkpoints that do not wait (at-least-once overrides them) -------------------
+    def queue(self, consumer: KafkaConsumer, cp: Checkpoint) -> bool:
+        """Send `cp`'s outputs and queue it without waiting; False: take it the
+        synchronous way (`commit`), with everything pending (`take_pending`)."""
+        return False
+
+    def advance(self, consumer: KafkaConsumer) -> list[Checkpoint]:
+        """Move the queued checkpoints on without waiting; those now committed, in order."""
+        return []
+
+    def take_pending(self) -> list[Checkpoint]:
+        """The queued checkpoints not yet committed, in order, for a synchronous one."""
+        return []
+
     def _account(self, sent: Iterable[tuple[Record, Future]]) -> None:
         """Count what became durable: state records by kind, predictions with their
         end-to-end latency."""
@@ -88,3 +103,30 @@ def expelled(group: ConsumerGroupMetadata) -> bool:
 
 def member(consumer: KafkaConsumer) -> bool:
     return not expelled(consumer.group_metadata())  # type: ignore[no-untyped-call]
+
+
+def commit_async(consumer: KafkaConsumer, offsets: Mapping[TopicPartition, int]) -> Future:
+    """Commit the offsets without waiting: the future is done once the group answered.
+
+    kafka-python's own future may be its coordinator lookup's, not the commit's (when
+    the coordinator is not known yet), so the answer is taken from the commit's
+    callback instead, which kafka-python runs inside a later `poll`. (The Kafka client
+    port's `GroupConsumer.commit_async` returns the commit's future itself.)
+    """
+    done = Future()
+
+    def answered(_offsets: object, response: object) -> None:
+        if done.is_done:
+            return
+        if isinstance(response, Exception):
+            done.failure(response)
+        else:
+            done.success(None)
+
+    try:
+        consumer.commit_async(
+            {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, callback=answered
+        )
+    except KafkaError as exc:  # e.g. a fenced static member, raised at once
+        done.failure(exc)
+    return done
