@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -27,6 +27,7 @@ from daemon.streaming.delivery import at_least_once, pending
 from daemon.streaming.loop import RunLoop
 from tests.support.backends import Memory
 from tests.support.fakes import TP, make
+from tests.support.kafka import MemoryConsumer
 
 # Longer than a step ever takes here; far shorter than a flush's wait (10 s).
 STEP_BOUND_S = 2.0
@@ -114,26 +115,29 @@ def test_states_wait_for_their_outputs_and_offsets_for_their_states(tmp_path: Pa
 
 
 def test_checkpoints_complete_in_order(tmp_path: Path) -> None:
-    """The second checkpoint's states go only after the first one is committed, though
-    its outputs were acknowledged first. Mutation seen failing: advancing any entry
-    of the queue whose outputs are acknowledged, not only the head."""
+    """A checkpoint's states wait for the outputs of every earlier checkpoint (an
+    acknowledgement out of order does not let them go), and for the earlier
+    checkpoint's commit. Mutation seen failing: advancing any queued checkpoint,
+    not only the head."""
     kafka, rl, _ = held_loop(tmp_path, partitions=2)
     kafka.produce("in", [(b"a", event(), 0)])
     step(rl)
     kafka.produce("in", [(b"b", event(), 1)])
     step(rl)
-    held = kafka.kafka._held  # answer the second output first
-    held[1].answer()
-    del held[1]
+    held = kafka.kafka._held  # the second checkpoint's output answered first
+    held.pop(1).answer()
     step(rl)
-    assert entries(kafka, "send in.state") == [] and committed(kafka, TP1) is None
-    kafka.kafka.acknowledge()  # the first output
-    for _ in range(3):  # its state, then the second checkpoint's
-        step(rl)
-        kafka.kafka.acknowledge()
+    assert entries(kafka, "send in.state") == []
+    kafka.kafka.acknowledge()  # the first checkpoint's output
+    step(rl)
+    assert len(entries(kafka, "send in.state")) == 1  # the first's state; the second waits
+    kafka.kafka.acknowledge()
+    step(rl)
+    assert (committed(kafka), committed(kafka, TP1)) == (1, None)
+    assert len(entries(kafka, "send in.state")) == 2  # the second's, after the first's commit
+    kafka.kafka.acknowledge()
     step(rl)
     assert (committed(kafka), committed(kafka, TP1)) == (1, 1)
-    assert len(entries(kafka, "commit")) == 2
 
 
 class _NoWait(Backoff):
@@ -151,7 +155,7 @@ def test_a_failed_output_falls_back_and_is_resent_in_key_order_before_the_commit
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Mutation seen failing: the queue not checking for a failed output before it
-    writes the states (the commit then covers a lost prediction)."""
+    writes the states (a state would then be written before the outputs it covers)."""
     monkeypatch.setattr(at_least_once, "Backoff", _NoWait)
     kafka, rl, metrics = held_loop(tmp_path)
     lost: list[int] = []
@@ -172,8 +176,10 @@ def test_a_failed_output_falls_back_and_is_resent_in_key_order_before_the_commit
     acked = [(v["seq"], v["offset"]) for v in map(_value, (journal[i] for i in entries(kafka, "ack out")))]
     # a@2 was acknowledged before a@0 was lost: it goes again after it; b is not repeated.
     assert acked == [("b", 1), ("a", 2), ("a", 0), ("a", 2)]
+    # Every state is written after the resent outputs are acknowledged, the offsets last.
+    assert min(entries(kafka, "send in.state")) > max(entries(kafka, "ack out"))
     [commit] = entries(kafka, "commit")
-    assert commit > max(entries(kafka, "ack out")) and commit > max(entries(kafka, "ack in.state"))
+    assert commit > max(entries(kafka, "ack in.state"))
     assert committed(kafka) == 3 and not rl.clients.delivery.failing()
     assert sample(metrics, "lstmd_predictions_produced_total") == 3
 
@@ -245,3 +251,39 @@ def test_a_revocation_checkpoints_every_pending_checkpoint(tmp_path: Path) -> No
     step(rl)
     assert committed(kafka, TP1) == 2
     assert rl.clients.consumer.assignment() == {TP}
+
+
+def test_an_expelled_member_writes_no_state_of_a_pending_checkpoint(tmp_path: Path) -> None:
+    """The group expelled the member after the checkpoint's outputs were acknowledged
+    and before it noticed (SIGTERM then: the shutdown step moves the queue before any
+    poll): its states are not written, nothing is committed, the loop rewinds.
+    Mutation seen failing: the queue not asking `member` before it sends the states."""
+    kafka, rl, _ = held_loop(tmp_path)
+    kafka.produce("in", [(b"a", event(), 0)])
+    step(rl)
+    kafka.kafka.acknowledge()
+    cast(MemoryConsumer, rl.clients.consumer).expel()
+    rl.stop.set()
+    assert step(rl) is False  # the final checkpoint abandoned: the next owner repeats it
+    assert entries(kafka, "send in.state") == [] and entries(kafka, "commit") == []
+    assert committed(kafka) is None
+
+
+def test_states_go_a_slice_per_step_and_the_commit_waits_for_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sending a thousand state records at once would stall the loop as waiting did.
+    Mutation seen failing: every state record sent in one step."""
+    monkeypatch.setattr(pending, "STATE_SENDS_PER_STEP", 2)
+    kafka, rl, _ = held_loop(tmp_path)
+    kafka.produce("in", [(key, event(), 0) for key in (b"a", b"b", b"c")])
+    step(rl)
+    kafka.kafka.acknowledge()
+    step(rl)
+    assert len(entries(kafka, "send in.state")) == 2
+    kafka.kafka.acknowledge()
+    step(rl)
+    assert len(entries(kafka, "send in.state")) == 3 and committed(kafka) is None
+    kafka.kafka.acknowledge()
+    step(rl)
+    assert committed(kafka) == 3

@@ -7,8 +7,10 @@ without waiting (`advance`), the head only, so checkpoints complete in order:
 
 1. once every output it covers is acknowledged (none failed) and this process is
    still a member of the group (without a transaction, the fence of every write),
-   its state records are sent: a state never goes before the outputs it covers,
-   or a crash could lose outputs whose inputs the watermark then skips;
+   its state records are sent, a slice per step (kafka-python's `send` costs tens
+   of microseconds a record: a thousand states at once would be the very stall
+   this avoids): a state never goes before the outputs it covers, or a crash could
+   lose outputs whose inputs the watermark then skips;
 2. once they are acknowledged, its offsets are committed asynchronously;
 3. once the group took them, it is durable, handed back to the policy (`advance`
    returns it) and the next one becomes the head.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer
 from kafka.future import Future
@@ -44,6 +46,8 @@ log = get_logger(__package__ or __name__)
 # Checkpoints pending at most; one more is taken the synchronous way, with them all.
 # At the default interval (1 s) one is seldom pending for more than a few ms.
 MAX_PENDING_CHECKPOINTS = 4
+# State records sent per loop step: a few ms of kafka-python's `send`.
+STATE_SENDS_PER_STEP = 100
 
 
 @dataclass
@@ -53,7 +57,8 @@ class Pending:
     cp: Checkpoint
     covers: int  # the outputs in flight numbered below this are its (InFlight)
     cut: float  # time.perf_counter() when it was cut
-    states: Sent | None = None  # its state records, once sent
+    outputs_done: bool = False  # every output it covers acknowledged
+    sent: Sent = field(default_factory=list)  # its state records sent so far (a prefix)
     commit: Future | None = None  # its offsets' commit, once asked
 
 
@@ -100,21 +105,26 @@ class PendingCheckpoints:
 
     def _durable(self, head: Pending, consumer: KafkaConsumer) -> bool:
         """The head moved on by every step it can take now; True once committed."""
-        if head.states is None:
+        if not head.outputs_done:
             self.in_flight.reap()
             if self.in_flight.failing():
                 return self._fall_back("an output failed")
             if self.in_flight.through() < head.covers:
                 return False  # outputs it covers not yet acknowledged
-            if not member(consumer):
-                return self._fall_back("expelled from the group")  # the synchronous way abandons it
-            head.states = self.send(head.cp.states)
+            head.outputs_done = True
         if head.commit is None:
-            if not all(f.is_done for _, f in head.states):
+            states, sent = head.cp.states, head.sent
+            if len(sent) < len(states):
+                if not member(consumer):
+                    return self._fall_back("expelled from the group")  # the synchronous way abandons it
+                sent += self.send(states[len(sent) : len(sent) + STATE_SENDS_PER_STEP])
+                if len(sent) < len(states):
+                    return False  # the rest at the next steps
+            if not all(f.is_done for _, f in sent):
                 return False
-            if not all(f.succeeded() for _, f in head.states):
+            if not all(f.succeeded() for _, f in sent):
                 return self._fall_back("a state record failed")
-            self.account(head.states)
+            self.account(sent)
             head.commit = (
                 commit_async(consumer, head.cp.offsets) if head.cp.offsets else Future().success(None)
             )
@@ -145,8 +155,7 @@ class PendingCheckpoints:
     def release(self, partition: int) -> None:
         """Input partition `partition` is gone: none of its states or offsets is written
         from here (its next owner goes on from the last commit)."""
-        for p in self.queue:
+        for p in self.queue:  # `sent` stays a prefix of `states`: both filtered alike
             p.cp.states = [s for s in p.cp.states if s.partition != partition]
+            p.sent = [(s, f) for s, f in p.sent if s.partition != partition]
             p.cp.offsets = {tp: o for tp, o in p.cp.offsets.items() if tp.partition != partition}
-            if p.states is not None:
-                p.states = [(s, f) for s, f in p.states if s.partition != partition]
