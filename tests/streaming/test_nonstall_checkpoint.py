@@ -272,9 +272,10 @@ def test_an_expelled_member_writes_no_state_of_a_pending_checkpoint(tmp_path: Pa
 def test_states_go_a_slice_per_step_and_the_commit_waits_for_them_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sending a thousand state records at once would stall the loop as waiting did.
-    Mutation seen failing: every state record sent in one step."""
-    monkeypatch.setattr(pending, "STATE_SENDS_PER_STEP", 2)
+    """Sending a thousand state records at once would stall the loop as waiting did
+    (tens of ms). Mutation seen failing: every state record sent in one step."""
+    monkeypatch.setattr(pending, "STATE_SEND_CHUNK", 2)
+    monkeypatch.setattr(pending, "STATE_SEND_BUDGET_S", 0.0)  # one chunk a step
     kafka, rl, _ = held_loop(tmp_path)
     kafka.produce("in", [(key, event(), 0) for key in (b"a", b"b", b"c")])
     step(rl)
