@@ -58,6 +58,8 @@ class Checkpoints:
         Between two checkpoints the outputs sent are ahead of the committed offsets
         and states: a crash repeats them, identically, from the last checkpoint. An
         output that failed meanwhile makes the checkpoint due at once (it resends).
+        At-least-once a due checkpoint is queued and each call moves the queue on
+        (`advance`); the synchronous way (`_commit`) takes everything pending.
         """
         delivery, consumer = self.clients.delivery, self.clients.consumer
         for done in delivery.advance(consumer):

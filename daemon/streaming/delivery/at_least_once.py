@@ -2,15 +2,19 @@
 checkpoint makes sure of them before it commits the offsets they answer.
 
 Each poll batch's outputs (predictions, dead letters, eviction notices) are sent
-and the loop polls on; acknowledgements arrive on the producer's IO thread. A
-checkpoint waits only for the acknowledgements of what it covers (everything sent
-before it), resends what failed in each key's order (order.py), then writes the
-state records, then commits the input offsets: an offset is never committed
-before every output and state record it covers is acknowledged. The records in
-flight are bounded (`backlogged`): past the bound the run loop pauses its
-partitions rather than block in `send`. Without a transaction the only fence
-against a member the group expelled is membership itself, checked before every
-write of a checkpoint. docs/guarantees.md says what a crash repeats.
+and the loop polls on; acknowledgements arrive on the producer's IO thread
+(in_flight.py tracks them). A due checkpoint is queued without waiting
+(pending.py: its states go once the outputs it covers are acknowledged, its
+offsets once its states are). The synchronous way, after trouble, for notices,
+a forced checkpoint or a revocation, waits for the acknowledgements of what it
+covers (everything sent before it), resends what failed in each key's order
+(order.py), then writes the state records, then commits the input offsets.
+Either way an offset is never committed before every output and state record it
+covers is acknowledged. The records in flight are bounded (`backlogged`): past
+the bound the run loop pauses its partitions rather than block in `send`.
+Without a transaction the only fence against a member the group expelled is
+membership itself, checked before every write of a checkpoint.
+docs/guarantees.md says what a crash repeats.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ class PendingCheckpoints:
         done: list[Checkpoint] = []
         while self.queue and self.trouble is None and self._durable(self.queue[0], consumer):
             head = self.queue.popleft()
-            self.metrics.commits.inc()
+            if head.cp.offsets:
+                self.metrics.commits.inc()
             self.metrics.checkpoint.observe(time.perf_counter() - head.cut)
             done.append(head.cp)
         self.metrics.checkpoints_pending.set(len(self.queue))
