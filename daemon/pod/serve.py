@@ -7,6 +7,7 @@ is left for the supervisor to print once, instead of raised.
 
 from __future__ import annotations
 
+import gc
 import threading
 
 from daemon import __version__
@@ -45,6 +46,11 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
         processor = processor_from_settings(settings, settings.model_path, metrics)
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
+        # TensorFlow, Keras and the model leave ~270,000 long-lived objects behind: a
+        # full collection scanned them all (~90 ms, measured) in the middle of serving.
+        # Frozen, they are never scanned again; what serving allocates still is.
+        gc.collect()
+        gc.freeze()
         RunLoop(settings, processor, metrics, health, stop).run()
     except StartupError as exc:
         if role is None:
