@@ -20,7 +20,6 @@ from daemon.inference.model import load_model
 from daemon.kafka.topics import STATE_RECORD_OVERHEAD_BYTES, ensure_topics
 from tests.conftest import TopicFactory
 from tests.support import models
-from tests.support.backends import BOTH_CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     Stream,
@@ -83,7 +82,6 @@ def mixed_stream(seed: int) -> tuple[list[tuple[Any, Any]], Stream, dict[int, st
     return events, kept, bad, duplicates
 
 
-@BOTH_CLIENTS
 def test_mixed_valid_and_invalid_records(kafka: LocalKafka, topics: TopicFactory) -> None:
     model = models.built("stacked_lstm_gru")
     names = topics({"in": 3, "out": 2, "dlq": 1})
@@ -193,7 +191,6 @@ def test_a_state_topic_too_small_for_the_models_states_exits_2_naming_both_sizes
     assert refusal and f"take up to {needed} bytes" in refusal[-1], "\n".join(daemon.lines[-5:])
 
 
-@BOTH_CLIENTS
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_dead_letters_too_large_for_their_topic_never_block_the_partition(
     kafka: LocalKafka, topics: TopicFactory, delivery: str
@@ -284,7 +281,6 @@ def _cpu_seconds(pid: int) -> float:
     return ticks / 100.0
 
 
-@BOTH_CLIENTS
 def test_produce_failing_blocks_commits_without_spinning(kafka: LocalKafka, topics: TopicFactory) -> None:
     model = models.built("lstm_dense")
     names = topics({"in": 1, "dlq": 1}) | {"out": f"out-deleted-{time.monotonic_ns()}"}

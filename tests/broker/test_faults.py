@@ -21,7 +21,6 @@ from daemon.devtools.localkafka import LocalKafka
 from tests.conftest import TopicFactory
 from tests.oracle import assert_matches, expected_outputs
 from tests.support import models
-from tests.support.backends import BOTH_CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     check_predictions,
@@ -105,7 +104,6 @@ def test_kill_9_five_times_mid_stream(
     check_predictions(model, stream, placed, out, exactly_once=delivery == "exactly-once")
 
 
-@BOTH_CLIENTS
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_daemons_join_and_leave_mid_stream(
     kafka: LocalKafka, topics: TopicFactory, model: Path, delivery: str
@@ -152,7 +150,6 @@ def test_daemons_join_and_leave_mid_stream(
         ("exactly-once", 15.0),
     ],
 )
-@BOTH_CLIENTS
 def test_broker_down_for_seconds_mid_stream(
     kafka_broker_factory: Any, model: Path, delivery: str, down_for: float
 ) -> None:

@@ -31,7 +31,6 @@ from daemon.devtools.localkafka import LocalKafka
 from tests.conftest import TopicFactory
 from tests.oracle import assert_matches, expected_outputs_many
 from tests.support import models
-from tests.support.backends import BOTH_CLIENTS
 from tests.support.streams import (
     DaemonProcess,
     Stream,
@@ -82,7 +81,6 @@ def _first_event(stream: Stream, key: str, seg: int) -> int:
     return min(i for i, (k, s, _) in stream.segment_of.items() if (k, s) == (key, seg))
 
 
-@BOTH_CLIENTS
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_model_upgrade_rebuilds_every_open_sequence(
     kafka: LocalKafka, topics: TopicFactory, model_a: Path, model_b: Path, delivery: str

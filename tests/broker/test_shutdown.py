@@ -18,11 +18,10 @@ import pytest
 
 from daemon.devtools.localkafka import LocalKafka
 from tests.conftest import TopicFactory
-from tests.support.backends import BOTH_CLIENTS
 from tests.support.models import built
 from tests.support.streams import DaemonProcess, daemon_env, interleaved_stream, outage_run, produce
 
-pytestmark = [pytest.mark.kafka, BOTH_CLIENTS]
+pytestmark = pytest.mark.kafka
 
 
 @pytest.fixture(scope="module")
