@@ -17,7 +17,7 @@ Contenders, per engine of `BenchConfig.engines`, in each of `scale_rounds` round
   `finish` (timed from the plan to the rebuilt states).
 
 * `rebuilder + Kafka` (fast engine only): the daemon's own `Rebuilder`, with the
-  consumer the daemon gives it (`make_restore_consumer`: no group,
+  reader the daemon gives it (the port's `reader()` of LSTMD_KAFKA_CLIENT: no group,
   read_committed), over `rebuild_broker_sequences` x `rebuild_steps` records
   produced once to one partition of a topic on the run's broker (broker.py):
   `begin` and `step()` until the partition is rebuilt, timed (making the

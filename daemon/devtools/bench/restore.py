@@ -7,7 +7,7 @@ partition of a fresh compacted state topic on the run's broker (broker.py).
 Then, in each of `scale_rounds` rounds, in turn:
 
 * `raw read` (the baseline): a consumer made like the restorer's
-  (daemon.kafka.clients.make_restore_consumer: no group, read_committed) reads
+  (the port's `reader()` of LSTMD_KAFKA_CLIENT: no group, read_committed) reads
   the partition from its beginning to the end it had, polling 5000 records at a
   time like the restorer, decoding nothing;
 * `restorer`: the daemon's own `Restorer` on a fresh such consumer: `begin`,

@@ -481,7 +481,7 @@ class ConfluentConsumer(_Reading):
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[RdPartition]) -> None:
         """A planned revocation: checkpointed, and its offsets committed synchronously
-        here, within the generation that revoked the partitions (listener.py says why)."""
+        here, within the generation that revoked the partitions (`RebalanceEvents` in port.py says why)."""
         assert self._events is not None
         revoked = {_ours(tp) for tp in partitions}
         offsets = self._events.checkpoint(revoked)
