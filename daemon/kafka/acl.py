@@ -13,6 +13,7 @@ from kafka.errors import (
     AuthorizationError,
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
+    KafkaConnectionError,
     SaslAuthenticationFailedError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailedError,
@@ -134,12 +135,18 @@ class AuthFailureWatch(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.failure: Exception | None = None
+        # A broker closed a connection: on a SASL listener a rejected password often
+        # looks like this, because the broker's delayed close (connection.failed.
+        # authentication.delay.ms, 100 ms by default) sometimes drops its own answer.
+        self.disconnected = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         for arg in args:
             if isinstance(arg, (SaslAuthenticationFailedError, AuthorizationError)):
                 self.failure = arg
+            elif isinstance(arg, KafkaConnectionError):
+                self.disconnected = True
         return True
 
     def __enter__(self) -> AuthFailureWatch:

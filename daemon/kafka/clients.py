@@ -30,6 +30,16 @@ from daemon.ops.logs import get_logger
 
 log = get_logger(__name__)
 
+# A broker that rejects a SASL password answers so and closes the connection after
+# connection.failed.authentication.delay.ms (100 ms by default); that close often
+# drops the answer (3 to 8 of 8 five-second attempts in a row here, never with the
+# delay at 0), so the daemon sees only disconnects. It exits 2 on the answer, and
+# until one arrives says what else a disconnect during start-up can mean.
+AUTHENTICATION_HINT = (
+    "the broker closed the connection: on a SASL listener a wrong LSTMD_KAFKA_SASL_USERNAME "
+    "or LSTMD_KAFKA_SASL_PASSWORD does this too (the daemon exits 2 once the broker says so)"
+)
+
 
 # Waiting for acknowledgements a little lets kafka-python fill larger batches
 # without adding noticeable latency next to a model step.
@@ -125,12 +135,16 @@ def wait_for_cluster(
         except (KafkaTimeoutError, KafkaConnectionError) as exc:
             if watch.failure is not None:
                 raise refusal(settings, watch.failure) from None
+            hint: dict[str, str] = {}
+            if watch.disconnected and settings.kafka_security_protocol.startswith("SASL_"):
+                hint = {"hint": AUTHENTICATION_HINT}
             log.warning(
                 "kafka_unreachable",
                 servers=settings.bootstrap_servers,
                 attempt=attempt,
                 retry_in_s=backoff.delay,
                 error=str(exc),
+                **hint,
             )
         if backoff.wait():
             break
