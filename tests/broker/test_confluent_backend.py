@@ -181,12 +181,6 @@ def test_end_offsets_stop_before_an_open_transaction(
     assert [r.offset for r in _read(reader, 3)] == [2, 3, 4]
 
 
-@pytest.mark.xfail(
-    reason="known bug, issue 19 open: the offsets committed inside librdkafka's revocation "
-    "callback are sometimes not there for the next owner (about half the runs); daemons on "
-    "confluent-kafka may repeat a revoked partition's last interval",
-    strict=False,
-)
 def test_a_revocation_calls_before_revoke_and_commits_its_offsets(
     kafka: LocalKafka,
     tmp_path: Path,

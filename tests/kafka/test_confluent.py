@@ -4,14 +4,17 @@ producer's bounded waits against a broker that is not there."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import KafkaError as RdError
-from kafka import errors
+from confluent_kafka import TopicPartition as RdPartition
+from kafka import TopicPartition, errors
 
 from daemon.kafka.backends import confluent
 from daemon.kafka.backends.confluent import (
@@ -21,6 +24,7 @@ from daemon.kafka.backends.confluent import (
     reader_config,
     translate,
 )
+from daemon.kafka.port import RebalanceEvents
 from tests.support.fakes import settings
 
 
@@ -223,3 +227,40 @@ def test_a_fatal_producer_is_closed_without_raising_and_its_flush_raises_kafka_p
         producer.flush(0.1)
     producer.close(0.1)  # does not raise
     real.flush(0)
+
+
+def test_a_revocation_commits_on_its_own_thread_and_cancels_the_queued_commits(tmp_path: Path) -> None:
+    """librdkafka serves no other thread's commit while a rebalance waits for its callback:
+    the revocation's commit goes on the callback's thread, and commits queued behind a
+    running one are cancelled (they would land after it with older offsets). Fails on
+    the committer thread's way: the revocation's commit waits behind the running one."""
+    consumer = confluent.ConfluentConsumer(settings(tmp_path))
+    tp = TopicPartition("in", 0)
+    gate = threading.Event()
+    calls: list[tuple[str, dict[TopicPartition, int]]] = []
+
+    def commit_now(offsets: Mapping[TopicPartition, int]) -> None:
+        calls.append((threading.current_thread().name, dict(offsets)))
+        if threading.current_thread().name.startswith("librdkafka-commit"):
+            gate.wait(10)
+
+    consumer._commit_now = commit_now  # type: ignore[method-assign]
+    try:
+        running = consumer.commit_async({tp: 1})
+        queued = consumer.commit_async({tp: 2})
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        consumer._events = RebalanceEvents(before_revoke=lambda revoked: {p: 3 for p in revoked})
+        consumer._on_revoke(consumer._consumer, [RdPartition("in", 0)])
+        assert calls[-1] == (threading.current_thread().name, {tp: 3})
+        assert queued.is_done and isinstance(queued.exception, errors.CommitFailedError)
+        gate.set()
+        deadline = time.monotonic() + 5
+        while not running.is_done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running.succeeded()
+        assert [offsets for _, offsets in calls] == [{tp: 1}, {tp: 3}]  # 2 never committed
+    finally:
+        gate.set()
+        consumer.close(0)

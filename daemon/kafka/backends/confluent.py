@@ -73,9 +73,6 @@ _Headers = list[tuple[str, str | bytes | None]]
 # transactional producer's is its transaction timeout instead: librdkafka requires
 # message.timeout.ms <= transaction.timeout.ms.
 DELIVERY_TIMEOUT_MS = 120_000
-# How long the revocation commit may hold the rebalance callback (and so the group's
-# rebalance): the next owner starts from the previous commit if it does not make it.
-REVOCATION_COMMIT_TIMEOUT_MS = 5000
 # The producer's poller thread serves delivery reports this often at the least
 # (poll returns at once when a report is ready: this is only the idle wake-up).
 POLL_INTERVAL_S = 0.1
@@ -462,6 +459,7 @@ class ConfluentConsumer(_Reading):
         # Commits, synchronous or not, go through one thread in submission order, so a
         # commit given up on (its wait bounded) can never land after a later one.
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="librdkafka-commit")
+        self._queued: set[concurrent.futures.Future[None]] = set()  # submitted, not done
 
     # -- the group -----------------------------------------------------------------------
     def subscribe(self, topic: str, events: RebalanceEvents) -> None:
@@ -486,8 +484,15 @@ class ConfluentConsumer(_Reading):
         revoked = {_ours(tp) for tp in partitions}
         offsets = self._events.checkpoint(revoked)
         if offsets:
+            # On this thread: librdkafka serves no commit of another thread while the
+            # rebalance waits for this callback (through the committer, every one was
+            # "not answered in 5000 ms", measured), and commits from within it as
+            # documented; its wait is bounded by its request timeouts. Commits queued
+            # and not started are cancelled (they would land after this one, older).
+            for queued in list(self._queued):
+                queued.cancel()
             try:
-                self.commit(offsets, REVOCATION_COMMIT_TIMEOUT_MS)
+                self._commit_now(offsets)
             except errors.KafkaError as exc:  # the next owner repeats from the last commit
                 log.warning("revocation_commit_failed", error=str(exc), cause=type(exc).__name__)
         self._paused -= revoked
@@ -586,20 +591,27 @@ class ConfluentConsumer(_Reading):
     def commit(self, offsets: Mapping[TopicPartition, int], timeout_ms: int) -> None:
         """Commit synchronously, waited for `timeout_ms` (librdkafka's own wait has no
         bound but its request timeouts): KafkaTimeoutError past it."""
-        pending = self._committer.submit(self._commit_now, dict(offsets))
+        pending = self._submit(offsets)
         try:
             pending.result(timeout=_seconds(timeout_ms))
         except concurrent.futures.TimeoutError:
             raise errors.KafkaTimeoutError(f"commit not answered in {timeout_ms} ms") from None
+        except concurrent.futures.CancelledError:
+            raise errors.CommitFailedError("superseded by a revocation's commit") from None
 
     def commit_async(self, offsets: Mapping[TopicPartition, int]) -> Future:
         """librdkafka's own asynchronous commit reports only from within `poll`: this one
         is its synchronous commit on the committer thread, whose future the thread
         resolves."""
         future = Future()
-        pending = self._committer.submit(self._commit_now, dict(offsets))
-        pending.add_done_callback(functools.partial(_resolve, future))
+        self._submit(offsets).add_done_callback(functools.partial(_resolve, future))
         return future
+
+    def _submit(self, offsets: Mapping[TopicPartition, int]) -> concurrent.futures.Future[None]:
+        pending = self._committer.submit(self._commit_now, dict(offsets))
+        self._queued.add(pending)
+        pending.add_done_callback(self._queued.discard)
+        return pending
 
     def close(self, timeout_ms: int) -> None:
         """Leave the group (a static member stays until its session times out). The
@@ -611,6 +623,9 @@ class ConfluentConsumer(_Reading):
 
 
 def _resolve(future: Future, done: concurrent.futures.Future[None]) -> None:
+    if done.cancelled():
+        future.failure(errors.CommitFailedError("superseded by a revocation's commit"))
+        return
     exc = done.exception()
     if exc is None:
         future.success(None)
