@@ -213,9 +213,17 @@ class Metrics:
         )
         self.checkpoint = Histogram(
             "lstmd_checkpoint_duration_seconds",
-            "Publishing a batch's outputs and state records and committing its offsets.",
+            "A checkpoint, from its cut to its offsets committed (at-least-once: its outputs' "
+            "acknowledgements, its state records, the commit; the run loop waits for it only "
+            "at shutdown, a revocation, a forced checkpoint or after trouble).",
             buckets=LATENCY_BUCKETS,
             registry=r,
+        )
+        self.checkpoints_pending = Gauge(
+            "lstmd_checkpoints_pending",
+            "At-least-once checkpoints cut and queued, not yet committed (at most 4).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.restore = Histogram(
             "lstmd_restore_duration_seconds",

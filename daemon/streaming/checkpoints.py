@@ -2,6 +2,13 @@
 states and the offsets made durable with them (policy.py decides, delivery/ makes
 it durable); and the checkpoint made inside a revocation callback.
 
+At-least-once, a due checkpoint does not stall the loop: it is queued and made
+durable step by step as its acknowledgements arrive (delivery/pending.py; each
+`publish` moves the queue on). The loop waits, synchronously, for everything
+pending only when it must: a forced checkpoint (shutdown, idle evictions, a
+rebuilt partition), eviction notices among the outputs, trouble (a failed send or
+commit), too many queued, and a revocation.
+
 Kept apart from the loop because it is the one place that turns the promise "no
 offset before its outputs and states" into calls: a checkpoint that aborts rewinds
 the run (`recover`), one cut short by the shutdown deadline stays pending.
@@ -18,7 +25,7 @@ from daemon.core.records import OutputRecord
 from daemon.kafka.port import TopicPartition
 from daemon.ops.logs import get_logger
 from daemon.streaming.delivery import DeliveryFailed, TransactionFailed
-from daemon.streaming.policy import CheckpointPolicy
+from daemon.streaming.policy import Checkpoint, CheckpointPolicy, merged
 from daemon.streaming.startup import Clients
 
 log = get_logger("daemon.streaming.loop")
@@ -50,16 +57,31 @@ class Checkpoints:
         Between two checkpoints the outputs sent are ahead of the committed offsets
         and states: a crash repeats them, identically, from the last checkpoint. An
         output that failed meanwhile makes the checkpoint due at once (it resends).
+        At-least-once a due checkpoint is queued and each call moves the queue on
+        (`advance`); the synchronous way (`_commit`) takes everything pending.
         """
-        delivery = self.clients.delivery
-        if not self.policy.due(outputs, force=force or delivery.failing()):
+        delivery, consumer = self.clients.delivery, self.clients.consumer
+        for done in delivery.advance(consumer):
+            self.policy.checkpointed(done, committed=True)
+        failing = delivery.failing()
+        if not self.policy.due(outputs, force=force or failing):
             delivery.send(outputs)  # acknowledged by the next checkpoint
             return
-        cp = self.policy.next_checkpoint(outputs)
+        cut = self.policy.next_checkpoint(outputs)
+        # Notices wait: a restart must not revive a state already announced gone.
+        urgent = force or failing or any(o.notice for o in outputs)
+        if not urgent and (cut is None or delivery.queue(consumer, cut)):
+            return  # nothing new, or queued: made durable by the next steps' `advance`
+        # The synchronous way: everything pending, in order, with this one.
+        cp = merged([*delivery.take_pending(), cut])
         if cp is None:
             return
+        self._commit(cp)
+
+    def _commit(self, cp: Checkpoint) -> None:
+        """Make `cp` durable now, the loop waiting."""
         try:
-            committed = delivery.commit(self.clients.consumer, cp)
+            committed = self.clients.delivery.commit(self.clients.consumer, cp)
         except TransactionFailed:
             self.recover()
             return
@@ -85,12 +107,12 @@ class Checkpoints:
         """
         if self.closing or self._revocation_failure is not None:
             return None
-        cp = self.policy.next_checkpoint(self.policy.take_notices())
+        delivery = self.clients.delivery
+        cp = merged([*delivery.take_pending(), self.policy.next_checkpoint(self.policy.take_notices())])
         if cp is None:
             return None
         started = time.monotonic()
         budget = max(1.0, self.settings.kafka_session_timeout_ms / 1000 * REVOCATION_SESSION_SHARE)
-        delivery = self.clients.delivery
         try:
             with delivery.within(budget):
                 delivery.deliver(self.clients.consumer, cp)

@@ -41,6 +41,26 @@ class Checkpoint:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to read
 
 
+def merged(cps: Sequence[Checkpoint | None]) -> Checkpoint | None:
+    """The checkpoints as one, in order; None if there is none: what a synchronous
+    checkpoint makes durable of those still pending. A later offset of a partition
+    wins, and so does a later state record of a sequence (its newest state, or its
+    tombstone, is all a restart needs: the older ones need not be written)."""
+    present = [cp for cp in cps if cp is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    out = Checkpoint()
+    newest: dict[tuple[int, str], StateRecord] = {}
+    for cp in present:
+        out.outputs += cp.outputs
+        out.offsets.update(cp.offsets)
+        for state in cp.states:
+            newest.pop((state.partition, state.key), None)  # re-inserted last: its newest place
+            newest[state.partition, state.key] = state
+    out.states = list(newest.values())
+    return out
+
+
 class CheckpointPolicy:
     def __init__(
         self,

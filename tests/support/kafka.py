@@ -432,12 +432,19 @@ class MemoryConsumer:
         self.commit_timeouts.append(timeout_ms)
         self._commit(offsets)
 
-    def commit_async(self, offsets: dict[TopicPartition, Any]) -> Future:
-        """Answered at once: awaiting it does not yield to kafka-python's loop."""
+    def commit_async(
+        self, offsets: dict[TopicPartition, Any], callback: Callable[[Any, Any], None] | None = None
+    ) -> Future:
+        """Answered at once: awaiting it does not yield to kafka-python's loop; the
+        `callback` is called with the offsets and the error or None, as kafka-python's."""
         try:
             self._commit(offsets)
         except KafkaError as exc:
+            if callback is not None:
+                callback(offsets, exc)
             return Future().failure(exc)
+        if callback is not None:
+            callback(offsets, None)
         return Future().success(None)
 
     def _commit(self, offsets: dict[TopicPartition, Any]) -> None:

@@ -113,7 +113,26 @@ class KafkaPythonConsumer:
         self.client.commit(_committable(offsets), timeout_ms=timeout_ms)
 
     def commit_async(self, offsets: Mapping[TopicPartition, int]) -> Future:
-        return self.client.commit_async(_committable(offsets))
+        """The future of the commit itself: kafka-python's own may be its coordinator
+        lookup's (when the coordinator is not known yet), so the answer is taken from
+        the commit's callback, which kafka-python runs inside a later `poll`. Commit
+        requests go to the coordinator in order on one connection: a synchronous
+        commit after this one lands after it."""
+        done = Future()
+
+        def answered(_offsets: object, response: object) -> None:
+            if done.is_done:
+                return
+            if isinstance(response, Exception):
+                done.failure(response)
+            else:
+                done.success(None)
+
+        try:
+            self.client.commit_async(_committable(offsets), callback=answered)
+        except KafkaError as exc:  # e.g. a fenced static member, raised at once
+            done.failure(exc)
+        return done
 
     def member(self) -> bool:
         """kafka-python resets the generation when the group expels the member."""

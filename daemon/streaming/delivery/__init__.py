@@ -5,8 +5,11 @@ package publishes it, in the mode LSTMD_DELIVERY picks at start-up
 (`make_delivery`):
 
 * at-least-once (at_least_once.py): outputs are sent between checkpoints; a
-  checkpoint waits for their acknowledgements, resends what failed, writes the
-  state records, then commits the input offsets;
+  checkpoint is queued (pending.py) and, as the acknowledgements arrive, its
+  state records are written, then its input offsets committed, without the run
+  loop waiting; after trouble, at a revocation and at shutdown a checkpoint waits
+  for the acknowledgements instead, resends what failed, writes the state
+  records, then commits the offsets;
 * exactly-once (transactional.py): outputs, state records and offsets in one
   Kafka transaction per checkpoint (every poll batch).
 
@@ -78,6 +81,19 @@ class Delivery(Protocol):
 
     def send(self, outputs: Sequence[OutputRecord]) -> None:
         """Outputs between checkpoints (at-least-once), acknowledged by the next."""
+        ...
+
+    def queue(self, consumer: GroupConsumer, cp: Checkpoint) -> bool:
+        """Send `cp`'s outputs and queue it, without waiting (at-least-once); False:
+        take it the synchronous way (`commit`), with everything `take_pending` gives."""
+        ...
+
+    def advance(self, consumer: GroupConsumer) -> list[Checkpoint]:
+        """Move the queued checkpoints on without waiting; those committed, in order."""
+        ...
+
+    def take_pending(self) -> list[Checkpoint]:
+        """The queued checkpoints not yet committed, in order; the queue empties."""
         ...
 
     def deliver(self, consumer: GroupConsumer, cp: Checkpoint) -> None:

@@ -2,21 +2,24 @@
 checkpoint makes sure of them before it commits the offsets they answer.
 
 Each poll batch's outputs (predictions, dead letters, eviction notices) are sent
-and the loop polls on; acknowledgements arrive on the producer's IO thread. A
-checkpoint waits only for the acknowledgements of what it covers (everything sent
-before it), resends what failed in each key's order (order.py), then writes the
-state records, then commits the input offsets: an offset is never committed
-before every output and state record it covers is acknowledged. The records in
-flight are bounded (`backlogged`): past the bound the run loop pauses its
-partitions rather than block in `send`. Without a transaction the only fence
-against a member the group expelled is membership itself, checked before every
-write of a checkpoint. docs/guarantees.md says what a crash repeats.
+and the loop polls on; acknowledgements arrive on the producer's IO thread
+(in_flight.py tracks them). A due checkpoint is queued without waiting
+(pending.py: its states go once the outputs it covers are acknowledged, its
+offsets once its states are). The synchronous way, after trouble, for notices,
+a forced checkpoint or a revocation, waits for the acknowledgements of what it
+covers (everything sent before it), resends what failed in each key's order
+(order.py), then writes the state records, then commits the input offsets.
+Either way an offset is never committed before every output and state record it
+covers is acknowledged. The records in flight are bounded (`backlogged`): past
+the bound the run loop pauses its partitions rather than block in `send`.
+Without a transaction the only fence against a member the group expelled is
+membership itself, checked before every write of a checkpoint.
+docs/guarantees.md says what a crash repeats.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 
 from daemon.core.records import Kind, OutputRecord, StateRecord
@@ -28,12 +31,14 @@ from daemon.kafka.errors import (
     KafkaError,
     RebalanceInProgressError,
 )
-from daemon.kafka.port import Future, GroupConsumer, TopicPartition
+from daemon.kafka.port import GroupConsumer, TopicPartition
 from daemon.kafka.retry import Backoff
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery.errors import CheckpointAbandoned, DeliveryFailed, not_authorized
-from daemon.streaming.delivery.order import KeyOrder, Record, Sent, in_key_order
+from daemon.streaming.delivery.in_flight import InFlight
+from daemon.streaming.delivery.order import Record, Sent, in_key_order
+from daemon.streaming.delivery.pending import PendingCheckpoints
 from daemon.streaming.delivery.pipeline import Pipeline
 from daemon.streaming.delivery.producer import Producer
 from daemon.streaming.policy import Checkpoint
@@ -49,61 +54,12 @@ COMMIT_TIMEOUT_MS = 5000
 MAX_IN_FLIGHT_BYTES = 8 << 20
 
 
-class InFlight:
-    """The outputs sent since the last checkpoint, in send order, until their sends
-    are done (`reap`); of those done, the ones the key-order rule sends again."""
-
-    def __init__(self, note_failed: Callable[[Sent], None]) -> None:
-        self.note_failed = note_failed  # the producer remembers dead letters too large
-        self.records: deque[tuple[OutputRecord, Future]] = deque()
-        self.bytes = 0
-        self.order = KeyOrder()
-
-    def add(self, item: OutputRecord, future: Future) -> None:
-        self.records.append((item, future))
-        self.bytes += len(item.value or b"")
-
-    def reap(self) -> None:
-        """Let go of the outputs acknowledged or failed so far, in send order (only
-        the done prefix: what follows an unfinished send waits for it)."""
-        records = self.records
-        failed: Sent = []
-        while records and records[0][1].is_done:
-            item, future = records.popleft()
-            self.bytes -= len(item.value or b"")
-            if not future.succeeded():
-                failed.append((item, future))
-            self.order.judge(item, future)
-        self.note_failed(failed)
-
-    def failing(self) -> bool:
-        return bool(self.order.resend)
-
-    def release(self, partition: int) -> None:
-        """Forget input partition `partition`'s outputs, in flight or to send again."""
-        self.reap()
-        self.records = deque((i, f) for i, f in self.records if i.partition != partition)
-        self.bytes = sum(len(i.value or b"") for i, _ in self.records)
-        self.order.release(partition)
-
-    def settle(self) -> Sent:
-        """All of it, in send order, to judge again: those the rule sends again, then
-        those still unacknowledged; nothing is left in flight."""
-        self.reap()
-        settled: Sent = [*self.order.clear(), *self.records]
-        self.clear()
-        return settled
-
-    def clear(self) -> None:
-        self.records.clear()
-        self.bytes = 0
-        self.order.clear()
-
-
 class AtLeastOnce(Pipeline):
     def __init__(self, out: Producer, metrics: Metrics) -> None:
         super().__init__(out, metrics)
         self.in_flight = InFlight(out.note_oversized)
+        # Checkpoints cut and not yet committed, made durable between loop steps.
+        self.pending = PendingCheckpoints(self.in_flight, out.send, self._account, metrics)
 
     # -- between checkpoints ---------------------------------------------------------
     def send(self, outputs: Sequence[OutputRecord]) -> None:
@@ -127,22 +83,42 @@ class AtLeastOnce(Pipeline):
         return self.in_flight.bytes > MAX_IN_FLIGHT_BYTES
 
     def failing(self) -> bool:
-        """An output sent between checkpoints failed: a checkpoint should resend it now."""
+        """An output sent between checkpoints failed, or a queued checkpoint met
+        trouble: a synchronous checkpoint should resend it now."""
         self.in_flight.reap()
-        return self.in_flight.failing()
+        return self.in_flight.failing() or self.pending.trouble is not None
 
     def release(self, partition: int) -> None:
         """The input partition was revoked: none of its outputs is sent again (its next
         owner recomputes and publishes them from the last commit, in key order, and a
-        late resend from here could land after them)."""
+        late resend from here could land after them), nor its queued states."""
         self.in_flight.release(partition)
+        self.pending.release(partition)
 
     def restart(self) -> None:
-        """After a delivery given up on (`within`): nothing in flight is tracked any
-        more (the run loop rewinds to the committed offsets and recomputes it) and a
-        new producer replaces the one closed by the failed retry."""
+        """After a delivery given up on (`within`): nothing in flight or queued is
+        tracked any more (the run loop rewinds to the committed offsets and recomputes
+        it) and a new producer replaces the one closed by the failed retry."""
         self.in_flight.clear()
+        self.pending.take()
         self.out.renew()
+
+    # -- checkpoints that do not wait (pending.py) ---------------------------------------
+    def queue(self, consumer: GroupConsumer, cp: Checkpoint) -> bool:
+        """Send `cp`'s outputs and queue it: its states and offsets follow as the
+        acknowledgements arrive (`advance`). False, nothing sent, when it must go the
+        synchronous way: trouble pending, or too many checkpoints queued."""
+        if self.failing() or self.pending.full():
+            return False
+        self.send(cp.outputs)
+        self.pending.add(Checkpoint(states=cp.states, offsets=cp.offsets))
+        return True
+
+    def advance(self, consumer: GroupConsumer) -> list[Checkpoint]:
+        return self.pending.advance(consumer)
+
+    def take_pending(self) -> list[Checkpoint]:
+        return self.pending.take()
 
     # -- a checkpoint ------------------------------------------------------------------
     def _commit(self, consumer: GroupConsumer, cp: Checkpoint) -> bool:

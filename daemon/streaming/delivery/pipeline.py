@@ -61,6 +61,20 @@ class Pipeline(abc.ABC):
     @abc.abstractmethod
     def _commit(self, consumer: GroupConsumer, cp: Checkpoint) -> bool: ...
 
+    # -- checkpoints that do not wait (at-least-once overrides them) -------------------
+    def queue(self, consumer: GroupConsumer, cp: Checkpoint) -> bool:
+        """Send `cp`'s outputs and queue it without waiting; False: take it the
+        synchronous way (`commit`), with everything pending (`take_pending`)."""
+        return False
+
+    def advance(self, consumer: GroupConsumer) -> list[Checkpoint]:
+        """Move the queued checkpoints on without waiting; those now committed, in order."""
+        return []
+
+    def take_pending(self) -> list[Checkpoint]:
+        """The queued checkpoints not yet committed, in order, for a synchronous one."""
+        return []
+
     def _account(self, sent: Iterable[tuple[Record, Future]]) -> None:
         """Count what became durable: state records by kind, predictions with their
         end-to-end latency."""
