@@ -201,6 +201,26 @@ def test_a_failed_commit_falls_back_to_a_synchronous_one(tmp_path: Path) -> None
     assert not rl.clients.delivery.failing() and not rl.policy.pending()
 
 
+def test_outputs_unacknowledged_too_long_take_the_synchronous_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An output topic deleted under the daemon: its outputs are never acknowledged.
+    Mutation seen failing: no age bound (the checkpoint stayed queued, silently, and
+    nothing said why no offset moved: tests/broker/test_bad_input.py waits for the
+    synchronous flush's `flush_slow`)."""
+    kafka, rl, _ = held_loop(tmp_path)
+    kafka.produce("in", [(b"a", event(), 0)])
+    step(rl)
+    step(rl)
+    assert not rl.clients.delivery.failing()  # young: it waits, the loop goes on
+    monkeypatch.setattr(pending, "PENDING_LATE_S", 0.0)
+    kafka.kafka.ack_on_flush = True
+    step(rl)  # too old: the synchronous way (which flushes) commits it
+    assert committed(kafka) == 1
+    assert entries(kafka, "commit") == [len(kafka.kafka.journal) - 1]
+    assert not rl.clients.delivery.failing() and not rl.policy.pending()
+
+
 def test_past_the_bound_a_checkpoint_takes_every_pending_one_the_synchronous_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

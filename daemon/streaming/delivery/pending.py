@@ -18,7 +18,8 @@ without waiting (`advance`), the head only, so checkpoints complete in order:
 So an offset is still never committed before every output and state record it
 covers is acknowledged, and a key's state records still go in checkpoint order.
 Any trouble (an output or a state record failed, the commit failed or was deferred
-by a rebalance, the member expelled) sets `trouble`: nothing more moves here, and
+by a rebalance, the member expelled, the head pending for over PENDING_LATE_S)
+sets `trouble`: nothing more moves here, and
 the next checkpoint takes everything pending the synchronous way (`take`; the
 resend rule of order.py, then a synchronous commit), as every checkpoint did before.
 Correctness first; the queue is the happy path's speed only.
@@ -48,6 +49,11 @@ MAX_PENDING_CHECKPOINTS = 4
 # on a busy 2-CPU machine, and the events polled next wait meanwhile.
 STATE_SEND_CHUNK = 10
 STATE_SEND_BUDGET_S = 0.002
+# A checkpoint pending longer than this (outputs unacknowledged, a commit unanswered:
+# a topic deleted under the daemon, a broker away) is backpressure, not a happy path:
+# it goes the synchronous way, which waits, resends with a backoff and says so in
+# the log (`flush_slow`, `produce_failed`). The synchronous flush waits as long.
+PENDING_LATE_S = 10.0
 
 
 @dataclass
@@ -106,6 +112,8 @@ class PendingCheckpoints:
 
     def _durable(self, head: Pending, consumer: GroupConsumer) -> bool:
         """The head moved on by every step it can take now; True once committed."""
+        if time.perf_counter() - head.cut > PENDING_LATE_S:
+            return self._fall_back(f"pending for over {PENDING_LATE_S:.0f} s")
         if not head.outputs_done:
             self.in_flight.reap()
             if self.in_flight.failing():
