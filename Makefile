@@ -34,7 +34,7 @@ unit: lint
 	$(BIN)/python -m pytest -q -m "not kafka and not slow"
 
 test: venv kafka lint check
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # Container and Kubernetes files: kustomize overlays validated (strict), yamllint,
 # hadolint, promtool rules and alert unit tests, dashboard queries, and
