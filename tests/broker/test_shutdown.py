@@ -18,10 +18,11 @@ import pytest
 
 from daemon.devtools.localkafka import LocalKafka
 from tests.conftest import TopicFactory
+from tests.support.backends import BOTH_CLIENTS
 from tests.support.models import built
 from tests.support.streams import DaemonProcess, daemon_env, interleaved_stream, outage_run, produce
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, BOTH_CLIENTS]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def test_two_pods_with_one_instance_id_end_with_exit_2_naming_it(
         while time.monotonic() < deadline and first.proc.poll() is None and second.proc.poll() is None:
             time.sleep(0.5)
         codes = {first.proc.poll(), second.proc.poll()}
-        assert 2 in codes, f"exit codes {codes}"
+        ended = [d for d in (first, second) if d.proc.poll() is not None]
+        assert 2 in codes, f"exit codes {codes}:\n" + "\n".join(ln for d in ended for ln in d.lines[-40:])
         fenced = first if first.proc.poll() == 2 else second
         assert any("LSTMD_GROUP_INSTANCE_ID" in line for line in fenced.lines)
     finally:

@@ -57,6 +57,16 @@ def test_errors_become_kafka_pythons_classes(code: int, commit: bool, expected: 
     assert type(exc) is expected
 
 
+def test_a_fatal_error_is_its_cause() -> None:
+    """The text of librdkafka's fatal consumer error for a fenced static member."""
+    fenced = RdError(RdError.FENCED_INSTANCE_ID).str()
+    fatal = RdError(RdError._FATAL, f"Fatal error: {fenced}: Fatal consumer error: {fenced}", fatal=True)
+    assert isinstance(translate(fatal), errors.FencedInstanceIdError)
+    assert isinstance(translate(fatal, commit=True), errors.FencedInstanceIdError)
+    other = RdError(RdError._FATAL, "Fatal error: something else", fatal=True)
+    assert type(translate(other)) is errors.KafkaError
+
+
 def test_another_local_error_keeps_librdkafkas_retriability() -> None:
     exc = translate(RdError(RdError._NODE_UPDATE, retriable=True))
     assert type(exc) is errors.KafkaError

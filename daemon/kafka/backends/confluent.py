@@ -126,10 +126,25 @@ _EXPELLED = frozenset(
 )
 
 
+# librdkafka reports a fatal error as _FATAL with its cause in the text only (the Python
+# binding has no rd_kafka_fatal_error()): the causes the daemon tells apart, found by
+# librdkafka's own description of each (a static member fenced by another with its
+# group.instance.id ended the daemon with exit 1 instead of 2 naming the variable).
+_FATAL_CAUSES = (
+    RdError.FENCED_INSTANCE_ID,
+    RdError.PRODUCER_FENCED,
+    RdError.INVALID_PRODUCER_EPOCH,
+    RdError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    RdError._FENCED,
+)
+
+
 def translate(error: RdError, *, commit: bool = False) -> Exception:
     """librdkafka's error as the kafka-python exception the daemon tells apart."""
     code = error.code()
     text = f"{error.name()}: {error.str()}"
+    if code == RdError._FATAL:
+        code = next((c for c in _FATAL_CAUSES if RdError(c).str() in text), code)
     cls = (_COMMIT.get(code) if commit else None) or _LOCAL.get(code)
     if cls is not None:
         return cls(text)
