@@ -142,16 +142,19 @@ def test_daemons_join_and_leave_mid_stream(
 
 
 @pytest.mark.parametrize(
-    ("delivery", "down_for"),
+    ("delivery", "down_for", "kafka_client"),
     [
-        ("at-least-once", 5.0),
+        ("at-least-once", 5.0, "kafka-python"),
+        ("at-least-once", 5.0, "confluent-kafka"),
         # Longer than the transaction timeout (10 s): the broker aborts the open
         # transaction and fences its producer, which the daemon must replace.
-        ("exactly-once", 15.0),
+        ("exactly-once", 15.0, "kafka-python"),
+        ("exactly-once", 15.0, "confluent-kafka"),
     ],
+    indirect=["kafka_client"],
 )
 def test_broker_down_for_seconds_mid_stream(
-    kafka_broker_factory: Any, model: Path, delivery: str, down_for: float
+    kafka_broker_factory: Any, model: Path, delivery: str, down_for: float, kafka_client: str
 ) -> None:
     broker: LocalKafka = kafka_broker_factory()
     run = outage_run(broker, model, delivery=delivery, n_keys=12, n_events=2500, seed=44)
