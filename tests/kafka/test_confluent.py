@@ -273,4 +273,4 @@ def test_a_revocation_commits_on_its_own_thread_and_cancels_the_queued_commits(t
         assert [offsets for _, offsets in calls] == [{tp: 1}, {tp: 3}]  # 2 never committed
     finally:
         gate.set()
-        consumer.close(0)
+        consumer.close(5000)  # waited: librdkafka logs while it closes
