@@ -135,9 +135,11 @@ class AuthFailureWatch(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.failure: Exception | None = None
-        # A broker closed a connection: on a SASL listener a rejected password often
-        # looks like this, because the broker's delayed close (connection.failed.
-        # authentication.delay.ms, 100 ms by default) sometimes drops its own answer.
+        # A broker closed a connection it had accepted (kafka-python: "socket
+        # disconnected"; a refused connection is a broker away, not this): on a SASL
+        # listener a rejected password often looks like this, because the broker's
+        # delayed close (connection.failed.authentication.delay.ms, 100 ms by default)
+        # sometimes drops its own answer.
         self.disconnected = False
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -145,7 +147,7 @@ class AuthFailureWatch(logging.Filter):
         for arg in args:
             if isinstance(arg, (SaslAuthenticationFailedError, AuthorizationError)):
                 self.failure = arg
-            elif isinstance(arg, KafkaConnectionError):
+            elif isinstance(arg, KafkaConnectionError) and "socket disconnected" in str(arg):
                 self.disconnected = True
         return True
 

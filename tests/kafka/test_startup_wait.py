@@ -76,3 +76,11 @@ def test_disconnects_without_sasl_carry_no_password_hint(
 ) -> None:
     [event] = one_attempt(fakes.settings(tmp_path), KafkaConnectionError("socket disconnected"), monkeypatch)
     assert "hint" not in event
+
+
+def test_a_refused_connection_on_a_sasl_listener_carries_no_password_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker away (nothing listening) is not a broker closing what it accepted."""
+    [event] = one_attempt(sasl(tmp_path), KafkaConnectionError("111 ECONNREFUSED"), monkeypatch)
+    assert "hint" not in event
