@@ -73,6 +73,8 @@ _Headers = list[tuple[str, str | bytes | None]]
 # transactional producer's is its transaction timeout instead: librdkafka requires
 # message.timeout.ms <= transaction.timeout.ms.
 DELIVERY_TIMEOUT_MS = 120_000
+# Why a commit queued behind a revocation's was cancelled (ConfluentConsumer._on_revoke).
+SUPERSEDED = "superseded by a revocation's commit"
 # The producer's poller thread serves delivery reports this often at the least
 # (poll returns at once when a report is ready: this is only the idle wake-up).
 POLL_INTERVAL_S = 0.1
@@ -612,7 +614,7 @@ class ConfluentConsumer(_Reading):
         except concurrent.futures.TimeoutError:
             raise errors.KafkaTimeoutError(f"commit not answered in {timeout_ms} ms") from None
         except concurrent.futures.CancelledError:
-            raise errors.CommitFailedError("superseded by a revocation's commit") from None
+            raise errors.CommitFailedError(SUPERSEDED) from None
 
     def commit_async(self, offsets: Mapping[TopicPartition, int]) -> Future:
         """librdkafka's own asynchronous commit reports only from within `poll`: this one
@@ -639,7 +641,7 @@ class ConfluentConsumer(_Reading):
 
 def _resolve(future: Future, done: concurrent.futures.Future[None]) -> None:
     if done.cancelled():
-        future.failure(errors.CommitFailedError("superseded by a revocation's commit"))
+        future.failure(errors.CommitFailedError(SUPERSEDED))
         return
     exc = done.exception()
     if exc is None:
