@@ -229,6 +229,10 @@ class Assignment:
         clients = self.clients
         consumer = clients.consumer
         assigned = set(consumer.assignment())
+        # Not serving from here on, before any call that may fail: a shutdown deadline
+        # passed while a committed offset is unknown (a broker away) names these
+        # partitions as the ones their next owner repeats.
+        self._start_restore(assigned)
         # Rewound before the next poll (as the consumer's own fetches expect), each
         # committed offset read with a bound and retried until the shutdown deadline.
         for tp in sorted(assigned):
@@ -240,7 +244,6 @@ class Assignment:
         clients.restorer.cancel(list(clients.restorer.active))
         clients.rebuilder.cancel(list(clients.rebuilder.active))
         self.policy.clear()
-        self._start_restore(assigned)
         log.warning("recovering_from_abort", partitions=sorted(tp.partition for tp in assigned))
 
     def _committed(

@@ -106,6 +106,11 @@ class RunLoop:
         if clients is None:
             return
         self.start(clients)
+        self.serve()
+
+    def serve(self) -> None:
+        """Step until done (`start` first); a shutdown deadline passed with work in
+        hand is said, naming what the next owner repeats, never raised."""
         try:
             while self.step():
                 pass

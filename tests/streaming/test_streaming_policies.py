@@ -297,6 +297,33 @@ def test_an_aborted_final_transaction_is_not_called_checkpointed(
     assert "shutdown_checkpointed" not in events
 
 
+def test_a_deadline_passed_while_rewinding_names_the_partitions_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exactly-once, SIGTERM during a broker outage: the final transaction aborts, and
+    the rewind cannot read the committed offset before the shutdown deadline. The
+    warning still names the partition its next owner repeats (seen empty in CI: the
+    partition was marked as rewinding only after the committed offsets were read)."""
+    warned: list[dict[str, Any]] = []
+
+    class Log:  # the run loop's log events, whatever structlog's configuration
+        def __getattr__(self, level: str) -> Callable[..., None]:
+            return lambda event, **kw: warned.append(kw) if event == "shutdown_incomplete" else None
+
+    monkeypatch.setattr(loop_module, "log", Log())
+    kafka, loop = one_record(tmp_path, delivery="exactly-once")
+    loop.store.mark_changed(0, "a")
+    kafka.kafka.faults.commit_transaction.append(KafkaConnectionError("the broker is away"))
+    kafka.kafka.faults.committed.append(KafkaConnectionError("the broker is away"))
+    loop.abandon.set()  # the shutdown deadline has passed
+    loop.stop.set()
+    loop.serve()
+    assert [w["repeated_by_next_owner"] for w in warned] == [
+        {str(TP.partition): {"committed": None, "processed_to": None}}
+    ]
+    assert "unknown at shutdown" in warned[0]["reason"]
+
+
 def test_a_poll_that_fails_while_the_broker_is_away_is_polled_again(tmp_path: Path) -> None:
     """kafka-python 3.0.12 raises KafkaConnectionError out of `poll` when its
     coordinator lookup meets a broker that is down (seen to end a worker just after

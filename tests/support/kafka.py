@@ -94,6 +94,7 @@ class Faults:
     commit_transaction: list[Exception] = field(default_factory=list)
     abort_transaction: list[Exception] = field(default_factory=list)
     offsets: list[Exception] = field(default_factory=list)  # a reader's beginning or end offsets
+    committed: list[Exception] = field(default_factory=list)  # a group's committed offset
 
     @staticmethod
     def raise_next(queue: list[Exception]) -> None:
@@ -426,6 +427,7 @@ class MemoryConsumer:
     # -- offsets ------------------------------------------------------------------
     def committed(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
         assert self.group_id is not None
+        Faults.raise_next(self.kafka.faults.committed)
         return self.kafka.group(self.group_id).committed.get(tp)
 
     def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int | None = None) -> None:
