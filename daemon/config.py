@@ -20,7 +20,7 @@ from daemon.errors import ConfigError
 ENV_PREFIX = "LSTMD_"
 
 # Fields whose values never appear in messages or logs.
-SECRET_FIELDS = frozenset({"kafka_sasl_password"})
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "schema_registry_password"})
 
 # Values are added here as they are implemented, so a setting never silently degrades.
 Engine = Literal["keras", "fast"]
@@ -33,6 +33,8 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 #: The codec of the daemon's own producers (kafka-python's compression_type; "none": off).
 Codec = Literal["gzip", "snappy", "lz4", "zstd"]
 Compression = Literal["none", Codec]
+#: How record values are encoded (daemon/core/codec.py; the registry formats in daemon/schemas/).
+ValueFormat = Literal["json", "avro", "json-schema"]
 #: What a restored open sequence saved under another model becomes (daemon/streaming/rebuild.py).
 OnModelChange = Literal["rebuild", "reset"]
 #: Model files lstmd reads: Keras 3 archives and Keras 2 HDF5 (daemon/inference/formats.py).
@@ -63,6 +65,32 @@ class PipelineSettings(BaseSettings):
     max_record_bytes: int = Field(default=1 << 20, ge=64)
     step_gap: Literal["continue", "reset"] = "continue"
     tf_intra_op_threads: int = Field(default=0, ge=0, description="0: TensorFlow decides")
+
+    # Where an input value's fields are, whatever its format: shops name them their own
+    # way, and typed records (Avro) often carry each feature as a field of its own.
+    input_x_field: str = Field(default="x", min_length=1, description="the array of features")
+    input_x_fields: str = Field(
+        default="", description="comma list of numeric fields that make x, in order, instead"
+    )
+    input_end_field: str = Field(default="end", min_length=1)
+    input_start_field: str = Field(default="start", min_length=1)
+    input_step_field: str = Field(default="step", min_length=1)
+    input_ts_field: str = Field(default="ts", min_length=1)
+
+    @field_validator("input_x_fields")
+    @classmethod
+    def _field_list(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",")]
+        if value.strip() and not all(names):
+            raise ValueError("a comma list of field names, none empty")
+        if len(set(names)) != len(names):
+            raise ValueError("a field is named twice")
+        return ",".join(names) if value.strip() else ""
+
+    @property
+    def x_fields(self) -> tuple[str, ...]:
+        """LSTMD_INPUT_X_FIELDS as names (empty: x is LSTMD_INPUT_X_FIELD's array)."""
+        return tuple(self.input_x_fields.split(",")) if self.input_x_fields else ()
 
 
 class Settings(PipelineSettings):
@@ -133,6 +161,18 @@ class Settings(PipelineSettings):
     # Chosen by measurement (`lstmd bench --sections compression`, docs/performance.md).
     kafka_compression: Compression = "lz4"
 
+    # Values in the formats Kafka shops use, with their schemas in a Schema Registry
+    # (Confluent's REST API: Confluent, Apicurio's ccompat, Karapace, Redpanda).
+    input_format: ValueFormat = "json"
+    output_format: ValueFormat = "json"
+    schema_registry_url: str | None = Field(default=None, description="http(s)://host:port[/path]")
+    schema_registry_username: str | None = None
+    schema_registry_password: SecretStr | None = None
+    schema_registry_password_file: Path | None = None
+    schema_registry_cafile: Path | None = None
+    schema_registry_certfile: Path | None = None
+    schema_registry_keyfile: Path | None = None
+
     # Worker processes per pod, each a full consumer of the group (daemon/pod).
     workers: int | None = Field(default=None, ge=1, le=256, description="default: the pod's CPU quota")
 
@@ -158,8 +198,31 @@ class Settings(PipelineSettings):
             raise ValueError(f"expected a .keras, .h5 or .hdf5 model file, got {value.name}")
         return value
 
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _registry_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+            raise ValueError("expected http://host:port or https://host:port")
+        if "@" in rest.split("/", 1)[0]:
+            # A password in the URL would be logged with the settings.
+            raise ValueError(
+                "credentials go in LSTMD_SCHEMA_REGISTRY_USERNAME and LSTMD_SCHEMA_REGISTRY_PASSWORD, "
+                "not in the URL"
+            )
+        return value.rstrip("/")
+
     @field_validator(
-        "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "kafka_sasl_password_file"
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "kafka_sasl_password_file",
+        "schema_registry_password_file",
+        "schema_registry_cafile",
+        "schema_registry_certfile",
+        "schema_registry_keyfile",
     )
     @classmethod
     def _readable_file(cls, value: Path | None) -> Path | None:
@@ -225,6 +288,24 @@ class Settings(PipelineSettings):
                 # e.g. dead letters written to the input would be read back and
                 # dead-lettered again, forever.
                 problems.append(f"{' and '.join(variables)}: each needs its own topic, both are {topic!r}")
+        registry_formats = [
+            f"LSTMD_{name}_FORMAT={value}"
+            for name, value in (("INPUT", self.input_format), ("OUTPUT", self.output_format))
+            if value != "json"
+        ]
+        if registry_formats and self.schema_registry_url is None:
+            problems.append(f"LSTMD_SCHEMA_REGISTRY_URL: required with {' and '.join(registry_formats)}")
+        has_password = self.schema_registry_password is not None or self.schema_registry_password_file
+        if bool(self.schema_registry_username) != bool(has_password):
+            problems.append(
+                "LSTMD_SCHEMA_REGISTRY_USERNAME and LSTMD_SCHEMA_REGISTRY_PASSWORD (or _FILE): "
+                "basic auth needs both"
+            )
+        if (self.schema_registry_certfile is None) != (self.schema_registry_keyfile is None):
+            problems.append(
+                "LSTMD_SCHEMA_REGISTRY_CERTFILE and LSTMD_SCHEMA_REGISTRY_KEYFILE: "
+                "a client certificate needs both"
+            )
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             problems.append(
                 "LSTMD_KAFKA_HEARTBEAT_INTERVAL_MS: must be at most a third of LSTMD_KAFKA_SESSION_TIMEOUT_MS"
@@ -262,6 +343,12 @@ class Settings(PipelineSettings):
         if self.kafka_sasl_password_file is not None:
             return self.kafka_sasl_password_file.read_text().strip()
         return self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+
+    def registry_password(self) -> str | None:
+        """The Schema Registry's basic-auth password, read from its file if given that way."""
+        if self.schema_registry_password_file is not None:
+            return self.schema_registry_password_file.read_text().strip()
+        return self.schema_registry_password.get_secret_value() if self.schema_registry_password else None
 
     def loggable(self) -> dict[str, Any]:
         """The settings as a log event: secrets are masked, paths are strings."""

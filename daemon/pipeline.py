@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.config import PipelineSettings, Settings
+from daemon.core import codec
 from daemon.core.processor import Processor
 from daemon.core.state import StateStore
 from daemon.ops import logs
@@ -28,6 +29,7 @@ def build_processor(
     max_record_bytes: int = 1 << 20,
     reset_on_gap: bool = False,
     publish_from_ms: int | None = None,
+    wire: codec.Wire = codec.JSON_WIRE,
 ) -> Processor:
     """Load the model and its engine: shared by `run` and `replay` so both behave alike."""
     from daemon.inference.engines.factory import make_engine  # TensorFlow loads here, not at import
@@ -63,13 +65,29 @@ def build_processor(
         reset_on_gap=reset_on_gap,
         state_shapes=model.state_shapes,
         publish_from_ms=publish_from_ms,
+        wire=wire,
     )
 
 
-def processor_from_settings(settings: PipelineSettings, model_path: Path, metrics: Metrics) -> Processor:
+def input_fields(settings: PipelineSettings) -> codec.Fields:
+    """Where the input's fields are (LSTMD_INPUT_*_FIELD)."""
+    return codec.Fields(
+        x=settings.input_x_field,
+        x_fields=settings.x_fields,
+        end=settings.input_end_field,
+        start=settings.input_start_field,
+        step=settings.input_step_field,
+        ts=settings.input_ts_field,
+    )
+
+
+def processor_from_settings(
+    settings: PipelineSettings, model_path: Path, metrics: Metrics, wire: codec.Wire | None = None
+) -> Processor:
     """The processor the settings describe. `lstmd run`'s Settings also say the delivery,
     the ended sequences remembered and LSTMD_PUBLISH_FROM; a replay's PipelineSettings
-    do not (the defaults of `build_processor`)."""
+    do not (the defaults of `build_processor`). `wire`: the run's value formats
+    (daemon/schemas); JSON with the settings' field names if None (a replay)."""
     daemon = settings if isinstance(settings, Settings) else None
     return build_processor(
         model_path,
@@ -82,4 +100,5 @@ def processor_from_settings(settings: PipelineSettings, model_path: Path, metric
         max_record_bytes=settings.max_record_bytes,
         reset_on_gap=settings.step_gap == "reset",
         publish_from_ms=daemon.publish_from_ms if daemon is not None else None,
+        wire=wire if wire is not None else codec.Wire(fields=input_fields(settings)),
     )

@@ -3,12 +3,19 @@
 Pure bytes-and-Python: nothing here knows TensorFlow or Kafka clients, so the
 decoder can be fuzzed on its own. A record that cannot be applied raises
 `RecordRejected` with a stable `reason` label; nothing else escapes `decode`.
+
+Two halves, so every value format shares one meaning of the fields: a `Wire`
+turns a value's bytes into an object and an output's fields into bytes (JSON
+here; Avro and JSON Schema with a registry in daemon/schemas), and `decode`
+checks the object's fields, found where `Fields` says, the same way for all.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -44,6 +51,50 @@ NONFINITE_OUTPUT: DeadLetterReason = "nonfinite_output"
 _NONFINITE_LITERALS = (b"NaN", b"Infinity")
 
 
+#: A value's bytes to the object its format carries (raises RecordRejected).
+Parse = Callable[[bytes], Any]
+#: An output's fields to the value's bytes.
+Serialize = Callable[[dict[str, Any]], bytes]
+
+
+def parse_json(value: bytes) -> Any:
+    """The JSON wire format's value: UTF-8 JSON."""
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        if any(lit in value for lit in _NONFINITE_LITERALS):
+            raise RecordRejected(NONFINITE, f"value holds a non-finite number: {exc}") from None
+        raise RecordRejected(BAD_JSON, f"value is not UTF-8 JSON: {exc}") from None
+
+
+@dataclass(slots=True, frozen=True)
+class Fields:
+    """Where an input record's fields are (LSTMD_INPUT_*_FIELD): shops name them their
+    own way, and a typed record (Avro) often carries features as separate fields."""
+
+    x: str = "x"
+    #: Numeric fields that make `x`, in order; empty: `x` is one array field.
+    x_fields: tuple[str, ...] = ()
+    end: str = "end"
+    start: str = "start"
+    step: str = "step"
+    ts: str = "ts"
+
+
+@dataclass(slots=True, frozen=True)
+class Wire:
+    """How record values are read and written: the JSON wire format by default."""
+
+    parse: Parse = parse_json
+    serialize: Serialize = orjson.dumps
+    fields: Fields = field(default_factory=Fields)
+    #: The input format's name, as the dead letters' reasons say it.
+    name: str = "JSON"
+
+
+JSON_WIRE = Wire()
+
+
 @dataclass(slots=True, frozen=True)
 class Event:
     """One decoded input record. `x` is None for a pure end (reset) marker."""
@@ -56,7 +107,9 @@ class Event:
     ts: float | None
 
 
-def decode(key: bytes | None, value: bytes | None, n_features: int, max_bytes: int) -> Event:
+def decode(
+    key: bytes | None, value: bytes | None, n_features: int, max_bytes: int, wire: Wire = JSON_WIRE
+) -> Event:
     """Validate one record against the wire format, or raise RecordRejected."""
     if key is None:
         raise RecordRejected(MISSING_KEY, "record has no key (the sequence id)")
@@ -70,28 +123,38 @@ def decode(key: bytes | None, value: bytes | None, n_features: int, max_bytes: i
         raise RecordRejected(NOT_OBJECT, "record has no value (tombstone)")
     if len(key) + len(value) > max_bytes:
         raise RecordRejected(TOO_LARGE, f"record is {len(key) + len(value)} bytes, limit {max_bytes}")
-    try:
-        obj = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        if any(lit in value for lit in _NONFINITE_LITERALS):
-            raise RecordRejected(NONFINITE, f"value holds a non-finite number: {exc}") from None
-        raise RecordRejected(BAD_JSON, f"value is not UTF-8 JSON: {exc}") from None
+    obj = wire.parse(value)
     if not isinstance(obj, dict):
-        raise RecordRejected(NOT_OBJECT, f"value is a JSON {type(obj).__name__}, not an object")
-    end = _flag(obj, "end")
-    start = _flag(obj, "start")
-    step = obj.get("step")
+        raise RecordRejected(NOT_OBJECT, f"value is a {wire.name} {type(obj).__name__}, not an object")
+    f = wire.fields
+    end = _flag(obj, f.end)
+    start = _flag(obj, f.start)
+    step = obj.get(f.step)
     if step is not None and (type(step) is not int or step < 0):
-        raise RecordRejected(BAD_FIELD, f"step must be a non-negative integer, got {_shown(step)}")
-    ts = obj.get("ts")
+        raise RecordRejected(BAD_FIELD, f"{f.step} must be a non-negative integer, got {_shown(step)}")
+    ts = obj.get(f.ts)
+    if isinstance(ts, datetime):  # a typed format's timestamp (Avro timestamp-millis)
+        ts = ts.timestamp()
     if ts is not None and (type(ts) not in (int, float) or not math.isfinite(ts)):
-        raise RecordRejected(BAD_FIELD, f"ts must be a number of seconds, got {_shown(ts)}")
-    raw_x = obj.get("x")
+        raise RecordRejected(BAD_FIELD, f"{f.ts} must be a number of seconds, got {_shown(ts)}")
+    raw_x = obj.get(f.x) if not f.x_fields else _gathered(obj, f.x_fields)
     if raw_x is None:
         if not end:
-            raise RecordRejected(MISSING_X, "no x: only an end marker may omit it")
+            raise RecordRejected(MISSING_X, f"no {f.x}: only an end marker may omit it")
         return Event(seq, None, end, start, step, ts)
-    return Event(seq, _features(raw_x, n_features), end, start, step, ts)
+    return Event(seq, _features(raw_x, n_features, f), end, start, step, ts)
+
+
+def _gathered(obj: dict[str, Any], names: tuple[str, ...]) -> list[Any] | None:
+    """x from separate numeric fields: None if all are absent (an end marker), a
+    refusal naming the first missing if only some are."""
+    values = [obj.get(name) for name in names]
+    if all(v is None for v in values):
+        return None
+    for name, v in zip(names, values, strict=True):
+        if v is None:
+            raise RecordRejected(MISSING_X, f"no {name}: x is made of {', '.join(names)}")
+    return values
 
 
 def _flag(obj: dict[str, Any], name: str) -> bool:
@@ -103,11 +166,12 @@ def _flag(obj: dict[str, Any], name: str) -> bool:
     return value
 
 
-def _features(raw: Any, n_features: int) -> tuple[float, ...]:
+def _features(raw: Any, n_features: int, f: Fields) -> tuple[float, ...]:
     if not isinstance(raw, list):
-        raise RecordRejected(BAD_X, f"x must be a list of numbers, got {type(raw).__name__}")
+        raise RecordRejected(BAD_X, f"{f.x} must be a list of numbers, got {type(raw).__name__}")
     if len(raw) != n_features:
-        raise RecordRejected(WRONG_WIDTH, f"x has {len(raw)} values, the model takes {n_features}")
+        named = f"{len(raw)} fields" if f.x_fields else f"{f.x} has {len(raw)} values"
+        raise RecordRejected(WRONG_WIDTH, f"{named}, the model takes {n_features}")
     values = []
     for v in raw:  # one pass: this runs for every event
         t = type(v)
@@ -141,6 +205,7 @@ def encode_prediction(
     model: str,
     ts: float,
     step: int | None = None,
+    serialize: Serialize = orjson.dumps,
 ) -> bytes:
     """An output record value; see the README's wire format section."""
     out: dict[str, Any] = {
@@ -155,15 +220,23 @@ def encode_prediction(
     }
     if step is not None:
         out["step"] = step
-    return orjson.dumps(out)
+    return serialize(out)
 
 
 def encode_eviction(
-    *, seq: str, cause: str, n: int, partition: int, offset: int, model: str, ts: float
+    *,
+    seq: str,
+    cause: str,
+    n: int,
+    partition: int,
+    offset: int,
+    model: str,
+    ts: float,
+    serialize: Serialize = orjson.dumps,
 ) -> bytes:
     """An output record announcing that a sequence's state was dropped before its end:
     its next input starts from a zero state. Tells consumers apart by `evicted`."""
-    return orjson.dumps(
+    return serialize(
         {
             "seq": seq,
             "evicted": True,

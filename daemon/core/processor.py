@@ -71,6 +71,7 @@ class Processor:
         clock: Callable[[], float] = time.time,
         state_shapes: Sequence[tuple[int, ...]] | None = None,
         publish_from_ms: int | None = None,
+        wire: codec.Wire = codec.JSON_WIRE,
     ) -> None:
         """`state_shapes`: the shapes of a state's tensors under this model, so a
         restored state that does not fit is refused (None: not checked).
@@ -78,7 +79,10 @@ class Processor:
         `publish_from_ms` (a warm start, LSTMD_PUBLISH_FROM): an input whose record
         timestamp is before it advances its state like any other, but its
         prediction is withheld. Dead letters are not: bad input is always
-        published, whatever its time (None: every prediction is published)."""
+        published, whatever its time (None: every prediction is published).
+
+        `wire`: how values are read and written (LSTMD_INPUT_FORMAT, LSTMD_OUTPUT_FORMAT
+        and the field names; JSON by default)."""
         self.engine = engine
         self.model_id = model_id
         self.n_features = n_features
@@ -89,6 +93,7 @@ class Processor:
         self.clock = clock
         self.state_shapes = state_shapes
         self.publish_from_ms = publish_from_ms
+        self.wire = wire
         self._inference = metrics.inference.labels(engine=engine.name)
         self._resets = {c: metrics.resets.labels(cause=c) for c in RESET_CAUSES}
 
@@ -146,7 +151,7 @@ class Processor:
             return None
         self.store.advance(rec.partition, rec.offset)
         try:
-            event = codec.decode(rec.key, rec.value, self.n_features, self.max_record_bytes)
+            event = codec.decode(rec.key, rec.value, self.n_features, self.max_record_bytes, self.wire)
         except RecordRejected as exc:
             plan.outputs[i] = self._dead_letter(rec, exc)
             return None
@@ -242,6 +247,7 @@ class Processor:
                         offset=ev.watermark,
                         model=self.model_id,
                         ts=now,
+                        serialize=self.wire.serialize,
                     ),
                     partition=ev.partition,
                     offset=ev.watermark,
@@ -300,6 +306,7 @@ class Processor:
                         model=self.model_id,
                         ts=now,
                         step=s.event.step,
+                        serialize=self.wire.serialize,
                     ),
                     partition=s.partition,
                     offset=s.offset,

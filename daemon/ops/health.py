@@ -38,6 +38,9 @@ class Health:
         self.model_loaded = False
         self.partitions: PartitionView = _Unassigned()
         self.reason = "starting"
+        # Why assigned partitions cannot be served now (a dependency away: the Schema
+        # Registry), or None.
+        self.blocked: str | None = None
 
     def watch(self, partitions: PartitionView) -> None:
         self.partitions = partitions
@@ -56,6 +59,8 @@ class Health:
             return False, "model not loaded"
         if not self.partitions.owned():
             return False, f"no partitions assigned ({self.reason})"
+        if self.blocked is not None:
+            return False, self.blocked
         rebuilding = self.partitions.rebuilding()
         if rebuilding:  # after a model change: replaying their open sequences' inputs
             return False, f"rebuilding partitions {sorted(rebuilding)} for the new model"

@@ -36,6 +36,10 @@ DeadLetterReason = Literal[
     "nonfinite",
     "bad_field",
     "nonfinite_output",
+    # The Schema Registry formats (daemon/schemas/formats.py).
+    "not_wire_format",
+    "unknown_schema",
+    "bad_payload",
 ]
 #: lstmd_duplicates_skipped{cause}: at or below the watermark, or a repeated `step`.
 DuplicateCause = Literal["redelivered", "step"]
@@ -278,6 +282,24 @@ class Metrics:
             "When the poll loop last returned (of a pod's workers, the one silent longest).",
             registry=r,
             multiprocess_mode="livemin",
+        )
+        self.schema_fetches = Counter(
+            "lstmd_schema_fetches",
+            "Schemas fetched from the Schema Registry by id (each once per process, or per pod "
+            "of several workers).",
+            registry=r,
+        )
+        self.registry_unavailable = Counter(
+            "lstmd_schema_registry_unavailable",
+            "Calls the Schema Registry did not answer; the batch that needed it is held back and "
+            "read again after a backoff, nothing is dead-lettered for it.",
+            registry=r,
+        )
+        self.registry_waiting = Gauge(
+            "lstmd_schema_registry_waiting",
+            "1 while input waits for the Schema Registry to answer (an outage), else 0.",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.build_info = Gauge(
             "lstmd_build_info",

@@ -18,8 +18,9 @@ from daemon.ops.health import Health
 from daemon.ops.http import HttpServer
 from daemon.ops.metrics import Metrics
 from daemon.ops.pod import StatusWriter
-from daemon.pipeline import processor_from_settings
+from daemon.pipeline import input_fields, processor_from_settings
 from daemon.pod.roles import WorkerRole, stop_on_signals
+from daemon.schemas.wire import value_formats
 from daemon.streaming.loop import RunLoop
 
 
@@ -43,7 +44,9 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
         reporter = StatusWriter(health, role.status_file, stop)
         reporter.start()
     try:
-        processor = processor_from_settings(settings, settings.model_path, metrics)
+        # The value formats; a pod's workers share the schemas they fetch (its directory).
+        formats = value_formats(settings, input_fields(settings), role.directory if role else None)
+        processor = processor_from_settings(settings, settings.model_path, metrics, formats.wire)
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
         # TensorFlow, Keras and the model leave ~270,000 long-lived objects behind: a
@@ -51,7 +54,7 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
         # Frozen, they are never scanned again; what serving allocates still is.
         gc.collect()
         gc.freeze()
-        RunLoop(settings, processor, metrics, health, stop).run()
+        RunLoop(settings, processor, metrics, health, stop, formats=formats).run()
     except StartupError as exc:
         if role is None:
             raise

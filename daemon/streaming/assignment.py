@@ -153,6 +153,16 @@ class Assignment:
             # else: released within this poll; its next owner reads these records
         return batch
 
+    def hand_back(self, batch: list[InputRecord]) -> None:
+        """Give a whole accepted batch back to the consumer, unprocessed: each partition
+        is rewound to its first record in it (read again at a later poll)."""
+        first: dict[TopicPartition, int] = {}
+        for rec in batch:
+            tp = TopicPartition(rec.topic, rec.partition)
+            first[tp] = min(first.get(tp, rec.offset), rec.offset)
+        for tp, offset in sorted(first.items()):
+            self.clients.consumer.seek(tp, offset)
+
     # -- restore and rebuild ----------------------------------------------------------
     def _read_positions(self) -> None:
         """The committed position of each newly assigned partition, once it is stable.

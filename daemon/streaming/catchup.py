@@ -25,6 +25,7 @@ from daemon.kafka.acl import authorization_failure
 from daemon.kafka.errors import AuthorizationError, KafkaError
 from daemon.kafka.port import Reader, TopicPartition
 from daemon.ops.logs import get_logger
+from daemon.schemas.registry import RegistryUnavailable
 
 log = get_logger(__name__)
 
@@ -167,7 +168,8 @@ class CatchUp(Generic[T]):
                 done = self._finished()
                 if done:
                     return done
-                self._poll(deadline)
+                if not self._poll(deadline):
+                    break  # a dependency away: the next step tries again
             return self._finished()
 
     def _locate(self) -> bool:
@@ -208,20 +210,32 @@ class CatchUp(Generic[T]):
     def _assign(self) -> None:
         self.consumer.assign([TopicPartition(self.topic, p) for p in self.active if self._readable(p)])
 
-    def _poll(self, deadline: float) -> None:
-        """One poll, as large as the rest of the slice has time for, fed to the reading."""
+    def _poll(self, deadline: float) -> bool:
+        """One poll, as large as the rest of the slice has time for, fed to the reading;
+        False if the reading could not use some of it for now (the Schema Registry away)."""
         room = int((deadline - time.monotonic()) / self._cost)
         size = max(self.pace.min_records, min(self.pace.max_records, room))
         started = time.perf_counter()
         batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=size)
         count = 0
+        held = False
         for tp, records in batch.items():
             into = self.active.get(tp.partition)
-            if into is not None:
+            if into is None:
+                continue
+            try:
                 self.reading.read(tp.partition, into, records)
-                count += len(records)
+            except RegistryUnavailable as exc:
+                # Nothing of these records was used: read again at a later step (the
+                # group consumer's loop holds its own input back meanwhile).
+                self.consumer.seek(tp, records[0].offset)
+                log.warning(self.waiting, partitions=[tp.partition], error=str(exc))
+                held = True
+                continue
+            count += len(records)
         if count:
             self._cost = max(1e-7, (time.perf_counter() - started) / count)
+        return not held
 
     def _finished(self) -> list[Done[T]]:
         done: list[Done[T]] = []

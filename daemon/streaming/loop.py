@@ -27,6 +27,7 @@ from daemon.kafka.port import GroupConsumer, Polled
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
+from daemon.schemas.wire import ValueFormats
 from daemon.streaming.assignment import Assignment
 from daemon.streaming.checkpoints import Checkpoints
 from daemon.streaming.delivery import DeliveryFailed
@@ -34,6 +35,7 @@ from daemon.streaming.housekeeping import Housekeeping
 from daemon.streaming.layout import TopicWatch
 from daemon.streaming.lifecycle import Partitions
 from daemon.streaming.policy import CheckpointPolicy
+from daemon.streaming.registry import RegistryGate
 from daemon.streaming.shutdown import ShutdownDeadline
 from daemon.streaming.startup import Clients, Startup, transactional_id
 
@@ -68,9 +70,12 @@ class RunLoop:
         health: Health,
         stop: threading.Event,
         on_batch: Callable[[int], None] | None = None,
+        formats: ValueFormats | None = None,
     ) -> None:
         """`on_batch(n)` is called after each poll batch of n > 0 inputs is processed and
-        its outputs handed to delivery: a hook for measurements (`lstmd bench`)."""
+        its outputs handed to delivery: a hook for measurements (`lstmd bench`).
+        `formats`: the value formats the processor's wire was built from, for the
+        registry work around it (daemon/streaming/registry.py); None: JSON."""
         self.settings = settings
         self.processor = processor
         self.store = processor.store
@@ -92,8 +97,11 @@ class RunLoop:
         self.topics = TopicWatch(settings, self.store, metrics)
         # Builds a run's clients: `connect` for the real Kafka; `startup.assemble` from
         # any Kafka's client factories (the seam where tests plug in the in-memory one).
-        self.startup = Startup(settings, processor, metrics, health, stop, self.abandon)
+        self.startup = Startup(settings, processor, metrics, health, stop, self.abandon, formats)
+        # Input held back while the Schema Registry is away (never dead-lettered for it).
+        self.gate = RegistryGate(formats, health, metrics)
         self._throttled = False
+        self._backlogged = False
         self._run: _Run | None = None
         # The rewinds counted when the shutdown phase began (None before it).
         self._stopping_at_rewinds: int | None = None
@@ -194,6 +202,9 @@ class RunLoop:
             polled = {}  # rewound to the committed offsets: polled again
         run.assignment.catch_up()
         batch = run.assignment.accept(polled)
+        if not self.gate.admit(batch):  # the registry is away: read again after a backoff
+            run.assignment.hand_back(batch)
+            batch = []
         run.checkpoints.publish(self._process(batch))
         if batch and self.on_batch is not None:
             self.on_batch(len(batch))
@@ -279,16 +290,19 @@ class RunLoop:
         """Bounded in flight: while the producer holds more than delivery's bound,
         every partition is paused, so the loop keeps polling (heartbeats, rebalances,
         SIGTERM) instead of blocking in `send`; it resumes once acknowledgements
-        caught up. Not one partition at a time: see assignment.py `_start_restore`."""
+        caught up. Paused alike while input waits for the Schema Registry. Not one
+        partition at a time: see assignment.py `_start_restore`."""
         consumer = clients.consumer
-        if clients.delivery.backlogged():
-            if not self._throttled:
+        backlogged = clients.delivery.backlogged()
+        if backlogged or self.gate.holding:
+            if backlogged and not self._backlogged:
                 log.info("backpressure", action="partitions paused until outputs are acknowledged")
                 self.metrics.backpressure.inc()
+            self._backlogged = backlogged
             self._throttled = True
             consumer.pause(*consumer.assignment())
         elif self._throttled:
-            self._throttled = False
+            self._throttled = self._backlogged = False
             consumer.resume(*consumer.assignment())
 
     def _process(self, batch: list[Any]) -> list[OutputRecord]:

@@ -44,6 +44,7 @@ from daemon.core.state import (
 )
 from daemon.kafka.port import Reader
 from daemon.ops.metrics import Metrics
+from daemon.schemas.wire import InputSchemas
 from daemon.streaming.catchup import CatchUp, Pace
 from daemon.streaming.restore import RESTORE_SLICE_S
 
@@ -153,6 +154,7 @@ def rebuild_processor(live: Processor) -> Processor:
         clock=live.clock,
         state_shapes=live.state_shapes,
         publish_from_ms=NEVER_MS,
+        wire=live.wire,
     )
 
 
@@ -258,9 +260,10 @@ class _Inputs:
     """What a rebuild does with the input topic: plan the spans once the partition's
     first and end offsets are known, then feed the recompute."""
 
-    def __init__(self, processor: Processor, budget: int) -> None:
+    def __init__(self, processor: Processor, budget: int, schemas: InputSchemas | None) -> None:
         self.processor = processor
         self.budget = budget
+        self.schemas = schemas
 
     def bounds(self, partition: int, into: _Rebuilding, beginning: int | None, end: int) -> tuple[int, int]:
         assert beginning is not None  # CatchUp(needs_beginning=True)
@@ -269,7 +272,10 @@ class _Inputs:
         return todo.start, todo.end  # no span: (0, 0), nothing to read
 
     def read(self, partition: int, into: _Rebuilding, records: Sequence[InputRecord]) -> None:
+        """Raises RegistryUnavailable before anything is fed: the records are read again."""
         assert into.recompute is not None  # bounds come first
+        if self.schemas is not None:
+            self.schemas.resolve(records)
         into.recompute.feed(records)
 
 
@@ -284,9 +290,11 @@ class Rebuilder:
         settings: Settings,
         metrics: Metrics,
         processor: Processor,
+        schemas: InputSchemas | None = None,
     ) -> None:
         """`make_consumer`: the rebuild's consumer (no group, read_committed), opened
-        on the first rebuild only: most runs never need one."""
+        on the first rebuild only: most runs never need one. `schemas`: the input's
+        (a registry format), fetched before the records that name them are replayed."""
         self.metrics = metrics
         self.processor = processor
         pace = Pace(RESTORE_SLICE_S, BEGINNING_TIMEOUT_MS, MIN_POLL_RECORDS, MAX_POLL_RECORDS, INITIAL_COST_S)
@@ -294,7 +302,7 @@ class Rebuilder:
             make_consumer,
             settings,
             settings.input_topic,
-            _Inputs(processor, settings.rebuild_budget),
+            _Inputs(processor, settings.rebuild_budget, schemas),
             pace,
             waiting="rebuild_waiting",
             needs_beginning=True,

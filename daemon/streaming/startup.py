@@ -26,8 +26,10 @@ from daemon.kafka.topics import check_state_record_size, ensure_topics, outputs_
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
+from daemon.schemas.wire import ValueFormats
 from daemon.streaming.delivery import Delivery, DeliveryFailed, make_delivery
 from daemon.streaming.rebuild import Rebuilder
+from daemon.streaming.registry import wait_for_registry
 from daemon.streaming.restore import Restorer
 
 log = get_logger("daemon.streaming.loop")
@@ -69,11 +71,15 @@ class Startup:
     health: Health
     stop: threading.Event
     abandon: threading.Event
+    formats: ValueFormats | None = None
 
     def connect(self) -> tuple[Clients, int] | None:
-        """Topics checked, producer ready, consumer built, and the input topic's
-        partition count; None if asked to stop first."""
+        """The Schema Registry answering (if a format needs it), topics checked, producer
+        ready, consumer built, and the input topic's partition count; None if asked to
+        stop first."""
         settings = self.settings
+        if self.formats is not None and not wait_for_registry(self.formats, self.stop, self.health):
+            return None
         admin = wait_for_cluster(settings, self.stop, self.health.beat)
         if admin is None:
             return None
@@ -118,7 +124,8 @@ class Startup:
         )
         consumer = backend.consumer()
         restorer = Restorer(backend.reader(), self.settings, self.metrics)
-        rebuilder = Rebuilder(backend.reader, self.settings, self.metrics, self.processor)
+        inputs = self.formats.inputs if self.formats is not None else None
+        rebuilder = Rebuilder(backend.reader, self.settings, self.metrics, self.processor, inputs)
         return Clients(consumer, delivery, restorer, rebuilder, RebalanceEvents())
 
     def _await_metadata(self, consumer: GroupConsumer) -> None:

@@ -199,3 +199,48 @@ def test_the_kafka_client_is_one_of_the_backends_and_must_be_installed(
     )
     with pytest.raises(ConfigError, match=r"LSTMD_KAFKA_CLIENT: confluent-kafka is not installed"):
         load_settings()
+
+
+def test_registry_formats_need_a_registry_and_keep_its_password_out_of_sight(
+    clean_env: pytest.MonkeyPatch, model_file: Path
+) -> None:
+    env = required(model_file) | {
+        "LSTMD_INPUT_FORMAT": "avro",
+        "LSTMD_OUTPUT_FORMAT": "json-schema",
+        "LSTMD_SCHEMA_REGISTRY_USERNAME": "lstmd",
+        "LSTMD_SCHEMA_REGISTRY_CERTFILE": str(model_file),
+    }
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert (
+        "LSTMD_SCHEMA_REGISTRY_URL: required with LSTMD_INPUT_FORMAT=avro and LSTMD_OUTPUT_FORMAT=json-schema"
+        in (message)
+    )
+    assert "basic auth needs both" in message
+    assert "a client certificate needs both" in message
+    clean_env.setenv("LSTMD_SCHEMA_REGISTRY_URL", "https://lstmd:s3cret@registry:8081")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "not in the URL" in str(caught.value) and "s3cret" not in str(caught.value)
+    clean_env.delenv("LSTMD_SCHEMA_REGISTRY_CERTFILE")
+    clean_env.setenv("LSTMD_SCHEMA_REGISTRY_URL", "https://registry:8081/")
+    clean_env.setenv("LSTMD_SCHEMA_REGISTRY_PASSWORD", "s3cret")
+    s = load_settings()
+    assert (s.schema_registry_url, s.registry_password()) == ("https://registry:8081", "s3cret")
+    assert s.loggable()["schema_registry_password"] == "***"
+
+
+def test_input_fields_are_named_by_variables(clean_env: pytest.MonkeyPatch, model_file: Path) -> None:
+    for k, v in (
+        required(model_file) | {"LSTMD_INPUT_X_FIELDS": " temp, rpm ", "LSTMD_INPUT_TS_FIELD": "at"}
+    ).items():
+        clean_env.setenv(k, v)
+    s = load_settings()
+    assert (s.x_fields, s.input_ts_field, s.input_x_field) == (("temp", "rpm"), "at", "x")
+    for bad in ("temp,,rpm", "temp,temp"):
+        clean_env.setenv("LSTMD_INPUT_X_FIELDS", bad)
+        with pytest.raises(ConfigError, match="LSTMD_INPUT_X_FIELDS: "):
+            load_settings()

@@ -77,5 +77,5 @@ def test_metrics_alone_start_every_declared_label_value_at_zero() -> None:
         ("lstmd_moved_sequences_total", "partitioner"): m.PARTITIONERS,
     }
     expected = [f'{name}{{{label}="{v}"}} 0.0' for (name, label), vs in declared.items() for v in vs]
-    assert len(expected) == 11 + 2 + 3 + 6 + 3 + 2 + 5 + 2
+    assert len(expected) == 14 + 2 + 3 + 6 + 3 + 2 + 5 + 2
     assert [line for line in expected if line not in lines] == []

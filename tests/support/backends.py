@@ -26,6 +26,7 @@ from daemon.kafka.backends.kafka_python import KafkaPythonBackend, KafkaPythonCo
 from daemon.kafka.clients import max_message_bytes
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
+from daemon.schemas.wire import ValueFormats
 from daemon.streaming.delivery import AtLeastOnce, Transactional, make_delivery
 from daemon.streaming.loop import RunLoop, transactional_id
 from tests.support.kafka import MemoryConsumer, MemoryKafka, MemoryProducer
@@ -48,7 +49,9 @@ class Backend(Protocol):
     def produce(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, int]]) -> None:
         """Append (key, value, partition) records, in order, as an upstream producer."""
 
-    def loop(self, settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
+    def loop(
+        self, settings: Settings, processor: Processor, metrics: Metrics, formats: ValueFormats | None = None
+    ) -> RunLoop:
         """A started run loop on this Kafka, for the test to step."""
 
     def values(self, topic: str) -> list[bytes | None]:
@@ -149,8 +152,10 @@ def memory_delivery(
     )
 
 
-def _new_loop(settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
-    return RunLoop(settings, processor, metrics, Health(60), threading.Event())
+def _new_loop(
+    settings: Settings, processor: Processor, metrics: Metrics, formats: ValueFormats | None = None
+) -> RunLoop:
+    return RunLoop(settings, processor, metrics, Health(60), threading.Event(), formats=formats)
 
 
 @dataclass
@@ -171,8 +176,10 @@ class Memory:
         for key, value, partition in records:
             self.kafka.produce(topic, key, value, partition)
 
-    def loop(self, settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
-        loop = _new_loop(settings, processor, metrics)
+    def loop(
+        self, settings: Settings, processor: Processor, metrics: Metrics, formats: ValueFormats | None = None
+    ) -> RunLoop:
+        loop = _new_loop(settings, processor, metrics, formats)
         loop.start(loop.startup.assemble(memory_backend(self.kafka, settings)))
         return loop
 
@@ -218,9 +225,11 @@ class Broker:
             producer.produce(topic, key=key, value=value, partition=partition)
         assert producer.flush(30) == 0
 
-    def loop(self, settings: Settings, processor: Processor, metrics: Metrics) -> RunLoop:
+    def loop(
+        self, settings: Settings, processor: Processor, metrics: Metrics, formats: ValueFormats | None = None
+    ) -> RunLoop:
         """The daemon's own start-up: topics checked, clients built (`connect`)."""
-        loop = _new_loop(settings, processor, metrics)
+        loop = _new_loop(settings, processor, metrics, formats)
         clients = loop.connect()
         assert clients is not None
         loop.start(clients)

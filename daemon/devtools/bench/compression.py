@@ -31,7 +31,7 @@ import numpy as np
 from daemon.config import Compression
 from daemon.core import codec
 from daemon.devtools.bench.broker import BROKER, create_topics_for_bench, unique
-from daemon.devtools.bench.config import E2E_MODEL, BenchConfig, Log, Row
+from daemon.devtools.bench.config import E2E_MODEL, BenchConfig, Log, Row, aligned
 
 CODECS: tuple[Compression, ...] = get_args(Compression)
 # The demo model's identity as the daemon writes it (name and content hash).
@@ -171,17 +171,10 @@ def format_compression(rows: Sequence[Row]) -> list[str]:
                 f"{r['wire_vs_none']:.2f}",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     first: Any = rows[0]
     return [
         "",
-        *(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(line, widths, strict=True))
-            )
-            for line in lines
-        ),
+        *aligned(lines),
         f"compression: the daemon's producer, {first['events']:,} predictions of "
         f"{first['record_bytes']:.0f} B (key + value) per codec and round, medians of "
         f"{first['rounds']} rounds; CPU = this process (sends and the producer's IO thread); "

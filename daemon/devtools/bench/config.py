@@ -135,6 +135,10 @@ class BenchConfig:
     compression_events: int = 20_000  # predictions per codec and round
     compression_sequences: int = 1_000
     compression_rounds: int = 3
+    # Each value format's decode and encode per event (section formats; see formats.py).
+    formats_events: int = 50_000  # per format and round
+    formats_features: int = 5
+    formats_rounds: int = 3
 
 
 def versus_contenders(config: BenchConfig, asked: tuple[str, ...] = VERSUS_CONTENDERS) -> tuple[str, ...]:
@@ -153,3 +157,14 @@ class Section(Protocol):
     name: str
 
     def run(self, config: BenchConfig, log: Log) -> list[Row]: ...
+
+
+def aligned(lines: list[tuple[str, ...]]) -> list[str]:
+    """A text table's lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]

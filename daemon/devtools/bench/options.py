@@ -217,6 +217,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=3,
         help="compression: rounds, the codecs taking turns in each (default: 3)",
     )
+    p.add_argument(
+        "--formats-events",
+        type=int,
+        default=50_000,
+        help="formats: events decoded and predictions encoded per format and round (default: 50000)",
+    )
+    p.add_argument(
+        "--formats-rounds",
+        type=int,
+        default=3,
+        help="formats: rounds, the formats taking turns in each (default: 3)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -270,6 +282,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         versus_clients=parse_list(args.versus_clients),
         compression_events=max(1, args.compression_events),
         compression_rounds=max(1, args.compression_rounds),
+        formats_events=max(1, args.formats_events),
+        formats_rounds=max(1, args.formats_rounds),
     )
     check(config)
     return config

@@ -21,6 +21,7 @@ from daemon.devtools.bench.config import (
 )
 from daemon.devtools.bench.e2e import E2ESection
 from daemon.devtools.bench.engine import EngineSection
+from daemon.devtools.bench.formats import FormatsSection
 from daemon.devtools.bench.latency import LatencySection
 from daemon.devtools.bench.memory import MemorySection
 from daemon.devtools.bench.overhead import OverheadSection
@@ -48,6 +49,8 @@ SECTIONS: dict[str, Section] = {
     "rebuild": RebuildSection(),
     # The producer's codec (LSTMD_KAFKA_COMPRESSION), on request only.
     "compression": CompressionSection(),
+    # Each value format's decode and encode cost (LSTMD_INPUT_FORMAT), on request only.
+    "formats": FormatsSection(),
 }
 
 
