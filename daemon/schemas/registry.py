@@ -131,7 +131,22 @@ class RegistryClient:
         except urllib.error.HTTPError as exc:
             raise _answer(exc, c.url, path) from None
         except (urllib.error.URLError, OSError) as exc:  # refused, reset, timed out, TLS
-            reason = getattr(exc, "reason", exc)
+            # URLError wraps the cause; an error while reading the answer comes bare.
+            reason: object = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise RegistryRefused(
+                    f"LSTMD_SCHEMA_REGISTRY_CAFILE: the registry's certificate at {c.url} is not trusted "
+                    f"({reason.verify_message})"
+                ) from None
+            no_certificate = isinstance(reason, ssl.SSLEOFError) and c.certfile is None
+            alert = isinstance(reason, ssl.SSLError) and "ALERT" in str(reason.reason or "")
+            if no_certificate or alert:
+                # The registry ended the handshake: it wants a client certificate (TLS 1.3
+                # says so by closing the connection), or another one.
+                raise RegistryRefused(
+                    f"LSTMD_SCHEMA_REGISTRY_CERTFILE/LSTMD_SCHEMA_REGISTRY_KEYFILE: the registry at {c.url} "
+                    f"refused the TLS handshake ({reason})"
+                ) from None
             raise RegistryUnavailable(f"{c.url}: {reason}") from None
         except orjson.JSONDecodeError:
             raise RegistryRefused(

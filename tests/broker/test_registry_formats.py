@@ -4,8 +4,7 @@ Kafka shops write it), predictions checked against the oracle, a new compatible
 schema version mid-stream, bad records dead-lettered with their bytes and a reason
 each, and a registry outage that dead-letters nothing and delays everything.
 
-The registry is tests/support/registry.py's `registry` fixture (see there: a real
-registry where one can run here, else the stand-in)."""
+The registry is tests/support/registry.py's stand-in (see there why not a real one)."""
 
 from __future__ import annotations
 

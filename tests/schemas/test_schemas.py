@@ -9,6 +9,7 @@ schema_registry), as producers in Kafka shops write them, not by lstmd's code.""
 from __future__ import annotations
 
 import io
+import ssl
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from daemon.core import codec
+from daemon.devtools.localkafka import make_test_pki
 from daemon.errors import RecordRejected
 from daemon.replay import FileRecord as Rec
 from daemon.schemas import formats, framing
@@ -131,6 +133,25 @@ def test_wrong_credentials_are_a_refusal_naming_the_variables() -> None:
         with pytest.raises(RegistryRefused, match="LSTMD_SCHEMA_REGISTRY_USERNAME") as caught:
             client(r.url, username="lstmd", password="wrong").schema(sid)
         assert "wrong" not in str(caught.value)  # secrets never appear
+
+
+def test_an_https_registry_with_mutual_tls(tmp_path: Path) -> None:
+    """LSTMD_SCHEMA_REGISTRY_CAFILE, _CERTFILE and _KEYFILE: a trusted registry that asks
+    for our certificate; an untrusted one, or one that refuses ours, is a refusal
+    naming the variable (not an outage retried forever)."""
+    pki = make_test_pki(tmp_path / "pki")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(pki.directory / "server.crt", pki.directory / "server.key")
+    server.load_verify_locations(pki.ca_cert)
+    server.verify_mode = ssl.CERT_REQUIRED
+    with StandInRegistry(tls=server) as r:
+        sid = r.register("in-value", "AVRO", READING)
+        ok = client(r.url, cafile=pki.ca_cert, certfile=pki.client_cert, keyfile=pki.client_key)
+        assert ok.schema(sid).id == sid
+        with pytest.raises(RegistryRefused, match="LSTMD_SCHEMA_REGISTRY_CAFILE"):
+            client(r.url, certfile=pki.client_cert, keyfile=pki.client_key).schema(sid)
+        with pytest.raises(RegistryRefused, match="LSTMD_SCHEMA_REGISTRY_CERTFILE"):
+            client(r.url, cafile=pki.ca_cert).schema(sid)
 
 
 def test_a_registry_that_is_slow_to_answer_is_an_outage() -> None:

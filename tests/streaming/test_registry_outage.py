@@ -4,10 +4,13 @@ A record the registry has no schema for is dead-lettered with its bytes."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -15,9 +18,12 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from daemon.core import codec
 from daemon.core.processor import Processor
 from daemon.core.state import StateStore
+from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.schemas import framing
+from daemon.schemas.registry import RegistryRefused
 from daemon.schemas.wire import value_formats
+from daemon.streaming.registry import wait_for_registry
 from tests.support.backends import Memory
 from tests.support.fakes import SumEngine
 from tests.support.registry import StandInRegistry
@@ -77,3 +83,38 @@ def test_records_the_registry_cannot_read_are_dead_lettered_with_their_bytes(tmp
         kafka.run_until([loop], lambda: len(kafka.values("out")) == 2 and len(kafka.values("in.dlq")) == 2)
         assert kafka.values("in.dlq") == [unknown, plain]
         assert [orjson.loads(v or b"")["y"] for v in kafka.values("out")] == [[1.0], [2.0]]
+
+
+def test_start_up_waits_for_the_registry_and_registers_the_output(tmp_path: Path) -> None:
+    """Away at start-up: retried (not ready, not dead); once it answers, the output's
+    schema is registered under `<output>-value` before the daemon joins the group."""
+    with StandInRegistry() as registry:
+        kafka = Memory()
+        s = kafka.settings(tmp_path, output_format="avro", schema_registry_url=registry.url)
+        formats = value_formats(s, codec.Fields())
+        registry.stop()
+        stop, health = threading.Event(), Health(60)
+        result: list[bool] = []
+        waiting = threading.Thread(target=lambda: result.append(wait_for_registry(formats, stop, health)))
+        waiting.start()
+        time.sleep(1.5)  # at least two attempts, the first retried after 1 s
+        assert waiting.is_alive() and health.reason == "waiting for the schema registry"
+        registry.start()
+        waiting.join(timeout=10)
+        assert result == [True]
+        assert formats.output is not None and registry.store.subjects == {"out-value": [formats.output.id]}
+
+
+def test_start_up_ends_on_a_registry_that_refuses_the_credentials(tmp_path: Path) -> None:
+    with StandInRegistry(username="lstmd", password="right") as registry:
+        kafka = Memory()
+        s = kafka.settings(
+            tmp_path,
+            input_format="avro",
+            schema_registry_url=registry.url,
+            schema_registry_username="lstmd",
+            schema_registry_password="wrong",
+        )
+        with pytest.raises(RegistryRefused, match="LSTMD_SCHEMA_REGISTRY_USERNAME") as caught:
+            wait_for_registry(value_formats(s, codec.Fields()), threading.Event(), Health(60))
+        assert caught.value.exit_code == 2 and "wrong" not in str(caught.value)

@@ -1,15 +1,19 @@
-"""A stand-in Schema Registry for the unit tests: the documented subset of
-Confluent's REST API that lstmd and Confluent's own serializers call, in memory,
-on a real HTTP port, with switches for what tests need (an outage, credentials).
+"""A stand-in Schema Registry: the documented subset of Confluent's REST API that
+lstmd and Confluent's own serializers call (`/subjects`, `/schemas/ids/{id}`,
+`/subjects/{s}` lookup, `/subjects/{s}/versions` register and read, a refused
+registration as 409), in memory, on a real HTTP port, with the switches tests
+need: an outage (stopped and started again on its port), basic-auth credentials.
 
-Not shipped, and not what the broker tests use when a real registry can run
-(tests/support/apicurio.py): this one answers in microseconds and can be stopped
-and started again on its port in a unit test.
+Tests only, never shipped. No real registry starts from the package registries
+reachable here (Apicurio Registry was tried, README "Avro and JSON Schema"), so
+the unit and broker tests use this one; the input itself is written by
+Confluent's serializers (confluent-kafka's schema_registry) talking to it.
 """
 
 from __future__ import annotations
 
 import base64
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,14 +49,18 @@ class StandInRegistry:
     """Start with `start()`; `url` is its base URL. `stop()` and `start()` again on
     the same port make an outage."""
 
-    def __init__(self, username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """`tls`: serve https with this server context (a client certificate required if it says so)."""
         self.store = _Store(username=username, password=password)
         self.port = 0
+        self.tls = tls
         self._server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def calls(self) -> Counter[str]:
@@ -72,6 +80,8 @@ class StandInRegistry:
         Handler.store = store
         server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._server = server
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
