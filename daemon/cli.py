@@ -46,11 +46,22 @@ def cmd_run(_args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon import plot
     from daemon.config import load_pipeline_settings
     from daemon.ops import logs
     from daemon.ops.metrics import Metrics
     from daemon.pipeline import processor_from_settings
-    from daemon.replay import replay
+    from daemon.replay import SeriesCollector, panels, replay
+
+    if args.plot_keys and not args.plot:
+        raise StartupError("--plot-keys names the keys to draw: it needs --plot FILE")
+    if args.plot:
+        # What would fail the picture at the end fails now, before the replay's work:
+        # matplotlib is an extra, not in the image.
+        plot.require_matplotlib()
+        if not Path(args.plot).parent.is_dir():
+            raise StartupError(f"--plot {args.plot}: no such directory {str(Path(args.plot).parent)!r}")
+    collector = SeriesCollector(args.plot_keys) if args.plot else None
 
     # The daemon's pipeline variables (LSTMD_ENGINE, ...), each flag overriding its
     # variable, so a replay reproduces what `lstmd run` does with the same environment.
@@ -66,10 +77,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     dead = open(args.dlq, "wb") if args.dlq else sys.stderr.buffer  # noqa: SIM115
     try:
         with open(args.input, "rb") as source:
-            predicted, rejected = replay(processor, source, out, dead)
+            predicted, rejected = replay(processor, source, out, dead, collector)
     finally:
         out.flush()
         dead.flush()
+    if collector is not None:
+        series = collector.series()
+        unplotted = [s.key for s in series if not s.steps]
+        if unplotted:
+            print(f"lstmd replay: no predictions to plot for {', '.join(unplotted)}", file=sys.stderr)
+        drawn = panels(series)
+        if drawn:
+            path = plot.draw(
+                drawn,
+                Path(args.plot),
+                title=f"lstmd replay: {Path(args.input).name}, {processor.engine.name} engine",
+                xlabel="input line",
+            )
+            keys = ", ".join(s.key for s in series if s.steps)
+            print(f"lstmd replay: picture of {keys} written to {path}", file=sys.stderr)
     print(
         f"lstmd replay: {predicted} predictions, {rejected} rejected; engine {processor.engine.name}",
         file=sys.stderr,
@@ -157,6 +183,13 @@ def _load_commands(entry_point: EntryPoint) -> Register | None:
     return register
 
 
+def _plot_keys(text: str) -> list[str]:
+    keys = [key for key in text.split(",") if key]
+    if not keys:
+        raise argparse.ArgumentTypeError("no key named")
+    return keys
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lstmd", description=__doc__.splitlines()[0] if __doc__ else "")
     p.add_argument("--version", action="version", version=f"lstmd {__version__}")
@@ -176,6 +209,18 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--step-gap", choices=("continue", "reset"), help="default: LSTMD_STEP_GAP, else continue")
     r.add_argument("--max-record-bytes", type=int, help="default: LSTMD_MAX_RECORD_BYTES, else 1 MiB")
     r.add_argument("--max-sequences", type=int, help="default: LSTMD_MAX_SEQUENCES, else 100000")
+    r.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw a PNG of inputs' x[0] and predictions' y[0] by input line, per key, "
+        "state resets dashed (needs matplotlib: pip install 'lstmd[plot]')",
+    )
+    r.add_argument(
+        "--plot-keys",
+        metavar="KEYS",
+        type=_plot_keys,
+        help="comma-separated keys to draw (default: the input's first four)",
+    )
     r.set_defaults(func=cmd_replay)
     i = sub.add_parser("inspect", help="what a model file is and how lstmd would serve it")
     i.add_argument("model", help="a .keras, .h5 or .hdf5 model file")

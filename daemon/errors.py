@@ -34,6 +34,11 @@ class UnservableModelError(StartupError):
     """The model file cannot be served statefully one step at a time."""
 
 
+class MissingDependencyError(StartupError):
+    """A feature asked for needs an optional extra this installation lacks (the
+    message names the install command): refused before any work is done."""
+
+
 class RecordRejected(LstmdError):
     """An input record that cannot be applied; it goes to the dead-letter topic.
 

@@ -3,7 +3,8 @@
 A local Apache Kafka broker, the demo model (a room-temperature forecaster,
 see daemon/devtools/demo_model.py), a producer of interleaved sensor readings, `lstmd
 run` as a real subprocess, its predictions printed as they arrive, a metrics
-excerpt, then SIGTERM and a clean exit.
+excerpt, then SIGTERM and a clean exit; last, a picture of four rooms' readings
+and forecasts (a PNG in the temporary directory, its path printed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,8 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
 from daemon.devtools.localkafka import LocalKafka, cache_dir, create_topics, ensure_jars
+from daemon.errors import MissingDependencyError
+from daemon.plot import Line, Panel, draw
 
 ROOMS_PER_SITE = 4
 # The model needs a few hours of readings before its state knows the room.
@@ -39,6 +44,21 @@ METRICS_SHOWN = (
     "lstmd_end_to_end_latency_seconds_sum",
     "lstmd_model_info",
 )
+#: Rooms in the picture (2 x 2 panels): more would make each too small to read.
+PLOT_ROOMS = 4
+PICTURE = "lstmd-demo.png"
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """One prediction as the demo reads it (°C): the room's reading, the model's
+    forecast of the next one, and the next reading that came. `n`: the reading's
+    place in its series (1 right after a state reset)."""
+
+    n: int
+    reading: float
+    predicted: float
+    actual: float
 
 
 def demo_model_path() -> Path:
@@ -108,20 +128,79 @@ def run_demo(events: int = 2000, sequences: int = 8) -> int:
                     f"daemon: pid {daemon.pid}, metrics on http://127.0.0.1:{port}/metrics, log {log_path}\n"
                 )
                 _wait_ready(port, daemon)
-                code = _drive(broker.bootstrap, topics, stream, port)
+                code, forecasts = _drive(broker.bootstrap, topics, stream, port)
             finally:
                 if daemon.poll() is None:
                     daemon.terminate()
                 exit_code = daemon.wait(timeout=60)
             print(f"\ndaemon stopped by SIGTERM: exit code {exit_code}")
-    print("broker stopped. Done.")
+    print("broker stopped.")
+    _picture(forecasts)
+    print("Done.")
     return code or exit_code
+
+
+def _picture(forecasts: Mapping[str, Sequence[Forecast]]) -> None:
+    """The picture, or why there is none: the demo's point is the stream, so a
+    missing matplotlib (an extra) is a note, not a failure."""
+    path = Path(tempfile.gettempdir()) / PICTURE
+    panels = forecast_panels(forecasts)
+    if not panels:
+        print("no picture: no predictions")
+        return
+    try:
+        draw(
+            panels,
+            path,
+            title="lstmd demo: room temperature, read every 15 minutes, and the forecast of each reading",
+            xlabel="reading",
+            ylabel="°C",
+        )
+    except MissingDependencyError as exc:
+        print(f"no picture: {exc}")
+        return
+    rooms = ", ".join(panel.title.split(":")[0] for panel in panels)
+    print(f"picture of the readings and forecasts of {rooms}: {path}")
+
+
+def forecast_panels(forecasts: Mapping[str, Sequence[Forecast]], rooms: int = PLOT_ROOMS) -> list[Panel]:
+    """The first `rooms` rooms (by name), one panel each, over the room's reading index.
+
+    The forecast made at reading t is drawn at t + 1, over the reading it forecast (its
+    actual next reading), so the gap between the two lines is the error; the reading
+    line ends with the last actual next reading. Each series' start is a dashed line:
+    after it, the state's warm-up (poor forecasts for a few hours), which the title's
+    errors leave out, as the demo's summary does.
+    """
+    panels = []
+    for room in sorted(forecasts)[:rooms]:
+        fs = forecasts[room]
+        if not fs:
+            continue
+        t = list(range(len(fs) + 1))
+        warm = [f for f in fs if f.n > WARM_UP] or list(fs)
+        error = float(np.mean([abs(f.predicted - f.actual) for f in warm]))
+        naive = float(np.mean([abs(f.reading - f.actual) for f in warm]))
+        panels.append(
+            Panel(
+                title=f"{room}: after warm-up, mean error {error:.3f} °C (naive {naive:.3f} °C)",
+                lines=(
+                    Line("reading", t, [f.reading for f in fs] + [fs[-1].actual]),
+                    Line(
+                        "forecast of it, made one reading (15 min) before", t[1:], [f.predicted for f in fs]
+                    ),
+                ),
+                resets=[i - 0.5 for i, f in enumerate(fs) if f.n == 1 and i > 0],
+            )
+        )
+    return panels
 
 
 def _drive(
     bootstrap: str, topics: dict[str, str], stream: list[tuple[str, dict[str, object], float]], port: int
-) -> int:
-    """Produce the stream, print predictions as they come, then the metrics."""
+) -> tuple[int, dict[str, list[Forecast]]]:
+    """Produce the stream, print predictions as they come, then the metrics; return
+    the exit code and each room's forecasts, in order, for the picture."""
     from daemon.devtools.demo_model import from_output
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
@@ -154,6 +233,7 @@ def _drive(
     errors: list[float] = []
     naive: list[float] = []
     warm: list[tuple[float, float]] = []
+    forecasts: dict[str, list[Forecast]] = {}
     deadline = time.monotonic() + 120
     while len(errors) < len(stream) and time.monotonic() < deadline:
         for recs in consumer.poll(timeout_ms=500).values():
@@ -162,6 +242,7 @@ def _drive(
                 x, nxt = actual_next[(pred["partition"], pred["offset"])]
                 reading = float(from_output(x))
                 predicted = float(from_output(pred["y"][0]))
+                forecasts.setdefault(pred["seq"], []).append(Forecast(pred["n"], reading, predicted, nxt))
                 errors.append(abs(predicted - nxt))
                 naive.append(abs(reading - nxt))
                 if pred["n"] > WARM_UP:
@@ -185,7 +266,7 @@ def _drive(
     for line in text.splitlines():
         if line.startswith(METRICS_SHOWN):
             print("  " + line)
-    return 0 if len(errors) == len(stream) else 1
+    return (0 if len(errors) == len(stream) else 1), forecasts
 
 
 def _wait_ready(port: int, daemon: subprocess.Popen[bytes], timeout: float = 120.0) -> None:

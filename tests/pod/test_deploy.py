@@ -369,6 +369,7 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
             f"requirements.lock has {name}=={pins[name]}, pyproject wants {req.specifier}"
         )
     assert "tensorflow" not in pins, "the CPU wheel only"
+    assert "matplotlib" not in pins, "the plot extra (pictures) stays out of the image"
 
 
 def test_dockerignore_sends_only_what_the_build_copies() -> None:
