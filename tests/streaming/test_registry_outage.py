@@ -23,6 +23,7 @@ from daemon.ops.metrics import Metrics
 from daemon.schemas import framing
 from daemon.schemas.registry import RegistryRefused
 from daemon.schemas.wire import value_formats
+from daemon.streaming import registry as registry_module
 from daemon.streaming.registry import wait_for_registry
 from tests.support.backends import Memory
 from tests.support.fakes import SumEngine
@@ -85,9 +86,12 @@ def test_records_the_registry_cannot_read_are_dead_lettered_with_their_bytes(tmp
         assert [orjson.loads(v or b"")["y"] for v in kafka.values("out")] == [[1.0], [2.0]]
 
 
-def test_start_up_waits_for_the_registry_and_registers_the_output(tmp_path: Path) -> None:
+def test_start_up_waits_for_the_registry_and_registers_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Away at start-up: retried (not ready, not dead); once it answers, the output's
     schema is registered under `<output>-value` before the daemon joins the group."""
+    monkeypatch.setattr(registry_module, "FIRST_RETRY_S", 0.1)
     with StandInRegistry() as registry:
         kafka = Memory()
         s = kafka.settings(tmp_path, output_format="avro", schema_registry_url=registry.url)
@@ -97,7 +101,7 @@ def test_start_up_waits_for_the_registry_and_registers_the_output(tmp_path: Path
         result: list[bool] = []
         waiting = threading.Thread(target=lambda: result.append(wait_for_registry(formats, stop, health)))
         waiting.start()
-        time.sleep(1.5)  # at least two attempts, the first retried after 1 s
+        time.sleep(0.4)  # at least two attempts, the first retried after 0.1 s
         assert waiting.is_alive() and health.reason == "waiting for the schema registry"
         registry.start()
         waiting.join(timeout=10)
