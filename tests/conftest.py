@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -19,8 +20,9 @@ TopicFactory = Callable[..., dict[str, str]]
 def kafka_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """LSTMD_KAFKA_CLIENT for every daemon the test starts, in process or not
     (tests/support/streams.py `daemon_env` passes it on): kafka-python unless the
-    module runs on both (`BOTH_CLIENTS`)."""
-    client: str = getattr(request, "param", "kafka-python")
+    module runs on both (`BOTH_CLIENTS`), or TEST_KAFKA_CLIENT says another for the
+    tests that run on one (`TEST_KAFKA_CLIENT=confluent-kafka make test`)."""
+    client: str = getattr(request, "param", os.environ.get("TEST_KAFKA_CLIENT", "kafka-python"))
     monkeypatch.setenv("LSTMD_KAFKA_CLIENT", client)
     return client
 

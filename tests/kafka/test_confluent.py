@@ -274,3 +274,35 @@ def test_a_revocation_commits_on_its_own_thread_and_cancels_the_queued_commits(t
     finally:
         gate.set()
         consumer.close(5000)  # waited: librdkafka logs while it closes
+
+
+def test_every_rebalance_callback_applies_its_own_assignment_change(tmp_path: Path) -> None:
+    """confluent-kafka applies a change a callback did not make by first asking librdkafka
+    for the rebalance protocol, a call that can wait forever once the consumer is closing
+    (librdkafka#4041), holding the GIL: a test process froze at a consumer's close in a
+    clean-clone run. Each callback makes the change itself, with the partitions given."""
+
+    class Recording:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, list[tuple[str, int]]]] = []
+
+        def incremental_assign(self, partitions: list[RdPartition]) -> None:
+            self.calls.append(("incremental_assign", [(p.topic, p.partition) for p in partitions]))
+
+        def incremental_unassign(self, partitions: list[RdPartition]) -> None:
+            self.calls.append(("incremental_unassign", [(p.topic, p.partition) for p in partitions]))
+
+    consumer = confluent.ConfluentConsumer(settings(tmp_path))
+    try:
+        consumer._events = RebalanceEvents()
+        given = Recording()
+        consumer._on_assign(given, [RdPartition("in", 0), RdPartition("in", 1)])  # type: ignore[arg-type]
+        consumer._on_revoke(given, [RdPartition("in", 1)])  # type: ignore[arg-type]
+        consumer._on_lost(given, [RdPartition("in", 0)])  # type: ignore[arg-type]
+        assert given.calls == [
+            ("incremental_assign", [("in", 0), ("in", 1)]),
+            ("incremental_unassign", [("in", 1)]),
+            ("incremental_unassign", [("in", 0)]),
+        ]
+    finally:
+        consumer.close(5000)

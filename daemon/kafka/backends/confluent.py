@@ -445,6 +445,16 @@ class _Reading:
             log.warning("kafka_close_slow", client="consumer", timeout_ms=timeout_ms)
 
 
+def _applied(change: Callable[[list[RdPartition]], None], partitions: list[RdPartition]) -> None:
+    """A rebalance callback's assignment change (the partitions it was given, as
+    librdkafka asks). A failure is logged, not raised: raised from a callback it
+    would surface from a later poll with the change undone either way."""
+    try:
+        change(partitions)
+    except KafkaException as exc:
+        log.warning("rebalance_change_failed", change=change.__name__, error=str(exc))
+
+
 def _record(message: Message) -> Record:
     # topic, partition and offset are set on every message that carries no error.
     return Record(
@@ -481,20 +491,24 @@ class ConfluentConsumer(_Reading):
     # -- the group -----------------------------------------------------------------------
     def subscribe(self, topic: str, events: RebalanceEvents) -> None:
         """Join the group. librdkafka calls the callbacks from within `poll` (or `close`)
-        on the caller's thread; with the cooperative protocol, confluent-kafka applies
-        the incremental assignment change itself when a callback made none."""
+        on the caller's thread. Each callback applies the incremental assignment change
+        itself (`_applied`): confluent-kafka's own fallback, for a callback that made
+        none, first asks librdkafka for the rebalance protocol, and that call can wait
+        forever once the consumer is closing (librdkafka#4041), holding the GIL: seen
+        to freeze a whole test process at a consumer's close."""
         self._events = events
         with _translated():
             self._consumer.subscribe(
                 [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
             )
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[RdPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[RdPartition]) -> None:
         self._member = True
         assert self._events is not None
         self._events.assign(_ours(tp) for tp in partitions)
+        _applied(consumer.incremental_assign, partitions)
 
-    def _on_revoke(self, _consumer: Consumer, partitions: list[RdPartition]) -> None:
+    def _on_revoke(self, consumer: Consumer, partitions: list[RdPartition]) -> None:
         """A planned revocation: checkpointed, and its offsets committed synchronously
         here, within the generation that revoked the partitions (`RebalanceEvents` in port.py says why)."""
         assert self._events is not None
@@ -514,13 +528,15 @@ class ConfluentConsumer(_Reading):
                 log.warning("revocation_commit_failed", error=str(exc), cause=type(exc).__name__)
         self._paused -= revoked
         self._events.revoke(revoked)
+        _applied(consumer.incremental_unassign, partitions)
 
-    def _on_lost(self, _consumer: Consumer, partitions: list[RdPartition]) -> None:
+    def _on_lost(self, consumer: Consumer, partitions: list[RdPartition]) -> None:
         self._member = False
         assert self._events is not None
         lost = {_ours(tp) for tp in partitions}
         self._paused -= lost
         self._events.lose(lost)
+        _applied(consumer.incremental_unassign, partitions)
 
     def member(self) -> bool:
         """librdkafka exposes no generation, so membership is tracked from what it
