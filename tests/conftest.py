@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
+import sys
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -14,6 +16,28 @@ from daemon.devtools.localkafka import LocalKafka, create_topics
 from tests.support.backends import Backend, Broker, Memory
 
 TopicFactory = Callable[..., dict[str, str]]
+
+# A test still running this long past pytest-timeout's limit (pyproject.toml, 600 s) is
+# frozen where that cannot reach it: a C library holding the GIL (librdkafka#4041 did,
+# once). faulthandler's watchdog needs no GIL: it prints every thread's stack and ends
+# the run, red in minutes, instead of a CI job hanging to its own limit.
+FROZEN_AFTER_S = 660
+
+
+_terminal: list[int] = []  # the terminal's stderr, as pytest's own faulthandler keeps it
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _terminal.append(os.dup(sys.stderr.fileno()))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    faulthandler.dump_traceback_later(FROZEN_AFTER_S, exit=True, file=_terminal[0])
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)
