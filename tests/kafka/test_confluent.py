@@ -306,3 +306,34 @@ def test_every_rebalance_callback_applies_its_own_assignment_change(tmp_path: Pa
         ]
     finally:
         consumer.close(5000)
+
+
+def test_a_callback_that_raises_still_makes_its_change_and_its_error_comes_out_of_poll(
+    tmp_path: Path,
+) -> None:
+    """A revocation whose checkpoint fails (the shutdown deadline passed in an outage):
+    nothing leaves the callback (confluent-kafka's fallback would ask for the rebalance
+    protocol, which can hang), the unassignment is made, and the error is raised by the
+    poll that ran the callback, as it was before."""
+
+    class Recording:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def incremental_unassign(self, partitions: list[RdPartition]) -> None:
+            self.calls.append("incremental_unassign")
+
+    def failing(revoked: set[TopicPartition]) -> dict[TopicPartition, int]:
+        raise RuntimeError("the final checkpoint was not committed before the shutdown deadline")
+
+    consumer = confluent.ConfluentConsumer(settings(tmp_path))
+    try:
+        consumer._events = RebalanceEvents(before_revoke=failing)
+        given = Recording()
+        consumer._on_revoke(given, [RdPartition("in", 0)])  # type: ignore[arg-type]
+        assert given.calls == ["incremental_unassign"]
+        with pytest.raises(RuntimeError, match="shutdown deadline"):
+            consumer.poll(10)
+        assert consumer.poll(10) == {}  # raised once
+    finally:
+        consumer.close(5000)

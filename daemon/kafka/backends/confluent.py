@@ -297,7 +297,7 @@ class _Reading:
         # Where a seek sent a partition: librdkafka reports no position (-1001) from a
         # seek until the partition's next fetch, kafka-python reports the target.
         self._sought: dict[TopicPartition, int | None] = {}  # None: its beginning
-        self._pending_error: Exception | None = None
+        self._pending_error: BaseException | None = None
         self._closed = False
 
     # -- assignment (by hand) -----------------------------------------------------------
@@ -411,6 +411,9 @@ class _Reading:
             messages = self._consumer.consume(1, _seconds(timeout_ms))
             if messages and wanted > 1:
                 messages += self._consumer.consume(wanted - 1, 0)
+        if self._pending_error is not None and not messages:  # from a rebalance callback
+            pending, self._pending_error = self._pending_error, None
+            raise pending
         polled: dict[TopicPartition, list[Record]] = {}
         failure: Exception | None = None
         for message in messages:
@@ -425,7 +428,7 @@ class _Reading:
         if failure is not None:
             if not polled:
                 raise failure
-            self._pending_error = failure
+            self._pending_error = self._pending_error or failure
         return polled
 
     def _failed(self, error: RdError) -> Exception:
@@ -443,16 +446,6 @@ class _Reading:
         closer.join(_seconds(timeout_ms))
         if closer.is_alive():
             log.warning("kafka_close_slow", client="consumer", timeout_ms=timeout_ms)
-
-
-def _applied(change: Callable[[list[RdPartition]], None], partitions: list[RdPartition]) -> None:
-    """A rebalance callback's assignment change (the partitions it was given, as
-    librdkafka asks). A failure is logged, not raised: raised from a callback it
-    would surface from a later poll with the change undone either way."""
-    try:
-        change(partitions)
-    except KafkaException as exc:
-        log.warning("rebalance_change_failed", change=change.__name__, error=str(exc))
 
 
 def _record(message: Message) -> Record:
@@ -491,11 +484,8 @@ class ConfluentConsumer(_Reading):
     # -- the group -----------------------------------------------------------------------
     def subscribe(self, topic: str, events: RebalanceEvents) -> None:
         """Join the group. librdkafka calls the callbacks from within `poll` (or `close`)
-        on the caller's thread. Each callback applies the incremental assignment change
-        itself (`_applied`): confluent-kafka's own fallback, for a callback that made
-        none, first asks librdkafka for the rebalance protocol, and that call can wait
-        forever once the consumer is closing (librdkafka#4041), holding the GIL: seen
-        to freeze a whole test process at a consumer's close."""
+        on the caller's thread. Each callback applies its incremental assignment change
+        itself and never raises (`_callback` says why)."""
         self._events = events
         with _translated():
             self._consumer.subscribe(
@@ -503,40 +493,62 @@ class ConfluentConsumer(_Reading):
             )
 
     def _on_assign(self, consumer: Consumer, partitions: list[RdPartition]) -> None:
-        self._member = True
-        assert self._events is not None
-        self._events.assign(_ours(tp) for tp in partitions)
-        _applied(consumer.incremental_assign, partitions)
+        with self._callback(consumer.incremental_assign, partitions):
+            self._member = True
+            assert self._events is not None
+            self._events.assign(_ours(tp) for tp in partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[RdPartition]) -> None:
         """A planned revocation: checkpointed, and its offsets committed synchronously
         here, within the generation that revoked the partitions (`RebalanceEvents` in port.py says why)."""
-        assert self._events is not None
-        revoked = {_ours(tp) for tp in partitions}
-        offsets = self._events.checkpoint(revoked)
-        if offsets:
-            # On this thread: librdkafka serves no commit of another thread while the
-            # rebalance waits for this callback (through the committer, every one was
-            # "not answered in 5000 ms", measured), and commits from within it as
-            # documented; its wait is bounded by its request timeouts. Commits queued
-            # and not started are cancelled (they would land after this one, older).
-            for queued in list(self._queued):
-                queued.cancel()
-            try:
-                self._commit_now(offsets)
-            except errors.KafkaError as exc:  # the next owner repeats from the last commit
-                log.warning("revocation_commit_failed", error=str(exc), cause=type(exc).__name__)
-        self._paused -= revoked
-        self._events.revoke(revoked)
-        _applied(consumer.incremental_unassign, partitions)
+        with self._callback(consumer.incremental_unassign, partitions):
+            assert self._events is not None
+            revoked = {_ours(tp) for tp in partitions}
+            offsets = self._events.checkpoint(revoked)
+            if offsets:
+                # On this thread: librdkafka serves no commit of another thread while the
+                # rebalance waits for this callback (through the committer, every one was
+                # "not answered in 5000 ms", measured), and commits from within it as
+                # documented; its wait is bounded by its request timeouts. Commits queued
+                # and not started are cancelled (they would land after this one, older).
+                for queued in list(self._queued):
+                    queued.cancel()
+                try:
+                    self._commit_now(offsets)
+                except errors.KafkaError as exc:  # the next owner repeats from the last commit
+                    log.warning("revocation_commit_failed", error=str(exc), cause=type(exc).__name__)
+            self._paused -= revoked
+            self._events.revoke(revoked)
 
     def _on_lost(self, consumer: Consumer, partitions: list[RdPartition]) -> None:
-        self._member = False
-        assert self._events is not None
-        lost = {_ours(tp) for tp in partitions}
-        self._paused -= lost
-        self._events.lose(lost)
-        _applied(consumer.incremental_unassign, partitions)
+        with self._callback(consumer.incremental_unassign, partitions):
+            self._member = False
+            assert self._events is not None
+            lost = {_ours(tp) for tp in partitions}
+            self._paused -= lost
+            self._events.lose(lost)
+
+    @contextlib.contextmanager
+    def _callback(
+        self, change: Callable[[list[RdPartition]], None], partitions: list[RdPartition]
+    ) -> Iterator[None]:
+        """A rebalance callback's body, then its assignment change, whatever the body
+        did. Nothing may leave a callback: confluent-kafka would then apply the change
+        itself, and its fallback first asks librdkafka for the rebalance protocol, a
+        call that can wait forever (librdkafka#4041, once the consumer is closing; a
+        consumer was also seen stuck inside `consume` for a minute during a broker
+        outage at SIGTERM) with the GIL held. What the body raised is raised by the
+        `poll` that ran it, after the change is made."""
+        try:
+            yield
+        except BaseException as exc:  # raised again by poll, in order
+            if self._pending_error is None:
+                self._pending_error = exc
+        finally:
+            try:
+                change(partitions)
+            except Exception as exc:  # the change is librdkafka's to retry
+                log.warning("rebalance_change_failed", change=change.__name__, error=str(exc))
 
     def member(self) -> bool:
         """librdkafka exposes no generation, so membership is tracked from what it
