@@ -340,15 +340,11 @@ class Settings(PipelineSettings):
 
     def sasl_password(self) -> str | None:
         """The SASL password, read from its file if given that way (Kubernetes secrets)."""
-        if self.kafka_sasl_password_file is not None:
-            return self.kafka_sasl_password_file.read_text().strip()
-        return self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+        return _secret(self.kafka_sasl_password_file, self.kafka_sasl_password)
 
     def registry_password(self) -> str | None:
         """The Schema Registry's basic-auth password, read from its file if given that way."""
-        if self.schema_registry_password_file is not None:
-            return self.schema_registry_password_file.read_text().strip()
-        return self.schema_registry_password.get_secret_value() if self.schema_registry_password else None
+        return _secret(self.schema_registry_password_file, self.schema_registry_password)
 
     def loggable(self) -> dict[str, Any]:
         """The settings as a log event: secrets are masked, paths are strings."""
@@ -358,6 +354,13 @@ class Settings(PipelineSettings):
                 value = "***" if value is not None else None
             out[name] = str(value) if isinstance(value, Path) else value
         return out
+
+
+def _secret(file: Path | None, value: SecretStr | None) -> str | None:
+    """A secret from its file (a mounted Kubernetes secret, which wins) or its variable."""
+    if file is not None:
+        return file.read_text().strip()
+    return value.get_secret_value() if value else None
 
 
 def _is_host_port(server: str) -> bool:
