@@ -399,9 +399,7 @@ class _Reading:
         """Records by partition, in offset order. A message carrying an error: partition
         EOF is ignored; another is raised (translated), after the records polled with
         it are returned (librdkafka's position is past them already)."""
-        if self._pending_error is not None:
-            pending, self._pending_error = self._pending_error, None
-            raise pending
+        self._raise_pending()
         wanted = max_records or self._max_records
         with _translated():
             # librdkafka's consume waits until it has `wanted` records or the timeout
@@ -411,9 +409,8 @@ class _Reading:
             messages = self._consumer.consume(1, _seconds(timeout_ms))
             if messages and wanted > 1:
                 messages += self._consumer.consume(wanted - 1, 0)
-        if self._pending_error is not None and not messages:  # from a rebalance callback
-            pending, self._pending_error = self._pending_error, None
-            raise pending
+        if not messages:  # an error a rebalance callback met within this consume
+            self._raise_pending()
         polled: dict[TopicPartition, list[Record]] = {}
         failure: Exception | None = None
         for message in messages:
@@ -430,6 +427,13 @@ class _Reading:
                 raise failure
             self._pending_error = self._pending_error or failure
         return polled
+
+    def _raise_pending(self) -> None:
+        """An error held back for this poll (a rebalance callback's, or one that came
+        with records already returned), raised once."""
+        if self._pending_error is not None:
+            pending, self._pending_error = self._pending_error, None
+            raise pending
 
     def _failed(self, error: RdError) -> Exception:
         return translate(error)
