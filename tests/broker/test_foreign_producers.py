@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, not declared so
     AdminClient,
     AlterConfigOpType,
@@ -26,6 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 from daemon.devtools.localkafka import LocalKafka, create_topics
 from tests.support import models
 from tests.support.backends import CLIENTS
+from tests.support.librdkafka import Writer
 from tests.support.streams import (
     DaemonProcess,
     Stream,
@@ -71,29 +71,6 @@ class Run:
     dead: list[Any] = field(default_factory=list)
     exit_code: int | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
-
-
-class Writer:
-    """A librdkafka producer of one codec (or a transactional one), collecting where
-    each record landed from its delivery reports."""
-
-    def __init__(self, bootstrap: str, **config: Any) -> None:
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, **config})
-        self.landed: dict[int, tuple[int, int]] = {}
-
-    def write(
-        self, topic: str, tag: int, key: bytes | None, value: bytes | None, headers: list[Any] | None = None
-    ) -> None:
-        def report(err: Any, msg: Any) -> None:
-            if err is not None:
-                raise KafkaException(err)
-            self.landed[tag] = (msg.partition(), msg.offset())
-
-        self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=report)
-
-    def flush(self) -> dict[int, tuple[int, int]]:
-        assert self.producer.flush(30) == 0, "records left unsent"
-        return self.landed
 
 
 def set_topic_compression(bootstrap: str, topic: str, codec: str) -> None:
