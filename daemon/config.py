@@ -138,6 +138,18 @@ class Settings(PipelineSettings):
         description="input records read per partition to rebuild its sequences, at most "
         "(default: 1000000 with the fast engine, 50000 with keras)",
     )
+    # A second model beside the serving one: it steps every input with its own states
+    # and publishes its predictions to the shadow topic (daemon/streaming/follow.py).
+    shadow_model_path: Path | None = None
+    shadow_topic: str = Field(default="", description="default <output topic>.shadow")
+    shadow_tolerance: float = Field(
+        default=1e-3, ge=0, description="|y shadow - y serving| counted as agreeing, at most"
+    )
+    # A new file at LSTMD_MODEL_PATH (a ConfigMap or volume update) is promoted while
+    # running, without a pause (daemon/streaming/promote.py).
+    model_watch_interval_s: float = Field(
+        default=5.0, ge=0, description="0: never (the file is read at start only)"
+    )
     # Warm start: inputs timestamped before this advance the states without a prediction.
     publish_from: AwareDatetime | None = Field(default=None, description="RFC 3339, with a time zone")
 
@@ -187,10 +199,10 @@ class Settings(PipelineSettings):
             raise ValueError(f"not host:port: {', '.join(bad)}")
         return ",".join(servers)
 
-    @field_validator("model_path")
+    @field_validator("model_path", "shadow_model_path")
     @classmethod
-    def _model_file(cls, value: Path) -> Path:
-        if value.is_dir():
+    def _model_file(cls, value: Path | None) -> Path | None:
+        if value is None or value.is_dir():
             return value  # the model loader says what it is (a SavedModel?) and how to convert it
         if not value.is_file():
             raise ValueError(f"no such file: {value}")
@@ -260,6 +272,8 @@ class Settings(PipelineSettings):
                 data["dlq_topic"] = f"{data['input_topic']}.dlq"
             if not data.get("state_topic") and data.get("group_id"):
                 data["state_topic"] = f"{data['group_id']}.state"
+            if not data.get("shadow_topic") and data.get("output_topic"):
+                data["shadow_topic"] = f"{data['output_topic']}.shadow"
         return data
 
     @model_validator(mode="after")
@@ -280,6 +294,8 @@ class Settings(PipelineSettings):
             "LSTMD_DLQ_TOPIC": self.dlq_topic,
             "LSTMD_STATE_TOPIC": self.state_topic,
         }
+        if self.shadow_model_path is not None:
+            topics["LSTMD_SHADOW_TOPIC"] = self.shadow_topic
         by_name: dict[str, list[str]] = {}
         for variable, topic in topics.items():
             by_name.setdefault(topic, []).append(variable)

@@ -94,6 +94,9 @@ class Processor:
         self.state_shapes = state_shapes
         self.publish_from_ms = publish_from_ms
         self.wire = wire
+        # The outputs' y by (partition, offset) of the last batch, when set to a dict
+        # (a shadow is compared with the serving model); None: not kept.
+        self.ys: dict[tuple[int, int], list[float]] | None = None
         self._inference = metrics.inference.labels(engine=engine.name)
         self._resets = {c: metrics.resets.labels(cause=c) for c in RESET_CAUSES}
 
@@ -106,6 +109,8 @@ class Processor:
         can step each wave of the batch in one engine call.
         """
         self.metrics.events_consumed.inc(len(records))
+        if self.ys is not None:
+            self.ys = {}
         plan = self._plan(records)
         self._apply(plan, records)
         result = [o for o in plan.outputs if o is not None]
@@ -290,9 +295,11 @@ class Processor:
             if state.n == 0:
                 state.first_offset = s.offset
             state.n += 1
-            if self.publish_from_ms is not None and rec.timestamp < self.publish_from_ms:
+            if not state.exact or (self.publish_from_ms is not None and rec.timestamp < self.publish_from_ms):
                 self.metrics.withheld.inc()
             else:
+                if self.ys is not None:
+                    self.ys[s.partition, s.offset] = y
                 outputs[s.index] = OutputRecord(
                     kind=Kind.PREDICTION,
                     key=rec.key,

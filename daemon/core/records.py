@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from daemon.core import codec
+from daemon.core.state import state_key
 
 
 class InputRecord(Protocol):
@@ -40,6 +41,7 @@ class Kind(enum.Enum):
     PREDICTION = "prediction"  # the output topic; counted, its latency measured
     NOTICE = "notice"  # the output topic: a state dropped before its end (eviction notice)
     DEAD_LETTER = "dead_letter"  # the dead-letter topic: a rejected input, unchanged
+    SHADOW = "shadow"  # the shadow topic: a shadow model's prediction or notice
 
 
 @dataclass(slots=True)
@@ -139,8 +141,17 @@ def dead_letter(rec: InputRecord, error_headers: Sequence[tuple[str, bytes]], li
 
 @dataclass(slots=True)
 class StateRecord:
-    """One sequence's state for the state topic (partition = the input's partition)."""
+    """One sequence's state for the state topic (partition = the input's partition).
+    `owner`: the tag of a model following the partition without serving it (a shadow,
+    a candidate); its states live under keys of their own (`state_key`), and so does
+    its marker (`following`: its states of the partition are exact)."""
 
     partition: int
     key: str
     value: bytes | None  # None: a tombstone
+    owner: str | None = None
+    following: bool = False
+
+    @property
+    def wire_key(self) -> bytes:
+        return state_key(self.key, self.owner, following=self.following)

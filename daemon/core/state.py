@@ -11,7 +11,7 @@ import math
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -51,6 +51,48 @@ def same_model(a: str, b: str) -> bool:
     return a.rpartition("@")[2] == b.rpartition("@")[2]
 
 
+# The state topic also holds the states of models that follow a partition without
+# serving it (a shadow, a candidate being promoted), under keys no sequence id can
+# have: 0xFF and 0xFE never occur in UTF-8. A serving state's key is its sequence id.
+OTHER_MODEL_KEY = b"\xff"  # + model tag + 0x00 + sequence id: that model's state
+FOLLOWING_KEY = b"\xfe"  # + model tag: that model's states of the partition are exact
+
+
+def model_tag(model_id: str) -> str:
+    """The part of a model id that names its content (see `same_model`)."""
+    return model_id.rpartition("@")[2]
+
+
+class StateKey(NamedTuple):
+    """A state record's key, read: whose it is (None: the serving model's) and of what."""
+
+    owner: str | None  # a model tag, or None
+    key: str  # the sequence id ("" for a following marker)
+    following: bool = False  # the marker: `owner`'s states of the partition are exact
+
+
+def state_key(key: str, owner: str | None = None, *, following: bool = False) -> bytes:
+    """The state topic's record key of a sequence's state (`owner`: the tag of a model
+    that follows the partition without serving it), or of `owner`'s following marker."""
+    if owner is None:
+        return key.encode()
+    if following:
+        return FOLLOWING_KEY + owner.encode()
+    return OTHER_MODEL_KEY + owner.encode() + b"\x00" + key.encode()
+
+
+def parse_state_key(raw: bytes | None) -> StateKey:
+    """Inverse of `state_key`; an undecodable key reads as a sequence id with
+    replacement characters, as it always did."""
+    raw = raw or b""
+    if raw.startswith(FOLLOWING_KEY):
+        return StateKey(raw[1:].decode("utf-8", "replace"), "", following=True)
+    if raw.startswith(OTHER_MODEL_KEY):
+        tag, _, key = raw[1:].partition(b"\x00")
+        return StateKey(tag.decode("utf-8", "replace"), key.decode("utf-8", "replace"))
+    return StateKey(None, raw.decode("utf-8", "replace"))
+
+
 class SnapshotError(ValueError):
     """A state record that is not an lstmd snapshot (or of an unknown version)."""
 
@@ -65,6 +107,9 @@ class SequenceState:
     sequence's first input since its last reset, so an open sequence can be
     rebuilt by replaying from there. `last_step` is the `step` of the last input
     planned for it; the processor keeps it, so `reset` leaves it alone.
+    `exact` is False for a state that did not see its sequence from its first input
+    (a model that joined while it was open and could not replay it): its steps
+    publish nothing until its next reset.
     """
 
     tensors: StateTensors | None = None
@@ -73,11 +118,13 @@ class SequenceState:
     first_offset: int = NO_OFFSET
     last_step: int | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    exact: bool = True
 
     def reset(self) -> None:
         self.tensors = None
         self.n = 0
         self.first_offset = NO_OFFSET
+        self.exact = True
 
     def snapshot(self, model_id: str, used: float | None = None) -> bytes:
         """The state as a state-topic record value. A reset state is a reset record:
@@ -99,6 +146,7 @@ class SequenceState:
                 # clock and its place in the eviction order survive a restore.
                 "v": SNAPSHOT_VERSION,
                 "used": used,
+                **({} if self.exact else {"exact": False}),
             }
         )
         body = b"".join(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in tensors or ())
@@ -149,6 +197,7 @@ class SequenceState:
                 watermark=int(header["wm"]),
                 first_offset=int(header["first"]),
                 last_step=header["step"],
+                exact=bool(header.get("exact", True)),
             )
             used = header.get("used")  # absent in version 1
             if used is not None:
@@ -267,6 +316,10 @@ class StateStore:
         state.last_seen = time.monotonic()
         return state
 
+    def peek(self, partition: int, key: str) -> SequenceState | None:
+        """The key's live state, if it has one; unlike `get`, creates nothing."""
+        return self._live(partition).get(key)
+
     def watermark(self, partition: int, key: str) -> int:
         """The last offset applied to this key's state (live or ended), or NO_OFFSET."""
         state = self._live(partition).get(key)
@@ -313,19 +366,42 @@ class StateStore:
         and last step, without a record to write."""
         states = self._states.get(partition)
         state = states.get(key) if states else None
-        if states is not None and state is not None and state.n == 0 and state.tensors is None:
+        empty = state is not None and state.n == 0 and state.tensors is None and state.exact
+        if states is not None and state is not None and empty:
             del states[key]
             self._count -= 1
             self._remember(partition, key, state)
 
+    def mark_partition(self, partition: int) -> None:
+        """Every state of the partition (live or ended) must be written by the next
+        checkpoint: it is written under a new identity (a model joined or promoted)."""
+        self._dirty.setdefault(partition, set()).update(self.keys(partition))
+
+    def keys(self, partition: int) -> set[str]:
+        """The sequences of the partition it holds something of: a state or a watermark."""
+        return set(self._live(partition)) | set(self._ended.get(partition, {}))
+
+    def replace_with(self, other: StateStore) -> None:
+        """Take `other`'s states and bookkeeping as this store's own (a promoted model's
+        store becomes the serving one, in place: every part of the run that holds this
+        store sees the new states)."""
+        self.__dict__.update(other.__dict__)
+
     def has_changes(self) -> bool:
         return any(self._dirty.values())
 
-    def take_changes(self, model_id: str) -> list[tuple[int, str, bytes | None]]:
+    def take_changes(
+        self, model_id: str, only: Container[int] | None = None
+    ) -> list[tuple[int, str, bytes | None]]:
         """(partition, key, snapshot) of every state changed since the last call;
-        ended sequences give reset records, forgotten ones None (a tombstone)."""
+        ended sequences give reset records, forgotten ones None (a tombstone).
+        `only`: of these partitions; the others' changes are dropped (a model still
+        building them writes each of their states once it has, `mark_partition`)."""
         out: list[tuple[int, str, bytes | None]] = []
         for partition, keys in self._dirty.items():
+            if only is not None and partition not in only:
+                self._forgotten.pop(partition, None)
+                continue
             states = self._live(partition)
             ended = self._ended.get(partition, {})
             forgotten = self._forgotten.pop(partition, set())
@@ -409,7 +485,7 @@ class StateStore:
     def install(self, partition: int, key: str, state: SequenceState) -> None:
         """Put a restored state in place (restore happens before the partition resumes)."""
         states = self._states.setdefault(partition, OrderedDict())
-        if state.tensors is None and state.n == 0:
+        if state.tensors is None and state.n == 0 and state.exact:
             if states.pop(key, None) is not None:
                 self._count -= 1
             self._remember(partition, key, state)

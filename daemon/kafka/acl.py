@@ -54,6 +54,7 @@ def topic_roles(settings: Settings) -> dict[str, tuple[list[str], set[str]]]:
         (settings.output_topic, "LSTMD_OUTPUT_TOPIC", {"WRITE"}),
         (settings.dlq_topic, "LSTMD_DLQ_TOPIC", {"WRITE"}),
         (settings.state_topic, "LSTMD_STATE_TOPIC", {"READ", "WRITE"}),
+        *([(settings.shadow_topic, "LSTMD_SHADOW_TOPIC", {"WRITE"})] if settings.shadow_model_path else []),
     ):
         variables, ops = roles.setdefault(topic, ([], set()))
         variables.append(variable)

@@ -69,6 +69,8 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
         },
         settings.state_topic: {"num_partitions": partitions, "configs": STATE_TOPIC_CONFIG},
     }
+    if settings.shadow_model_path is not None:
+        wanted[settings.shadow_topic] = {"num_partitions": partitions}
     missing = {t: spec for t, spec in wanted.items() if t not in existing}
     if missing and not settings.create_topics:
         raise KafkaSetupError(

@@ -56,6 +56,7 @@ EvictionCause = Literal[
 RebalanceKind = Literal["assigned", "revoked", "lost"]
 #: lstmd_state_records_written{kind}: a state, or a tombstone for an ended sequence.
 StateRecordKind = Literal["state", "tombstone"]
+SWAP_OUTCOMES = ("promoted", "refused", "superseded")
 #: lstmd_transaction_aborts{cause}.
 AbortCause = Literal["timeout", "fenced", "refused", "unavailable", "other"]
 #: lstmd_moved_sequences{partitioner}: murmur2 (Java, kafka-python), crc32 (librdkafka).
@@ -316,6 +317,39 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+        self.shadow_predictions = Counter(
+            "lstmd_shadow_predictions",
+            "Predictions of the shadow model (LSTMD_SHADOW_MODEL_PATH) published to the shadow topic.",
+            registry=r,
+        )
+        self.shadow_abs_diff = Histogram(
+            "lstmd_shadow_abs_diff",
+            "Per event, the largest |y shadow - y serving| over the output's components.",
+            buckets=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0),
+            registry=r,
+        )
+        self.shadow_compared = Counter(
+            "lstmd_shadow_compared",
+            "Events both models predicted, by whether they agree within LSTMD_SHADOW_TOLERANCE.",
+            ["within_tolerance"],
+            registry=r,
+        )
+        self.follower_partitions = Gauge(
+            "lstmd_follower_partitions",
+            "Partitions a model beside the serving one (a shadow, a candidate being promoted) "
+            "is building (replaying its open sequences) or following (exact, stepping live).",
+            ["role", "phase"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.model_swaps = Counter(
+            "lstmd_model_swaps",
+            "Model changes at LSTMD_MODEL_PATH while running, by outcome: promoted, refused "
+            "(the file does not load or does not fit), superseded (another change came first).",
+            ["outcome"],
+            registry=r,
+        )
+
         # Every declared label value is a series at 0 from the start (see the top).
         for metric, label, declared in (
             (self.rejected, "reason", DEAD_LETTER_REASONS),
@@ -326,6 +360,8 @@ class Metrics:
             (self.state_records, "kind", STATE_RECORD_KINDS),
             (self.transaction_aborts, "cause", ABORT_CAUSES),
             (self.moved_sequences, "partitioner", PARTITIONERS),
+            (self.shadow_compared, "within_tolerance", ("true", "false")),
+            (self.model_swaps, "outcome", SWAP_OUTCOMES),
         ):
             for value in declared:
                 metric.labels(**{label: value})

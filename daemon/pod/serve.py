@@ -12,7 +12,9 @@ import threading
 
 from daemon import __version__
 from daemon.config import Settings
-from daemon.errors import ExitCode, StartupError
+from daemon.core.codec import Wire
+from daemon.core.processor import Processor
+from daemon.errors import ExitCode, StartupError, UnservableModelError
 from daemon.ops import logs
 from daemon.ops.health import Health
 from daemon.ops.http import HttpServer
@@ -47,6 +49,7 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
         # The value formats; a pod's workers share the schemas they fetch (its directory).
         formats = value_formats(settings, input_fields(settings), role.directory if role else None)
         processor = processor_from_settings(settings, settings.model_path, metrics, formats.wire)
+        shadow = shadow_processor(settings, processor, formats.wire)
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
         # TensorFlow, Keras and the model leave ~270,000 long-lived objects behind: a
@@ -54,7 +57,7 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
         # Frozen, they are never scanned again; what serving allocates still is.
         gc.collect()
         gc.freeze()
-        RunLoop(settings, processor, metrics, health, stop, formats=formats).run()
+        RunLoop(settings, processor, metrics, health, stop, formats=formats, shadow=shadow).run()
     except StartupError as exc:
         if role is None:
             raise
@@ -74,3 +77,19 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
             reporter.close()
     log.info("stopped")
     return ExitCode.OK
+
+
+def shadow_processor(settings: Settings, serving: Processor, wire: Wire) -> Processor | None:
+    """The shadow model's processor (LSTMD_SHADOW_MODEL_PATH), or None. Its metrics
+    discard: every input is counted once, by the serving model. It must read the
+    serving model's inputs: another feature count is a start-up error (exit 2)."""
+    if settings.shadow_model_path is None:
+        return None
+    shadow = processor_from_settings(settings, settings.shadow_model_path, Metrics.discarding(), wire)
+    if shadow.n_features != serving.n_features:
+        raise UnservableModelError(
+            f"LSTMD_SHADOW_MODEL_PATH: {settings.shadow_model_path} takes {shadow.n_features} features "
+            f"per step, the serving model {serving.n_features}: a shadow reads the same inputs"
+        )
+    logs.get_logger("daemon").info("shadow_model_loaded", model=shadow.model_id, engine=shadow.engine.name)
+    return shadow

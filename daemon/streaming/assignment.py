@@ -29,6 +29,7 @@ from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.delivery import DeliveryFailed, TransactionFailed
+from daemon.streaming.follow import Followers
 from daemon.streaming.layout import TopicWatch
 from daemon.streaming.lifecycle import Partitions, Phase
 from daemon.streaming.policy import CheckpointPolicy
@@ -60,6 +61,8 @@ class Assignment:
     clients: Clients
     flush: Callable[[], None]
     abandon: threading.Event
+    # The models beside the serving one (daemon/streaming/follow.py).
+    followers: Followers | None = None
     # How many times the loop rewound to the committed offsets (`recover`).
     rewinds: int = field(default=0)
 
@@ -107,6 +110,8 @@ class Assignment:
         clients.restorer.cancel([tp.partition])
         clients.rebuilder.cancel([tp.partition])
         clients.delivery.release(tp.partition)
+        if self.followers:
+            self.followers.release([tp.partition])
         self.partitions.release(tp.partition)
         self.policy.release(tp)
         dropped = self.store.drop_partition(tp.partition)
@@ -121,6 +126,8 @@ class Assignment:
         deliver that partition again after `resume()`."""
         for tp in tps:
             self.store.drop_partition(tp.partition)
+        if self.followers:
+            self.followers.release([tp.partition for tp in tps])
         self.partitions.assign(tp.partition for tp in tps)
 
     def catch_up(self) -> None:
@@ -188,8 +195,12 @@ class Assignment:
             clients.restorer.begin([p])
 
     def _adopt(self, partition: int, states: dict[str, SavedState]) -> None:
-        """Install a restored partition's states and serve it, or rebuild it first."""
+        """Install a restored partition's states and serve it, or rebuild it first; the
+        models beside the serving one take theirs (they build once it serves)."""
         rebuilder = self.clients.rebuilder
+        left = self.clients.restorer.followers_left(partition)
+        if self.followers is not None:  # with none, what others left is deleted
+            self.followers.restored(partition, left.states, left.following)
         if self.settings.on_model_change == "rebuild" and rebuilder.begin(partition, states):
             self.partitions.begin_rebuild(partition)
             log.info(

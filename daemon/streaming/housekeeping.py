@@ -16,6 +16,7 @@ from daemon.kafka.errors import KafkaError
 from daemon.kafka.port import GroupConsumer, TopicPartition
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
+from daemon.streaming.follow import Followers
 from daemon.streaming.layout import TopicWatch
 from daemon.streaming.lifecycle import Partitions
 from daemon.streaming.policy import CheckpointPolicy
@@ -37,6 +38,7 @@ class Housekeeping:
     partitions: Partitions
     policy: CheckpointPolicy
     topics: TopicWatch
+    followers: Followers | None = None
     _last: float = field(default=0.0)
 
     def run(self, clients: Clients) -> None:
@@ -49,6 +51,8 @@ class Housekeeping:
         store = self.processor.store
         if self.settings.sequence_idle_timeout_s:
             self.policy.notify(self.processor.evict_idle(self.settings.sequence_idle_timeout_s))
+            if self.followers:
+                self.policy.notify(self.followers.evict_idle(self.settings.sequence_idle_timeout_s))
         self.metrics.state_bytes.set(store.state_bytes())
         self.metrics.ended_sequences.set(store.ended())
         self._report_lag(clients.consumer)

@@ -23,7 +23,7 @@ from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
 from daemon.kafka.acl import authorization_failure, fenced_instance
 from daemon.kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
-from daemon.kafka.port import GroupConsumer, Polled
+from daemon.kafka.port import GroupConsumer, Polled, TopicPartition
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
@@ -31,6 +31,7 @@ from daemon.schemas.wire import ValueFormats
 from daemon.streaming.assignment import Assignment
 from daemon.streaming.checkpoints import Checkpoints
 from daemon.streaming.delivery import DeliveryFailed
+from daemon.streaming.follow import Follower, Followers, Role
 from daemon.streaming.housekeeping import Housekeeping
 from daemon.streaming.layout import TopicWatch
 from daemon.streaming.lifecycle import Partitions
@@ -71,11 +72,14 @@ class RunLoop:
         stop: threading.Event,
         on_batch: Callable[[int], None] | None = None,
         formats: ValueFormats | None = None,
+        shadow: Processor | None = None,
     ) -> None:
         """`on_batch(n)` is called after each poll batch of n > 0 inputs is processed and
         its outputs handed to delivery: a hook for measurements (`lstmd bench`).
         `formats`: the value formats the processor's wire was built from, for the
-        registry work around it (daemon/streaming/registry.py); None: JSON."""
+        registry work around it (daemon/streaming/registry.py); None: JSON.
+        `shadow`: the shadow model's processor (LSTMD_SHADOW_MODEL_PATH), its metrics
+        discarding (daemon/streaming/follow.py)."""
         self.settings = settings
         self.processor = processor
         self.store = processor.store
@@ -95,6 +99,13 @@ class RunLoop:
             every_batch=settings.delivery == "exactly-once",
         )
         self.topics = TopicWatch(settings, self.store, metrics)
+        # The models beside the serving one: a shadow, a candidate being promoted.
+        self.followers = Followers(metrics, settings.shadow_tolerance)
+        self.policy.others = self.followers
+        self.schemas = formats.inputs if formats is not None else None
+        if shadow is not None:
+            self.followers.add(Follower(shadow, Role.SHADOW, settings, metrics, self.live_next, self.schemas))
+            processor.ys = {}  # compared with the shadow's
         # Builds a run's clients: `connect` for the real Kafka; `startup.assemble` from
         # any Kafka's client factories (the seam where tests plug in the in-memory one).
         self.startup = Startup(settings, processor, metrics, health, stop, self.abandon, formats)
@@ -164,10 +175,20 @@ class RunLoop:
             clients,
             flush=checkpoints.flush,
             abandon=self.abandon,
+            followers=self.followers,
         )
         housekeeping = Housekeeping(
-            self.settings, self.processor, self.metrics, self.partitions, self.policy, self.topics
+            self.settings,
+            self.processor,
+            self.metrics,
+            self.partitions,
+            self.policy,
+            self.topics,
+            self.followers,
         )
+        if clients.reader is not None:
+            for follower in self.followers.all:
+                follower.attach(clients.reader)
         self._run = _Run(clients, checkpoints, assignment, housekeeping)
         self.topics.watch(clients.delivery)  # the partition counts, before any is assigned
         if self.settings.delivery == "at-least-once":
@@ -201,6 +222,8 @@ class RunLoop:
         if run.assignment.apply_rebalance(run.checkpoints.take_revocation_failure()):
             polled = {}  # rewound to the committed offsets: polled again
         run.assignment.catch_up()
+        if self.followers:
+            self.followers.step(self.processor, self.partitions.serving)
         batch = run.assignment.accept(polled)
         if not self.gate.admit(batch):  # the registry is away: read again after a backoff
             run.assignment.hand_back(batch)
@@ -226,10 +249,19 @@ class RunLoop:
         clients.consumer.close(close_ms)
         clients.restorer.consumer.close(close_ms)
         clients.rebuilder.close()
+        self.followers.close()
         clients.delivery.close(timeout=self.deadline.close_budget())
         log.info("kafka_closed")
 
     # -- the steps' parts ----------------------------------------------------------------
+    def live_next(self, partition: int) -> int | None:
+        """The next offset the loop processes in `partition`: where it stands, or its
+        committed position until it has processed one; None while neither is known."""
+        position = self.partitions.position(partition)
+        if position is None:
+            position = self.policy.committed.get(TopicPartition(self.settings.input_topic, partition))
+        return position
+
     def _shutdown_step(self, run: _Run) -> bool:
         """Shutdown is a phase of the loop: take no new work (every partition paused),
         finish what is in hand, and keep driving the consumer until the final
@@ -308,6 +340,8 @@ class RunLoop:
     def _process(self, batch: list[Any]) -> list[OutputRecord]:
         """The batch applied to the states; its outputs, after the notices pending."""
         outputs = self.policy.take_notices() + self.processor.process(batch)
+        if self.followers:
+            outputs += self.followers.process(self.processor, batch)
         for partition, position in self.policy.processed(batch).items():
             self.partitions.advance(partition, position)
         return outputs

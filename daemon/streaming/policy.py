@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from daemon.core.records import InputRecord, OutputRecord, StateRecord
 from daemon.core.state import StateStore
@@ -50,15 +51,22 @@ def merged(cps: Sequence[Checkpoint | None]) -> Checkpoint | None:
     if len(present) <= 1:
         return present[0] if present else None
     out = Checkpoint()
-    newest: dict[tuple[int, str], StateRecord] = {}
+    newest: dict[tuple[int, bytes], StateRecord] = {}
     for cp in present:
         out.outputs += cp.outputs
         out.offsets.update(cp.offsets)
         for state in cp.states:
-            newest.pop((state.partition, state.key), None)  # re-inserted last: its newest place
-            newest[state.partition, state.key] = state
+            newest.pop((state.partition, state.wire_key), None)  # re-inserted last: its newest place
+            newest[state.partition, state.wire_key] = state
     out.states = list(newest.values())
     return out
+
+
+class Changes(Protocol):
+    """State records a checkpoint carries besides the serving store's."""
+
+    def has_changes(self) -> bool: ...
+    def take_changes(self) -> list[StateRecord]: ...
 
 
 class CheckpointPolicy:
@@ -83,6 +91,9 @@ class CheckpointPolicy:
         self.committed: dict[TopicPartition, int] = {}
         self.tombstones: list[StateRecord] = []
         self.notices: list[OutputRecord] = []  # not yet published
+        # The state records of the models beside the serving one (daemon/streaming/follow.py):
+        # in the same checkpoint as the serving model's, so a restore finds them consistent.
+        self.others: Changes | None = None
         self._at = clock()
 
     def processed(self, batch: Sequence[InputRecord]) -> dict[int, int]:
@@ -120,11 +131,13 @@ class CheckpointPolicy:
 
     def next_checkpoint(self, outputs: list[OutputRecord]) -> Checkpoint | None:
         """The checkpoint of everything pending, with `outputs`; None if there is nothing."""
-        if not (outputs or self.offsets or self.tombstones or self.store.has_changes()):
+        if not (outputs or self.offsets or self.tombstones or self._changes()):
             return None
         offsets = (self.committed | self.offsets) if self.every_batch else self.offsets
         cp = Checkpoint(outputs=outputs, states=self.tombstones, offsets=offsets)
         cp.states += [StateRecord(p, k, v) for p, k, v in self.store.take_changes(self.model_id)]
+        if self.others is not None:
+            cp.states += self.others.take_changes()
         self.tombstones, self.offsets = [], {}
         self._at = self.clock()
         return cp
@@ -151,7 +164,10 @@ class CheckpointPolicy:
 
     def pending(self) -> bool:
         """Anything not yet durable: offsets, notices, tombstones, changed states."""
-        return bool(self.offsets or self.notices or self.tombstones or self.store.has_changes())
+        return bool(self.offsets or self.notices or self.tombstones or self._changes())
+
+    def _changes(self) -> bool:
+        return self.store.has_changes() or (self.others is not None and self.others.has_changes())
 
     def uncommitted(self) -> dict[int, tuple[int | None, int]]:
         """{partition: (committed position if known, next offset processed)} of the

@@ -215,6 +215,12 @@ class Recompute:
             self.processor.process(wanted)
             self.replayed += len(wanted)
 
+    def unbuilt(self) -> list[str]:
+        """The sequences of the plan not rebuilt (so far): dropped by the plan, their
+        first input not seen, or lost."""
+        missing = [k for k in self.plan.spans if k not in self._started or k in self._lost]
+        return sorted([ev.key for ev in self.plan.dropped] + [k.decode() for k in missing])
+
     def finish(self, restored: Restored) -> Rebuilt:
         """The partition's states for `adopt`: `restored` with each rebuilt state in
         place (as this model's) and each dropped one as a reset state keeping its

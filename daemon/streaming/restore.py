@@ -21,6 +21,7 @@ from daemon.core.state import (
     SnapshotError,
     StateStore,
     StateTensors,
+    parse_state_key,
     same_model,
 )
 from daemon.kafka.port import Reader
@@ -45,6 +46,18 @@ RESTORE_POLL_RECORDS = 5000
 class _Restoring:
     began: float = field(default_factory=time.monotonic)  # version-1 records' last use
     states: dict[str, SavedState] = field(default_factory=dict)
+    # The states of models that followed the partition without serving it, by model
+    # tag (daemon/streaming/follow.py), and the tags whose following marker is there.
+    others: dict[str, dict[str, SavedState]] = field(default_factory=dict)
+    following: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class FollowersLeft:
+    """What a restored partition holds of models that followed it without serving it."""
+
+    states: dict[str, dict[str, SavedState]]  # by model tag, then sequence id
+    following: frozenset[str]  # the tags whose states are exact (their marker)
 
 
 class _Snapshots:
@@ -55,19 +68,24 @@ class _Snapshots:
 
     def read(self, partition: int, into: _Restoring, records: Sequence[InputRecord]) -> None:
         for rec in records:
-            key = rec.key.decode("utf-8", "replace") if rec.key is not None else ""
+            owner, key, following = parse_state_key(rec.key)
+            if following:
+                assert owner is not None
+                (into.following.add if rec.value is not None else into.following.discard)(owner)
+                continue
+            states = into.states if owner is None else into.others.setdefault(owner, {})
             if rec.value is None:
-                into.states.pop(key, None)
+                states.pop(key, None)
                 continue
             try:
-                into.states[key] = SequenceState.from_snapshot(rec.value, into.began)
+                states[key] = SequenceState.from_snapshot(rec.value, into.began)
             except SnapshotError as exc:
                 # An older record of the key would be a wrong state, not a
                 # fallback: the sequence starts over, announced, and keeps
                 # its watermark so no input is applied twice.
-                previous = into.states.get(key)
+                previous = states.get(key)
                 lost = SequenceState.unreadable(rec.value, previous[0] if previous else None)
-                into.states[key] = SavedState(lost, UNREADABLE)
+                states[key] = SavedState(lost, UNREADABLE)
                 log.error(
                     "state_record_unreadable",
                     partition=partition,
@@ -96,6 +114,7 @@ class Restorer:
             waiting="restore_waiting",
         )
         self.active = self.reads.active
+        self._left: dict[int, FollowersLeft] = {}
 
     def begin(self, partitions: Iterable[int]) -> None:
         """Restore these partitions; where each ends is asked now (after the input
@@ -111,11 +130,16 @@ class Restorer:
     def cancel(self, partitions: Iterable[int]) -> None:
         self.reads.cancel(list(partitions))
 
+    def followers_left(self, partition: int) -> FollowersLeft:
+        """Of a partition `step` returned: the states its followers left (once)."""
+        return self._left.pop(partition, FollowersLeft({}, frozenset()))
+
     def step(self) -> dict[int, dict[str, SavedState]]:
         """Read for at most one slice; return the partitions now complete."""
         done: dict[int, dict[str, SavedState]] = {}
         for partition, into, seconds in self.reads.step():
             done[partition] = into.states
+            self._left[partition] = FollowersLeft(into.others, frozenset(into.following))
             self.metrics.restore.observe(seconds)
             self.metrics.states_restored.inc(len(into.states))
         return done

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from daemon.config import Settings
@@ -21,7 +22,7 @@ from daemon.core.processor import Processor
 from daemon.core.state import snapshot_bytes
 from daemon.kafka.backends import make_backend
 from daemon.kafka.clients import wait_for_cluster
-from daemon.kafka.port import Backend, GroupConsumer, RebalanceEvents
+from daemon.kafka.port import Backend, GroupConsumer, Reader, RebalanceEvents
 from daemon.kafka.topics import check_state_record_size, ensure_topics, outputs_aligned
 from daemon.ops.health import Health
 from daemon.ops.logs import get_logger
@@ -48,6 +49,8 @@ class Clients:
     restorer: Restorer
     rebuilder: Rebuilder
     listener: RebalanceEvents
+    # Readers by assignment, for the builds of the models beside the serving one.
+    reader: Callable[[], Reader] | None = None
 
 
 def transactional_id(settings: Settings) -> str | None:
@@ -126,7 +129,7 @@ class Startup:
         restorer = Restorer(backend.reader(), self.settings, self.metrics)
         inputs = self.formats.inputs if self.formats is not None else None
         rebuilder = Rebuilder(backend.reader, self.settings, self.metrics, self.processor, inputs)
-        return Clients(consumer, delivery, restorer, rebuilder, RebalanceEvents())
+        return Clients(consumer, delivery, restorer, rebuilder, RebalanceEvents(), backend.reader)
 
     def _await_metadata(self, consumer: GroupConsumer) -> None:
         """Have the input topic's partitions in the consumer's metadata before joining.

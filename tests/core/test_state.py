@@ -162,3 +162,26 @@ def test_the_largest_state_record_is_the_same_whenever_it_is_computed(
         real = SequenceState(tensors=[np.zeros(s, np.float32) for s in shapes], n=10**18, watermark=10**18)
         assert len(real.snapshot("m@1")) <= sizes[-1]
     assert sizes[0] == sizes[1]
+
+
+def test_state_keys_of_other_models_never_collide_with_a_sequence_id() -> None:
+    from daemon.core.state import StateKey, parse_state_key, state_key
+
+    for key in ["a", "", "ÿ", "\x00", "\uffff"]:
+        assert parse_state_key(state_key(key)) == StateKey(None, key)
+        assert parse_state_key(state_key(key, "bbbb")) == StateKey("bbbb", key)
+        assert state_key(key)[:1] not in (b"\xff", b"\xfe")  # UTF-8 never has these bytes
+    assert parse_state_key(state_key("", "bbbb", following=True)) == StateKey("bbbb", "", following=True)
+    assert parse_state_key(None) == StateKey(None, "")
+
+
+def test_an_inexact_state_survives_its_snapshot_and_its_install() -> None:
+    state = SequenceState(exact=False, watermark=7)  # an empty placeholder of a sequence not replayed
+    restored, _ = SequenceState.from_snapshot(state.snapshot("m@a"))
+    assert restored.exact is False and restored.watermark == 7
+    store = StateStore()
+    store.install(0, "k", restored)
+    assert store.peek(0, "k") is restored  # live, not remembered as ended
+    restored.reset()
+    assert restored.exact is True
+    assert SequenceState.from_snapshot(SequenceState(n=1).snapshot("m@a")).state.exact is True

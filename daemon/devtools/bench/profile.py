@@ -41,7 +41,7 @@ PHASE_RULES: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("daemon/core/processor.py", None, "engine.step", "engine step"),
     ("daemon/core/processor.py", None, None, "processor bookkeeping"),
     # A producer.py frame without a rule (send_to, say) is named by its caller.
-    ("daemon/streaming/delivery/producer.py", "_send_one", "key.encode", "producer.send (state records)"),
+    ("daemon/streaming/delivery/producer.py", "_send_one", "wire_key", "producer.send (state records)"),
     ("daemon/streaming/delivery/producer.py", "_send_one", None, "producer.send (outputs)"),
     ("daemon/streaming/delivery/producer.py", "_send_output", None, "producer.send (outputs)"),
     ("daemon/streaming/delivery/producer.py", "send", None, "producer.send (outputs)"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from daemon.core.records import OutputRecord, StateRecord
+from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.kafka.port import Future
 
 Record = OutputRecord | StateRecord
@@ -26,8 +26,9 @@ Destination = tuple[str, bytes | str | None]
 def destination(item: Record) -> Destination:
     """Where `item`'s order matters: its topic's kind and its key."""
     if isinstance(item, StateRecord):
-        return "state", item.key
-    return ("dlq" if item.dead_letter else "out"), item.key
+        return "state", item.wire_key
+    kind = {Kind.DEAD_LETTER: "dlq", Kind.SHADOW: "shadow"}.get(item.kind, "out")
+    return kind, item.key
 
 
 class KeyOrder:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from daemon.config import Settings
-from daemon.core.records import OutputRecord, StateRecord
+from daemon.core.records import Kind, OutputRecord, StateRecord
 from daemon.kafka.errors import (
     AuthorizationError,
     KafkaError,
@@ -196,7 +196,7 @@ class Producer:
         headers alone, which always go: a dead letter can always be sent."""
         if isinstance(item, StateRecord):
             topic = self.settings.state_topic
-            return item, self.send_to(topic, item.partition, key=item.key.encode(), value=item.value)
+            return item, self.send_to(topic, item.partition, key=item.wire_key, value=item.value)
         if item.dead_letter and item.value and (item.partition, item.offset) in self._oversized:
             item = _too_large(item, "broker")
         while True:
@@ -211,8 +211,9 @@ class Producer:
     def _send_output(self, item: OutputRecord) -> Future:
         return self.send_to(
             self.topic(item),
-            # Stable key -> partition and no murmur2 per record, when the counts agree.
-            item.partition if self.same_partitions else None,
+            # Stable key -> partition and no murmur2 per record, when the counts agree
+            # (the shadow topic's count is not watched: by key).
+            item.partition if self.same_partitions and item.kind is not Kind.SHADOW else None,
             key=item.key,
             value=item.value,
             headers=item.headers or None,
@@ -245,6 +246,8 @@ class Producer:
         s = self.settings
         if isinstance(item, StateRecord):
             return s.state_topic
+        if item.kind is Kind.SHADOW:
+            return s.shadow_topic
         return s.dlq_topic if item.dead_letter else s.output_topic
 
     # -- dead letters too large for the topic ------------------------------------------
