@@ -48,14 +48,15 @@ def build_processor(
             engine=engine.name,
             message=f"fast engine refused: {refused}; using {engine.name}",
         )
-    metrics.model_info.labels(
-        name=model.identity.name,
-        sha256=model.identity.sha256,
-        features=str(model.n_features),
-        outputs=str(model.output_width),
-    ).set(1)
+    info = {
+        "name": model.identity.name,
+        "sha256": model.identity.sha256,
+        "features": str(model.n_features),
+        "outputs": str(model.output_width),
+    }
+    metrics.model_info.labels(**info).set(1)
     metrics.describe(engine=engine.name, delivery=delivery)
-    return Processor(
+    processor = Processor(
         engine,
         model_id=str(model.identity),
         n_features=model.n_features,
@@ -67,6 +68,8 @@ def build_processor(
         publish_from_ms=publish_from_ms,
         wire=wire,
     )
+    processor.info = info  # the labels of lstmd_model_info, for a promotion to set
+    return processor
 
 
 def input_fields(settings: PipelineSettings) -> codec.Fields:

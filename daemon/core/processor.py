@@ -94,11 +94,25 @@ class Processor:
         self.state_shapes = state_shapes
         self.publish_from_ms = publish_from_ms
         self.wire = wire
+        # The labels of lstmd_model_info for this model (set by daemon.pipeline).
+        self.info: dict[str, str] = {}
         # The outputs' y by (partition, offset) of the last batch, when set to a dict
         # (a shadow is compared with the serving model); None: not kept.
         self.ys: dict[tuple[int, int], list[float]] | None = None
         self._inference = metrics.inference.labels(engine=engine.name)
         self._resets = {c: metrics.resets.labels(cause=c) for c in RESET_CAUSES}
+
+    def take_model(self, other: Processor) -> None:
+        """Serve `other`'s model with `other`'s states from now on (a promotion): its
+        engine, identity and shapes, and its store's contents moved into this one's
+        store in place, so every part of the run holding this processor or its store
+        sees the new model. `other` is not used afterwards."""
+        self.engine = other.engine
+        self.model_id = other.model_id
+        self.n_features = other.n_features
+        self.state_shapes = other.state_shapes
+        self.store.replace_with(other.store)
+        self._inference = self.metrics.inference.labels(engine=other.engine.name)
 
     def process(self, records: Sequence[InputRecord]) -> list[OutputRecord]:
         """Apply a batch; outputs come in input order, one per record at most.

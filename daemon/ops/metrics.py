@@ -309,7 +309,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        self.model_info = Gauge(
+        self.model_info = _PartitionGauge(
             "lstmd_model_info",
             "Always 1; labels identify the served model.",
             ["name", "sha256", "features", "outputs"],

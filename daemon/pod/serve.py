@@ -57,7 +57,18 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
         # Frozen, they are never scanned again; what serving allocates still is.
         gc.collect()
         gc.freeze()
-        RunLoop(settings, processor, metrics, health, stop, formats=formats, shadow=shadow).run()
+        RunLoop(
+            settings,
+            processor,
+            metrics,
+            health,
+            stop,
+            formats=formats,
+            shadow=shadow,
+            load_model=lambda path: processor_from_settings(
+                settings, path, Metrics.discarding(), formats.wire
+            ),
+        ).run()
     except StartupError as exc:
         if role is None:
             raise

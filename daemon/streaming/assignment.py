@@ -19,8 +19,8 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
-from daemon.core.records import InputRecord
-from daemon.core.state import SavedState, StateStore
+from daemon.core.records import InputRecord, StateRecord
+from daemon.core.state import SavedState, StateStore, model_tag
 from daemon.kafka.acl import authorization_failure
 from daemon.kafka.errors import AuthorizationError, KafkaError
 from daemon.kafka.port import Polled, TopicPartition
@@ -199,8 +199,12 @@ class Assignment:
         models beside the serving one take theirs (they build once it serves)."""
         rebuilder = self.clients.rebuilder
         left = self.clients.restorer.followers_left(partition)
+        own = model_tag(self.processor.model_id)
+        promoted = own in left.following and own in left.states
+        if promoted:  # the previous owner was promoting this model: its states are exact
+            states = self._promoted(partition, states, left.states.pop(own))
         if self.followers is not None:  # with none, what others left is deleted
-            self.followers.restored(partition, left.states, left.following)
+            self.followers.restored(partition, left.states, left.following - {own})
         if self.settings.on_model_change == "rebuild" and rebuilder.begin(partition, states):
             self.partitions.begin_rebuild(partition)
             log.info(
@@ -212,8 +216,30 @@ class Assignment:
             return
         evicted = adopt(self.store, self.processor.model_id, partition, states, self.processor.state_shapes)
         self.policy.notify(self.processor.announce(evicted))
+        if promoted:
+            self.store.mark_partition(partition)  # rewritten under the serving keys
         self.partitions.restored(partition)
         log.info("partition_restored", partition=partition, states=len(states), discarded=len(evicted))
+
+    def _promoted(
+        self, partition: int, states: dict[str, SavedState], candidate: dict[str, SavedState]
+    ) -> dict[str, SavedState]:
+        """A partition whose previous owner was promoting this model (a candidate that
+        followed it, daemon/streaming/promote.py) and stopped before the switch: the
+        candidate's states, exact, serve; its records are deleted and its states
+        rewritten under the serving keys. A sequence it could not replay starts over."""
+        own = model_tag(self.processor.model_id)
+        self.policy.tombstones += [StateRecord(partition, k, None, owner=own) for k in sorted(candidate)]
+        self.policy.tombstones.append(StateRecord(partition, "", None, owner=own, following=True))
+        merged = dict(states)
+        for key, (state, saved_by) in candidate.items():
+            if not state.exact:  # the old model's record stays: announced as changed, or rebuilt
+                continue
+            merged[key] = SavedState(state, saved_by)
+        log.info(
+            "partition_promoted", partition=partition, model=self.processor.model_id, states=len(candidate)
+        )
+        return merged
 
     def _rebuild(self) -> None:
         """Move rebuilds on; a partition rebuilt gets its states installed, its

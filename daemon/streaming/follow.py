@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from daemon.config import Settings
@@ -113,9 +113,11 @@ class _Reading:
         f = self.follower
         if f.schemas is not None:
             f.schemas.resolve(records)
-        assert into.recompute is not None
+        assert into.recompute is not None and into.resume is not None
+        # Not beyond the round's end: the loop has not processed those yet, and the
+        # model joins only where the loop stands (a reader fetches past the end).
         before = [r for r in records if r.offset < into.live_from]
-        after = [r for r in records if r.offset >= into.live_from]
+        after = [r for r in records if into.live_from <= r.offset < into.resume]
         with f.withheld():
             if before:
                 into.recompute.feed(before)
@@ -224,6 +226,12 @@ class Follower:
             log.info(f"{self.role.value}_following", partition=partition, states=len(states), restored=True)
         else:
             self.phases[partition] = Phase.WAITING
+        self._gauge()
+
+    def add_partitions(self, partitions: Iterable[int]) -> None:
+        """Partitions owned before this model came: each built once it serves."""
+        for p in partitions:
+            self.phases.setdefault(p, Phase.WAITING)
         self._gauge()
 
     def release(self, partitions: Sequence[int]) -> None:

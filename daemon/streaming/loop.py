@@ -16,11 +16,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import OutputRecord
+from daemon.core.state import model_tag
 from daemon.kafka.acl import authorization_failure, fenced_instance
 from daemon.kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 from daemon.kafka.port import GroupConsumer, Polled, TopicPartition
@@ -36,6 +38,7 @@ from daemon.streaming.housekeeping import Housekeeping
 from daemon.streaming.layout import TopicWatch
 from daemon.streaming.lifecycle import Partitions
 from daemon.streaming.policy import CheckpointPolicy
+from daemon.streaming.promote import ModelFile, Promotion, watch_interval
 from daemon.streaming.registry import RegistryGate
 from daemon.streaming.shutdown import ShutdownDeadline
 from daemon.streaming.startup import Clients, Startup, transactional_id
@@ -73,13 +76,16 @@ class RunLoop:
         on_batch: Callable[[int], None] | None = None,
         formats: ValueFormats | None = None,
         shadow: Processor | None = None,
+        load_model: Callable[[Path], Processor] | None = None,
     ) -> None:
         """`on_batch(n)` is called after each poll batch of n > 0 inputs is processed and
         its outputs handed to delivery: a hook for measurements (`lstmd bench`).
         `formats`: the value formats the processor's wire was built from, for the
         registry work around it (daemon/streaming/registry.py); None: JSON.
         `shadow`: the shadow model's processor (LSTMD_SHADOW_MODEL_PATH), its metrics
-        discarding (daemon/streaming/follow.py)."""
+        discarding (daemon/streaming/follow.py). `load_model`: a model file's processor
+        like `shadow`'s, for a new file at LSTMD_MODEL_PATH (daemon/streaming/promote.py;
+        None: the file is not watched)."""
         self.settings = settings
         self.processor = processor
         self.store = processor.store
@@ -106,6 +112,13 @@ class RunLoop:
         if shadow is not None:
             self.followers.add(Follower(shadow, Role.SHADOW, settings, metrics, self.live_next, self.schemas))
             processor.ys = {}  # compared with the shadow's
+        interval = watch_interval(settings)
+        watch = None
+        if load_model is not None and interval is not None:
+            watch = ModelFile(settings.model_path, interval, load_model, model_tag(processor.model_id))
+        self.promotion = Promotion(
+            settings, processor, self.followers, metrics, self.partitions, self.policy, self._candidate, watch
+        )
         # Builds a run's clients: `connect` for the real Kafka; `startup.assemble` from
         # any Kafka's client factories (the seam where tests plug in the in-memory one).
         self.startup = Startup(settings, processor, metrics, health, stop, self.abandon, formats)
@@ -189,6 +202,8 @@ class RunLoop:
         if clients.reader is not None:
             for follower in self.followers.all:
                 follower.attach(clients.reader)
+        if self.promotion.watch is not None:
+            self.promotion.watch.start()
         self._run = _Run(clients, checkpoints, assignment, housekeeping)
         self.topics.watch(clients.delivery)  # the partition counts, before any is assigned
         if self.settings.delivery == "at-least-once":
@@ -224,6 +239,11 @@ class RunLoop:
         run.assignment.catch_up()
         if self.followers:
             self.followers.step(self.processor, self.partitions.serving)
+        if self.promotion.step():
+            # Durable before the new model's first prediction: a restart repeats none
+            # of the old model's answers with the new one.
+            self.policy.notify(self.processor.announce(self.promotion.switch()))
+            run.checkpoints.flush()
         batch = run.assignment.accept(polled)
         if not self.gate.admit(batch):  # the registry is away: read again after a backoff
             run.assignment.hand_back(batch)
@@ -249,11 +269,23 @@ class RunLoop:
         clients.consumer.close(close_ms)
         clients.restorer.consumer.close(close_ms)
         clients.rebuilder.close()
+        if self.promotion.watch is not None:
+            self.promotion.watch.stop()
         self.followers.close()
         clients.delivery.close(timeout=self.deadline.close_budget())
         log.info("kafka_closed")
 
     # -- the steps' parts ----------------------------------------------------------------
+    def _candidate(self, processor: Processor) -> Follower:
+        """A new model at LSTMD_MODEL_PATH, following beside the serving one until promoted."""
+        follower = Follower(
+            processor, Role.CANDIDATE, self.settings, self.metrics, self.live_next, self.schemas
+        )
+        reader = self._parts().clients.reader
+        if reader is not None:
+            follower.attach(reader)
+        return follower
+
     def live_next(self, partition: int) -> int | None:
         """The next offset the loop processes in `partition`: where it stands, or its
         committed position until it has processed one; None while neither is known."""
