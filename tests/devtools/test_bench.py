@@ -429,6 +429,24 @@ def test_rebuild_section_structure() -> None:
     assert "s for target" in table and "(extrapolated)" in table
 
 
+def test_shadow_section_structure() -> None:
+    config = bench.BenchConfig(
+        sections=("shadow",), shadow_rounds=1, shadow_sequences=12, shadow_keras_sequences=2, shadow_steps=3
+    )
+    report = bench.run(config)
+    rows = report["rows"]
+    assert [(r["engine"], r["contender"], r["events"]) for r in rows] == [
+        ("keras", "serving", 6),
+        ("keras", "serving + shadow", 6),
+        ("fast", "serving", 36),
+        ("fast", "serving + shadow", 36),
+    ]
+    assert [r["vs_serving"] for r in rows if r["contender"] == "serving"] == [1.0, 1.0]
+    # The shadow's states: the demo model's LSTM(32), h and c of float32, per open sequence.
+    assert [r["shadow_state_bytes"] for r in rows] == [0, 2 * 2 * 32 * 4, 0, 12 * 2 * 32 * 4]
+    assert "shadow model RSS" in bench.format_table(report)
+
+
 @pytest.mark.kafka
 @pytest.mark.parametrize("contender", ["lstmd", "lstmd-librdkafka"])
 def test_latency_section_measures_every_paced_event(kafka: LocalKafka, contender: str) -> None:

@@ -139,6 +139,11 @@ class BenchConfig:
     formats_events: int = 50_000  # per format and round
     formats_features: int = 5
     formats_rounds: int = 3
+    # A second model beside the serving one (section shadow; see shadow.py).
+    shadow_sequences: int = 1_000
+    shadow_keras_sequences: int = 20
+    shadow_steps: int = 20
+    shadow_rounds: int = 3
 
 
 def versus_contenders(config: BenchConfig, asked: tuple[str, ...] = VERSUS_CONTENDERS) -> tuple[str, ...]:

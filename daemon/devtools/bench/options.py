@@ -229,6 +229,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=3,
         help="formats: rounds, the formats taking turns in each (default: 3)",
     )
+    p.add_argument(
+        "--shadow-rounds",
+        type=int,
+        default=3,
+        help="shadow: rounds, serving alone and with a shadow taking turns in each (default: 3)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -284,6 +290,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         compression_rounds=max(1, args.compression_rounds),
         formats_events=max(1, args.formats_events),
         formats_rounds=max(1, args.formats_rounds),
+        shadow_rounds=max(1, args.shadow_rounds),
     )
     check(config)
     return config

@@ -17,6 +17,7 @@ from daemon.devtools.bench.compression import format_compression
 from daemon.devtools.bench.config import E2E_MODEL, MODELS, BenchConfig, Row
 from daemon.devtools.bench.formats import format_formats
 from daemon.devtools.bench.scale_report import SCALE_SECTIONS, format_scale
+from daemon.devtools.bench.shadow import format_shadow
 from daemon.devtools.bench.versus import format_versus
 
 
@@ -172,7 +173,8 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [
         r
         for r in report["rows"]
-        if r["section"] not in ("profile", "compression", "formats", "latency", "versus", *SCALE_SECTIONS)
+        if r["section"]
+        not in ("profile", "compression", "formats", "shadow", "latency", "versus", *SCALE_SECTIONS)
     ]
     meta = report["meta"]
     cfg = meta["config"]
@@ -292,6 +294,7 @@ def format_table(report: dict[str, Any]) -> str:
     out += format_scale(report)
     out += format_compression(report["rows"])
     out += format_formats(report["rows"])
+    out += format_shadow(report["rows"])
     notes = {r["note"] for r in report["rows"] if r.get("note")}
     out.extend(f"note: {note}" for note in sorted(notes))
     out.append(

@@ -31,6 +31,7 @@ from daemon.devtools.bench.rebuild import RebuildSection
 from daemon.devtools.bench.report import add_ratios, meta, summary
 from daemon.devtools.bench.restore import RestoreSection
 from daemon.devtools.bench.scale import ScaleSection
+from daemon.devtools.bench.shadow import ShadowSection
 from daemon.devtools.bench.versus import VersusSection, versus_table
 
 SECTIONS: dict[str, Section] = {
@@ -51,6 +52,8 @@ SECTIONS: dict[str, Section] = {
     "compression": CompressionSection(),
     # Each value format's decode and encode cost (LSTMD_INPUT_FORMAT), on request only.
     "formats": FormatsSection(),
+    # What a shadow (or a candidate being promoted) costs per event, on request only.
+    "shadow": ShadowSection(),
 }
 
 
