@@ -99,13 +99,15 @@ class ShadowSection:
             seqs = config.shadow_sequences if engine == "fast" else config.shadow_keras_sequences
             steps = config.shadow_steps
             events = seqs * steps
-            _round(path, engine, True, min(seqs, 10), 2)  # warm-up: first calls, tracing
+            # Warm-up (first calls, tracing); the shadow's model loaded as the second
+            # model of the process here: what it adds (later rounds reuse freed memory).
+            _, _, added = _round(path, engine, True, min(seqs, 10), 2)
             cpu: dict[str, list[float]] = {"serving": [], "serving + shadow": []}
-            state = added = 0
+            state = 0
             for i in range(config.shadow_rounds):
                 log(f"bench: shadow {engine} round {i + 1}/{config.shadow_rounds}: {seqs:,} x {steps} ...")
                 cpu["serving"].append(_round(path, engine, False, seqs, steps)[0] / events)
-                took, state, added = _round(path, engine, True, seqs, steps)
+                took, state, _ = _round(path, engine, True, seqs, steps)
                 cpu["serving + shadow"].append(took / events)
             base = statistics.median(cpu["serving"])
             for contender, each in cpu.items():
@@ -152,10 +154,11 @@ def format_shadow(rows: list[Row]) -> list[str]:
             )
         )
     first = rows[0]
+    sizes = ", ".join(sorted({f"{r['engine']} {r['events']:,}" for r in rows}))
     return [
         "",
         *aligned(lines),
-        f"shadow: {first['model']} model serving and shadowing, {first['events']:,} events per round (keras: "
-        f"fewer sequences), CPU time of Processor.process and Followers.process, medians of "
-        f"{first['rounds']} rounds",
+        f"shadow: the {first['model']} model serving and shadowing, events per round: {sizes}; CPU time of "
+        f"Processor.process and Followers.process, medians of {first['rounds']} rounds; the shadow model's "
+        "RSS: what loading it as the process's second model added",
     ]
