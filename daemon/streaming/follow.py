@@ -431,6 +431,17 @@ class Followers:
     def evict_idle(self, idle_s: float) -> list[OutputRecord]:
         return [n for f in self.all for n in f.evict_idle(idle_s)]
 
+    def committed(self, partition: int, offset: int) -> list[StateRecord]:
+        """As the serving store's: ended sequences below a committed offset are
+        forgotten, their records deleted (else each follower's memory of ended
+        sequences, and its records, would only grow)."""
+        return [
+            StateRecord(partition, key, None, owner=f.tag)
+            for f in self.all
+            if f.following(partition)
+            for key in f.processor.store.forget_ended_before(partition, offset)
+        ]
+
     def has_changes(self) -> bool:
         return bool(self._tombstones) or any(f.has_changes() for f in self.all)
 

@@ -67,6 +67,10 @@ class Changes(Protocol):
 
     def has_changes(self) -> bool: ...
     def take_changes(self) -> list[StateRecord]: ...
+    def committed(self, partition: int, offset: int) -> list[StateRecord]:
+        """Offsets below `offset` of the partition are committed: the tombstones of the
+        ended sequences no longer needed (`StateStore.forget_ended_before`)."""
+        ...
 
 
 class CheckpointPolicy:
@@ -155,6 +159,8 @@ class CheckpointPolicy:
                 StateRecord(tp.partition, key, None)
                 for key in self.store.forget_ended_before(tp.partition, offset)
             ]
+            if self.others is not None:
+                self.tombstones += self.others.committed(tp.partition, offset)
 
     def release(self, tp: TopicPartition) -> None:
         """The partition is gone: its next owner recomputes its pending work."""

@@ -219,3 +219,22 @@ def test_a_sequence_the_build_cannot_replay_is_not_published_until_it_starts_ove
     assert sorted(shadow) == [n + 1, n + 3]  # b's, then a's after its end; none of a before
     want = expected(B, 2.0, evs + more)
     assert [shadow[o]["y"] for o in sorted(shadow)] == [want[n + 1], want[n + 3]]
+
+
+def test_a_shadow_forgets_ended_sequences_once_committed_as_the_serving_store_does(tmp_path: Path) -> None:
+    kafka = Memory()
+    s = kafka.settings(tmp_path, checkpoint_interval_ms=0, shadow_model_path=tmp_path / "m.keras")
+    loop = loop_with_shadow(kafka, s)
+    evs = events(60, end_every=5)  # every key's last input ends its sequence
+    kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs[:3]])
+    kafka.run_until([loop], lambda: loop.followers.all[0].following(0))
+    kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs[3:]])
+    follower = loop.followers.all[0].processor.store
+    kafka.run_until([loop], lambda: consumed(loop) == 60 and not loop.policy.pending())
+    kafka.produce(s.input_topic, [(b"z", orjson.dumps({"x": [1.0]}), 0)])  # a commit past the ends
+    kafka.run_until([loop], lambda: consumed(loop) == 61 and loop.processor.store.ended() == 0)
+    assert follower.ended() == 0  # forgotten too, not kept for good
+    shut(loop)
+    newest = {r.key: r.value for r in kafka.kafka.records(s.state_topic)}
+    shadow_keys = [k for k, v in newest.items() if parse_state_key(k).owner == "bbbb" and v is not None]
+    assert sorted(parse_state_key(k).key for k in shadow_keys) == ["", "z"]  # the marker and z's state
