@@ -92,7 +92,7 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     return partitions
 
 
-def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_bytes: int) -> None:
+def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_bytes: int) -> int | None:
     """Refuse at start-up a model whose state records the state topic would refuse.
 
     The broker refuses a record batch over the topic's `max.message.bytes` (its own
@@ -101,7 +101,8 @@ def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_b
     numbers, and exits 2. `value_bytes` is the model's largest state record value
     (`daemon.core.state.snapshot_bytes`); a sequence id's bytes come on top, so the
     limit must leave room for them. A topic whose configuration cannot be read (no
-    DescribeConfigs ACL) is not checked: a warning says so.
+    DescribeConfigs ACL) is not checked: a warning says so. Returns the limit (None:
+    unknown), for a model promoted later to be checked against it too.
     """
     topic = settings.state_topic
     needed = value_bytes + STATE_RECORD_OVERHEAD_BYTES
@@ -111,7 +112,7 @@ def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_b
         limit = int(value)
     except (KafkaError, TypeError, ValueError) as exc:
         log.warning("state_record_size_unchecked", topic=topic, error=str(exc) or type(exc).__name__)
-        return
+        return None
     if needed > limit:
         raise KafkaSetupError(
             f"the model's state records take up to {needed} bytes (plus the sequence id), more than "
@@ -119,6 +120,7 @@ def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_b
             f"its max.message.bytes above {needed} plus the longest sequence id, or serve a model "
             "with smaller states (lstmd inspect shows the state bytes per sequence)"
         )
+    return limit
 
 
 def outputs_aligned(admin: KafkaAdminClient, settings: Settings, partitions: int) -> bool:

@@ -117,7 +117,15 @@ class RunLoop:
         if load_model is not None and interval is not None:
             watch = ModelFile(settings.model_path, interval, load_model, model_tag(processor.model_id))
         self.promotion = Promotion(
-            settings, processor, self.followers, metrics, self.partitions, self.policy, self._candidate, watch
+            settings,
+            processor,
+            self.followers,
+            metrics,
+            self.partitions,
+            self.policy,
+            self._candidate,
+            watch,
+            lambda: self.startup.state_record_limit,
         )
         # Builds a run's clients: `connect` for the real Kafka; `startup.assemble` from
         # any Kafka's client factories (the seam where tests plug in the in-memory one).

@@ -36,8 +36,9 @@ from pathlib import Path
 from daemon.config import Settings
 from daemon.core.processor import Processor
 from daemon.core.records import StateRecord
-from daemon.core.state import Eviction, SequenceState, model_tag, same_model
+from daemon.core.state import Eviction, SequenceState, model_tag, same_model, snapshot_bytes
 from daemon.errors import LstmdError
+from daemon.kafka.topics import STATE_RECORD_OVERHEAD_BYTES
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.follow import Follower, Followers, Role
@@ -163,8 +164,10 @@ class Promotion:
         policy: CheckpointPolicy,
         make_candidate: Callable[[Processor], Follower],
         watch: ModelFile | None = None,
+        state_record_limit: Callable[[], int | None] = lambda: None,
     ) -> None:
-        """`watch`: the model file's (None: not watched, nothing is ever promoted)."""
+        """`watch`: the model file's (None: not watched, nothing is ever promoted).
+        `state_record_limit`: the state topic's max.message.bytes as start-up read it."""
         self.settings = settings
         self.serving = serving
         self.followers = followers
@@ -173,6 +176,7 @@ class Promotion:
         self.policy = policy
         self.make_candidate = make_candidate
         self.watch = watch
+        self.state_record_limit = state_record_limit
         self.candidate: Follower | None = None
         self._began = 0.0
 
@@ -200,13 +204,13 @@ class Promotion:
                 self._follow(event.processor, event.seconds)
 
     def _follow(self, processor: Processor, seconds: float) -> None:
-        if processor.n_features != self.serving.n_features:
+        problem = self._misfit(processor)
+        if problem is not None:
             self.metrics.model_swaps.labels(outcome="refused").inc()
             log.error(
                 "model_change_refused",
                 model=processor.model_id,
-                error=f"it takes {processor.n_features} features per step, the inputs have "
-                f"{self.serving.n_features}",
+                error=problem,
                 serving=self.serving.model_id,
                 action="the serving model goes on",
             )
@@ -228,6 +232,21 @@ class Promotion:
             load_seconds=round(seconds, 3),
             shadow=shadow is not None,
         )
+
+    def _misfit(self, processor: Processor) -> str | None:
+        """Why the new model cannot serve these inputs and this state topic, or None."""
+        if processor.n_features != self.serving.n_features:
+            features = processor.n_features, self.serving.n_features
+            return "it takes {} features per step, the inputs have {}".format(*features)
+        limit = self.state_record_limit()
+        if limit is not None and processor.state_shapes is not None:
+            needed = snapshot_bytes(processor.model_id, processor.state_shapes) + STATE_RECORD_OVERHEAD_BYTES
+            if needed > limit:
+                return (
+                    f"its state records take up to {needed} bytes (plus the sequence id), more than the "
+                    f"state topic accepts (max.message.bytes={limit}): every checkpoint would be refused"
+                )
+        return None
 
     def _drop_candidate(self, reason: str) -> None:
         if self.candidate is None:

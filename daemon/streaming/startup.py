@@ -75,6 +75,9 @@ class Startup:
     stop: threading.Event
     abandon: threading.Event
     formats: ValueFormats | None = None
+    # The state topic's max.message.bytes, once start-up read it (None: unknown): a
+    # model promoted later must fit it too (daemon/streaming/promote.py).
+    state_record_limit: int | None = None
 
     def connect(self) -> tuple[Clients, int] | None:
         """The Schema Registry answering (if a format needs it), topics checked, producer
@@ -91,7 +94,7 @@ class Startup:
             aligned = outputs_aligned(admin, settings, partitions)
             if self.processor.state_shapes is not None:
                 state_bytes = snapshot_bytes(self.processor.model_id, self.processor.state_shapes)
-                check_state_record_size(admin, settings, state_bytes)
+                self.state_record_limit = check_state_record_size(admin, settings, state_bytes)
         finally:
             admin.close()
         log.info(

@@ -197,3 +197,23 @@ def test_the_model_file_watch_loads_a_changed_file_once_it_settles(
         assert watch.take() == []  # unchanged: nothing more
     finally:
         watch.stop()
+
+
+def test_a_new_model_that_does_not_fit_is_refused_and_the_serving_one_goes_on(tmp_path: Path) -> None:
+    kafka = Memory()
+    s = kafka.settings(tmp_path, checkpoint_interval_ms=0)
+    loop = new_loop(kafka, s)
+    loop.startup.state_record_limit = 2000  # the state topic's max.message.bytes, as start-up read it
+    big = processor(B, 2.0, Metrics.discarding())
+    big.state_shapes = [(1, 1000)]  # 4 kB of state per sequence
+    other = processor("m@cccc", 2.0, Metrics.discarding())
+    other.n_features = 3
+    loop.promotion.take([Loaded(big, 0.0), Loaded(other, 0.0), Refused(tmp_path / "m.keras", "not a model")])
+    assert loop.promotion.candidate is None and not loop.followers
+    refused = loop.metrics.registry.get_sample_value("lstmd_model_swaps_total", {"outcome": "refused"})
+    assert refused == 3
+    small = processor(B, 2.0, Metrics.discarding())
+    small.state_shapes = [(1, 8)]
+    loop.promotion.take([Loaded(small, 0.0)])
+    assert loop.promotion.candidate is not None
+    shut(loop)
