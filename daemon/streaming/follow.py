@@ -55,11 +55,16 @@ from daemon.streaming.rebuild import (
     Recompute,
     plan,
 )
-from daemon.streaming.restore import RESTORE_SLICE_S
 
 log = get_logger("daemon.streaming.loop")
 
 At = tuple[int, int]  # (partition, offset) of an input
+
+# One step of a build holds the loop at most this long: the partitions serve
+# meanwhile, and a rebuild's half second would be their latency. The loop polls
+# without waiting while a build is under way (`Followers.building`), so an idle
+# partition's build still gets the loop's time.
+FOLLOW_SLICE_S = 0.1
 
 
 class Role(enum.Enum):
@@ -185,7 +190,7 @@ class Follower:
 
     def attach(self, make_reader: Callable[[], Reader]) -> None:
         """The run's reader factory: a build's catch-up reads the input on one of its own."""
-        pace = Pace(RESTORE_SLICE_S, BEGINNING_TIMEOUT_MS, MIN_POLL_RECORDS, MAX_POLL_RECORDS, INITIAL_COST_S)
+        pace = Pace(FOLLOW_SLICE_S, BEGINNING_TIMEOUT_MS, MIN_POLL_RECORDS, MAX_POLL_RECORDS, INITIAL_COST_S)
         self._reads = CatchUp[_Building](
             make_reader,
             self.settings,
@@ -325,6 +330,9 @@ class Follower:
     def following(self, partition: int) -> bool:
         return self.phases.get(partition) is Phase.FOLLOWING
 
+    def building(self) -> bool:
+        return any(ph is Phase.BUILDING for ph in self.phases.values())
+
     def follows_all(self, partitions: frozenset[int]) -> bool:
         return bool(partitions) and all(self.following(p) for p in partitions)
 
@@ -408,6 +416,10 @@ class Followers:
             self._tombstones += [StateRecord(partition, key, None, owner=tag) for key in others.get(tag, {})]
             if tag in following:
                 self._tombstones.append(StateRecord(partition, "", None, owner=tag, following=True))
+
+    def building(self) -> bool:
+        """A build is under way: the loop's poll should not wait for records."""
+        return any(f.building() for f in self.all)
 
     def release(self, partitions: Sequence[int]) -> None:
         for f in self.all:

@@ -341,7 +341,8 @@ class RunLoop:
         liveness probe is not beaten meanwhile, so a consumer that never recovers
         fails `/livez` after LSTMD_KAFKA_MAX_POLL_INTERVAL_MS."""
         try:
-            polled = consumer.poll(POLL_TIMEOUT_MS)
+            # While a model beside the serving one builds, its slices are the wait.
+            polled = consumer.poll(0 if self.followers.building() else POLL_TIMEOUT_MS)
         except AuthorizationError as exc:  # a group or topic ACL: retrying cannot help
             raise authorization_failure(self.settings, exc) from None
         except FencedInstanceIdError:  # two pods with one LSTMD_GROUP_INSTANCE_ID

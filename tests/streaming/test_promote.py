@@ -78,7 +78,7 @@ def check_swap(kafka: Memory, s: Settings, evs: list[tuple[str, dict[str, object
 def test_a_model_promoted_under_a_steady_stream_switches_between_two_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delivery: str
 ) -> None:
-    monkeypatch.setattr("daemon.streaming.follow.RESTORE_SLICE_S", 0.05)
+    monkeypatch.setattr("daemon.streaming.follow.FOLLOW_SLICE_S", 0.05)
     monkeypatch.setattr("daemon.streaming.follow.MAX_POLL_RECORDS", 20)
     monkeypatch.setattr("daemon.streaming.follow.MIN_POLL_RECORDS", 20)
     kafka = Memory()

@@ -134,7 +134,7 @@ def test_a_shadow_added_to_a_serving_partition_replays_its_open_sequences_while_
     kafka.run_until([first], lambda: consumed(first) == 400)
     shut(first)
     # Each step of the build reads about two polls of 20 records.
-    monkeypatch.setattr(follow, "RESTORE_SLICE_S", 0.05)
+    monkeypatch.setattr(follow, "FOLLOW_SLICE_S", 0.05)
     monkeypatch.setattr(follow, "MIN_POLL_RECORDS", 20)
     monkeypatch.setattr(follow, "MAX_POLL_RECORDS", 20)
     kafka.kafka.read_delay_s = 0.03
