@@ -48,7 +48,7 @@ def same_model(a: str, b: str) -> bool:
     """
     if "@" not in a or "@" not in b:
         return a == b
-    return a.rpartition("@")[2] == b.rpartition("@")[2]
+    return model_tag(a) == model_tag(b)
 
 
 # The state topic also holds the states of models that follow a partition without

@@ -92,6 +92,12 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> int:
     return partitions
 
 
+def state_record_bytes(value_bytes: int) -> int:
+    """The bytes a state record of a value of `value_bytes` takes in a record batch,
+    its sequence id aside: what the state topic's max.message.bytes must allow."""
+    return value_bytes + STATE_RECORD_OVERHEAD_BYTES
+
+
 def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_bytes: int) -> int | None:
     """Refuse at start-up a model whose state records the state topic would refuse.
 
@@ -105,7 +111,7 @@ def check_state_record_size(admin: KafkaAdminClient, settings: Settings, value_b
     unknown), for a model promoted later to be checked against it too.
     """
     topic = settings.state_topic
-    needed = value_bytes + STATE_RECORD_OVERHEAD_BYTES
+    needed = state_record_bytes(value_bytes)
     try:
         described = admin.describe_configs([ConfigResource("TOPIC", topic)], config_filter="all")
         value = described.get("topic", {}).get(topic, {}).get("max.message.bytes", {}).get("value")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 from daemon import __version__
 from daemon.config import Settings
-from daemon.core.codec import Wire
 from daemon.core.processor import Processor
 from daemon.errors import ExitCode, StartupError, UnservableModelError
 from daemon.ops import logs
@@ -49,7 +50,13 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
         # The value formats; a pod's workers share the schemas they fetch (its directory).
         formats = value_formats(settings, input_fields(settings), role.directory if role else None)
         processor = processor_from_settings(settings, settings.model_path, metrics, formats.wire)
-        shadow = shadow_processor(settings, processor, formats.wire)
+
+        # The models loaded later (a shadow, a new file at LSTMD_MODEL_PATH): their
+        # metrics discard, every input is counted once, by the serving model.
+        def load(path: Path) -> Processor:
+            return processor_from_settings(settings, path, Metrics.discarding(), formats.wire)
+
+        shadow = shadow_processor(settings, processor, load)
         health.model_loaded = True
         log.info("model_loaded", model=processor.model_id, engine=processor.engine.name)
         # TensorFlow, Keras and the model leave ~270,000 long-lived objects behind: a
@@ -65,9 +72,7 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
             stop,
             formats=formats,
             shadow=shadow,
-            load_model=lambda path: processor_from_settings(
-                settings, path, Metrics.discarding(), formats.wire
-            ),
+            load_model=load,
         ).run()
     except StartupError as exc:
         if role is None:
@@ -90,13 +95,14 @@ def serve(settings: Settings, role: WorkerRole | None) -> int:
     return ExitCode.OK
 
 
-def shadow_processor(settings: Settings, serving: Processor, wire: Wire) -> Processor | None:
-    """The shadow model's processor (LSTMD_SHADOW_MODEL_PATH), or None. Its metrics
-    discard: every input is counted once, by the serving model. It must read the
+def shadow_processor(
+    settings: Settings, serving: Processor, load: Callable[[Path], Processor]
+) -> Processor | None:
+    """The shadow model's processor (LSTMD_SHADOW_MODEL_PATH), or None. It must read the
     serving model's inputs: another feature count is a start-up error (exit 2)."""
     if settings.shadow_model_path is None:
         return None
-    shadow = processor_from_settings(settings, settings.shadow_model_path, Metrics.discarding(), wire)
+    shadow = load(settings.shadow_model_path)
     if shadow.n_features != serving.n_features:
         raise UnservableModelError(
             f"LSTMD_SHADOW_MODEL_PATH: {settings.shadow_model_path} takes {shadow.n_features} features "

@@ -270,17 +270,9 @@ class Follower:
         live = self.live_next(partition)
         if live is None:
             return  # not known yet: asked again at the next step
-        saved = {
-            key: SequenceState(
-                n=s.n,
-                watermark=s.watermark,
-                first_offset=s.first_offset,
-                last_step=s.last_step,
-                last_seen=s.last_seen,
-            )
-            for p, key, s in serving.store
-            if p == partition and s.n
-        }
+        # What the open states say where their inputs are, as they are now (the live
+        # ones move on); their tensors are of no use to another model.
+        saved = {key: replace(s, tensors=None) for p, key, s in serving.store if p == partition and s.n}
         self.processor.store.drop_partition(partition)
         assert self._reads is not None
         self._reads.begin(partition, _Building(saved, live))

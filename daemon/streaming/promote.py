@@ -38,7 +38,7 @@ from daemon.core.processor import Processor
 from daemon.core.records import StateRecord
 from daemon.core.state import Eviction, SequenceState, model_tag, same_model, snapshot_bytes
 from daemon.errors import LstmdError
-from daemon.kafka.topics import STATE_RECORD_OVERHEAD_BYTES
+from daemon.kafka.topics import state_record_bytes
 from daemon.ops.logs import get_logger
 from daemon.ops.metrics import Metrics
 from daemon.streaming.follow import Follower, Followers, Role
@@ -240,7 +240,7 @@ class Promotion:
             return "it takes {} features per step, the inputs have {}".format(*features)
         limit = self.state_record_limit()
         if limit is not None and processor.state_shapes is not None:
-            needed = snapshot_bytes(processor.model_id, processor.state_shapes) + STATE_RECORD_OVERHEAD_BYTES
+            needed = state_record_bytes(snapshot_bytes(processor.model_id, processor.state_shapes))
             if needed > limit:
                 return (
                     f"its state records take up to {needed} bytes (plus the sequence id), more than the "

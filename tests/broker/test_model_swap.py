@@ -22,12 +22,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import orjson
 import pytest
@@ -57,14 +55,7 @@ def model_a() -> Path:
 @pytest.fixture(scope="module")
 def model_b(model_a: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Model A's architecture with other weights: its outputs differ from A's."""
-    model = keras.saving.load_model(model_a, compile=False)
-    rng = np.random.default_rng(7)
-    model.set_weights([w + rng.normal(0.0, 0.3, size=w.shape).astype(w.dtype) for w in model.get_weights()])
-    path = tmp_path_factory.mktemp("swap-b") / "model_b.keras"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message="__array__")
-        model.save(path)
-    return path
+    return models.reweighted(model_a, 7, tmp_path_factory.mktemp("swap-b") / "model_b.keras")
 
 
 @pytest.fixture(scope="module")

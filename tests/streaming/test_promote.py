@@ -8,7 +8,6 @@ promoted, and the model file's watch. The real broker: tests/broker/test_model_s
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from pathlib import Path
 
@@ -18,31 +17,12 @@ import pytest
 from daemon.config import Settings
 from daemon.core.state import parse_state_key
 from daemon.errors import UnservableModelError
-from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.streaming import promote
 from daemon.streaming.lifecycle import Phase
-from daemon.streaming.loop import RunLoop
 from daemon.streaming.promote import Loaded, ModelFile, Refused, Reverted
-from tests.streaming.test_shadow import A, B, consumed, events, expected, processor, shut
-from tests.support.backends import Memory, memory_backend, unported
-
-
-def new_loop(kafka: Memory, s: Settings, model: str = A, scale: float = 1.0, shadow: bool = False) -> RunLoop:
-    if s.shadow_topic not in kafka.kafka.topics:
-        kafka.kafka.create_topic(s.shadow_topic)
-    serving = processor(model, scale)
-    loop = RunLoop(
-        s,
-        serving,
-        serving.metrics,  # type: ignore[arg-type]
-        Health(60),
-        threading.Event(),
-        shadow=processor(B, 2.0, Metrics.discarding()) if shadow else None,
-    )
-    loop.start(loop.startup.assemble(memory_backend(kafka.kafka, s)))
-    loop.health.model_loaded = True
-    return loop
+from tests.streaming.test_shadow import A, B, consumed, events, expected, processor, run_loop, shut
+from tests.support.backends import Memory, unported
 
 
 def feed(kafka: Memory, s: Settings, evs: list[tuple[str, dict[str, object]]]) -> None:
@@ -84,7 +64,7 @@ def test_a_model_promoted_under_a_steady_stream_switches_between_two_batches(
     kafka = Memory()
     s = kafka.settings(tmp_path, checkpoint_interval_ms=0, delivery=delivery)
     evs = events(1000, end_every=60)
-    loop = new_loop(kafka, s)
+    loop = run_loop(kafka, s)
     feed(kafka, s, evs[:300])
     kafka.run_until([loop], lambda: consumed(loop) == 300)
     kafka.kafka.read_delay_s = 0.03
@@ -105,7 +85,7 @@ def test_a_model_promoted_under_a_steady_stream_switches_between_two_batches(
     newest = {r.key: r.value for r in kafka.kafka.records(s.state_topic)}
     assert {parse_state_key(k).owner for k, v in newest.items() if v is not None} == {None}
     # The next owner serves B without rebuilding and goes on exactly.
-    again = new_loop(kafka, s, B, 2.0)
+    again = run_loop(kafka, s, model=B, scale=2.0)
     more = events(1100, end_every=60)
     feed(kafka, s, more[1000:])
     kafka.run_until([again], lambda: consumed(again) == 100)
@@ -120,7 +100,7 @@ def test_a_crash_after_the_candidate_followed_is_finished_by_the_next_owner_with
     kafka = Memory()
     s = kafka.settings(tmp_path, checkpoint_interval_ms=0)
     evs = events(400, end_every=60)
-    loop = new_loop(kafka, s)
+    loop = run_loop(kafka, s)
     feed(kafka, s, evs[:200])
     kafka.run_until([loop], lambda: consumed(loop) == 200)
     loop.promotion.ready = lambda: False  # type: ignore[method-assign]  # crashes before the switch
@@ -133,7 +113,7 @@ def test_a_crash_after_the_candidate_followed_is_finished_by_the_next_owner_with
     kafka.run_until([loop], lambda: consumed(loop) == 250 and 250 in committed.values())
     unported(loop.clients.consumer).leave()  # kill -9: never heard of again
     # The pod restarts with the new file: B serves, from the candidate's states.
-    again = new_loop(kafka, s, B, 2.0)
+    again = run_loop(kafka, s, model=B, scale=2.0)
     feed(kafka, s, evs[250:])
     kafka.run_until([again], lambda: consumed(again) == 150)
     assert not again.clients.rebuilder.active and again.partitions.phase(0) is Phase.ACTIVE
@@ -145,7 +125,7 @@ def test_a_shadow_promoted_switches_as_soon_as_it_follows(tmp_path: Path) -> Non
     kafka = Memory()
     s = kafka.settings(tmp_path, checkpoint_interval_ms=0, shadow_model_path=tmp_path / "m.keras")
     evs = events(300, end_every=60)
-    loop = new_loop(kafka, s, shadow=True)
+    loop = run_loop(kafka, s, shadow=True)
     feed(kafka, s, evs[:100])
     kafka.run_until([loop], lambda: consumed(loop) == 100 and loop.followers.all[0].following(0))
     loop.promotion.take([Loaded(processor(B, 2.0, Metrics.discarding()), 0.0)])
@@ -202,7 +182,7 @@ def test_the_model_file_watch_loads_a_changed_file_once_it_settles(
 def test_a_new_model_that_does_not_fit_is_refused_and_the_serving_one_goes_on(tmp_path: Path) -> None:
     kafka = Memory()
     s = kafka.settings(tmp_path, checkpoint_interval_ms=0)
-    loop = new_loop(kafka, s)
+    loop = run_loop(kafka, s)
     loop.startup.state_record_limit = 2000  # the state topic's max.message.bytes, as start-up read it
     big = processor(B, 2.0, Metrics.discarding())
     big.state_shapes = [(1, 1000)]  # 4 kB of state per sequence

@@ -69,10 +69,13 @@ def published(kafka: Memory, topic: str) -> dict[int, dict[str, Any]]:
     return out
 
 
-def loop_with_shadow(kafka: Memory, s: Settings, shadow: bool = True) -> RunLoop:
+def run_loop(
+    kafka: Memory, s: Settings, *, model: str = A, scale: float = 1.0, shadow: bool = False
+) -> RunLoop:
+    """A started run loop serving `model` (B: the shadow's), with the shadow B or not."""
     if s.shadow_topic not in kafka.kafka.topics:
         kafka.kafka.create_topic(s.shadow_topic)
-    serving = processor(A, 1.0)
+    serving = processor(model, scale)
     metrics = cast(Metrics, serving.metrics)
     loop = RunLoop(
         s,
@@ -103,7 +106,7 @@ def test_a_shadow_from_the_start_publishes_the_shadow_models_predictions(tmp_pat
     kafka = Memory()
     s = kafka.settings(tmp_path, checkpoint_interval_ms=0, shadow_model_path=tmp_path / "m.keras")
     evs = events(90)
-    loop = loop_with_shadow(kafka, s)
+    loop = run_loop(kafka, s, shadow=True)
     kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs[:30]])
     kafka.run_until([loop], lambda: loop.followers.all[0].following(0) and consumed(loop) == 30)
     kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs[30:]])
@@ -130,7 +133,7 @@ def test_a_shadow_added_to_a_serving_partition_replays_its_open_sequences_while_
     s = kafka.settings(tmp_path, checkpoint_interval_ms=0, shadow_model_path=tmp_path / "m.keras")
     evs = events(600, end_every=50)  # at 400 each key's sequence has been open ~100 inputs
     kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs[:400]])
-    first = loop_with_shadow(kafka, s, shadow=False)  # model A alone answers 400 inputs
+    first = run_loop(kafka, s)  # model A alone answers 400 inputs
     kafka.run_until([first], lambda: consumed(first) == 400)
     shut(first)
     # Each step of the build reads about two polls of 20 records.
@@ -138,7 +141,7 @@ def test_a_shadow_added_to_a_serving_partition_replays_its_open_sequences_while_
     monkeypatch.setattr(follow, "MIN_POLL_RECORDS", 20)
     monkeypatch.setattr(follow, "MAX_POLL_RECORDS", 20)
     kafka.kafka.read_delay_s = 0.03
-    loop = loop_with_shadow(kafka, s)
+    loop = run_loop(kafka, s, shadow=True)
     follower = loop.followers.all[0]
     # The partition serves while the shadow builds: inputs keep coming and are answered.
     kafka.run_until([loop], lambda: follower.phases.get(0) is Phase.BUILDING)
@@ -161,14 +164,14 @@ def test_the_shadows_states_are_checkpointed_apart_and_restored_following(tmp_pa
     kafka = Memory()
     s = kafka.settings(tmp_path, checkpoint_interval_ms=0, shadow_model_path=tmp_path / "m.keras")
     evs = events(120)
-    loop = loop_with_shadow(kafka, s)
+    loop = run_loop(kafka, s, shadow=True)
     kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs[:60]])
     kafka.run_until([loop], lambda: consumed(loop) == 60 and loop.followers.all[0].following(0))
     shut(loop)
     owners = {parse_state_key(r.key).owner for r in kafka.kafka.records(s.state_topic)}
     assert owners == {None, "bbbb"}
     # The next owner: the shadow follows at once (its states and marker restored).
-    again = loop_with_shadow(kafka, s)
+    again = run_loop(kafka, s, shadow=True)
     kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs[60:]])
     kafka.run_until([again], lambda: again.followers.all[0].following(0))
     assert again.followers.all[0].phases[0] is Phase.FOLLOWING
@@ -179,7 +182,7 @@ def test_the_shadows_states_are_checkpointed_apart_and_restored_following(tmp_pa
     assert set(range(60, 120)) <= set(shadow)
     assert {o: d["y"] for o, d in shadow.items()} == {o: want[o] for o in shadow}
     # A daemon without the shadow deletes its records, and serves as before.
-    last = loop_with_shadow(kafka, s, shadow=False)
+    last = run_loop(kafka, s)
     kafka.run_until([last], lambda: last.partitions.serving(0))
     shut(last)
     newest = {r.key: r.value for r in kafka.kafka.records(s.state_topic)}  # compacted
@@ -198,10 +201,10 @@ def test_a_sequence_the_build_cannot_replay_is_not_published_until_it_starts_ove
     evs: list[tuple[str, dict[str, object]]] = [("a", {"x": [1.0]}), *[ended] * 30]
     evs += [("b", {"x": [1.0]}), ("a", {"x": [1.0]})]
     kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs])
-    first = loop_with_shadow(kafka, s, shadow=False)
+    first = run_loop(kafka, s)
     kafka.run_until([first], lambda: consumed(first) == len(evs))
     shut(first)
-    loop = loop_with_shadow(kafka, s)
+    loop = run_loop(kafka, s, shadow=True)
     kafka.run_until([loop], lambda: loop.followers.all[0].following(0))
     store = loop.followers.all[0].processor.store
     assert [k for p, k, state in store if not state.exact] == ["a"]  # over the budget
@@ -224,7 +227,7 @@ def test_a_sequence_the_build_cannot_replay_is_not_published_until_it_starts_ove
 def test_a_shadow_forgets_ended_sequences_once_committed_as_the_serving_store_does(tmp_path: Path) -> None:
     kafka = Memory()
     s = kafka.settings(tmp_path, checkpoint_interval_ms=0, shadow_model_path=tmp_path / "m.keras")
-    loop = loop_with_shadow(kafka, s)
+    loop = run_loop(kafka, s, shadow=True)
     evs = events(60, end_every=5)  # every key's last input ends its sequence
     kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in evs[:3]])
     kafka.run_until([loop], lambda: loop.followers.all[0].following(0))

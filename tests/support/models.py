@@ -45,6 +45,19 @@ def _finish(model: keras.Model, path: Path | str, seed: int = SEED) -> Path:
     return path
 
 
+def reweighted(model_path: Path, seed: int, path: Path) -> Path:
+    """The model at `model_path` with other weights (each moved by N(0, 0.3), seeded):
+    the same architecture, other outputs; a model B for a model change."""
+    model = keras.saving.load_model(model_path, compile=False)
+    rng = np.random.default_rng(seed)
+    model.set_weights([w + rng.normal(0.0, 0.3, size=w.shape).astype(w.dtype) for w in model.get_weights()])
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message="__array__")
+        model.save(path)
+    return path
+
+
 def _seed(seed: int = SEED) -> None:
     keras.utils.set_random_seed(seed)
 
