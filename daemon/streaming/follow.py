@@ -39,7 +39,6 @@ from daemon.core.state import (
     SavedState,
     SequenceState,
     model_tag,
-    same_model,
 )
 from daemon.kafka.port import Reader
 from daemon.ops.logs import get_logger
@@ -55,6 +54,7 @@ from daemon.streaming.rebuild import (
     Recompute,
     plan,
 )
+from daemon.streaming.restore import adopt
 
 log = get_logger("daemon.streaming.loop")
 
@@ -222,11 +222,12 @@ class Follower:
         store = self.processor.store
         store.drop_partition(partition)
         if following and states is not None:
-            for key, (state, saved_by) in sorted(
-                states.items(), key=lambda kv: (kv[1][0].last_seen, kv[1][0].watermark)
-            ):
-                if same_model(saved_by, self.model_id):
-                    store.install(partition, key, state)
+            # Installed as the serving model's are (`adopt`); a state that cannot be read
+            # or does not fit keeps its watermark, and its sequence is not exact any more:
+            # it publishes nothing until it starts over.
+            for lost in adopt(store, self.model_id, partition, dict(states), self.processor.state_shapes):
+                if lost.n:
+                    store.get(partition, lost.key).exact = False
             self.phases[partition] = Phase.FOLLOWING
             log.info(f"{self.role.value}_following", partition=partition, states=len(states), restored=True)
         else:

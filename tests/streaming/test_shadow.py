@@ -16,7 +16,7 @@ import pytest
 
 from daemon.config import Settings
 from daemon.core.processor import Processor
-from daemon.core.state import StateStore, parse_state_key
+from daemon.core.state import StateStore, parse_state_key, state_key
 from daemon.ops.health import Health
 from daemon.ops.metrics import Metrics
 from daemon.streaming import follow
@@ -241,3 +241,34 @@ def test_a_shadow_forgets_ended_sequences_once_committed_as_the_serving_store_do
     newest = {r.key: r.value for r in kafka.kafka.records(s.state_topic)}
     shadow_keys = [k for k, v in newest.items() if parse_state_key(k).owner == "bbbb" and v is not None]
     assert sorted(parse_state_key(k).key for k in shadow_keys) == ["", "z"]  # the marker and z's state
+
+
+def test_a_shadow_state_that_cannot_be_read_is_not_published_until_its_sequence_starts_over(
+    tmp_path: Path,
+) -> None:
+    kafka = Memory()
+    s = kafka.settings(tmp_path, checkpoint_interval_ms=0, shadow_model_path=tmp_path / "m.keras")
+    loop = run_loop(kafka, s, shadow=True)
+    kafka.produce(
+        s.input_topic, [(b"a", orjson.dumps({"x": [1.0]}), 0), (b"b", orjson.dumps({"x": [1.0]}), 0)]
+    )
+    kafka.run_until([loop], lambda: loop.followers.all[0].following(0) and consumed(loop) == 2)
+    shut(loop)
+    # The shadow's record of "a" is damaged (its following marker stays).
+    kafka.kafka.produce(s.state_topic, state_key("a", "bbbb"), b"not a snapshot", 0)
+    again = run_loop(kafka, s, shadow=True)
+    more: list[tuple[str, dict[str, object]]] = [
+        ("a", {"x": [1.0]}),
+        ("b", {"x": [1.0]}),
+        ("a", {"x": [1.0], "end": True}),
+        ("a", {"x": [2.0]}),
+    ]
+    kafka.produce(s.input_topic, [(k.encode(), orjson.dumps(v), 0) for k, v in more])
+    kafka.run_until([again], lambda: consumed(again) == 4)
+    shut(again)
+    evs: list[tuple[str, dict[str, object]]] = [("a", {"x": [1.0]}), ("b", {"x": [1.0]}), *more]
+    shadow = published(kafka, s.shadow_topic)
+    # b's, and a's after its end; none of a's inputs continuing the damaged state.
+    assert sorted(o for o in shadow if o >= 2) == [3, 5]
+    want = expected(B, 2.0, evs)
+    assert [shadow[o]["y"] for o in (3, 5)] == [want[3], want[5]]
